@@ -1,0 +1,232 @@
+"""Authkey loading and the HMAC-SHA256 handshake computations, shared by client and server.
+
+The handshake messages are drawn in :mod:`kvclient.codec`. This module only computes and checks
+them; it does no I/O, so the server can drive it from its event loop and the client from a
+blocking socket.
+
+Authkey sources, first match wins: an explicit key or file passed by the caller, env
+``KV_AUTHKEY`` (the key itself, UTF-8), env ``KV_AUTHKEY_FILE``, then the default file
+``~/.config/kvmanager/authkey``, which ``kvserve`` creates on first start (32 random bytes,
+mode 0600, directory 0700). The key never appears in argv, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Final
+
+from kvclient.codec import CHALLENGE, FAILURE, NONCE_SIZE, VERSION, WELCOME, WIRE_VERSION
+from kvclient.errors import AuthError, ProtocolError
+
+__all__ = [
+    "DEFAULT_AUTHKEY_FILE",
+    "AuthkeySource",
+    "ServerHandshake",
+    "client_response",
+    "client_verify_welcome",
+    "default_authkey_file",
+    "load_authkey",
+]
+
+DEFAULT_AUTHKEY_FILE: Final = "~/.config/kvmanager/authkey"
+_MAC_SIZE: Final = 32
+_VERSION_SIZE: Final = 2
+_CLIENT_LABEL: Final = b"kv-client"
+_SERVER_LABEL: Final = b"kv-server"
+
+
+def default_authkey_file() -> Path:
+    """Return the default authkey path, ``~/.config/kvmanager/authkey``, expanded."""
+    return Path(DEFAULT_AUTHKEY_FILE).expanduser()
+
+
+class AuthkeySource:
+    """Where an authkey came from, for messages that must not show the key itself."""
+
+    def __init__(self, key: bytes, origin: str) -> None:
+        self.key = key
+        self.origin = origin
+
+    def __repr__(self) -> str:
+        return f"AuthkeySource(origin={self.origin!r})"
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        raise AuthError(
+            f"authkey file {path} does not exist; start kvserve once on this host to create "
+            "it, or copy it from the server host"
+        ) from None
+    except OSError as exc:
+        raise AuthError(f"cannot read authkey file {path} ({exc.strerror})") from None
+    # A trailing newline is what editors and `echo` add; it is never part of a key.
+    key = key.rstrip(b"\r\n")
+    if not key:
+        raise AuthError(f"authkey file {path} is empty")
+    return key
+
+
+def _create_key_file(path: Path) -> bytes:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    # O_EXCL: two servers starting at once must not each write a different key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_key_file(path)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
+def load_authkey(
+    authkey: bytes | str | None = None,
+    authkey_file: str | os.PathLike[str] | None = None,
+    *,
+    create: bool = False,
+) -> AuthkeySource:
+    """Find the authkey, in the documented order.
+
+    Args:
+        authkey: the key itself (str is UTF-8 encoded). Wins over everything else.
+        authkey_file: a file holding the key. Wins over the environment.
+        create: create the default file if nothing else gives a key (the server does this).
+
+    Returns:
+        The key and a description of where it came from.
+
+    Raises:
+        AuthError: no key could be found or read.
+    """
+    if authkey is not None:
+        key = authkey.encode() if isinstance(authkey, str) else bytes(authkey)
+        if not key:
+            raise AuthError("the authkey is empty")
+        return AuthkeySource(key, "argument")
+    if authkey_file is not None:
+        path = Path(authkey_file).expanduser()
+        return AuthkeySource(_read_key_file(path), str(path))
+    env_key = os.environ.get("KV_AUTHKEY")
+    if env_key:
+        return AuthkeySource(env_key.encode(), "KV_AUTHKEY")
+    env_file = os.environ.get("KV_AUTHKEY_FILE")
+    if env_file:
+        path = Path(env_file).expanduser()
+        return AuthkeySource(_read_key_file(path), str(path))
+    path = default_authkey_file()
+    if create and not path.exists():
+        return AuthkeySource(_create_key_file(path), str(path))
+    return AuthkeySource(_read_key_file(path), str(path))
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+# -- client side ---------------------------------------------------------------------------
+
+
+def client_response(key: bytes, challenge: bytes) -> tuple[bytes, bytes]:
+    """Answer the server's challenge frame.
+
+    Returns:
+        ``(response frame payload, client nonce)``.
+
+    Raises:
+        ProtocolError: the frame is not a kvmanager challenge (another service on that port).
+    """
+    if not challenge.startswith(CHALLENGE) or len(challenge) != len(CHALLENGE) + NONCE_SIZE:
+        raise ProtocolError("the server did not send a kvmanager challenge; is it kvserve?")
+    nonce_s = challenge[len(CHALLENGE) :]
+    nonce_c = secrets.token_bytes(NONCE_SIZE)
+    response = (
+        _mac(key, _CLIENT_LABEL, nonce_s) + nonce_c + WIRE_VERSION.to_bytes(_VERSION_SIZE, "big")
+    )
+    return response, nonce_c
+
+
+def client_verify_welcome(key: bytes, frame: bytes, challenge: bytes, nonce_c: bytes) -> None:
+    """Check the server's last handshake frame.
+
+    Raises:
+        AuthError: the server rejected our key, or could not prove it knows it.
+        ProtocolError: the server speaks another wire version, or sent something else.
+    """
+    nonce_s = challenge[len(CHALLENGE) :]
+    if frame == FAILURE:
+        raise AuthError("the server rejected the authkey; check that both sides use the same key")
+    if frame.startswith(VERSION) and len(frame) == len(VERSION) + _VERSION_SIZE:
+        theirs = int.from_bytes(frame[len(VERSION) :], "big")
+        raise ProtocolError(
+            f"wire version mismatch: server speaks {theirs}, this client {WIRE_VERSION}; "
+            "install matching kvmanager versions"
+        )
+    expected_len = len(WELCOME) + _MAC_SIZE + _VERSION_SIZE
+    if not frame.startswith(WELCOME) or len(frame) != expected_len:
+        raise ProtocolError("unexpected handshake reply from the server")
+    mac = frame[len(WELCOME) : len(WELCOME) + _MAC_SIZE]
+    if not hmac.compare_digest(mac, _mac(key, _SERVER_LABEL, nonce_c, nonce_s)):
+        raise AuthError("the server could not prove it knows the authkey")
+    theirs = int.from_bytes(frame[-_VERSION_SIZE:], "big")
+    if theirs != WIRE_VERSION:
+        raise ProtocolError(
+            f"wire version mismatch: server speaks {theirs}, this client {WIRE_VERSION}"
+        )
+
+
+# -- server side ---------------------------------------------------------------------------
+
+
+class ServerHandshake:
+    """The server half of one connection's handshake, driven by whoever owns the socket.
+
+    Usage: send :attr:`challenge`; feed the client's reply to :meth:`answer`; send what it
+    returns; the connection is authenticated iff :attr:`ok` is then True.
+
+    Args:
+        keys: acceptable authkeys, in order; :attr:`key_index` tells which one matched.
+    """
+
+    __slots__ = ("challenge", "key_index", "keys", "ok", "reason")
+
+    RESPONSE_SIZE: Final = _MAC_SIZE + NONCE_SIZE + _VERSION_SIZE
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+        self.challenge = CHALLENGE + secrets.token_bytes(NONCE_SIZE)
+        self.ok = False
+        self.key_index = -1
+        self.reason = ""
+
+    def answer(self, response: bytes) -> bytes:
+        """Check the client's response; return the frame payload to send back."""
+        nonce_s = self.challenge[len(CHALLENGE) :]
+        if len(response) != self.RESPONSE_SIZE:
+            self.reason = "malformed handshake response"
+            return FAILURE
+        mac = response[:_MAC_SIZE]
+        nonce_c = response[_MAC_SIZE : _MAC_SIZE + NONCE_SIZE]
+        version = int.from_bytes(response[-_VERSION_SIZE:], "big")
+        for index, key in enumerate(self.keys):
+            # compare_digest on every key: the time taken must not reveal which one matched.
+            if hmac.compare_digest(mac, _mac(key, _CLIENT_LABEL, nonce_s)):
+                self.key_index = index
+        if self.key_index < 0:
+            self.reason = "wrong authkey"
+            return FAILURE
+        if version != WIRE_VERSION:
+            self.reason = f"client wire version {version}, server {WIRE_VERSION}"
+            return VERSION + WIRE_VERSION.to_bytes(_VERSION_SIZE, "big")
+        self.ok = True
+        key = self.keys[self.key_index]
+        return (
+            WELCOME
+            + _mac(key, _SERVER_LABEL, nonce_c, nonce_s)
+            + WIRE_VERSION.to_bytes(_VERSION_SIZE, "big")
+        )

@@ -1,0 +1,589 @@
+"""The Python client: :func:`connect`, :class:`Client`, and proxies that behave like local types.
+
+A :class:`Client` holds one connection per thread (opened on first use in that thread), so it is
+safe to share between threads. After ``fork`` the child drops the parent's connections and opens
+its own; a proxy pickled to a spawned child process rebuilds its client there.
+
+Proxies are cheap handles (a client and a container name). Every method is one round trip and
+runs under the container's lock on the server. Iteration fetches a snapshot in one round trip
+(stdlib iterator proxies pay one round trip per item).
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from multiprocessing import context as mp_context
+from typing import Any, ClassVar
+
+from kvclient.auth import load_authkey
+from kvclient.codec import Ref
+from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
+from kvclient.errors import KVError
+
+__all__ = [
+    "Client",
+    "DictProxy",
+    "ListProxy",
+    "NamespaceProxy",
+    "Proxy",
+    "QueueProxy",
+    "connect",
+]
+
+_MISSING: Any = object()
+_NO_TIMEOUT_CHANGE: Any = False
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def connect(
+    address: str | tuple[str, int] | None = None,
+    authkey: bytes | str | None = None,
+    timeout: float | None = 10.0,
+    *,
+    call_timeout: float | None = 30.0,
+) -> Client:
+    """Connect to a kvserve server and return a :class:`Client` (a context manager).
+
+    Args:
+        address: ``"host:port"`` (IPv6: ``"[::1]:50000"``) or ``(host, port)``; default env
+            ``KV_ADDRESS``, else ``127.0.0.1:50000``.
+        authkey: the key itself; default env ``KV_AUTHKEY``, then the file named by env
+            ``KV_AUTHKEY_FILE``, then ``~/.config/kvmanager/authkey``.
+        timeout: seconds allowed for connecting and the handshake (default 10).
+        call_timeout: seconds allowed for each call's reply (default 30; blocking queue
+            operations wait as long as their own timeout asks). None waits forever.
+
+    Raises:
+        KVConnectionError: the server is unreachable.
+        AuthError: the authkey was rejected, or none could be found.
+        ProtocolError: the peer is not kvserve or speaks another wire version.
+    """
+    return Client(address, authkey, timeout, call_timeout=call_timeout)
+
+
+class Client:
+    """A connection (one per thread) to one kvserve server. Use :func:`connect` to make one.
+
+    Args: as :func:`connect`.
+    """
+
+    def __init__(
+        self,
+        address: str | tuple[str, int] | None = None,
+        authkey: bytes | str | None = None,
+        timeout: float | None = 10.0,
+        *,
+        call_timeout: float | None = 30.0,
+    ) -> None:
+        self.address = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
+        self.endpoint = format_address(*self.address)
+        self._authkey = load_authkey(authkey).key
+        self.timeout = timeout
+        self.call_timeout = call_timeout
+        self._local = threading.local()
+        self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._closed = False
+        self._conn()  # fail now, not at the first call, when the server is unreachable
+        _CLIENTS.add(self)
+
+    def __repr__(self) -> str:
+        return f"<kvclient.Client {self.endpoint}{' closed' if self._closed else ''}>"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection this client opened, in all threads."""
+        self._closed = True
+        for conn in list(self._conns):
+            conn.close()
+
+    def _reset_after_fork(self) -> None:
+        # The parent's sockets are shared with the parent; using them here would interleave
+        # both processes' frames on one stream (gh-101320). Forget them; do not close them
+        # (closing is harmless to the parent, but shutdown() would not be).
+        self._local = threading.local()
+        self._conns = weakref.WeakSet()
+
+    # -- the call path -------------------------------------------------------------------
+
+    def _conn(self) -> Connection:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            if self._closed:
+                raise KVError(f"client for {self.endpoint} is closed")
+            conn = Connection(
+                self.address,
+                self._authkey,
+                self.timeout,
+                make_ref=self._make_ref,
+                to_ref=_to_ref,
+            )
+            conn.timeout = self.call_timeout
+            self._local.conn = conn
+            self._conns.add(conn)
+        return conn
+
+    def _call(
+        self,
+        ident: str | None,
+        method: str,
+        args: list[Any],
+        kwds: dict[str, Any] | None = None,
+        timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
+    ) -> Any:
+        return self._conn().call([ident, method, args, kwds], timeout)
+
+    def _make_ref(self, ref: Ref) -> Proxy:
+        return _PROXY_TYPES.get(ref.kind, Proxy)(self, ref.name, ref.kind)
+
+    # -- containers ----------------------------------------------------------------------
+
+    def _create(self, kind: str, name: str, *args: Any) -> None:
+        self._call(None, "create", [kind, name, *args])
+
+    def dict(self, name: str) -> DictProxy:
+        """Return a proxy to the dict called ``name``, creating it if needed.
+
+        Raises:
+            KindError: ``name`` exists as another kind.
+        """
+        self._create("dict", name)
+        return DictProxy(self, name)
+
+    def list(self, name: str) -> ListProxy:
+        """Return a proxy to the list called ``name``, creating it if needed."""
+        self._create("list", name)
+        return ListProxy(self, name)
+
+    def namespace(self, name: str) -> NamespaceProxy:
+        """Return a proxy to the Namespace called ``name``, creating it if needed."""
+        self._create("namespace", name)
+        return NamespaceProxy(self, name)
+
+    def queue(self, name: str, maxsize: int | None = None) -> QueueProxy:
+        """Return a proxy to the Queue called ``name``, creating it if needed.
+
+        Args:
+            name: queue name.
+            maxsize: bound fixed at creation (0: unbounded). None accepts an existing queue
+                whatever its bound, and creates an unbounded one.
+
+        Raises:
+            ValueError: the queue exists with another maxsize than the one given.
+        """
+        if maxsize is None:
+            self._create("queue", name)
+        else:
+            self._create("queue", name, maxsize)
+        return QueueProxy(self, name)
+
+    def names(self) -> builtins.dict[str, str]:
+        """Return ``{name: kind}`` for every container on the server."""
+        result: builtins.dict[str, str] = self._call(None, "names", [])
+        return result
+
+    def drop(self, name: str) -> bool:
+        """Delete a container and its contents; return whether it existed."""
+        return bool(self._call(None, "drop", [name]))
+
+    def ping(self) -> None:
+        """Make one round trip; raises if the server does not answer."""
+        self._call(None, "ping", [])
+
+    def stats(self) -> builtins.dict[str, Any]:
+        """Return server facts: version, uptime (s), clients, containers, keys, ops."""
+        result: builtins.dict[str, Any] = self._call(None, "stats", [])
+        return result
+
+
+def _to_ref(obj: Any) -> Ref | None:
+    return obj._kv_ref if isinstance(obj, Proxy) else None
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _rebuild_proxy(
+    kind: str,
+    name: str,
+    address: tuple[str, int],
+    authkey: bytes | None,
+    timeout: float | None,
+    call_timeout: float | None,
+) -> Proxy:
+    for client in list(_CLIENTS):
+        if (
+            client.address == address
+            and not client._closed
+            and (authkey is None or client._authkey == authkey)
+        ):
+            break
+    else:
+        client = Client(address, authkey, timeout, call_timeout=call_timeout)
+    return _PROXY_TYPES.get(kind, Proxy)(client, name, kind)
+
+
+class Proxy:
+    """A handle on one named container: a client and a name.
+
+    Proxies compare equal when they name the same container on the same server, and can be
+    stored inside other containers (``d["jobs"] = kv.list("jobs")``) or passed to child
+    processes.
+    """
+
+    __slots__ = ("_client", "_kind", "_name")
+    kind: ClassVar[str] = ""
+
+    def __init__(self, client: Client, name: str, kind: str | None = None) -> None:
+        object.__setattr__(self, "_client", client)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_kind", kind or self.kind)
+
+    @property
+    def name(self) -> str:
+        """The container's name."""
+        return self._name
+
+    @property
+    def _kv_ref(self) -> Ref:
+        return Ref(self._kind, self._name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name!r} at {self._client.endpoint}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Proxy):
+            return NotImplemented
+        return (self._kind, self._name, self._client.address) == (
+            other._kind,
+            other._name,
+            other._client.address,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._kind, self._name, self._client.address))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        client = self._client
+        # As the stdlib does with AuthenticationString: the key travels only to a child
+        # process being spawned, never into a pickle that could be stored or sent anywhere.
+        spawning = mp_context.get_spawning_popen() is not None
+        return (
+            _rebuild_proxy,
+            (
+                self._kind,
+                self._name,
+                client.address,
+                client._authkey if spawning else None,
+                client.timeout,
+                client.call_timeout,
+            ),
+        )
+
+    def _call(self, method: str, args: list[Any], kwds: dict[str, Any] | None = None) -> Any:
+        return self._client._call(self._name, method, args, kwds)
+
+
+class DictProxy(Proxy):
+    """A proxy that behaves like a ``dict``, plus atomic ``incr``, ``cas`` and batch get/set."""
+
+    __slots__ = ()
+    kind = "dict"
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._client._call(self._name, "__getitem__", [key])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._client._call(self._name, "__setitem__", [key, value])
+
+    def __delitem__(self, key: Any) -> None:
+        self._client._call(self._name, "__delitem__", [key])
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self._call("__contains__", [key]))
+
+    def __len__(self) -> int:
+        return int(self._call("__len__", []))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """Return ``d[key]``, or ``default`` when missing."""
+        return self._client._call(self._name, "get", [key, default])
+
+    def keys(self) -> list[Any]:
+        """Return a snapshot list of the keys."""
+        result: list[Any] = self._call("keys", [])
+        return result
+
+    def values(self) -> list[Any]:
+        """Return a snapshot list of the values."""
+        result: list[Any] = self._call("values", [])
+        return result
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """Return a snapshot list of ``(key, value)`` tuples."""
+        result: list[tuple[Any, Any]] = self._call("items", [])
+        return result
+
+    def copy(self) -> dict[Any, Any]:
+        """Return a snapshot of the whole dict as a local ``dict``."""
+        result: dict[Any, Any] = self._call("copy", [])
+        return result
+
+    def update(
+        self, other: Mapping[Any, Any] | Iterable[tuple[Any, Any]] = (), /, **kw: Any
+    ) -> None:
+        """Merge a mapping, pairs and/or keywords in, in one atomic call."""
+        merged = dict(other, **kw)
+        self._call("update", [merged])
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        """Remove ``key`` and return its value; ``KeyError`` when missing and no default."""
+        return self._call("pop", [key] if default is _MISSING else [key, default])
+
+    def popitem(self) -> tuple[Any, Any]:
+        """Remove and return the last inserted ``(key, value)``; ``KeyError`` when empty."""
+        result: tuple[Any, Any] = self._call("popitem", [])
+        return result
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        """Return ``d[key]``, first storing ``default`` when missing (atomic)."""
+        return self._call("setdefault", [key, default])
+
+    def clear(self) -> None:
+        """Remove every key."""
+        self._call("clear", [])
+
+    def incr(self, key: Any, by: float = 1, default: float = 0) -> Any:
+        """Atomically add ``by`` to ``d[key]`` (``default`` when missing); return the new value.
+
+        Raises:
+            TypeError: the stored value or ``by`` is not a number.
+        """
+        return self._client._call(self._name, "incr", [key, by, default])
+
+    def cas(self, key: Any, expected: Any, new: Any) -> bool:
+        """Atomically set ``d[key] = new`` if it equals ``expected``; return whether it did.
+
+        Equality is strict about type (``1`` does not match ``1.0``); a missing key never
+        matches (use :meth:`setdefault` to create).
+        """
+        return bool(self._call("cas", [key, expected, new]))
+
+    def get_many(self, keys: Iterable[Any]) -> dict[Any, Any]:
+        """Return ``{key: value}`` for those of ``keys`` that exist, in one round trip."""
+        result: dict[Any, Any] = self._call("get_many", [list(keys)])
+        return result
+
+    def set_many(self, mapping: Mapping[Any, Any]) -> None:
+        """Store every pair of ``mapping`` in one round trip, atomically."""
+        self._call("set_many", [dict(mapping)])
+
+    def delete_many(self, keys: Iterable[Any]) -> int:
+        """Delete those of ``keys`` that exist, in one round trip; return how many."""
+        return int(self._call("delete_many", [list(keys)]))
+
+
+def _slice_args(index: slice) -> list[Any]:
+    return [index.start, index.stop, index.step]
+
+
+class ListProxy(Proxy):
+    """A proxy that behaves like a ``list`` (indexes and slices included)."""
+
+    __slots__ = ()
+    kind = "list"
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self._call("getslice", _slice_args(index))
+        return self._call("__getitem__", [index])
+
+    def __setitem__(self, index: int | slice, value: Any) -> None:
+        if isinstance(index, slice):
+            self._call("setslice", [*_slice_args(index), list(value)])
+        else:
+            self._call("__setitem__", [index, value])
+
+    def __delitem__(self, index: int | slice) -> None:
+        if isinstance(index, slice):
+            self._call("delslice", _slice_args(index))
+        else:
+            self._call("__delitem__", [index])
+
+    def __len__(self) -> int:
+        return int(self._call("__len__", []))
+
+    def __contains__(self, value: object) -> bool:
+        return bool(self._call("__contains__", [value]))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.copy())
+
+    def __iadd__(self, values: Iterable[Any]) -> ListProxy:
+        self.extend(values)
+        return self
+
+    def append(self, value: Any) -> None:
+        """Append one item."""
+        self._client._call(self._name, "append", [value])
+
+    def extend(self, values: Iterable[Any]) -> None:
+        """Append every item of ``values``, atomically."""
+        self._call("extend", [list(values)])
+
+    def insert(self, index: int, value: Any) -> None:
+        """Insert ``value`` before ``index``."""
+        self._call("insert", [index, value])
+
+    def pop(self, index: int = -1) -> Any:
+        """Remove and return the item at ``index`` (default last); ``IndexError`` if empty."""
+        return self._call("pop", [index])
+
+    def remove(self, value: Any) -> None:
+        """Remove the first item equal to ``value``; ``ValueError`` if absent."""
+        self._call("remove", [value])
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        """Return the index of the first item equal to ``value``; ``ValueError`` if absent."""
+        return int(self._call("index", [value, start, stop]))
+
+    def count(self, value: Any) -> int:
+        """Return how many items equal ``value``."""
+        return int(self._call("count", [value]))
+
+    def sort(self, *, key: None = None, reverse: bool = False) -> None:
+        """Sort in place on the server.
+
+        Raises:
+            TypeError: a ``key`` function was given (code never crosses the wire).
+        """
+        if key is not None:
+            raise TypeError("sort(key=...) is not supported: functions are never sent to kvserve")
+        self._call("sort", [reverse])
+
+    def reverse(self) -> None:
+        """Reverse in place."""
+        self._call("reverse", [])
+
+    def clear(self) -> None:
+        """Remove every item."""
+        self._call("clear", [])
+
+    def copy(self) -> list[Any]:
+        """Return a snapshot of the whole list as a local ``list``."""
+        result: list[Any] = self._call("copy", [])
+        return result
+
+
+class NamespaceProxy(Proxy):
+    """A proxy that behaves like a ``Namespace``: ``ns.x = 1``, ``ns.x``, ``del ns.x``.
+
+    Attribute names starting with ``_`` are not sent to the server (as with the stdlib
+    NamespaceProxy).
+    """
+
+    __slots__ = ()
+    kind = "namespace"
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return self._call("getattr", [attr])
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr.startswith("_"):
+            object.__setattr__(self, attr, value)
+        else:
+            self._call("setattr", [attr, value])
+
+    def __delattr__(self, attr: str) -> None:
+        if attr.startswith("_"):
+            object.__delattr__(self, attr)
+        else:
+            self._call("delattr", [attr])
+
+    def incr(self, attr: str, by: float = 1) -> Any:
+        """Atomically add ``by`` to an attribute (0 when unset); return the new value."""
+        return self._call("incr", [attr, by])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a snapshot of every attribute."""
+        result: dict[str, Any] = self._call("to_dict", [])
+        return result
+
+
+class QueueProxy(Proxy):
+    """A proxy that behaves like ``queue.Queue``.
+
+    A blocked ``get``/``put`` waits on the server without holding a server thread, and never
+    stalls other clients. It waits at most ``timeout`` seconds, then raises ``queue.Empty`` /
+    ``queue.Full`` exactly as ``queue.Queue`` does.
+    """
+
+    __slots__ = ()
+    kind = "queue"
+
+    def _blocking_timeout(self, block: bool, timeout: float | None) -> float | bool | None:
+        # The server answers by `timeout`; the call timeout is grace for the network on top.
+        if not block:
+            return _NO_TIMEOUT_CHANGE
+        grace = self._client.call_timeout
+        return None if timeout is None or grace is None else timeout + grace
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``item``; when full, wait up to ``timeout`` (None: for ever) or raise Full."""
+        self._client._call(
+            self._name, "put", [item, block, timeout], None, self._blocking_timeout(block, timeout)
+        )
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Get the oldest item; when empty, wait up to ``timeout`` (None: ever) or raise Empty."""
+        return self._client._call(
+            self._name, "get", [block, timeout], None, self._blocking_timeout(block, timeout)
+        )
+
+    def put_nowait(self, item: Any) -> None:
+        """``put(item, block=False)``."""
+        self._call("put_nowait", [item])
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+        return self._call("get_nowait", [])
+
+    def qsize(self) -> int:
+        """Return the number of queued items."""
+        return int(self._call("qsize", []))
+
+    def empty(self) -> bool:
+        """Return whether the queue is empty."""
+        return bool(self._call("empty", []))
+
+    def full(self) -> bool:
+        """Return whether the queue is at its maxsize."""
+        return bool(self._call("full", []))
+
+    @property
+    def maxsize(self) -> int:
+        """The bound fixed at creation (0: unbounded)."""
+        return int(self._call("maxsize", []))
+
+
+_PROXY_TYPES: dict[str, type[Proxy]] = {
+    cls.kind: cls for cls in (DictProxy, ListProxy, NamespaceProxy, QueueProxy)
+}

@@ -1,0 +1,319 @@
+"""The kvmanager wire format: framing, message shapes, msgpack ext types. Nothing else.
+
+This module encodes and decodes; it knows nothing of sockets. Client and server both use it, so
+the wire is defined exactly once. Nothing is ever pickled.
+
+Framing
+-------
+Every message, in both directions, is one frame::
+
+    +----------------+---------------------------+
+    | length: u32 BE | payload: `length` bytes   |
+    +----------------+---------------------------+
+
+The length excludes the 4 header bytes. A receiver refuses a length above its limit (the
+server's ``--max-frame``, default 64 MiB; 256 bytes before authentication) *before*
+allocating anything, and closes the connection.
+
+Handshake (raw bytes, not msgpack; HMAC-SHA256 both ways, ``K`` = authkey)
+----------------------------------------------------------------------------
+::
+
+    S -> C  CHALLENGE + Ns                     Ns: 32 random bytes
+    C -> S  HMAC(K, "kv-client" + Ns) + Nc + u16 BE client wire version
+    S -> C  WELCOME + HMAC(K, "kv-server" + Nc + Ns) + u16 BE server wire version
+       or   FAILURE                            (wrong key; the server then closes)
+       or   VERSION + u16 BE server version    (right key, other wire version; then closes)
+
+The role labels stop a peer from reflecting one side's MAC back at it, and fresh nonces on
+both sides make a captured handshake useless to replay. Nothing before WELCOME reveals the
+server's version. A client raises :class:`~kvclient.errors.AuthError` on FAILURE or on a bad
+server MAC, and :class:`~kvclient.errors.ProtocolError` on VERSION or anything unexpected.
+
+Messages (msgpack arrays, after the handshake)
+----------------------------------------------
+Request: ``[ident, method, args, kwds]`` as in ``multiprocessing.managers``:
+
+- ``ident`` is ``nil`` for server-level calls (``create``, ``names``, ``drop``, ``ping``,
+  ``batch``, ...) or a container name;
+- ``method`` is a str; ``args`` an array; ``kwds`` a map or ``nil``.
+
+Reply: ``[kind, value]`` with ``kind`` one of ``"#RETURN"`` (value is the result) or
+``"#ERROR"`` (value is an exception ext). A ``batch`` request carries
+``[[ident, method, args, kwds], ...]`` as its only argument and returns an array of
+``[kind, value]`` pairs, one per call, in order.
+
+Values
+------
+msgpack natives with ``use_bin_type=True`` (so ``str`` and ``bytes`` stay distinct): None, bool,
+int (64-bit), float, str, bytes, list, dict (keys of any encodable hashable type). Ext types:
+
+=====  ==========  =================================================================
+code   type        payload
+=====  ==========  =================================================================
+1      tuple       msgpack array of the items (a tuple stays a tuple, a list a list)
+2      ref         ``[kind, name]``: a reference to a named container (a proxy)
+3      exception   ``[type_name, args]``; only allow-listed types are rebuilt as
+                   themselves, any other becomes :class:`~kvclient.errors.RemoteError`
+4      bigint      signed big-endian two's complement bytes (ints beyond 64 bits)
+=====  ==========  =================================================================
+
+Anything else (a set, an arbitrary object) raises ``TypeError`` naming the type when it is
+encoded, that is on the client before anything is sent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import queue
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
+
+import msgpack
+
+from kvclient.errors import (
+    AuthError,
+    KindError,
+    KVError,
+    NoSuchContainerError,
+    ProtocolError,
+    RemoteError,
+)
+
+__all__ = [
+    "CHALLENGE",
+    "EXT_BIGINT",
+    "EXT_EXCEPTION",
+    "EXT_REF",
+    "EXT_TUPLE",
+    "FAILURE",
+    "HEADER",
+    "MAX_FRAME_DEFAULT",
+    "MAX_HANDSHAKE_FRAME",
+    "NONCE_SIZE",
+    "VERSION",
+    "WELCOME",
+    "WIRE_VERSION",
+    "Codec",
+    "Ref",
+    "encode_exception",
+]
+
+WIRE_VERSION: Final = 1
+HEADER: Final = struct.Struct(">I")
+MAX_FRAME_DEFAULT: Final = 64 * 1024 * 1024
+MAX_HANDSHAKE_FRAME: Final = 256
+NONCE_SIZE: Final = 32
+CHALLENGE: Final = b"#KV-CHALLENGE#"
+WELCOME: Final = b"#KV-WELCOME#"
+FAILURE: Final = b"#KV-FAILURE#"
+VERSION: Final = b"#KV-VERSION#"
+
+EXT_TUPLE: Final = 1
+EXT_REF: Final = 2
+EXT_EXCEPTION: Final = 3
+EXT_BIGINT: Final = 4
+
+
+class Ref(NamedTuple):
+    """A reference to a named container, as stored inside another container.
+
+    Attributes:
+        kind: container kind (``"dict"``, ``"list"``, ``"namespace"``, ``"queue"``).
+        name: container name.
+    """
+
+    kind: str
+    name: str
+
+
+# Exceptions rebuilt as themselves on the receiving side, by wire name. Anything else becomes
+# RemoteError: rebuilding arbitrary types by name would let a peer instantiate any class.
+_EXCEPTIONS: Final[dict[str, type[BaseException]]] = {
+    name: getattr(builtins, name)
+    for name in (
+        "ArithmeticError",
+        "AttributeError",
+        "IndexError",
+        "KeyError",
+        "LookupError",
+        "NotImplementedError",
+        "OverflowError",
+        "PermissionError",
+        "RuntimeError",
+        "TimeoutError",
+        "TypeError",
+        "ValueError",
+        "ZeroDivisionError",
+    )
+}
+_EXCEPTIONS.update(
+    {
+        "queue.Empty": queue.Empty,
+        "queue.Full": queue.Full,
+        "threading.BrokenBarrierError": threading.BrokenBarrierError,
+        "KVError": KVError,
+        "AuthError": AuthError,
+        "KindError": KindError,
+        "NoSuchContainerError": NoSuchContainerError,
+        "ProtocolError": ProtocolError,
+    }
+)
+_EXCEPTION_NAMES: Final[dict[type[BaseException], str]] = {v: k for k, v in _EXCEPTIONS.items()}
+
+
+def _wire_name(exc: BaseException) -> str | None:
+    for klass in type(exc).__mro__:
+        name = _EXCEPTION_NAMES.get(klass)
+        if name is not None:
+            return name
+    return None
+
+
+def encode_exception(exc: BaseException) -> tuple[str, list[Any]]:
+    """Return ``(wire type name, args)`` for an exception about to cross the wire.
+
+    An allow-listed type keeps its args; a subclass of one (``UnicodeDecodeError`` is a
+    ``ValueError``) is sent as that base with its message; anything else is sent as a
+    ``RemoteError`` carrying the original type name and message. Never a traceback.
+    """
+    if isinstance(exc, RemoteError):
+        return "RemoteError", [exc.type_name, exc.message]
+    name = _wire_name(exc)
+    if name is None:
+        return "RemoteError", [type(exc).__name__, str(exc)]
+    if _EXCEPTIONS[name] is type(exc):
+        return name, list(exc.args)
+    return name, [str(exc)]
+
+
+def _decode_exception(name: str, args: list[Any]) -> BaseException:
+    if name == "RemoteError" and len(args) == 2:
+        return RemoteError(str(args[0]), str(args[1]))
+    klass = _EXCEPTIONS.get(name)
+    if klass is None:
+        return RemoteError(name, " ".join(map(str, args)))
+    try:
+        return klass(*args)
+    except Exception:
+        return RemoteError(name, " ".join(map(str, args)))
+
+
+def _bigint_to_bytes(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 8) // 8, "big", signed=True)
+
+
+class Codec:
+    """Encode and decode message payloads (not frames) for one connection.
+
+    A Codec holds a msgpack ``Packer``, which is not thread-safe: use one Codec per
+    connection (connections are per thread).
+
+    Args:
+        make_ref: called with each decoded :class:`Ref`; the client turns it into a proxy,
+            the server keeps it as a ``Ref``. Default: keep the ``Ref``.
+        to_ref: called by the encoder with objects msgpack cannot encode natively; return a
+            :class:`Ref` for objects that stand for a named container (proxies), else None.
+    """
+
+    __slots__ = ("_make_ref", "_packer", "_to_ref")
+
+    def __init__(
+        self,
+        make_ref: Callable[[Ref], Any] | None = None,
+        to_ref: Callable[[Any], Ref | None] | None = None,
+    ) -> None:
+        self._make_ref: Callable[[Ref], Any] = make_ref or (lambda ref: ref)
+        self._to_ref = to_ref
+        self._packer = msgpack.Packer(
+            default=self._default, use_bin_type=True, strict_types=True, autoreset=True
+        )
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _default(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is tuple:
+            return msgpack.ExtType(EXT_TUPLE, self._packer_for_nested().pack(list(obj)))
+        if kind is Ref:
+            return msgpack.ExtType(EXT_REF, self._packer_for_nested().pack(list(obj)))
+        if kind is int:  # only reached when it does not fit in 64 bits
+            return msgpack.ExtType(EXT_BIGINT, _bigint_to_bytes(obj))
+        if isinstance(obj, BaseException):
+            name, args = encode_exception(obj)
+            try:
+                payload = self._packer_for_nested().pack([name, args])
+            except (TypeError, ValueError, OverflowError):
+                payload = self._packer_for_nested().pack([name, [str(a) for a in args]])
+            return msgpack.ExtType(EXT_EXCEPTION, payload)
+        if self._to_ref is not None:
+            ref = self._to_ref(obj)
+            if ref is not None:
+                return msgpack.ExtType(EXT_REF, self._packer_for_nested().pack(list(ref)))
+        # Subclasses of the native containers (OrderedDict, defaultdict, IntEnum, str
+        # enums) are accepted as their base type: that is what a user storing them means.
+        if isinstance(obj, str):
+            return str.__str__(obj)  # str(obj) would call a str-enum's __str__
+        for base in (dict, list, bytes, float, int):
+            if isinstance(obj, base):
+                return base(obj)
+        if isinstance(obj, tuple):  # namedtuple
+            return msgpack.ExtType(EXT_TUPLE, self._packer_for_nested().pack(list(obj)))
+        if isinstance(obj, bytearray | memoryview):
+            return bytes(obj)
+        raise TypeError(
+            f"cannot encode value of type {kind.__qualname__!r}; supported: None, bool, int, "
+            "float, str, bytes, list, tuple, dict and container proxies"
+        )
+
+    def _packer_for_nested(self) -> msgpack.Packer:
+        # The connection's packer is mid-message while `default` runs, so nested payloads
+        # need their own packer. Created lazily: most messages carry no ext types at all.
+        return msgpack.Packer(
+            default=self._default, use_bin_type=True, strict_types=True, autoreset=True
+        )
+
+    def pack(self, obj: Any) -> bytes:
+        """Encode one payload; an unsupported value raises ``TypeError`` naming its type."""
+        try:
+            return self._packer.pack(obj)  # type: ignore[no-any-return]
+        except TypeError:
+            raise
+        except (ValueError, OverflowError) as exc:
+            # msgpack: "recursion limit exceeded", lone surrogates in str, and so on.
+            raise TypeError(f"cannot encode value: {exc}") from exc
+        finally:
+            self._packer.reset()
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_TUPLE:
+            return tuple(self._unpack_raw(data))
+        if code == EXT_REF:
+            kind, name = self._unpack_raw(data)
+            if not isinstance(kind, str) or not isinstance(name, str):
+                raise ValueError("malformed ref ext")
+            return self._make_ref(Ref(kind, name))
+        if code == EXT_EXCEPTION:
+            name, args = self._unpack_raw(data)
+            if not isinstance(name, str) or not isinstance(args, list):
+                raise ValueError("malformed exception ext")
+            return _decode_exception(name, args)
+        if code == EXT_BIGINT:
+            return int.from_bytes(data, "big", signed=True)
+        raise ValueError(f"unknown ext type {code}")
+
+    def _unpack_raw(self, data: Any) -> Any:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=False, ext_hook=self._ext_hook, use_list=True
+        )
+
+    def unpack(self, data: Any) -> Any:
+        """Decode one payload; anything malformed raises :class:`ProtocolError`."""
+        try:
+            return self._unpack_raw(data)
+        except (ValueError, TypeError, KeyError, RecursionError, msgpack.UnpackException) as exc:
+            raise ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,272 @@
+"""One authenticated, blocking client connection: framing, the handshake, request/reply.
+
+A :class:`Connection` belongs to one thread (the :class:`~kvclient.client.Client` keeps one per
+thread, as stdlib proxies do). Every socket error is translated here, through
+:func:`kvclient.errors.translate_os_error`, and any failure or interrupt in the middle of a call
+closes the connection: a late reply can then never be read as the answer to a later call.
+
+This module also registers the ``"msgpack"`` serializer with ``multiprocessing.managers``
+(``listener_client["msgpack"]``), so a stdlib ``BaseManager(serializer="msgpack")`` can talk to
+kvserve over the same wire.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from multiprocessing import managers
+from typing import Any, Final
+
+from kvclient.auth import client_response, client_verify_welcome, load_authkey
+from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
+from kvclient.errors import KVError, ProtocolError, translate_os_error
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_PORT",
+    "Connection",
+    "format_address",
+    "parse_address",
+]
+
+DEFAULT_PORT: Final = 50000
+DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
+_RECV_CHUNK: Final = 64 * 1024
+_CONCAT_LIMIT: Final = 64 * 1024
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """Parse ``"host:port"``, ``"[v6]:port"``, ``"host"`` or a ``(host, port)`` tuple.
+
+    Raises:
+        ValueError: the port is not a number in 0..65535.
+    """
+    if isinstance(address, tuple):
+        host, port = address
+        return str(host), int(port)
+    text = address.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if not sep:
+            raise ValueError(f"invalid address {address!r}: missing ']'")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:  # a bare IPv6 address
+        host, port_text = text, ""
+    else:
+        host, port_text = text, ""
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"invalid address {address!r}: port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"invalid address {address!r}: port out of range")
+    return host or "127.0.0.1", port
+
+
+def format_address(host: str, port: int) -> str:
+    """Return ``host:port``, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Connection:
+    """A connected, authenticated socket speaking kvmanager frames.
+
+    Args:
+        address: ``(host, port)`` to connect to.
+        authkey: the shared key.
+        timeout: seconds for connecting and the handshake, and the default for each call;
+            None waits forever.
+        make_ref: turns a decoded container reference into a proxy (see :class:`Codec`).
+        to_ref: turns a proxy being encoded into a reference.
+        max_frame: largest reply accepted, bytes.
+
+    Raises:
+        KVConnectionError: the server is unreachable (names the address, hints at kvserve).
+        AuthError: the key was rejected.
+        ProtocolError: the peer is not kvserve, or speaks another wire version.
+    """
+
+    __slots__ = ("__weakref__", "_sock", "codec", "endpoint", "max_frame", "timeout")
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        authkey: bytes,
+        timeout: float | None = 10.0,
+        *,
+        make_ref: Callable[[Ref], Any] | None = None,
+        to_ref: Callable[[Any], Ref | None] | None = None,
+        max_frame: int = MAX_FRAME_DEFAULT,
+    ) -> None:
+        self.endpoint = format_address(*address)
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self.codec = Codec(make_ref, to_ref)
+        try:
+            self._sock: socket.socket | None = socket.create_connection(address, timeout)
+        except OSError as exc:
+            raise translate_os_error(exc, self.endpoint, "connect to") from exc
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._handshake(authkey)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, authkey: bytes) -> None:
+        try:
+            challenge = self._recv_frame(MAX_HANDSHAKE_FRAME)
+            response, nonce_c = client_response(authkey, challenge)
+            self._send_frame(response)
+            client_verify_welcome(
+                authkey, self._recv_frame(MAX_HANDSHAKE_FRAME), challenge, nonce_c
+            )
+        except OSError as exc:
+            raise translate_os_error(exc, self.endpoint, "connect to") from exc
+        except EOFError as exc:
+            raise ProtocolError(
+                f"{self.endpoint} closed the connection during the handshake; "
+                "is it kvserve, and is this address allowed?"
+            ) from exc
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed; it cannot be reopened."""
+        return self._sock is None
+
+    def close(self) -> None:
+        """Close the socket. Safe to call more than once."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    # -- framing ----------------------------------------------------------------------------
+
+    def _send_frame(self, payload: bytes) -> None:
+        assert self._sock is not None
+        header = HEADER.pack(len(payload))
+        if len(payload) <= _CONCAT_LIMIT:
+            self._sock.sendall(header + payload)
+        else:  # no copy of a large payload just to prepend 4 bytes
+            self._sock.sendall(header)
+            self._sock.sendall(payload)
+
+    def _recv_frame(self, limit: int) -> bytes:
+        sock = self._sock
+        assert sock is not None
+        data = sock.recv(_RECV_CHUNK)
+        if not data:
+            raise EOFError
+        while len(data) < 4:
+            more = sock.recv(_RECV_CHUNK)
+            if not more:
+                raise EOFError
+            data += more
+        (size,) = HEADER.unpack_from(data)
+        if size > limit:
+            raise ProtocolError(
+                f"{self.endpoint} sent a {size}-byte frame, over the {limit}-byte limit"
+            )
+        end = 4 + size
+        if len(data) == end:
+            return data[4:]
+        if len(data) > end:
+            # Replies come one per request, so extra bytes mean the peer is not kvserve.
+            raise ProtocolError(f"{self.endpoint} sent more than one reply")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = len(data) - 4
+        view[:got] = memoryview(data)[4:]
+        while got < size:
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise EOFError
+            got += n
+        return bytes(buf)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def call(self, message: list[Any], timeout: float | bool | None = False) -> Any:
+        """Send one request and return its result, raising what the server raised.
+
+        Args:
+            message: ``[ident, method, args, kwds]``.
+            timeout: seconds to wait for the reply; False means the connection's default,
+                None waits forever.
+
+        Raises:
+            TypeError: a value cannot be encoded (nothing was sent).
+            KVConnectionError: the connection failed or timed out; it is now closed.
+            ProtocolError: the reply was not understood; the connection is now closed.
+        """
+        payload = self.codec.pack(message)
+        sock = self._sock
+        if sock is None:
+            raise ProtocolError(f"connection to {self.endpoint} is closed")
+        try:
+            sock.settimeout(self.timeout if timeout is False else timeout)
+            self._send_frame(payload)
+            reply = self.codec.unpack(self._recv_frame(self.max_frame))
+        except (OSError, EOFError) as exc:
+            self.close()
+            raise translate_os_error(exc, self.endpoint, "call") from exc
+        except BaseException:
+            # Timeout, KeyboardInterrupt, bad frame: the reply (if any) is still in flight,
+            # and reading it later would pair it with the wrong call.
+            self.close()
+            raise
+        return self.unwrap(reply)
+
+    def unwrap(self, reply: Any) -> Any:
+        """Turn one ``[kind, value]`` reply into its value or raise its exception."""
+        if type(reply) is list and len(reply) == 2:
+            kind, value = reply
+            if kind == "#RETURN":
+                return value
+            if kind == "#ERROR" and isinstance(value, BaseException):
+                raise value
+        self.close()
+        raise ProtocolError(f"malformed reply from {self.endpoint}")
+
+    # -- the multiprocessing.connection.Connection surface, for stdlib BaseManager ----------
+
+    def send(self, obj: Any) -> None:
+        """Send one object as a frame (stdlib ``Connection.send``)."""
+        try:
+            self._send_frame(self.codec.pack(list(obj) if type(obj) is tuple else obj))
+        except OSError as exc:
+            self.close()
+            raise translate_os_error(exc, self.endpoint, "call") from exc
+
+    def recv(self) -> Any:
+        """Receive one object (stdlib ``Connection.recv``)."""
+        try:
+            return self.codec.unpack(self._recv_frame(self.max_frame))
+        except (OSError, EOFError) as exc:
+            self.close()
+            raise translate_os_error(exc, self.endpoint, "call") from exc
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _stdlib_client(address: Any, authkey: bytes | None = None) -> Connection:
+    key = load_authkey(bytes(authkey) if authkey else None).key
+    conn = Connection(parse_address(address), key)
+    conn.timeout = None  # stdlib proxies have no call timeout; keep their semantics
+    return conn
+
+
+class _StdlibListener:
+    """Placeholder so ``listener_client["msgpack"]`` is a pair; kvserve has its own loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise KVError("serve kvmanager with kvserve.KVManager, not the stdlib Server")
+
+
+managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[assignment]

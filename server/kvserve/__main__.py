@@ -1,0 +1,106 @@
+"""``kvserve``: run a kvmanager server from the command line.
+
+It prints exactly one line to stdout, ``kvserve listening on HOST:PORT``, once it accepts
+connections (scripts and tests read the port from it); everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from kvclient.auth import load_authkey
+from kvclient.codec import MAX_FRAME_DEFAULT
+from kvclient.errors import KVError
+from kvserve.manager import KVManager
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    help="Serve named, lock-guarded dicts, lists, Namespaces and Queues over TCP.",
+    epilog=(
+        "Examples:\n\n"
+        "  kvserve --port 50000                     # this host only (127.0.0.1)\n\n"
+        "  kvserve --host 0.0.0.0 --port 50000      # other hosts too; copy the authkey file\n\n"
+        "The authkey is read from --authkey-file, else env KV_AUTHKEY, else "
+        "~/.config/kvmanager/authkey, which is created on first start (mode 0600)."
+    ),
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to bind. Use 0.0.0.0 or :: to accept other hosts.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="TCP port; 0 picks a free one.", min=0, max=65535)
+    ] = 50000,
+    authkey_file: Annotated[
+        Path | None, typer.Option(help="File holding the authkey (never pass the key itself).")
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(help="debug, info, warning or error.", case_sensitive=False)
+    ] = "info",
+    max_frame: Annotated[
+        int, typer.Option(help="Largest request accepted, in bytes.", min=1024)
+    ] = MAX_FRAME_DEFAULT,
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds a new connection has to authenticate.", min=0.1)
+    ] = 5.0,
+) -> None:
+    """Run the server until Ctrl-C or SIGTERM."""
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s kvserve %(levelname)s %(message)s"
+    )
+    log = logging.getLogger("kvserve")
+    try:
+        source = load_authkey(authkey_file=authkey_file, create=True)
+        manager = KVManager(
+            (host, port),
+            authkey=source.key,
+            max_frame=max_frame,
+            handshake_timeout=handshake_timeout,
+        )
+        server = manager.get_server()
+    except KVError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc})")
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("authkey from %s; data is in memory only", source.origin)
+    print(f"kvserve listening on {server.endpoint}", flush=True)
+    server.serve_forever()
+    log.info("stopped")
+
+
+def _fail(error: object) -> None:
+    name = type(error).__name__ if isinstance(error, BaseException) else "Error"
+    typer.echo(f"kvserve: {name}: {error}", err=True)
+    raise typer.Exit(3)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

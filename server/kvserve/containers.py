@@ -1,0 +1,461 @@
+"""The named containers kvserve serves: dict, list, Namespace and Queue.
+
+Each container owns a lock, and the server runs every exposed method under it, so compound
+operations (``incr``, ``cas``, ``setdefault``, ...) are atomic across all clients. Only names in a
+class's ``exposed`` set can be called from the wire.
+
+Containers know nothing of networking. A Queue operation that would block raises
+:class:`WouldBlock`; the serving loop parks the request (no thread per waiter) and retries it
+after the next change to that queue, or answers it with the exception carried by WouldBlock
+when its timeout runs out.
+
+Iteration is never exposed: clients fetch a snapshot (``keys()``, ``copy()``) in one round
+trip instead of paying one round trip per item as stdlib iterator proxies do.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from typing import Any, ClassVar
+
+__all__ = [
+    "KINDS",
+    "Container",
+    "KVDict",
+    "KVList",
+    "KVNamespace",
+    "KVQueue",
+    "WouldBlock",
+]
+
+_MISSING: Any = object()
+
+
+class WouldBlock(Exception):
+    """Raised by a blocking operation that cannot complete now.
+
+    Args:
+        timeout: seconds the caller is willing to wait, or None for ever.
+        on_timeout: the exception to answer with when the wait times out.
+    """
+
+    def __init__(self, timeout: float | None, on_timeout: BaseException) -> None:
+        super().__init__(timeout)
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+
+
+def _check_number(value: Any, what: str) -> None:
+    if type(value) is bool or not isinstance(value, int | float):
+        raise TypeError(f"{what} is {type(value).__name__}, not a number")
+
+
+class Container:
+    """Base of all containers: a kind name, a lock, and the set of callable methods."""
+
+    kind: ClassVar[str]
+    exposed: ClassVar[frozenset[str]]
+    mutating: ClassVar[frozenset[str]]
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def size(self) -> int:
+        """Return the number of items held, for ``names``/``stats``."""
+        raise NotImplementedError
+
+    def check_args(self, *args: Any, **kwds: Any) -> None:
+        """Check creation arguments given again for an existing container (default: ignore)."""
+
+
+class KVDict(Container):
+    """A dict with atomic server-side compound operations."""
+
+    kind = "dict"
+    mutating = frozenset(
+        {
+            "__setitem__",
+            "__delitem__",
+            "update",
+            "pop",
+            "popitem",
+            "setdefault",
+            "clear",
+            "incr",
+            "cas",
+            "set_many",
+            "delete_many",
+        }
+    )
+    exposed = mutating | frozenset(
+        {
+            "__getitem__",
+            "__contains__",
+            "__len__",
+            "get",
+            "keys",
+            "values",
+            "items",
+            "copy",
+            "get_many",
+        }
+    )
+
+    def __init__(self, data: dict[Any, Any] | None = None) -> None:
+        super().__init__()
+        self.data: dict[Any, Any] = dict(data) if data else {}
+
+    def size(self) -> int:
+        """Return the number of keys."""
+        return len(self.data)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.data[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self.data[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """Return ``d[key]``, or ``default`` when missing."""
+        return self.data.get(key, default)
+
+    def keys(self) -> list[Any]:
+        """Return a snapshot list of the keys."""
+        return list(self.data)
+
+    def values(self) -> list[Any]:
+        """Return a snapshot list of the values."""
+        return list(self.data.values())
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """Return a snapshot list of ``(key, value)`` tuples."""
+        return list(self.data.items())
+
+    def copy(self) -> dict[Any, Any]:
+        """Return a snapshot of the whole dict."""
+        return dict(self.data)
+
+    def update(self, other: dict[Any, Any]) -> None:
+        """Merge a mapping in (the client turns pairs and keywords into one mapping)."""
+        if not isinstance(other, dict):
+            raise TypeError(f"update() needs a mapping, not {type(other).__name__}")
+        self.data.update(other)
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        """Remove ``key`` and return its value; ``KeyError`` when missing and no default."""
+        if default is _MISSING:
+            return self.data.pop(key)
+        return self.data.pop(key, default)
+
+    def popitem(self) -> tuple[Any, Any]:
+        """Remove and return the last inserted ``(key, value)``; ``KeyError`` when empty."""
+        return self.data.popitem()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        """Return ``d[key]``, first storing ``default`` when missing."""
+        return self.data.setdefault(key, default)
+
+    def clear(self) -> None:
+        """Remove every key."""
+        self.data.clear()
+
+    def incr(self, key: Any, by: int | float = 1, default: int | float = 0) -> int | float:
+        """Add ``by`` to ``d[key]`` (``default`` when missing) and return the new value."""
+        _check_number(by, "the increment")
+        current = self.data.get(key, default)
+        _check_number(current, f"the value at {key!r}")
+        new = current + by
+        self.data[key] = new
+        return new
+
+    def cas(self, key: Any, expected: Any, new: Any) -> bool:
+        """Set ``d[key] = new`` only if it currently equals ``expected``; return whether it did.
+
+        Equality is strict about type (``1`` does not match ``1.0`` or ``True``). A missing key
+        never matches: use ``setdefault`` to create.
+        """
+        current = self.data.get(key, _MISSING)
+        if current is _MISSING or type(current) is not type(expected) or current != expected:
+            return False
+        self.data[key] = new
+        return True
+
+    def get_many(self, keys: list[Any]) -> dict[Any, Any]:
+        """Return ``{key: value}`` for the keys that exist; missing keys are left out."""
+        data = self.data
+        return {k: data[k] for k in keys if k in data}
+
+    def set_many(self, mapping: dict[Any, Any]) -> None:
+        """Store every pair of ``mapping`` at once."""
+        self.update(mapping)
+
+    def delete_many(self, keys: list[Any]) -> int:
+        """Delete the keys that exist; return how many were deleted."""
+        data = self.data
+        count = 0
+        for k in keys:
+            if k in data:
+                del data[k]
+                count += 1
+        return count
+
+
+class KVList(Container):
+    """A list. Slices travel as ``getslice``/``setslice``/``delslice`` calls."""
+
+    kind = "list"
+    mutating = frozenset(
+        {
+            "__setitem__",
+            "__delitem__",
+            "append",
+            "extend",
+            "insert",
+            "pop",
+            "remove",
+            "sort",
+            "reverse",
+            "clear",
+            "setslice",
+            "delslice",
+        }
+    )
+    exposed = mutating | frozenset(
+        {"__getitem__", "__len__", "__contains__", "index", "count", "copy", "getslice"}
+    )
+
+    def __init__(self, data: list[Any] | None = None) -> None:
+        super().__init__()
+        self.data: list[Any] = list(data) if data else []
+
+    def size(self) -> int:
+        """Return the number of items."""
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.data[_index(index)]
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self.data[_index(index)] = value
+
+    def __delitem__(self, index: int) -> None:
+        del self.data[_index(index)]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self.data
+
+    def getslice(self, start: int | None, stop: int | None, step: int | None) -> list[Any]:
+        """Return ``l[start:stop:step]``."""
+        return self.data[slice(start, stop, step)]
+
+    def setslice(
+        self, start: int | None, stop: int | None, step: int | None, values: list[Any]
+    ) -> None:
+        """Assign ``l[start:stop:step] = values``."""
+        self.data[slice(start, stop, step)] = values
+
+    def delslice(self, start: int | None, stop: int | None, step: int | None) -> None:
+        """Delete ``l[start:stop:step]``."""
+        del self.data[slice(start, stop, step)]
+
+    def append(self, value: Any) -> None:
+        """Append one item."""
+        self.data.append(value)
+
+    def extend(self, values: list[Any]) -> None:
+        """Append every item of ``values``."""
+        self.data.extend(values)
+
+    def insert(self, index: int, value: Any) -> None:
+        """Insert ``value`` before ``index``."""
+        self.data.insert(_index(index), value)
+
+    def pop(self, index: int = -1) -> Any:
+        """Remove and return the item at ``index`` (default last); ``IndexError`` if empty."""
+        return self.data.pop(_index(index))
+
+    def remove(self, value: Any) -> None:
+        """Remove the first item equal to ``value``; ``ValueError`` if absent."""
+        self.data.remove(value)
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        """Return the index of the first item equal to ``value``; ``ValueError`` if absent."""
+        return self.data.index(value, start, len(self.data) if stop is None else stop)
+
+    def count(self, value: Any) -> int:
+        """Return how many items equal ``value``."""
+        return self.data.count(value)
+
+    def sort(self, reverse: bool = False) -> None:
+        """Sort in place (no key function: code never crosses the wire)."""
+        self.data.sort(reverse=reverse)
+
+    def reverse(self) -> None:
+        """Reverse in place."""
+        self.data.reverse()
+
+    def clear(self) -> None:
+        """Remove every item."""
+        self.data.clear()
+
+    def copy(self) -> list[Any]:
+        """Return a snapshot of the whole list."""
+        return list(self.data)
+
+
+def _index(index: Any) -> int:
+    if type(index) is not int:
+        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
+    return index
+
+
+class KVNamespace(Container):
+    """A Namespace: named attributes, with an atomic ``incr``."""
+
+    kind = "namespace"
+    mutating = frozenset({"setattr", "delattr", "incr", "update"})
+    exposed = mutating | frozenset({"getattr", "to_dict", "hasattr"})
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.data: dict[str, Any] = dict(data) if data else {}
+
+    def size(self) -> int:
+        """Return the number of attributes."""
+        return len(self.data)
+
+    def getattr(self, name: str) -> Any:
+        """Return an attribute; ``AttributeError`` when it is not set."""
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(f"namespace has no attribute {name!r}") from None
+
+    def hasattr(self, name: str) -> bool:
+        """Return whether an attribute is set."""
+        return name in self.data
+
+    def setattr(self, name: str, value: Any) -> None:
+        """Set an attribute."""
+        if not isinstance(name, str):
+            raise TypeError(f"attribute name must be str, not {type(name).__name__}")
+        self.data[name] = value
+
+    def delattr(self, name: str) -> None:
+        """Delete an attribute; ``AttributeError`` when it is not set."""
+        try:
+            del self.data[name]
+        except KeyError:
+            raise AttributeError(f"namespace has no attribute {name!r}") from None
+
+    def incr(self, name: str, by: int | float = 1) -> int | float:
+        """Add ``by`` to an attribute (0 when unset) and return the new value."""
+        _check_number(by, "the increment")
+        current = self.data.get(name, 0)
+        _check_number(current, f"attribute {name!r}")
+        self.data[name] = new = current + by
+        return new
+
+    def update(self, mapping: dict[str, Any]) -> None:
+        """Set several attributes at once."""
+        for name in mapping:
+            if not isinstance(name, str):
+                raise TypeError(f"attribute name must be str, not {type(name).__name__}")
+        self.data.update(mapping)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a snapshot of every attribute."""
+        return dict(self.data)
+
+
+class KVQueue(Container):
+    """A FIFO queue with ``queue.Queue`` semantics; ``maxsize`` is fixed at creation."""
+
+    kind = "queue"
+    mutating = frozenset({"put", "get", "put_nowait", "get_nowait"})
+    exposed = mutating | frozenset({"qsize", "empty", "full", "maxsize"})
+
+    def __init__(self, maxsize: int = 0, items: list[Any] | None = None) -> None:
+        super().__init__()
+        if type(maxsize) is not int:
+            raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
+        self._maxsize = maxsize
+        self.items: collections.deque[Any] = collections.deque(items or ())
+
+    def size(self) -> int:
+        """Return the number of queued items."""
+        return len(self.items)
+
+    def check_args(self, maxsize: int = 0, *args: Any, **kwds: Any) -> None:
+        """Refuse to hand out an existing queue as one with another bound."""
+        if maxsize != self._maxsize:
+            raise ValueError(f"this queue exists with maxsize {self._maxsize}, not {maxsize}")
+
+    def maxsize(self) -> int:
+        """Return the bound fixed at creation (0 or less: unbounded)."""
+        return self._maxsize
+
+    def qsize(self) -> int:
+        """Return the number of queued items."""
+        return len(self.items)
+
+    def empty(self) -> bool:
+        """Return whether the queue is empty."""
+        return not self.items
+
+    def full(self) -> bool:
+        """Return whether the queue is at its maxsize."""
+        return 0 < self._maxsize <= len(self.items)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Append ``item``; when full, wait (``WouldBlock``) or raise ``queue.Full``."""
+        _check_timeout(timeout)
+        if self.full():
+            if not block:
+                raise queue.Full
+            raise WouldBlock(timeout, queue.Full())
+        self.items.append(item)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Pop the oldest item; when empty, wait (``WouldBlock``) or raise ``queue.Empty``."""
+        _check_timeout(timeout)
+        if not self.items:
+            if not block:
+                raise queue.Empty
+            raise WouldBlock(timeout, queue.Empty())
+        return self.items.popleft()
+
+    def put_nowait(self, item: Any) -> None:
+        """``put(item, block=False)``."""
+        self.put(item, block=False)
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+        return self.get(block=False)
+
+
+def _check_timeout(timeout: Any) -> None:
+    if timeout is None:
+        return
+    _check_number(timeout, "timeout")
+    if timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+
+
+KINDS: dict[str, type[Container]] = {
+    cls.kind: cls for cls in (KVDict, KVList, KVNamespace, KVQueue)
+}

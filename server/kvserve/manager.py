@@ -1,0 +1,73 @@
+"""``KVManager``: the ``multiprocessing.managers.BaseManager`` subclass kvserve serves.
+
+It keeps the stdlib shape (a registry of typeids, ``get_server().serve_forever()``,
+``start()``, ``connect()``), and changes what is underneath: the msgpack serializer registered
+by :mod:`kvclient.connection`, get-or-create by name, a lock per container, and the
+single-threaded :class:`~kvserve.server.Server` loop.
+
+Because the typeids are registered the stdlib way, a plain ``KVManager(address, authkey)``
+used as a *client* (``m.connect(); d = m.dict("users")``) gets stdlib ``AutoProxy`` objects
+that work against kvserve; :mod:`kvclient` is the faster, safer client for new code.
+"""
+
+from __future__ import annotations
+
+from multiprocessing.context import BaseContext
+from multiprocessing.managers import BaseManager, State
+from multiprocessing import ProcessError
+from typing import Any
+
+from kvclient.auth import load_authkey
+from kvclient.connection import parse_address
+from kvserve.containers import KINDS
+from kvserve.server import Server
+
+__all__ = ["KVManager"]
+
+
+class KVManager(BaseManager):
+    """A BaseManager serving named, lock-guarded dicts, lists, Namespaces and Queues.
+
+    Args:
+        address: ``(host, port)`` or ``"host:port"``; port 0 picks a free port.
+        authkey: the shared key; default: the documented search order (see
+            :func:`kvclient.auth.load_authkey`), creating the default file if needed.
+        serializer: must be ``"msgpack"``.
+        ctx: multiprocessing context for :meth:`start`.
+        **server_options: passed to :class:`~kvserve.server.Server` by :meth:`get_server`
+            (``max_frame``, ``handshake_timeout``, ...).
+    """
+
+    _Server = Server
+
+    def __init__(
+        self,
+        address: tuple[str, int] | str | None = None,
+        authkey: bytes | None = None,
+        serializer: str = "msgpack",
+        ctx: BaseContext | None = None,
+        *,
+        shutdown_timeout: float = 1.0,
+        **server_options: Any,
+    ) -> None:
+        if authkey is None:
+            authkey = load_authkey(create=True).key
+        parsed = parse_address(address if address is not None else ("127.0.0.1", 0))
+        super().__init__(parsed, authkey, serializer, ctx, shutdown_timeout=shutdown_timeout)
+        self._server_options = server_options
+
+    def get_server(self) -> Server:  # type: ignore[override]
+        """Return a bound :class:`Server`; call ``serve_forever()`` on it."""
+        if self._state.value != State.INITIAL:
+            raise ProcessError("this manager has already started or connected")
+        return self._Server(
+            self._registry,
+            self._address,
+            bytes(self._authkey),
+            self._serializer,
+            **self._server_options,
+        )
+
+
+for _kind, _cls in KINDS.items():
+    KVManager.register(_kind, callable=_cls, exposed=tuple(sorted(_cls.exposed)))

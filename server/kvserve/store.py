@@ -1,0 +1,101 @@
+"""The store: named containers, created on first use, looked up by name. No networking here.
+
+Kinds come from the manager's registry (``typeid -> callable, exposed``), so
+``KVManager.register`` decides what can be created, as with ``multiprocessing.managers``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kvclient.errors import KindError, NoSuchContainerError
+from kvserve.containers import Container
+
+__all__ = ["Registry", "Store"]
+
+# typeid -> (callable, exposed, method_to_typeid, proxytype), as BaseManager._registry holds it.
+Registry = dict[str, tuple[Callable[..., Any] | None, Any, Any, Any]]
+
+_NAME_MAX = 1024
+
+
+class Store:
+    """Named containers of the kinds a registry allows.
+
+    Args:
+        registry: ``BaseManager._registry``-shaped mapping from kind to factory.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._factories: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {}
+        for typeid, (factory, exposed, _m2t, _proxytype) in registry.items():
+            if factory is None:
+                continue
+            names = frozenset(exposed) if exposed is not None else frozenset(factory.exposed)
+            self._factories[typeid] = (factory, names)
+        self.objects: dict[str, Container] = {}
+        self.exposed: dict[str, frozenset[str]] = {}
+        # Guards the name table itself; each container has its own lock for its contents.
+        self.lock = threading.Lock()
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kinds this store can create."""
+        return sorted(self._factories)
+
+    def create(self, kind: str, name: str, *args: Any, **kwds: Any) -> Container:
+        """Return the container called ``name``, creating it as ``kind`` if it does not exist.
+
+        Raises:
+            KindError: ``name`` exists with another kind.
+            ValueError: unknown kind, or a name that is not a non-empty str.
+        """
+        if not isinstance(name, str) or not name or len(name) > _NAME_MAX:
+            raise ValueError(f"container names are non-empty str of at most {_NAME_MAX} chars")
+        with self.lock:
+            existing = self.objects.get(name)
+            if existing is not None:
+                if existing.kind != kind:
+                    raise KindError(
+                        f"{name!r} already exists as a {existing.kind}, not a {kind}; "
+                        f"use another name or drop it first"
+                    )
+                if args or kwds:
+                    existing.check_args(*args, **kwds)
+                return existing
+            try:
+                factory, exposed = self._factories[kind]
+            except KeyError:
+                raise ValueError(
+                    f"unknown container kind {kind!r}; known: {', '.join(self.kinds)}"
+                ) from None
+            obj = factory(*args, **kwds)
+            self.objects[name] = obj
+            self.exposed[name] = exposed
+            return obj  # type: ignore[no-any-return]
+
+    def get(self, name: str) -> Container:
+        """Return an existing container.
+
+        Raises:
+            NoSuchContainerError: there is none called ``name``.
+        """
+        try:
+            return self.objects[name]
+        except (KeyError, TypeError):
+            raise NoSuchContainerError(
+                f"no container named {name!r}; it was dropped or never created"
+            ) from None
+
+    def names(self) -> dict[str, str]:
+        """Return ``{name: kind}`` for every container."""
+        with self.lock:
+            return {name: obj.kind for name, obj in self.objects.items()}
+
+    def drop(self, name: str) -> bool:
+        """Delete a container; return whether it existed."""
+        with self.lock:
+            self.exposed.pop(name, None)
+            return self.objects.pop(name, None) is not None

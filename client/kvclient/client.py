@@ -190,6 +190,11 @@ class Client:
         result: builtins.dict[str, str] = self._call(None, "names", [])
         return result
 
+    def describe(self) -> builtins.dict[str, builtins.dict[str, Any]]:
+        """Return ``{name: {"kind": kind, "size": items held}}`` for every container."""
+        result: builtins.dict[str, builtins.dict[str, Any]] = self._call(None, "describe", [])
+        return result
+
     def drop(self, name: str) -> bool:
         """Delete a container and its contents; return whether it existed."""
         return bool(self._call(None, "drop", [name]))

@@ -142,6 +142,7 @@ class Server:
         self._public: dict[str, Callable[..., Any]] = {
             "create": self._create,
             "names": self.store.names,
+            "describe": self.store.describe,
             "drop": self._drop,
             "ping": lambda: None,
             "stats": self.stats,

@@ -94,6 +94,12 @@ class Store:
         with self.lock:
             return {name: obj.kind for name, obj in self.objects.items()}
 
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Return ``{name: {"kind": kind, "size": items held}}`` for every container."""
+        with self.lock:
+            objects = list(self.objects.items())
+        return {name: {"kind": obj.kind, "size": obj.size()} for name, obj in objects}
+
     def drop(self, name: str) -> bool:
         """Delete a container; return whether it existed."""
         with self.lock:

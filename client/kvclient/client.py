@@ -250,17 +250,13 @@ class Proxy:
     """
 
     __slots__ = ("_client", "_kind", "_name")
-    kind: ClassVar[str] = ""
+    # Underscored, like every attribute here: NamespaceProxy forwards all other names.
+    _proxy_kind: ClassVar[str] = ""
 
     def __init__(self, client: Client, name: str, kind: str | None = None) -> None:
         object.__setattr__(self, "_client", client)
         object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_kind", kind or self.kind)
-
-    @property
-    def name(self) -> str:
-        """The container's name."""
-        return self._name
+        object.__setattr__(self, "_kind", kind or self._proxy_kind)
 
     @property
     def _kv_ref(self) -> Ref:
@@ -302,11 +298,22 @@ class Proxy:
         return self._client._call(self._name, method, args, kwds)
 
 
-class DictProxy(Proxy):
+class _NamedProxy(Proxy):
+    """A proxy with a public ``name`` (not NamespaceProxy, where ``ns.name`` is user data)."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        """The container's name."""
+        return self._name
+
+
+class DictProxy(_NamedProxy):
     """A proxy that behaves like a ``dict``, plus atomic ``incr``, ``cas`` and batch get/set."""
 
     __slots__ = ()
-    kind = "dict"
+    _proxy_kind = "dict"
 
     def __getitem__(self, key: Any) -> Any:
         return self._client._call(self._name, "__getitem__", [key])
@@ -408,11 +415,11 @@ def _slice_args(index: slice) -> list[Any]:
     return [index.start, index.stop, index.step]
 
 
-class ListProxy(Proxy):
+class ListProxy(_NamedProxy):
     """A proxy that behaves like a ``list`` (indexes and slices included)."""
 
     __slots__ = ()
-    kind = "list"
+    _proxy_kind = "list"
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
@@ -504,7 +511,7 @@ class NamespaceProxy(Proxy):
     """
 
     __slots__ = ()
-    kind = "namespace"
+    _proxy_kind = "namespace"
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):
@@ -533,7 +540,7 @@ class NamespaceProxy(Proxy):
         return result
 
 
-class QueueProxy(Proxy):
+class QueueProxy(_NamedProxy):
     """A proxy that behaves like ``queue.Queue``.
 
     A blocked ``get``/``put`` waits on the server without holding a server thread, and never
@@ -542,7 +549,7 @@ class QueueProxy(Proxy):
     """
 
     __slots__ = ()
-    kind = "queue"
+    _proxy_kind = "queue"
 
     def _blocking_timeout(self, block: bool, timeout: float | None) -> float | bool | None:
         # The server answers by `timeout`; the call timeout is grace for the network on top.
@@ -590,5 +597,5 @@ class QueueProxy(Proxy):
 
 
 _PROXY_TYPES: dict[str, type[Proxy]] = {
-    cls.kind: cls for cls in (DictProxy, ListProxy, NamespaceProxy, QueueProxy)
+    cls._proxy_kind: cls for cls in (DictProxy, ListProxy, NamespaceProxy, QueueProxy)
 }

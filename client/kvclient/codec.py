@@ -58,7 +58,8 @@ code   type        payload
 4      bigint      signed big-endian two's complement bytes (ints beyond 64 bits)
 =====  ==========  =================================================================
 
-Anything else (a set, an arbitrary object) raises ``TypeError`` naming the type when it is
+Ext types nest at most 100 deep (``MAX_EXT_DEPTH``); msgpack arrays and maps at most 1024
+(msgpack's own limit). Anything else (a set, an arbitrary object) raises ``TypeError`` naming the type when it is
 encoded, that is on the client before anything is sent.
 """
 
@@ -90,6 +91,7 @@ __all__ = [
     "EXT_TUPLE",
     "FAILURE",
     "HEADER",
+    "MAX_EXT_DEPTH",
     "MAX_FRAME_DEFAULT",
     "MAX_HANDSHAKE_FRAME",
     "NONCE_SIZE",
@@ -115,6 +117,7 @@ EXT_TUPLE: Final = 1
 EXT_REF: Final = 2
 EXT_EXCEPTION: Final = 3
 EXT_BIGINT: Final = 4
+MAX_EXT_DEPTH: Final = 100
 
 
 class Ref(NamedTuple):
@@ -218,7 +221,7 @@ class Codec:
             :class:`Ref` for objects that stand for a named container (proxies), else None.
     """
 
-    __slots__ = ("_make_ref", "_packer", "_to_ref")
+    __slots__ = ("_depth", "_make_ref", "_packer", "_to_ref")
 
     def __init__(
         self,
@@ -227,6 +230,7 @@ class Codec:
     ) -> None:
         self._make_ref: Callable[[Ref], Any] = make_ref or (lambda ref: ref)
         self._to_ref = to_ref
+        self._depth = 0
         self._packer = msgpack.Packer(
             default=self._default, use_bin_type=True, strict_types=True, autoreset=True
         )
@@ -284,12 +288,25 @@ class Codec:
         except (ValueError, OverflowError) as exc:
             # msgpack: "recursion limit exceeded", lone surrogates in str, and so on.
             raise TypeError(f"cannot encode value: {exc}") from exc
+        except RecursionError:
+            raise TypeError("cannot encode value: nested too deeply") from None
         finally:
             self._packer.reset()
 
     # -- decoding ---------------------------------------------------------------------------
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
+        # Each nested ext is a recursive unpackb on the C stack: a peer nesting thousands of
+        # tuples would overflow it and kill the process, below any Python recursion check.
+        if self._depth >= MAX_EXT_DEPTH:
+            raise ValueError(f"ext types nested deeper than {MAX_EXT_DEPTH}")
+        self._depth += 1
+        try:
+            return self._decode_ext(code, data)
+        finally:
+            self._depth -= 1
+
+    def _decode_ext(self, code: int, data: bytes) -> Any:
         if code == EXT_TUPLE:
             return tuple(self._unpack_raw(data))
         if code == EXT_REF:
@@ -313,6 +330,7 @@ class Codec:
 
     def unpack(self, data: Any) -> Any:
         """Decode one payload; anything malformed raises :class:`ProtocolError`."""
+        self._depth = 0
         try:
             return self._unpack_raw(data)
         except (ValueError, TypeError, KeyError, RecursionError, msgpack.UnpackException) as exc:

@@ -136,6 +136,10 @@ class Connection:
         """True once the connection is closed; it cannot be reopened."""
         return self._sock is None
 
+    def __del__(self) -> None:
+        # A thread's connection dies with the thread's locals; close it rather than leak it.
+        self.close()
+
     def close(self) -> None:
         """Close the socket. Safe to call more than once."""
         sock, self._sock = self._sock, None

@@ -1,0 +1,179 @@
+"""The codec on its own: round trips of every supported type, and refusals."""
+
+from __future__ import annotations
+
+import queue
+from collections import OrderedDict
+from enum import Enum, IntEnum
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvclient.codec import EXT_EXCEPTION, EXT_TUPLE, Codec, Ref
+from kvclient.errors import KindError, ProtocolError, RemoteError
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()  # includes ints beyond 64 bits (bigint ext)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+)
+keys = st.none() | st.booleans() | st.integers() | st.text() | st.binary()
+hashables = st.recursive(keys, lambda inner: st.tuples(inner, inner), max_leaves=5)
+values = st.recursive(
+    scalars | st.builds(Ref, st.sampled_from(["dict", "list", "queue"]), st.text(min_size=1)),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.lists(inner, max_size=5).map(tuple)
+        | st.dictionaries(hashables, inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that also checks types all the way down (1 == True would hide a bug)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values)
+def test_round_trip_preserves_value_and_type(value: Any) -> None:
+    codec = Codec()
+    assert _same(codec.unpack(codec.pack(value)), value)
+
+
+@given(st.integers(min_value=-(2**200), max_value=2**200))
+def test_big_ints_survive(value: int) -> None:
+    codec = Codec()
+    assert codec.unpack(codec.pack(value)) == value
+
+
+def test_tuple_stays_tuple_list_stays_list_bytes_stay_bytes() -> None:
+    codec = Codec()
+    out = codec.unpack(codec.pack([(1, 2), [1, 2], b"x", "x"]))
+    assert out == [(1, 2), [1, 2], b"x", "x"]
+    assert [type(v) for v in out] == [tuple, list, bytes, str]
+
+
+def test_subclasses_of_natives_are_sent_as_their_base() -> None:
+    class Color(str, Enum):
+        RED = "red"
+
+    class Level(IntEnum):
+        HIGH = 3
+
+    codec = Codec()
+    out = codec.unpack(codec.pack([Color.RED, Level.HIGH, OrderedDict(a=1), bytearray(b"z")]))
+    assert out == ["red", 3, {"a": 1}, b"z"]
+    assert [type(v) for v in out] == [str, int, dict, bytes]
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"),
+    [({1, 2}, "set"), (frozenset(), "frozenset"), (object(), "object"), (1j, "complex")],
+)
+def test_unsupported_types_raise_type_error_naming_the_type(value: Any, type_name: str) -> None:
+    with pytest.raises(TypeError, match=f"'{type_name}'"):
+        Codec().pack({"k": value})
+
+
+def test_self_referencing_list_is_a_type_error_not_a_crash() -> None:
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(TypeError, match="cannot encode"):
+        Codec().pack(looped)
+
+
+def test_allow_listed_exceptions_cross_as_themselves() -> None:
+    codec = Codec()
+    for exc in (KeyError("k"), IndexError("i"), ValueError("v"), queue.Empty(), queue.Full()):
+        out = codec.unpack(codec.pack(exc))
+        assert type(out) is type(exc)
+        assert out.args == exc.args
+    out = codec.unpack(codec.pack(KindError("taken")))
+    assert isinstance(out, KindError)
+
+
+def test_other_exceptions_become_remote_error_with_type_and_message() -> None:
+    codec = Codec()
+    out = codec.unpack(codec.pack(OSError("disk on fire")))
+    assert isinstance(out, RemoteError)
+    assert (out.type_name, out.message) == ("OSError", "disk on fire")
+    # A subclass of an allow-listed type crosses as that base, with its message.
+    out = codec.unpack(codec.pack(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")))
+    assert type(out) is ValueError
+
+
+def test_unknown_exception_names_from_a_peer_are_not_instantiated() -> None:
+    payload = msgpack.packb(
+        msgpack.ExtType(EXT_EXCEPTION, msgpack.packb(["os.system", ["echo pwned"]])),
+        use_bin_type=True,
+    )
+    out = Codec().unpack(payload)
+    assert isinstance(out, RemoteError)
+    assert out.type_name == "os.system"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",  # never-used msgpack byte
+        b"\x92\x01",  # array of 2 with one element: truncated
+        b"\xd9\x02\xff\xfe",  # str with invalid UTF-8
+        msgpack.packb(msgpack.ExtType(99, b"")),  # unknown ext code
+        msgpack.packb(msgpack.ExtType(EXT_TUPLE, b"\xc1")),  # bad nested payload
+        msgpack.packb([1]) + b"extra",  # trailing bytes
+    ],
+)
+def test_malformed_payloads_raise_protocol_error(payload: bytes) -> None:
+    with pytest.raises(ProtocolError, match="undecodable"):
+        Codec().unpack(payload)
+
+
+def test_deeply_nested_ext_is_a_protocol_error_not_a_crash() -> None:
+    payload = msgpack.packb(None)
+    for _ in range(5000):
+        payload = msgpack.packb(msgpack.ExtType(EXT_TUPLE, payload))
+    with pytest.raises(ProtocolError):
+        Codec().unpack(payload)
+
+
+def test_codec_module_never_imports_pickle() -> None:
+    import ast
+    from pathlib import Path
+
+    import kvclient
+    import kvserve
+
+    for package in (kvclient, kvserve):
+        for path in Path(package.__file__).parent.glob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""]
+                assert not any(n.split(".")[0] in {"pickle", "cPickle", "dill"} for n in names), (
+                    path
+                )
+
+
+def test_deeply_nested_tuples_refuse_to_encode_cleanly() -> None:
+    value: Any = None
+    for _ in range(5000):
+        value = (value,)
+    with pytest.raises(TypeError, match="nested too deeply"):
+        Codec().pack(value)

@@ -1,0 +1,290 @@
+"""Every container operation against a live server, compared with the local type."""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+import pytest
+
+import kvclient
+from kvclient import KindError, NoSuchContainerError
+
+
+def test_dict_mapping_interface(kv: kvclient.Client) -> None:
+    d = kv.dict("users")
+    d["a"] = 1
+    d["b"] = [1, (2, 3)]
+    d[("t", 1)] = b"bytes"
+    assert d["a"] == 1
+    assert d["b"] == [1, (2, 3)]
+    assert d[("t", 1)] == b"bytes"
+    assert "a" in d
+    assert "zz" not in d
+    assert len(d) == 3
+    assert list(d) == ["a", "b", ("t", 1)]
+    assert d.keys() == ["a", "b", ("t", 1)]
+    assert d.values() == [1, [1, (2, 3)], b"bytes"]
+    assert d.items() == [("a", 1), ("b", [1, (2, 3)]), (("t", 1), b"bytes")]
+    assert d.get("a") == 1
+    assert d.get("zz") is None
+    assert d.get("zz", 5) == 5
+    assert d.copy() == {"a": 1, "b": [1, (2, 3)], ("t", 1): b"bytes"}
+    del d[("t", 1)]
+    with pytest.raises(KeyError) as excinfo:
+        d["missing"]
+    assert excinfo.value.args == ("missing",)
+    with pytest.raises(KeyError):
+        del d["missing"]
+    d.update({"c": 3}, d=4)
+    d.update([("e", 5)])
+    assert d.copy() == {"a": 1, "b": [1, (2, 3)], "c": 3, "d": 4, "e": 5}
+    assert d.pop("e") == 5
+    assert d.pop("e", "dflt") == "dflt"
+    with pytest.raises(KeyError):
+        d.pop("e")
+    assert d.popitem() == ("d", 4)
+    assert d.setdefault("c", 99) == 3
+    assert d.setdefault("n", 99) == 99
+    assert d["n"] == 99
+    d.clear()
+    assert len(d) == 0
+    with pytest.raises(KeyError):
+        d.popitem()
+
+
+def test_dict_atomic_operations(kv: kvclient.Client) -> None:
+    d = kv.dict("counters")
+    assert d.incr("hits") == 1
+    assert d.incr("hits", 5) == 6
+    assert d.incr("hits", -2) == 4
+    assert d.incr("new", default=10) == 11
+    assert d.incr("f", 0.5) == 0.5
+    assert d.incr("big", 2**70) == 2**70
+    d["s"] = "text"
+    with pytest.raises(TypeError, match="not a number"):
+        d.incr("s")
+    with pytest.raises(TypeError, match="not a number"):
+        d.incr("hits", "1")  # type: ignore[arg-type]
+    assert d["s"] == "text"  # a failed incr changes nothing
+
+    assert d.cas("hits", 4, 40) is True
+    assert d["hits"] == 40
+    assert d.cas("hits", 4, 400) is False
+    assert d.cas("hits", 40.0, 400) is False  # strict about type
+    assert d.cas("absent", None, 1) is False
+    assert "absent" not in d
+    assert d["hits"] == 40
+
+    d.set_many({"k1": 1, "k2": 2, ("t",): 3})
+    assert d.get_many(["k1", "k2", ("t",), "missing"]) == {"k1": 1, "k2": 2, ("t",): 3}
+    assert d.delete_many(["k1", "k2", "missing"]) == 2
+    assert "k1" not in d
+
+
+def test_list_interface(kv: kvclient.Client) -> None:
+    lst = kv.list("jobs")
+    local: list[Any] = []
+    for target in (lst, local):
+        target.append(1)
+        target.extend([2, 3, 4])
+        target.insert(0, 0)
+        target += [5]
+    assert lst.copy() == local == [0, 1, 2, 3, 4, 5]
+    assert len(lst) == 6
+    assert lst[0] == 0
+    assert lst[-1] == 5
+    assert lst[1:4] == [1, 2, 3]
+    assert lst[::2] == [0, 2, 4]
+    assert lst[::-1] == [5, 4, 3, 2, 1, 0]
+    lst[0] = "zero"
+    lst[1:3] = ["a", "b", "c"]
+    local[0] = "zero"
+    local[1:3] = ["a", "b", "c"]
+    assert lst.copy() == local
+    del lst[0]
+    del lst[::2]
+    del local[0]
+    del local[::2]
+    assert lst.copy() == local
+    assert list(lst) == local
+    assert ("b" in lst) == ("b" in local)
+    with pytest.raises(IndexError):
+        lst[100]
+    with pytest.raises(TypeError, match="integers or slices"):
+        lst["x"]  # type: ignore[call-overload]
+    lst.clear()
+    lst.extend([3, 1, 2, 1])
+    assert lst.index(1) == 1
+    assert lst.index(1, 2) == 3
+    with pytest.raises(ValueError):
+        lst.index(99)
+    assert lst.count(1) == 2
+    lst.remove(1)
+    with pytest.raises(ValueError):
+        lst.remove(99)
+    lst.sort()
+    assert lst.copy() == [1, 2, 3]
+    lst.sort(reverse=True)
+    assert lst.copy() == [3, 2, 1]
+    lst.reverse()
+    assert lst.copy() == [1, 2, 3]
+    with pytest.raises(TypeError, match="key"):
+        lst.sort(key=len)  # type: ignore[arg-type]
+    assert lst.pop() == 3
+    assert lst.pop(0) == 1
+    lst.clear()
+    with pytest.raises(IndexError):
+        lst.pop()
+
+
+def test_namespace(kv: kvclient.Client) -> None:
+    ns = kv.namespace("config")
+    ns.workers = 4
+    ns.name = "prod"
+    assert ns.workers == 4
+    assert ns.incr("workers") == 5
+    assert ns.incr("fresh", 2) == 2
+    assert ns.to_dict() == {"workers": 5, "name": "prod", "fresh": 2}
+    del ns.name
+    with pytest.raises(AttributeError, match="name"):
+        ns.name
+    with pytest.raises(AttributeError):
+        del ns.name
+    assert ns.to_dict() == {"workers": 5, "fresh": 2}
+    with pytest.raises(AttributeError):
+        ns._private  # underscored names are never sent to the server
+
+
+def test_queue_interface(kv: kvclient.Client) -> None:
+    q = kv.queue("work", maxsize=2)
+    assert q.maxsize == 2
+    assert q.empty() is True
+    q.put({"id": 1})
+    q.put_nowait((2, "two"))
+    assert q.full() is True
+    assert q.qsize() == 2
+    with pytest.raises(queue.Full):
+        q.put_nowait(3)
+    with pytest.raises(queue.Full):
+        q.put(3, block=False)
+    assert q.get() == {"id": 1}
+    assert q.get_nowait() == (2, "two")
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(block=False)
+    with pytest.raises(ValueError, match="non-negative"):
+        q.get(timeout=-1)
+
+
+def test_queue_get_timeout_raises_empty_on_time(kv: kvclient.Client) -> None:
+    q = kv.queue("empty")
+    start = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    elapsed = time.monotonic() - start
+    assert 0.19 <= elapsed < 5.0, elapsed
+
+
+def test_queue_put_timeout_raises_full(kv: kvclient.Client) -> None:
+    q = kv.queue("tight", maxsize=1)
+    q.put(1)
+    start = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.put(2, timeout=0.1)
+    assert time.monotonic() - start >= 0.09
+    assert q.qsize() == 1
+
+
+def test_queue_maxsize_is_fixed_at_creation(kv: kvclient.Client) -> None:
+    kv.queue("fixed", maxsize=3)
+    assert kv.queue("fixed").maxsize == 3  # no maxsize given: accept the existing queue
+    with pytest.raises(ValueError, match="maxsize 3"):
+        kv.queue("fixed", maxsize=5)
+
+
+def test_get_or_create_by_name(kv: kvclient.Client, address: str, authkey: bytes) -> None:
+    kv.dict("shared")["x"] = 1
+    with kvclient.connect(address, authkey) as other:
+        assert other.dict("shared")["x"] == 1
+        assert other.dict("shared") == kv.dict("shared")
+
+
+def test_name_taken_by_another_kind_is_a_clear_error(kv: kvclient.Client) -> None:
+    kv.dict("users")["a"] = 1
+    with pytest.raises(KindError, match="'users' already exists as a dict, not a list"):
+        kv.list("users")
+    assert isinstance(KindError("x"), TypeError)
+    assert kv.dict("users")["a"] == 1
+
+
+def test_names_and_drop(kv: kvclient.Client) -> None:
+    assert kv.names() == {}
+    kv.dict("d")["k"] = 1
+    kv.list("l").append(1)
+    kv.namespace("n")
+    kv.queue("q")
+    assert kv.names() == {"d": "dict", "l": "list", "n": "namespace", "q": "queue"}
+    assert kv.describe()["d"] == {"kind": "dict", "size": 1}
+    stale = kv.dict("d")
+    assert kv.drop("d") is True
+    assert kv.drop("d") is False
+    assert "d" not in kv.names()
+    with pytest.raises(NoSuchContainerError, match="'d'"):
+        stale["k"]
+    assert kv.dict("d").copy() == {}  # a new, empty dict under the old name
+
+
+def test_invalid_container_names(kv: kvclient.Client) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        kv.dict("")
+    with pytest.raises(ValueError, match="non-empty"):
+        kv.dict("x" * 5000)
+
+
+def test_nested_container_reference_round_trip(kv: kvclient.Client) -> None:
+    registry = kv.dict("registry")
+    jobs = kv.list("jobs")
+    registry["jobs"] = jobs
+    registry["nested"] = {"queue": kv.queue("q"), "list": [jobs]}
+    got = registry["jobs"]
+    assert isinstance(got, kvclient.ListProxy)
+    assert got == jobs
+    got.append("task")  # the reference is a working proxy
+    assert jobs.copy() == ["task"]
+    nested = registry["nested"]
+    assert isinstance(nested["queue"], kvclient.QueueProxy)
+    nested["queue"].put(1)
+    assert kv.queue("q").get_nowait() == 1
+    assert nested["list"][0].copy() == ["task"]
+
+
+def test_unsupported_value_type_is_a_type_error_and_nothing_is_stored(kv: kvclient.Client) -> None:
+    d = kv.dict("d")
+    d["keep"] = 1
+    with pytest.raises(TypeError, match="'set'"):
+        d["bad"] = {1, 2}
+    with pytest.raises(TypeError, match="'object'"):
+        d.update({"ok": 1, "bad": object()})
+    with pytest.raises(TypeError, match="'set'"):
+        kv.list("l").append({1})
+    assert d.copy() == {"keep": 1}
+    assert len(kv.list("l")) == 0
+    assert d["keep"] == 1  # the connection still works after a refused encode
+
+
+def test_unknown_method_is_attribute_error(kv: kvclient.Client) -> None:
+    d = kv.dict("d")
+    with pytest.raises(AttributeError, match="has no method '__class__'"):
+        d._call("__class__", [])
+    with pytest.raises(AttributeError, match="has no method 'data'"):
+        d._call("data", [])
+
+
+def test_errors_from_the_server_carry_no_traceback(kv: kvclient.Client) -> None:
+    with pytest.raises(KeyError) as excinfo:
+        kv.dict("d")["missing"]
+    assert excinfo.value.__traceback__ is not None
+    assert "Traceback" not in str(excinfo.value)

@@ -90,7 +90,8 @@ def test_list_interface(kv: kvclient.Client) -> None:
         target.append(1)
         target.extend([2, 3, 4])
         target.insert(0, 0)
-        target += [5]
+    lst += [5]
+    local += [5]
     assert lst.copy() == local == [0, 1, 2, 3, 4, 5]
     assert len(lst) == 6
     assert lst[0] == 0
@@ -113,7 +114,7 @@ def test_list_interface(kv: kvclient.Client) -> None:
     with pytest.raises(IndexError):
         lst[100]
     with pytest.raises(TypeError, match="integers or slices"):
-        lst["x"]  # type: ignore[call-overload]
+        lst["x"]  # type: ignore[index]
     lst.clear()
     lst.extend([3, 1, 2, 1])
     assert lst.index(1) == 1

@@ -250,6 +250,9 @@ class Proxy:
     """
 
     __slots__ = ("_client", "_kind", "_name")
+    _client: Client
+    _name: str
+    _kind: str
     # Underscored, like every attribute here: NamespaceProxy forwards all other names.
     _proxy_kind: ClassVar[str] = ""
 
@@ -554,7 +557,7 @@ class QueueProxy(_NamedProxy):
     def _blocking_timeout(self, block: bool, timeout: float | None) -> float | bool | None:
         # The server answers by `timeout`; the call timeout is grace for the network on top.
         if not block:
-            return _NO_TIMEOUT_CHANGE
+            return False  # the connection's usual call timeout
         grace = self._client.call_timeout
         return None if timeout is None or grace is None else timeout + grace
 

@@ -59,8 +59,8 @@ code   type        payload
 =====  ==========  =================================================================
 
 Ext types nest at most 100 deep (``MAX_EXT_DEPTH``); msgpack arrays and maps at most 1024
-(msgpack's own limit). Anything else (a set, an arbitrary object) raises ``TypeError`` naming the type when it is
-encoded, that is on the client before anything is sent.
+(msgpack's own limit). Anything else (a set, an arbitrary object) raises ``TypeError`` naming
+the type when it is encoded, that is on the client before anything is sent.
 """
 
 from __future__ import annotations
@@ -260,9 +260,16 @@ class Codec:
         # enums) are accepted as their base type: that is what a user storing them means.
         if isinstance(obj, str):
             return str.__str__(obj)  # str(obj) would call a str-enum's __str__
-        for base in (dict, list, bytes, float, int):
-            if isinstance(obj, base):
-                return base(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        if isinstance(obj, bytes):
+            return bytes(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, int):  # IntEnum, IntFlag; bool never gets here
+            return int(obj)
         if isinstance(obj, tuple):  # namedtuple
             return msgpack.ExtType(EXT_TUPLE, self._packer_for_nested().pack(list(obj)))
         if isinstance(obj, bytearray | memoryview):

@@ -273,4 +273,4 @@ class _StdlibListener:
         raise KVError("serve kvmanager with kvserve.KVManager, not the stdlib Server")
 
 
-managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[assignment]
+managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[attr-defined]

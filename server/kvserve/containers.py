@@ -173,7 +173,7 @@ class KVDict(Container):
     def incr(self, key: Any, by: int | float = 1, default: int | float = 0) -> int | float:
         """Add ``by`` to ``d[key]`` (``default`` when missing) and return the new value."""
         _check_number(by, "the increment")
-        current = self.data.get(key, default)
+        current: int | float = self.data.get(key, default)
         _check_number(current, f"the value at {key!r}")
         new = current + by
         self.data[key] = new
@@ -365,7 +365,7 @@ class KVNamespace(Container):
     def incr(self, name: str, by: int | float = 1) -> int | float:
         """Add ``by`` to an attribute (0 when unset) and return the new value."""
         _check_number(by, "the increment")
-        current = self.data.get(name, 0)
+        current: int | float = self.data.get(name, 0)
         _check_number(current, f"attribute {name!r}")
         self.data[name] = new = current + by
         return new

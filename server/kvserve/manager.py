@@ -12,9 +12,8 @@ that work against kvserve; :mod:`kvclient` is the faster, safer client for new c
 
 from __future__ import annotations
 
+from multiprocessing import ProcessError, managers
 from multiprocessing.context import BaseContext
-from multiprocessing.managers import BaseManager, State
-from multiprocessing import ProcessError
 from typing import Any
 
 from kvclient.auth import load_authkey
@@ -25,7 +24,12 @@ from kvserve.server import Server
 __all__ = ["KVManager"]
 
 
-class KVManager(BaseManager):
+# typeshed does not describe BaseManager's internals that a subclass overriding
+# get_server() must use; declare what we touch.
+_STATE_INITIAL: Any = managers.State.INITIAL  # type: ignore[attr-defined]
+
+
+class KVManager(managers.BaseManager):
     """A BaseManager serving named, lock-guarded dicts, lists, Namespaces and Queues.
 
     Args:
@@ -39,6 +43,11 @@ class KVManager(BaseManager):
     """
 
     _Server = Server
+    _state: Any
+    _registry: dict[str, Any]
+    _address: tuple[str, int]
+    _authkey: bytes
+    _serializer: str
 
     def __init__(
         self,
@@ -58,7 +67,7 @@ class KVManager(BaseManager):
 
     def get_server(self) -> Server:  # type: ignore[override]
         """Return a bound :class:`Server`; call ``serve_forever()`` on it."""
-        if self._state.value != State.INITIAL:
+        if self._state.value != _STATE_INITIAL:
             raise ProcessError("this manager has already started or connected")
         return self._Server(
             self._registry,

@@ -15,6 +15,7 @@ on a queue with parked requests, those are retried in FIFO order.
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import itertools
 import logging
@@ -245,7 +246,9 @@ class Server:
             self._selector.register(sock, selectors.EVENT_READ, conn)
             assert conn.handshake is not None
             self._send(conn, conn.handshake.challenge)
-            self._call_later(self.handshake_timeout, lambda c=conn: self._handshake_expired(c))
+            self._call_later(
+                self.handshake_timeout, functools.partial(self._handshake_expired, conn)
+            )
 
     def _handshake_expired(self, conn: _Conn) -> None:
         if not conn.authed and not conn.closed:

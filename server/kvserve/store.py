@@ -33,7 +33,7 @@ class Store:
         for typeid, (factory, exposed, _m2t, _proxytype) in registry.items():
             if factory is None:
                 continue
-            names = frozenset(exposed) if exposed is not None else frozenset(factory.exposed)
+            names = frozenset(getattr(factory, "exposed", ()) if exposed is None else exposed)
             self._factories[typeid] = (factory, names)
         self.objects: dict[str, Container] = {}
         self.exposed: dict[str, frozenset[str]] = {}

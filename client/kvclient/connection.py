@@ -100,12 +100,13 @@ class Connection:
         to_ref: Callable[[Any], Ref | None] | None = None,
         max_frame: int = MAX_FRAME_DEFAULT,
     ) -> None:
+        self._sock: socket.socket | None = None
         self.endpoint = format_address(*address)
         self.timeout = timeout
         self.max_frame = max_frame
         self.codec = Codec(make_ref, to_ref)
         try:
-            self._sock: socket.socket | None = socket.create_connection(address, timeout)
+            self._sock = socket.create_connection(address, timeout)
         except OSError as exc:
             raise translate_os_error(exc, self.endpoint, "connect to") from exc
         try:

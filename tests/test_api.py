@@ -1,0 +1,125 @@
+"""The public surface: exports, the error tree, proxies across processes, stdlib compatibility."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle  # to check what a pickled proxy carries; never used on the wire
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+import kvclient
+import kvserve
+from kvclient.connection import parse_address
+from kvserve import KVManager
+
+
+@pytest.mark.parametrize("module", [kvclient, kvserve])
+def test_all_is_sorted_and_complete(module: Any) -> None:
+    assert module.__all__ == sorted(module.__all__)
+    public = {n for n in vars(module) if not n.startswith("_") and n[0].isupper()}
+    public -= {"Any"}
+    assert public <= set(module.__all__)
+
+
+def test_error_tree() -> None:
+    assert issubclass(kvclient.KVConnectionError, kvclient.KVError)
+    assert issubclass(kvclient.KVConnectionError, ConnectionError)
+    assert issubclass(kvclient.KVTimeoutError, kvclient.KVConnectionError)
+    assert issubclass(kvclient.KVTimeoutError, TimeoutError)
+    for name in ("AuthError", "ProtocolError", "RemoteError", "KindError", "NoSuchContainerError"):
+        assert issubclass(getattr(kvclient, name), kvclient.KVError)
+
+
+def test_kvclient_never_imports_kvserve() -> None:
+    code = "import sys, kvclient, kvclient.cli; print('kvserve' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:50000", ("127.0.0.1", 50000)),
+        ("example.org:1", ("example.org", 1)),
+        ("[::1]:6000", ("::1", 6000)),
+        ("::1", ("::1", 50000)),
+        ("host", ("host", 50000)),
+        (("h", 5), ("h", 5)),
+    ],
+)
+def test_parse_address(text: Any, expected: tuple[str, int]) -> None:
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["host:port", "h:70000", "[::1:5"])
+def test_parse_address_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid address"):
+        parse_address(text)
+
+
+def _child_appends(proxy: kvclient.ListProxy, value: Any) -> None:
+    proxy.append(value)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_proxy_handed_to_a_child_process_keeps_working(kv: kvclient.Client, method: str) -> None:
+    lst = kv.list("from-children")
+    lst.append("parent")  # the parent's connection exists before the child starts
+    ctx = mp.get_context(method)
+    child = ctx.Process(target=_child_appends, args=(lst, method))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    lst.append("parent-again")  # the parent's connection was not disturbed by the child
+    assert lst.copy() == ["parent", method, "parent-again"]
+
+
+def test_pickled_proxy_carries_no_authkey_outside_spawning(kv: kvclient.Client) -> None:
+    data = pickle.dumps(kv.dict("d"))
+    assert kv._authkey not in data
+    # In this process the client is found again by address, so the proxy still works.
+    proxy = pickle.loads(data)
+    proxy["k"] = 1
+    assert kv.dict("d")["k"] == 1
+
+
+def test_stdlib_basemanager_client_works_against_kvserve(address: str, authkey: bytes) -> None:
+    host, port = parse_address(address)
+    manager = KVManager((host, port), authkey=authkey)
+    manager.connect()
+    d = manager.dict("stdlib")  # type: ignore[attr-defined]
+    d["a"] = (1, 2)
+    assert d["a"] == (1, 2)
+    assert d.incr("n") == 1
+    with pytest.raises(KeyError):
+        d["missing"]
+    with kvclient.connect(address, authkey) as kv:
+        assert kv.dict("stdlib").copy() == {"a": (1, 2), "n": 1}
+
+
+def test_kvmanager_start_runs_a_server_process(authkey: bytes) -> None:
+    manager = KVManager(("127.0.0.1", 0), authkey=authkey)
+    manager.start()
+    try:
+        host, port = manager.address
+        with kvclient.connect((host, port), authkey) as kv:
+            kv.dict("d")["x"] = 1
+            assert kv.dict("d")["x"] == 1
+    finally:
+        manager.shutdown()  # type: ignore[attr-defined]
+
+
+def test_client_close_and_context_manager(address: str, authkey: bytes) -> None:
+    with kvclient.connect(address, authkey) as kv:
+        d = kv.dict("d")
+    with pytest.raises(kvclient.KVError, match="closed"):
+        d["x"] = 1
+
+
+def test_repr_names_container_and_server(kv: kvclient.Client) -> None:
+    assert repr(kv.dict("users")) == f"<DictProxy 'users' at {kv.endpoint}>"
+    assert kv.dict("users").name == "users"

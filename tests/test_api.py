@@ -70,7 +70,7 @@ def test_proxy_handed_to_a_child_process_keeps_working(kv: kvclient.Client, meth
     lst = kv.list("from-children")
     lst.append("parent")  # the parent's connection exists before the child starts
     ctx = mp.get_context(method)
-    child = ctx.Process(target=_child_appends, args=(lst, method))
+    child = ctx.Process(target=_child_appends, args=(lst, method))  # type: ignore[attr-defined]
     child.start()
     child.join(60)
     assert child.exitcode == 0
@@ -105,12 +105,11 @@ def test_kvmanager_start_runs_a_server_process(authkey: bytes) -> None:
     manager = KVManager(("127.0.0.1", 0), authkey=authkey)
     manager.start()
     try:
-        host, port = manager.address
-        with kvclient.connect((host, port), authkey) as kv:
+        with kvclient.connect(manager.address, authkey) as kv:  # type: ignore[arg-type]
             kv.dict("d")["x"] = 1
             assert kv.dict("d")["x"] == 1
     finally:
-        manager.shutdown()  # type: ignore[attr-defined]
+        manager.shutdown()
 
 
 def test_client_close_and_context_manager(address: str, authkey: bytes) -> None:

@@ -50,8 +50,8 @@ def test_creates_default_authkey_file_and_a_client_uses_it(clean_env: dict[str, 
         assert len(keyfile.read_bytes()) == 32
         # A client process on the same host, no configuration at all.
         code = (
-            "import kvclient; kv = kvclient.connect(%r); kv.dict('d')['x'] = 1; "
-            "print(kv.dict('d')['x']); kv.close()" % address
+            f"import kvclient; kv = kvclient.connect({address!r}); kv.dict('d')['x'] = 1; "
+            "print(kv.dict('d')['x']); kv.close()"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], env=clean_env, capture_output=True, text=True, timeout=30
@@ -108,7 +108,7 @@ def test_port_in_use_is_a_clear_error(
         text=True,
         env=env,
     )
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 3
     assert f"cannot listen on 127.0.0.1:{port}" in err
     assert "Traceback" not in err

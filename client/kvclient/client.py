@@ -199,6 +199,27 @@ class Client:
         """Delete a container and its contents; return whether it existed."""
         return bool(self._call(None, "drop", [name]))
 
+    def compact(self) -> bool:
+        """Ask a persistent server to compact its log now; False if one is already running.
+
+        Raises:
+            ValueError: the server keeps no data on disk.
+        """
+        return bool(self._call(None, "compact", []))
+
+    def dump(self) -> builtins.dict[str, Any]:
+        """Return a consistent point-in-time copy of every container (see :meth:`restore`)."""
+        result: builtins.dict[str, Any] = self._call(None, "dump", [])
+        return result
+
+    def restore(self, dump: builtins.dict[str, Any]) -> int:
+        """Load a :meth:`dump` into an empty server; return the number of containers.
+
+        Raises:
+            ValueError: the server is not empty, or ``dump`` is not a kvmanager dump.
+        """
+        return int(self._call(None, "restore", [dump]))
+
     def ping(self) -> None:
         """Make one round trip; raises if the server does not answer."""
         self._call(None, "ping", [])

@@ -19,6 +19,7 @@ from kvclient.auth import load_authkey
 from kvclient.codec import MAX_FRAME_DEFAULT
 from kvclient.errors import KVError
 from kvserve.manager import KVManager
+from kvserve.persistence import Persistence
 
 __all__ = ["app", "main"]
 
@@ -56,6 +57,24 @@ def serve(
     handshake_timeout: Annotated[
         float, typer.Option(help="Seconds a new connection has to authenticate.", min=0.1)
     ] = 5.0,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep every container in this directory across restarts."),
+    ] = None,
+    fsync: Annotated[
+        str,
+        typer.Option(
+            help="With --data-dir: 'always' (acknowledge after fsync), 'everysec' (lose at most "
+            "~1 s on power failure, nothing on a crash), or 'no' (the OS decides)."
+        ),
+    ] = "everysec",
+    compact_at: Annotated[
+        int, typer.Option(help="Log size in bytes that triggers background compaction.", min=1)
+    ] = 64 * 1024 * 1024,
+    repair: Annotated[
+        bool,
+        typer.Option(help="Start despite damaged data files, keeping what precedes the damage."),
+    ] = False,
 ) -> None:
     """Run the server until Ctrl-C or SIGTERM."""
     level = getattr(logging, log_level.upper(), None)
@@ -65,13 +84,19 @@ def serve(
         level=level, stream=sys.stderr, format="%(asctime)s kvserve %(levelname)s %(message)s"
     )
     log = logging.getLogger("kvserve")
+    if fsync not in ("always", "everysec", "no"):
+        raise typer.BadParameter("must be always, everysec or no", param_hint="--fsync")
     try:
         source = load_authkey(authkey_file=authkey_file, create=True)
+        persistence = None
+        if data_dir is not None:
+            persistence = Persistence(data_dir, fsync, compact_at, repair=repair)  # type: ignore[arg-type]
         manager = KVManager(
             (host, port),
             authkey=source.key,
             max_frame=max_frame,
             handshake_timeout=handshake_timeout,
+            persistence=persistence,
         )
         server = manager.get_server()
     except KVError as exc:
@@ -85,7 +110,23 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("authkey from %s; data is in memory only", source.origin)
+    report = server.load_report
+    if report is None:
+        log.info(
+            "authkey from %s; data is in memory only (use --data-dir to keep it)", source.origin
+        )
+    else:
+        log.info(
+            "authkey from %s; data in %s (fsync %s): loaded %d containers, %d snapshot and %d "
+            "log records in %.3fs",
+            source.origin,
+            data_dir,
+            fsync,
+            report.containers,
+            report.snapshot_records,
+            report.log_records,
+            report.seconds,
+        )
     print(f"kvserve listening on {server.endpoint}", flush=True)
     server.serve_forever()
     log.info("stopped")

@@ -59,7 +59,8 @@ class Container:
     exposed: ClassVar[frozenset[str]]
     mutating: ClassVar[frozenset[str]]
 
-    def __init__(self) -> None:
+    def __init__(self, *state: Any) -> None:
+        # Subclasses take their state (as returned by `state()`) as constructor arguments.
         self.lock = threading.Lock()
 
     def size(self) -> int:
@@ -68,6 +69,19 @@ class Container:
 
     def check_args(self, *args: Any, **kwds: Any) -> None:
         """Check creation arguments given again for an existing container (default: ignore)."""
+
+    def state(self) -> Any:
+        """Return the contents as a msgpack-encodable value (snapshots, dumps)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: Any) -> Container:
+        """Rebuild a container from :meth:`state`."""
+        return cls(state)
+
+    def copy_container(self) -> Container:
+        """Return a shallow copy: a consistent view, since stored values are only replaced."""
+        return self.from_state(self.state())
 
 
 class KVDict(Container):
@@ -110,6 +124,10 @@ class KVDict(Container):
     def size(self) -> int:
         """Return the number of keys."""
         return len(self.data)
+
+    def state(self) -> dict[Any, Any]:
+        """Return the dict itself (copied by whoever keeps it)."""
+        return self.data
 
     def __getitem__(self, key: Any) -> Any:
         return self.data[key]
@@ -243,6 +261,10 @@ class KVList(Container):
         """Return the number of items."""
         return len(self.data)
 
+    def state(self) -> list[Any]:
+        """Return the list itself (copied by whoever keeps it)."""
+        return self.data
+
     def __getitem__(self, index: int) -> Any:
         return self.data[_index(index)]
 
@@ -338,6 +360,10 @@ class KVNamespace(Container):
         """Return the number of attributes."""
         return len(self.data)
 
+    def state(self) -> dict[str, Any]:
+        """Return the attributes (copied by whoever keeps them)."""
+        return self.data
+
     def getattr(self, name: str) -> Any:
         """Return an attribute; ``AttributeError`` when it is not set."""
         try:
@@ -399,6 +425,16 @@ class KVQueue(Container):
     def size(self) -> int:
         """Return the number of queued items."""
         return len(self.items)
+
+    def state(self) -> list[Any]:
+        """Return ``[maxsize, items]``."""
+        return [self._maxsize, list(self.items)]
+
+    @classmethod
+    def from_state(cls, state: Any) -> KVQueue:
+        """Rebuild from ``[maxsize, items]``."""
+        maxsize, items = state
+        return cls(maxsize, items)
 
     def check_args(self, maxsize: int = 0, *args: Any, **kwds: Any) -> None:
         """Refuse to hand out an existing queue as one with another bound."""

@@ -32,6 +32,7 @@ from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec
 from kvclient.connection import format_address
 from kvclient.errors import NoSuchContainerError, ProtocolError, RemoteError
 from kvserve.containers import WouldBlock
+from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import Registry, Store
 
 __all__ = ["Server"]
@@ -42,6 +43,7 @@ _RECV_SIZE: Final = 256 * 1024
 _RETURN: Final = "#RETURN"
 _ERROR: Final = "#ERROR"
 _STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
+_LOGGED_PUBLIC: Final = frozenset({"create", "drop", "restore"})
 
 
 class _Conn:
@@ -114,6 +116,7 @@ class Server:
         max_frame: int = MAX_FRAME_DEFAULT,
         handshake_timeout: float = 5.0,
         backlog: int = 1024,
+        persistence: Persistence | None = None,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -126,8 +129,20 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.started = time.time()
         self.ops_served = 0
+        self._persist = persistence
+        # With persistence, replies wait in _held until the log holds their writes.
+        self._held: list[tuple[_Conn, bytes]] | None = None
+        self.load_report: LoadReport | None = None
+        if persistence is not None:
+            self.load_report = persistence.open(self.store)
+            self._held = []
         host, port = address
-        self._listener = _bind(host or "127.0.0.1", port, backlog)
+        try:
+            self._listener = _bind(host or "127.0.0.1", port, backlog)
+        except BaseException:
+            if persistence is not None:
+                persistence.close()
+            raise
         bound = self._listener.getsockname()
         self.address: tuple[str, int] = (bound[0], bound[1])
         self._selector = selectors.DefaultSelector()
@@ -149,6 +164,9 @@ class Server:
             "stats": self.stats,
             "get_methods": self._get_methods,
             "number_of_objects": lambda: len(self.store.objects),
+            "compact": self._compact,
+            "dump": lambda: dump_state(self.store),
+            "restore": self._restore,
         }
 
     @property
@@ -182,6 +200,8 @@ class Server:
                             self._on_readable(conn)
                 if self._timers:
                     self._run_timers()
+                if self._held:
+                    self._release_held()
         finally:
             self._shutdown()
 
@@ -193,13 +213,22 @@ class Server:
         except OSError:
             pass
 
+    def close(self) -> None:
+        """Release the sockets and the data directory of a server that was never served."""
+        if not self._done.is_set():
+            self._shutdown()
+
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Block until the loop has exited and released its sockets."""
         return self._done.wait(timeout)
 
     def _shutdown(self) -> None:
+        if self._held:
+            self._release_held()
         for conn in list(self._conns):
             self._close(conn)
+        if self._persist is not None:
+            self._persist.close()
         for sock in (self._listener, self._wake_r, self._wake_w):
             try:
                 self._selector.unregister(sock)
@@ -245,7 +274,7 @@ class Server:
             self._conns.add(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
             assert conn.handshake is not None
-            self._send(conn, conn.handshake.challenge)
+            self._send_now(conn, conn.handshake.challenge)
             self._call_later(
                 self.handshake_timeout, functools.partial(self._handshake_expired, conn)
             )
@@ -331,7 +360,7 @@ class Server:
     def _on_handshake(self, conn: _Conn, payload: bytes) -> None:
         hs = conn.handshake
         assert hs is not None
-        self._send(conn, hs.answer(payload))
+        self._send_now(conn, hs.answer(payload))
         conn.handshake = None
         if hs.ok:
             conn.authed = True
@@ -343,7 +372,32 @@ class Server:
 
     # -- writing -------------------------------------------------------------------------
 
+    def _release_held(self) -> None:
+        """Make the log hold every applied write, then release the replies that wait on it."""
+        assert self._persist is not None and self._held is not None
+        held, self._held = self._held, []
+        try:
+            self._persist.flush()
+        except OSError as exc:
+            # The writes are applied in memory but not logged: acknowledging them would be a
+            # lie. Fail those calls loudly and stop; a restart replays what the log holds.
+            log.critical("cannot write the log (%s); stopping without acknowledging", exc)
+            for conn, _ in held:
+                self._close(conn)
+            self.stop()
+            return
+        for conn, payload in held:
+            self._send_now(conn, payload)
+        if self._persist.should_compact():
+            self._persist.compact(self.store)
+
     def _send(self, conn: _Conn, payload: bytes) -> None:
+        if self._held is not None:
+            self._held.append((conn, payload))
+            return
+        self._send_now(conn, payload)
+
+    def _send_now(self, conn: _Conn, payload: bytes) -> None:
         if conn.closed:
             return
         frame = HEADER.pack(len(payload)) + payload
@@ -391,7 +445,7 @@ class Server:
             message = conn.codec.unpack(payload)
         except ProtocolError as exc:
             log.warning("closing %s: %s", conn.peer, exc)
-            self._reply(conn, _ERROR, exc)
+            self._send_now(conn, conn.codec.pack([_ERROR, exc]))
             conn.close_after_flush = True
             self._flush(conn)
             return
@@ -423,9 +477,10 @@ class Server:
         if type(args) not in (list, tuple) or (kwds is not None and type(kwds) is not dict):
             raise ProtocolError("malformed request: args must be an array, kwds a map or nil")
         with obj.lock:
-            if kwds:
-                return getattr(obj, method)(*args, **kwds)
-            return getattr(obj, method)(*args)
+            result = getattr(obj, method)(*args, **kwds) if kwds else getattr(obj, method)(*args)
+        if self._persist is not None and method in obj.mutating:
+            self._persist.append(message)
+        return result
 
     def _call_public(self, conn: _Conn, message: list[Any]) -> Any:
         _, method, args, kwds = message
@@ -438,7 +493,10 @@ class Server:
         func = self._public.get(method)
         if func is None:
             raise AttributeError(f"kvserve has no function {method!r}")
-        return func(*args, **(kwds or {}))
+        result = func(*args, **(kwds or {}))
+        if self._persist is not None and method in _LOGGED_PUBLIC:
+            self._persist.append(message)
+        return result
 
     def _batch(self, args: list[Any]) -> list[list[Any]]:
         if len(args) != 1 or type(args[0]) is not list:
@@ -483,6 +541,15 @@ class Server:
             self._process(waiter.conn)
         return existed
 
+    def _compact(self) -> bool:
+        if self._persist is None:
+            raise ValueError("this server keeps no data on disk (start it with --data-dir)")
+        self._persist.flush()
+        return self._persist.compact(self.store)
+
+    def _restore(self, dump: Any) -> int:
+        return restore_state(self.store, dump)
+
     def stats(self) -> dict[str, Any]:
         """Return server facts for ``kvctl stats``."""
         objects = list(self.store.objects.values())
@@ -493,6 +560,15 @@ class Server:
             "containers": len(objects),
             "keys": sum(obj.size() for obj in objects),
             "ops": self.ops_served,
+            "persistence": None
+            if self._persist is None
+            else {
+                "data_dir": str(self._persist.dir),
+                "fsync": self._persist.fsync,
+                "disk_bytes": self._persist.disk_bytes(),
+                "compactions": self._persist.compactions,
+                "last_error": self._persist.last_error,
+            },
         }
 
     # -- parking -------------------------------------------------------------------------

@@ -76,6 +76,13 @@ class Store:
             self.exposed[name] = exposed
             return obj  # type: ignore[no-any-return]
 
+    def install(self, name: str, obj: Container) -> None:
+        """Put a ready-made container under ``name`` (start-up, restore), replacing any."""
+        factory_exposed = self._factories.get(obj.kind)
+        with self.lock:
+            self.objects[name] = obj
+            self.exposed[name] = factory_exposed[1] if factory_exposed else obj.exposed
+
     def get(self, name: str) -> Container:
         """Return an existing container.
 

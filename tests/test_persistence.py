@@ -385,9 +385,9 @@ def test_persistence_rejects_a_locked_directory_in_process(tmp_path: Path) -> No
     from kvserve.store import Store
 
     first = Persistence(tmp_path / "d")
-    first.open(Store(M._registry))  # type: ignore[attr-defined]
+    first.open(Store(M._registry))
     try:
         with pytest.raises(PersistenceError, match=f"pid {os.getpid()}"):
-            Persistence(tmp_path / "d").open(Store(M._registry))  # type: ignore[attr-defined]
+            Persistence(tmp_path / "d").open(Store(M._registry))
     finally:
         first.close()

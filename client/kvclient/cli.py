@@ -1,27 +1,934 @@
-"""``kvctl``: read and write a kvserve server from the shell (parse, call kvclient, print)."""
+"""``kvctl``: read and write a kvserve server from the shell (parse, call kvclient, print).
+
+Every command opens one :class:`~kvclient.Client`, makes its calls and prints. The CLI adds no
+behaviour the Python API lacks; the only things it does on its own are presentation and the
+existence check of :meth:`_Session.existing`, so that reading a container that does not exist
+says so instead of creating it (``kvctl keys -d typo`` must not leave a dict called ``typo``).
+
+Output
+------
+A str result prints as is; any other result prints as one line of JSON, bytes as base64 text.
+Results that are sequences (``keys``, ``list range``) print one item per line. With ``--json``
+every result prints as one JSON document, and VALUE arguments are parsed as JSON.
+
+Exit codes and errors
+---------------------
+=====  ==========================================================================
+0      success
+1      not found: missing key, container or attribute, empty list on pop, queue
+       get timed out, cas mismatch (the answer is "no", nothing failed)
+2      usage error (typer's own handling: bad option, bad number, invalid JSON)
+3      connection, auth or server error
+=====  ==========================================================================
+
+Exceptions become exit codes and the one stderr line ``ErrorName: message`` in exactly one
+place, :func:`_session`. Nothing prints a traceback: typer's pretty exceptions are off, and
+anything unexpected is still reported as one line with exit code 3.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import base64
+import contextlib
+import fnmatch
+import json
+import math
+import queue
+import shlex
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, TypeVar
 
 import typer
 
 import kvclient
+from kvclient.auth import load_authkey
+from kvclient.connection import DEFAULT_ADDRESS, parse_address
+from kvclient.errors import KindError, NoSuchContainerError
 
-app = typer.Typer(add_completion=False, help="Read and write a kvserve server.")
+__all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "NotFound", "app"]
+
+EXIT_OK: Final = 0
+EXIT_NOT_FOUND: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_ERROR: Final = 3
+
+DEFAULT_DICT: Final = "default"
+DEFAULT_TIMEOUT: Final = 10.0
+
+# How to look at a container of each kind, for the message when a command meets the wrong one.
+_READ_HINTS: Final = {
+    "dict": "kvctl keys -d {name}",
+    "list": "kvctl list range {name}",
+    "queue": "kvctl queue size {name}",
+    "namespace": "kvctl ns show {name}",
+}
+# Fixed-arity commands whose values or numbers may start with "-" (`incr hits -1`,
+# `list range jobs -3`): unknown options there are taken as arguments. Commands taking any
+# number of values stay strict, where a mistyped option would otherwise be stored as data;
+# there `--` ends the options (`kvctl list push jobs -- -1`).
+_NEGATIVE_OK: Final = {"ignore_unknown_options": True}
 
 
-@app.command("get")
-def get(key: str, dict_name: Annotated[str, typer.Option("--dict", "-d")] = "default") -> None:
-    """Print the value of KEY."""
-    with kvclient.connect() as kv:
-        typer.echo(kv.dict(dict_name)[key])
+def _examples(*lines: str) -> str:
+    """Return a help epilog showing ``lines`` as typed, not rewrapped (click's backspace marker)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
-@app.command("set")
-def set_(
-    key: str, value: str, dict_name: Annotated[str, typer.Option("--dict", "-d")] = "default"
+_EPILOG = (
+    _examples(
+        "kvctl set greeting hello           # store a str in the dict 'default'",
+        "kvctl get greeting                 # prints: hello",
+        "kvctl set --json limits '{\"rps\": 50}'",
+        "kvctl incr -d hits home            # atomic; prints the new value",
+        "kvctl list push jobs build test",
+        "kvctl queue get jobs --timeout 5   # wait up to 5 s for an item",
+        "kvctl -a 10.0.0.5:50000 names      # connection options go before the command",
+    )
+    + """
+
+Values: a plain argument is stored as a str; with --json it is parsed as JSON (numbers,
+lists, maps, true, false, null). A str result prints as is, anything else as JSON; with
+--json every result prints as JSON. bytes print as base64. In commands taking several values,
+put -- before values that start with "-": kvctl list push jobs -- -1.
+
+The authkey is read from --authkey-file, else env KV_AUTHKEY (the key itself), else the file
+named by env KV_AUTHKEY_FILE, else ~/.config/kvmanager/authkey; never from the command line.
+
+Exit codes:
+
+\b
+  0  success
+  1  not found: missing key, container or attribute, empty list on pop,
+     queue get timed out, cas mismatch
+  2  usage error: unknown option, missing argument, invalid JSON under --json
+  3  connection, auth or server error
+Errors print one line to stderr, "ErrorName: message", never a traceback.
+"""
+)
+
+app = typer.Typer(
+    name="kvctl",
+    help="Read and write a kvserve server's dicts, lists, queues and namespaces from the shell.",
+    epilog=_EPILOG,
+    no_args_is_help=True,
+    # Plain click output: help and usage errors read the same in a terminal, a pipe or a log,
+    # and tests can assert them exactly. Rich boxes were rejected for that reason.
+    rich_markup_mode=None,
+    # A traceback (pretty or not) may show locals, and the authkey can be among them.
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+list_app = typer.Typer(
+    help="Push, pop and read named lists.", no_args_is_help=True, rich_markup_mode=None
+)
+queue_app = typer.Typer(
+    help="Put into and get from named FIFO queues.", no_args_is_help=True, rich_markup_mode=None
+)
+ns_app = typer.Typer(
+    help="Read and set attributes of named namespaces.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(list_app, name="list")
+app.add_typer(queue_app, name="queue")
+app.add_typer(ns_app, name="ns")
+
+
+class NotFound(Exception):
+    """The answer is "no" (exit 1): a missing key or item, an empty queue, a cas mismatch.
+
+    Args:
+        label: the error name printed before the message (``KeyError``, ``queue.Empty``, ...).
+        message: what was not found, naming the key and the container.
+    """
+
+    def __init__(self, label: str, message: str) -> None:
+        super().__init__(message)
+        self.label = label
+
+
+# -- values in and out ---------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Return ``value`` with bytes as base64 text, tuples as lists and proxies as names."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {_json_key(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, kvclient.Proxy):
+        # A container stored inside another one: its repr names the kind, name and server.
+        return repr(value)
+    return value
+
+
+def _json_key(key: Any) -> Any:
+    if isinstance(key, str | int | float | bool) or key is None:
+        return key  # json.dumps turns numbers, booleans and None into key strings itself
+    text = _jsonable(key)  # bytes: base64 text; a tuple: its JSON text
+    return text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(_jsonable(value), ensure_ascii=False)
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) else _to_json(value)
+
+
+def _parse_value(text: str, as_json: bool, hint: str = "'VALUE'") -> Any:
+    """Return ``text`` itself, or the JSON value it spells when ``as_json``.
+
+    Raises:
+        typer.BadParameter: ``as_json`` and ``text`` is not JSON (exit 2, nothing sent).
+    """
+    if not as_json:
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(
+            f"{_shorten(text)} is not valid JSON ({exc.msg} at column {exc.colno}); "
+            "quote a str as '\"text\"', or leave out --json to store the text as is",
+            param_hint=hint,
+        ) from None
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _number(text: str) -> float:
+    """Parse an int (kept exact) or a float for ``incr``."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise typer.BadParameter(f"{text!r} is not a finite number")
+    return number
+
+
+def _seconds(text: str) -> float:
+    """Parse a number of seconds, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise typer.BadParameter(f"{text!r} is not a number of seconds, 0 or more")
+    return seconds
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = _seconds(text)
+    if seconds == 0:
+        raise typer.BadParameter("must be more than 0 seconds")
+    return seconds
+
+
+def _check_address(value: str) -> str:
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc}; write HOST:PORT, e.g. 127.0.0.1:50000") from None
+    return value
+
+
+def _blocking(timeout: float | None, no_wait: bool) -> tuple[bool, float | None]:
+    """Return ``(block, timeout)`` for a queue call from ``--timeout`` and ``--no-wait``."""
+    if no_wait and timeout is not None:
+        raise typer.BadParameter(
+            "give either --timeout or --no-wait, not both", param_hint="'--no-wait'"
+        )
+    return (not no_wait, timeout)
+
+
+# -- settings, session and the one error boundary ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Connection options and output mode, from the main command's options."""
+
+    address: str = DEFAULT_ADDRESS
+    authkey_file: Path | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    json: bool = False
+
+
+_P = TypeVar("_P", bound=kvclient.Proxy)
+_KIND_OF: Final[dict[type[kvclient.Proxy], str]] = {
+    kvclient.DictProxy: "dict",
+    kvclient.ListProxy: "list",
+    kvclient.NamespaceProxy: "namespace",
+    kvclient.QueueProxy: "queue",
+}
+
+
+class _Session:
+    """One command's client (connected on first use) and its output mode."""
+
+    def __init__(self, settings: _Settings, as_json: bool) -> None:
+        self.settings = settings
+        self.json = settings.json or as_json
+        self._client: kvclient.Client | None = None
+
+    @property
+    def client(self) -> kvclient.Client:
+        """The connected client; connects on first use."""
+        if self._client is None:
+            key = load_authkey(authkey_file=self.settings.authkey_file).key
+            self._client = kvclient.connect(
+                self.settings.address,
+                key,
+                self.settings.timeout,
+                call_timeout=self.settings.timeout,
+            )
+        return self._client
+
+    def close(self) -> None:
+        """Close the client, if one was opened."""
+        if self._client is not None:
+            self._client.close()
+
+    def existing(self, name: str, proxy_type: type[_P]) -> _P:
+        """Return a proxy to the container ``name``, which must exist with the proxy's kind.
+
+        ``Client.dict(name)`` and friends create what they do not find, which is right for
+        writes and wrong for reads; this looks the name up first instead.
+
+        Raises:
+            NoSuchContainerError: there is no container called ``name`` (exit 1).
+            KindError: ``name`` is a container of another kind (exit 3).
+        """
+        client = self.client
+        kind = _KIND_OF[proxy_type]
+        found = client.names().get(name)
+        if found is None:
+            raise NoSuchContainerError(
+                f"no {kind} named {name!r} on {client.endpoint}; kvctl names lists them"
+            )
+        if found != kind:
+            hint = _READ_HINTS.get(found, "kvctl names").format(name=shlex.quote(name))
+            raise KindError(f"{name!r} is a {found}, not a {kind}; read it with {hint}")
+        return proxy_type(client, name)
+
+    def emit(self, value: Any, text: str | None = None) -> None:
+        """Print one result: JSON in JSON mode, else ``text`` or the value as plain text."""
+        if self.json:
+            typer.echo(_to_json(value))
+        else:
+            typer.echo(_plain(value) if text is None else text)
+
+    def emit_each(self, values: Iterable[Any]) -> None:
+        """Print a sequence: one JSON array in JSON mode, else one item per line."""
+        if self.json:
+            typer.echo(_to_json(list(values)))
+        else:
+            for value in values:
+                typer.echo(_plain(value))
+
+
+def _settings(ctx: typer.Context) -> _Settings:
+    obj = ctx.find_object(_Settings)
+    return obj if obj is not None else _Settings()
+
+
+def _json_mode(ctx: typer.Context, as_json: bool) -> bool:
+    return _settings(ctx).json or as_json
+
+
+def _error_line(exc: Exception) -> tuple[int, str]:
+    """Return the exit code and the one stderr line for an exception."""
+    if isinstance(exc, NotFound):
+        code, name = EXIT_NOT_FOUND, exc.label
+    else:
+        code = EXIT_NOT_FOUND if isinstance(exc, NoSuchContainerError) else EXIT_ERROR
+        name = type(exc).__name__
+    # str(KeyError("x")) is "'x'"; the message is the argument itself.
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    message = " ".join(message.splitlines())
+    return code, f"{name}: {message}" if message else name
+
+
+@contextlib.contextmanager
+def _session(ctx: typer.Context, as_json: bool = False) -> Iterator[_Session]:
+    """Run one command's calls; map every exception to its exit code and stderr line here.
+
+    Usage errors are raised before this is entered, so that nothing is sent when an argument
+    is bad; typer prints them and exits 2.
+    """
+    session = _Session(_settings(ctx), as_json)
+    try:
+        yield session
+    except (typer.Exit, typer.BadParameter, BrokenPipeError):
+        raise  # typer's own handling: exit codes 0/2, and a quiet exit when stdout is closed
+    except Exception as exc:
+        # Everything else, expected or not, is one line: kvclient's errors name the address
+        # and the fix, and a traceback could show the authkey among its locals.
+        code, line = _error_line(exc)
+        typer.echo(line, err=True)
+        raise typer.Exit(code) from None
+    finally:
+        session.close()
+
+
+# -- the main command: connection options --------------------------------------------------
+
+DictOption = Annotated[
+    str, typer.Option("--dict", "-d", metavar="NAME", help="The dict to use.", show_default=True)
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", "-j", help="Parse values as JSON, and print the result as JSON."),
+]
+JsonOutOption = Annotated[bool, typer.Option("--json", "-j", help="Print the result as JSON.")]
+WaitOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        parser=_seconds,
+        help="Wait at most this long (default: wait for ever).",
+        show_default=False,
+    ),
+]
+NoWaitOption = Annotated[bool, typer.Option("--no-wait", help="Do not wait at all.")]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvctl {kvclient.__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    address: Annotated[
+        str,
+        typer.Option(
+            "--address",
+            "-a",
+            metavar="HOST:PORT",
+            envvar="KV_ADDRESS",
+            callback=_check_address,
+            help="The kvserve server to talk to.",
+        ),
+    ] = DEFAULT_ADDRESS,
+    authkey_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--authkey-file",
+            metavar="PATH",
+            # Not envvar=: typer would then let KV_AUTHKEY_FILE win over KV_AUTHKEY, against
+            # the order kvclient.auth.load_authkey documents and applies itself.
+            help="File holding the authkey. [env var: KV_AUTHKEY_FILE; or the key itself in "
+            "KV_AUTHKEY] [default: ~/.config/kvmanager/authkey]",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            envvar="KV_TIMEOUT",
+            parser=_positive_seconds,
+            help="Seconds allowed to connect, and to wait for each reply.",
+        ),
+    ] = DEFAULT_TIMEOUT,
+    as_json: JsonOption = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
-    """Store VALUE (a string) under KEY."""
-    with kvclient.connect() as kv:
-        kv.dict(dict_name)[key] = value
+    """Read and write a kvserve server's dicts, lists, queues and namespaces from the shell."""
+    ctx.obj = _Settings(address, authkey_file, timeout, as_json)
+
+
+# -- dict keys -----------------------------------------------------------------------------
+
+
+Key = Annotated[str, typer.Argument(metavar="KEY", help="The key.")]
+Keys = Annotated[list[str], typer.Argument(metavar="KEY", help="The keys.")]
+ListName = Annotated[str, typer.Argument(metavar="NAME", help="The list.")]
+QueueName = Annotated[str, typer.Argument(metavar="NAME", help="The queue.")]
+NsName = Annotated[str, typer.Argument(metavar="NAME", help="The namespace.")]
+Value = Annotated[
+    str, typer.Argument(metavar="VALUE", help="The value: a str, or JSON with --json.")
+]
+Values = Annotated[
+    list[str], typer.Argument(metavar="VALUE", help="The values: str, or JSON with --json.")
+]
+
+
+@app.command("get", epilog=_examples("kvctl get greeting", "kvctl get -d sessions --json 4f2a"))
+def get(
+    ctx: typer.Context,
+    key: Key,
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Print the value stored under KEY.
+
+    A str prints as is, anything else as JSON (bytes as base64). Exit 1 if there is no KEY.
+    """
+    with _session(ctx, as_json) as session:
+        mapping = session.existing(dict_name, kvclient.DictProxy)
+        try:
+            value = mapping[key]
+        except KeyError:
+            raise NotFound("KeyError", f"no key {key!r} in dict {dict_name!r}") from None
+        session.emit(value)
+
+
+@app.command(
+    "set",
+    context_settings=_NEGATIVE_OK,
+    epilog=_examples(
+        "kvctl set greeting hello",
+        'kvctl set --json limits \'{"rps": 50, "burst": [1, 2]}\'',
+        "kvctl set --json balance -12.5",
+    ),
+)
+def set_(
+    ctx: typer.Context,
+    key: Key,
+    value: Value,
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOption = False,
+) -> None:
+    """Store VALUE under KEY, creating the dict if needed."""
+    parsed = _parse_value(value, _json_mode(ctx, as_json))
+    with _session(ctx, as_json) as session:
+        session.client.dict(dict_name)[key] = parsed
+
+
+@app.command("del", epilog=_examples("kvctl del greeting", "kvctl del -d sessions 4f2a 9c1e"))
+def delete(
+    ctx: typer.Context,
+    keys: Keys,
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Delete the KEYs in one atomic call and print how many existed.
+
+    Exit 1 if any of them did not exist (the others are still deleted).
+    """
+    with _session(ctx, as_json) as session:
+        deleted = session.existing(dict_name, kvclient.DictProxy).delete_many(keys)
+        session.emit(deleted)
+        wanted = len(set(keys))
+        if deleted < wanted:
+            if wanted == 1:
+                raise NotFound("KeyError", f"no key {keys[0]!r} in dict {dict_name!r}")
+            raise NotFound(
+                "KeyError", f"{wanted - deleted} of {wanted} keys were not in dict {dict_name!r}"
+            )
+
+
+@app.command("keys", epilog=_examples("kvctl keys", "kvctl keys 'user:*' -d sessions"))
+def keys(
+    ctx: typer.Context,
+    pattern: Annotated[
+        str | None, typer.Argument(metavar="GLOB", help="Only keys matching this shell glob.")
+    ] = None,
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Print the keys of the dict, one a line, in insertion order."""
+    with _session(ctx, as_json) as session:
+        found = session.existing(dict_name, kvclient.DictProxy).keys()
+        if pattern is not None:
+            # Filtered here: the API has no glob, and the keys snapshot is one round trip
+            # either way. Keys that are not str match by how they print.
+            found = [key for key in found if fnmatch.fnmatchcase(_plain(key), pattern)]
+        session.emit_each(found)
+
+
+@app.command(
+    "incr",
+    context_settings=_NEGATIVE_OK,
+    epilog=_examples("kvctl incr -d hits home", "kvctl incr stock -3", "kvctl incr load 0.25"),
+)
+def incr(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(metavar="KEY", help="The key (0 when missing).")],
+    by: Annotated[
+        float, typer.Argument(metavar="BY", parser=_number, help="The amount to add.")
+    ] = 1,
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOption = False,
+) -> None:
+    """Add BY to the number at KEY atomically, and print the new value."""
+    with _session(ctx, as_json) as session:
+        session.emit(session.client.dict(dict_name).incr(key, by))
+
+
+@app.command(
+    "cas",
+    context_settings=_NEGATIVE_OK,
+    epilog=_examples("kvctl cas leader node-a node-b", "kvctl cas --json version 3 4"),
+)
+def cas(
+    ctx: typer.Context,
+    key: Key,
+    expected: Annotated[
+        str, typer.Argument(metavar="EXPECTED", help="The value KEY must hold now.")
+    ],
+    new: Annotated[str, typer.Argument(metavar="NEW", help="The value to store if it does.")],
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOption = False,
+) -> None:
+    """Set KEY to NEW only if it holds EXPECTED now (compare-and-swap).
+
+    The comparison is strict about type (with --json, 1 does not match 1.0), and a missing
+    key never matches. Exit 1 when nothing was swapped.
+    """
+    json_mode = _json_mode(ctx, as_json)
+    old = _parse_value(expected, json_mode, "'EXPECTED'")
+    value = _parse_value(new, json_mode, "'NEW'")
+    with _session(ctx, as_json) as session:
+        if not session.existing(dict_name, kvclient.DictProxy).cas(key, old, value):
+            raise NotFound(
+                "CasMismatch",
+                f"{key!r} in dict {dict_name!r} is missing or does not hold {_to_json(old)}; "
+                "nothing was changed",
+            )
+
+
+@app.command("mget", epilog=_examples("kvctl mget host port", "kvctl mget -d sessions 4f2a 9c1e"))
+def mget(
+    ctx: typer.Context,
+    keys: Keys,
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Print the values of the KEYs as one JSON object, read in one atomic call.
+
+    Missing keys are left out of the object, and make the exit code 1.
+    """
+    with _session(ctx, as_json) as session:
+        found = session.existing(dict_name, kvclient.DictProxy).get_many(keys)
+        wanted = list(dict.fromkeys(keys))
+        session.emit({key: found[key] for key in wanted if key in found})
+        missing = [key for key in wanted if key not in found]
+        if missing:
+            s = "s" if len(missing) > 1 else ""
+            listed = ", ".join(map(repr, missing))
+            raise NotFound("KeyError", f"no key{s} {listed} in dict {dict_name!r}")
+
+
+@app.command(
+    "mset",
+    epilog=_examples(
+        "kvctl mset host db1 port 5432", 'kvctl mset --json port 5432 tags \'["a", "b"]\''
+    ),
+)
+def mset(
+    ctx: typer.Context,
+    pairs: Annotated[list[str], typer.Argument(metavar="KEY VALUE", help="Keys and values.")],
+    dict_name: DictOption = DEFAULT_DICT,
+    as_json: JsonOption = False,
+) -> None:
+    """Store every KEY VALUE pair in one atomic call, creating the dict if needed."""
+    if len(pairs) % 2:
+        raise typer.BadParameter(
+            f"needs KEY VALUE pairs, got {len(pairs)} arguments", param_hint="'KEY VALUE'"
+        )
+    json_mode = _json_mode(ctx, as_json)
+    mapping = {
+        key: _parse_value(value, json_mode, f"'VALUE' of {key!r}")
+        for key, value in zip(pairs[::2], pairs[1::2], strict=True)
+    }
+    with _session(ctx, as_json) as session:
+        session.client.dict(dict_name).set_many(mapping)
+
+
+# -- lists ---------------------------------------------------------------------------------
+
+
+@list_app.command(
+    "push",
+    epilog=_examples("kvctl list push jobs build test deploy", "kvctl list push --json n 3 -- -2"),
+)
+def list_push(
+    ctx: typer.Context, name: ListName, values: Values, as_json: JsonOption = False
+) -> None:
+    """Append the VALUEs to list NAME in one atomic call, creating it if needed."""
+    json_mode = _json_mode(ctx, as_json)
+    items = [_parse_value(value, json_mode) for value in values]
+    with _session(ctx, as_json) as session:
+        session.client.list(name).extend(items)
+
+
+@list_app.command(
+    "pop",
+    epilog=_examples(
+        "kvctl list pop jobs",
+        "kvctl list pop jobs --index 0      # the oldest: first in, first out",
+    ),
+)
+def list_pop(
+    ctx: typer.Context,
+    name: ListName,
+    index: Annotated[
+        int, typer.Option("--index", "-i", help="The position: -1 is the last, 0 the first.")
+    ] = -1,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Remove one item from list NAME and print it (the last, unless --index says).
+
+    Exit 1 if the list is empty or has no item at INDEX.
+    """
+    with _session(ctx, as_json) as session:
+        items = session.existing(name, kvclient.ListProxy)
+        try:
+            value = items.pop(index)
+        except IndexError:
+            if index == -1:
+                message = f"list {name!r} is empty"
+            else:
+                message = f"no index {index} in list {name!r}"
+            raise NotFound("IndexError", message) from None
+        session.emit(value)
+
+
+@list_app.command(
+    "range",
+    context_settings=_NEGATIVE_OK,
+    epilog=_examples(
+        "kvctl list range jobs", "kvctl list range jobs 0 10", "kvctl list range jobs -3"
+    ),
+)
+def list_range(
+    ctx: typer.Context,
+    name: ListName,
+    start: Annotated[
+        int, typer.Argument(metavar="START", help="The first index (negative: from the end).")
+    ] = 0,
+    stop: Annotated[
+        int | None,
+        typer.Argument(metavar="STOP", help="The index to stop before.  [default: the end]"),
+    ] = None,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Print the items of list NAME from START up to STOP, one a line.
+
+    Indexes work as in Python slices: START is included, STOP is not, and negative
+    numbers count from the end (list range jobs -3 prints the last three).
+    """
+    with _session(ctx, as_json) as session:
+        session.emit_each(session.existing(name, kvclient.ListProxy)[start:stop])
+
+
+@list_app.command("len", epilog=_examples("kvctl list len jobs"))
+def list_len(ctx: typer.Context, name: ListName, as_json: JsonOutOption = False) -> None:
+    """Print the number of items in list NAME."""
+    with _session(ctx, as_json) as session:
+        session.emit(len(session.existing(name, kvclient.ListProxy)))
+
+
+# -- queues --------------------------------------------------------------------------------
+
+
+@queue_app.command(
+    "put",
+    epilog=_examples(
+        "kvctl queue put jobs build test", "kvctl queue put --json jobs '{\"id\": 7}'"
+    ),
+)
+def queue_put(
+    ctx: typer.Context,
+    name: QueueName,
+    values: Values,
+    timeout: WaitOption = None,
+    no_wait: NoWaitOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Put the VALUEs into queue NAME, in order, creating it (unbounded) if needed.
+
+    Only a bounded queue (made from Python) can be full: then put waits, and exits 1 if the
+    queue stays full past --timeout, or at once with --no-wait.
+    """
+    block, wait = _blocking(timeout, no_wait)
+    json_mode = _json_mode(ctx, as_json)
+    items = [_parse_value(value, json_mode) for value in values]
+    with _session(ctx, as_json) as session:
+        jobs = session.client.queue(name)
+        for item in items:
+            try:
+                jobs.put(item, block=block, timeout=wait)
+            except queue.Full:
+                how = f" for {wait:g} s" if block and wait is not None else ""
+                raise NotFound("queue.Full", f"queue {name!r} stayed full{how}") from None
+
+
+@queue_app.command(
+    "get",
+    epilog=_examples(
+        "kvctl queue get jobs", "kvctl queue get jobs --timeout 5", "kvctl queue get jobs --no-wait"
+    ),
+)
+def queue_get(
+    ctx: typer.Context,
+    name: QueueName,
+    timeout: WaitOption = None,
+    no_wait: NoWaitOption = False,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Take the oldest item from queue NAME and print it, waiting for one if it is empty.
+
+    Waits for ever unless told otherwise; a queue that does not exist yet is created, so a
+    consumer may start before its producer. Exit 1 if no item came within --timeout, or at
+    once with --no-wait.
+    """
+    block, wait = _blocking(timeout, no_wait)
+    with _session(ctx, as_json) as session:
+        jobs = session.client.queue(name)
+        try:
+            item = jobs.get(block=block, timeout=wait)
+        except queue.Empty:
+            if block:
+                message = f"no item came into queue {name!r} within {wait:g} s"
+            else:
+                message = f"queue {name!r} is empty"
+            raise NotFound("queue.Empty", message) from None
+        session.emit(item)
+
+
+@queue_app.command("size", epilog=_examples("kvctl queue size jobs"))
+def queue_size(ctx: typer.Context, name: QueueName, as_json: JsonOutOption = False) -> None:
+    """Print the number of items waiting in queue NAME."""
+    with _session(ctx, as_json) as session:
+        session.emit(session.existing(name, kvclient.QueueProxy).qsize())
+
+
+# -- namespaces ----------------------------------------------------------------------------
+
+Attr = Annotated[str, typer.Argument(metavar="ATTR", help="The attribute.")]
+
+
+@ns_app.command("get", epilog=_examples("kvctl ns get config mode"))
+def ns_get(ctx: typer.Context, name: NsName, attr: Attr, as_json: JsonOutOption = False) -> None:
+    """Print attribute ATTR of namespace NAME.
+
+    Exit 1 if the namespace has no such attribute.
+    """
+    with _session(ctx, as_json) as session:
+        # to_dict, not getattr(proxy, attr): attributes of the proxy object itself
+        # (incr, to_dict) would shadow the namespace's attributes of the same name.
+        attrs = session.existing(name, kvclient.NamespaceProxy).to_dict()
+        if attr not in attrs:
+            raise NotFound("AttributeError", f"namespace {name!r} has no attribute {attr!r}")
+        session.emit(attrs[attr])
+
+
+@ns_app.command(
+    "set",
+    context_settings=_NEGATIVE_OK,
+    epilog=_examples("kvctl ns set config mode fast", "kvctl ns set --json config workers 8"),
+)
+def ns_set(
+    ctx: typer.Context, name: NsName, attr: Attr, value: Value, as_json: JsonOption = False
+) -> None:
+    """Set attribute ATTR of namespace NAME to VALUE, creating the namespace if needed."""
+    if attr.startswith("_"):
+        raise typer.BadParameter(
+            "names starting with '_' are never sent to the server (as with a stdlib "
+            "Namespace proxy); choose another name",
+            param_hint="'ATTR'",
+        )
+    parsed = _parse_value(value, _json_mode(ctx, as_json))
+    with _session(ctx, as_json) as session:
+        setattr(session.client.namespace(name), attr, parsed)
+
+
+@ns_app.command("show", epilog=_examples("kvctl ns show config"))
+def ns_show(ctx: typer.Context, name: NsName, as_json: JsonOutOption = False) -> None:
+    """Print every attribute of namespace NAME as one JSON object."""
+    with _session(ctx, as_json) as session:
+        session.emit(session.existing(name, kvclient.NamespaceProxy).to_dict())
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+@app.command("names", epilog=_examples("kvctl names", "kvctl names --json"))
+def names(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
+    """Print every container with its kind and size, sorted by name.
+
+    The size is the number of keys, items or attributes the container holds.
+    """
+    with _session(ctx, as_json) as session:
+        described = dict(sorted(session.client.describe().items()))
+        rows = [["NAME", "KIND", "SIZE"]]
+        rows += [[name, str(info["kind"]), str(info["size"])] for name, info in described.items()]
+        session.emit(described, _table(rows))
+
+
+@app.command("drop", epilog=_examples("kvctl drop jobs"))
+def drop(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The container.")],
+    as_json: JsonOutOption = False,
+) -> None:
+    """Delete container NAME, of any kind, and everything in it.
+
+    Exit 1 if there was no such container.
+    """
+    with _session(ctx, as_json) as session:
+        client = session.client
+        if not client.drop(name):
+            raise NoSuchContainerError(f"no container named {name!r} on {client.endpoint}")
+
+
+@app.command("ping", epilog=_examples("kvctl ping                         # prints: pong 0.12 ms"))
+def ping(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
+    """Make one round trip to the server and print how long it took."""
+    with _session(ctx, as_json) as session:
+        client = session.client  # connected first: the handshake is not part of the round trip
+        started = time.perf_counter()
+        client.ping()
+        ms = (time.perf_counter() - started) * 1000
+        session.emit({"rtt_ms": round(ms, 3)}, f"pong {ms:.2f} ms")
+
+
+_STATS_ORDER: Final = ("version", "uptime", "clients", "containers", "keys", "ops")
+
+
+@app.command("stats", epilog=_examples("kvctl stats", "kvctl stats --json | jq .ops"))
+def stats(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
+    """Print server facts, one a line.
+
+    version, uptime (seconds), clients (connected now), containers, keys (items held in all
+    containers) and ops (operations served since start).
+    """
+    with _session(ctx, as_json) as session:
+        facts = session.client.stats()
+        order: list[str] = [key for key in _STATS_ORDER if key in facts]
+        order += [key for key in facts if key not in _STATS_ORDER]
+        rows = [[key, _plain(facts[key])] for key in order]
+        if isinstance(facts.get("uptime"), int | float):
+            rows[order.index("uptime")][1] = f"{facts['uptime']:.1f} s"
+        session.emit({key: facts[key] for key in order}, _table(rows))

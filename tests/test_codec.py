@@ -96,8 +96,13 @@ def test_self_referencing_list_is_a_type_error_not_a_crash() -> None:
         Codec().pack(looped)
 
 
+def test_clients_cannot_send_exceptions_as_values() -> None:
+    with pytest.raises(TypeError, match="'KeyError'"):
+        Codec().pack(["x", KeyError("k")])
+
+
 def test_allow_listed_exceptions_cross_as_themselves() -> None:
-    codec = Codec()
+    codec = Codec(encode_exceptions=True)
     for exc in (KeyError("k"), IndexError("i"), ValueError("v"), queue.Empty(), queue.Full()):
         out = codec.unpack(codec.pack(exc))
         assert type(out) is type(exc)
@@ -107,7 +112,7 @@ def test_allow_listed_exceptions_cross_as_themselves() -> None:
 
 
 def test_other_exceptions_become_remote_error_with_type_and_message() -> None:
-    codec = Codec()
+    codec = Codec(encode_exceptions=True)
     out = codec.unpack(codec.pack(OSError("disk on fire")))
     assert isinstance(out, RemoteError)
     assert (out.type_name, out.message) == ("OSError", "disk on fire")

@@ -289,3 +289,55 @@ def test_errors_from_the_server_carry_no_traceback(kv: kvclient.Client) -> None:
         kv.dict("d")["missing"]
     assert excinfo.value.__traceback__ is not None
     assert "Traceback" not in str(excinfo.value)
+
+
+def test_batch_sends_calls_on_several_containers_in_one_frame(kv: kvclient.Client) -> None:
+    kv.dict("users")["alice"] = 1
+    before = kv.stats()
+    with kv.batch() as b:
+        users = b.dict("users")
+        log = b.bind(kv.list("log"))
+        first = users.get("alice")
+        users["bob"] = 2
+        hits = users.incr("hits")
+        missing = users["nobody"]
+        log.append("added bob")
+        popped = b.queue("q").get(timeout=5)
+        assert not first.done
+    after = kv.stats()
+    # Frames: 3 creates (b.dict, kv.list, b.queue) + 1 batch + 1 stats; the 6 calls in one.
+    assert after["requests"] - before["requests"] == 3 + 1 + 1
+    assert after["ops"] - before["ops"] == 3 + 6 + 1
+    assert first.value == 1
+    assert hits.value == 1
+    with pytest.raises(KeyError):
+        missing.value
+    with pytest.raises(queue.Empty):  # a batch never waits
+        popped.value
+    assert b.results is not None
+    assert b.results[:3] == [1, None, 1]
+    assert isinstance(b.results[3], KeyError)
+    assert kv.dict("users").copy() == {"alice": 1, "bob": 2, "hits": 1}
+    assert kv.list("log").copy() == ["added bob"]
+
+
+def test_batch_misuse_is_explained(kv: kvclient.Client) -> None:
+    b = kv.batch()
+    d = b.dict("d")
+    pending = d.get("x")
+    with pytest.raises(RuntimeError, match="not been sent"):
+        pending.value
+    with pytest.raises(TypeError, match="no value until the batch is sent"):
+        bool("x" in d)
+    b.send()
+    assert pending.value is None
+    with pytest.raises(RuntimeError, match="already sent"):
+        d.get("x")
+
+
+def test_batch_is_not_sent_when_the_block_raises(kv: kvclient.Client) -> None:
+    with pytest.raises(ZeroDivisionError), kv.batch() as b:
+        b.dict("d")["x"] = 1
+        1 / 0
+    assert kv.dict("d").copy() == {}
+    assert b.results is None

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from kvclient._version import __version__
 from kvclient.client import (
+    Batch,
     Client,
     DictProxy,
     ListProxy,
     NamespaceProxy,
+    Pending,
     Proxy,
     QueueProxy,
     connect,
@@ -39,6 +41,7 @@ from kvclient.errors import (
 
 __all__ = [
     "AuthError",
+    "Batch",
     "Client",
     "DictProxy",
     "KVConnectionError",
@@ -48,6 +51,7 @@ __all__ = [
     "ListProxy",
     "NamespaceProxy",
     "NoSuchContainerError",
+    "Pending",
     "ProtocolError",
     "Proxy",
     "QueueProxy",

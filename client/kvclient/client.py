@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from multiprocessing import context as mp_context
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from kvclient.auth import load_authkey
 from kvclient.codec import Ref
@@ -220,6 +220,10 @@ class Client:
         """
         return int(self._call(None, "restore", [dump]))
 
+    def batch(self) -> Batch:
+        """Return a :class:`Batch` (a context manager): calls on any containers, one frame."""
+        return Batch(self)
+
     def ping(self) -> None:
         """Make one round trip; raises if the server does not answer."""
         self._call(None, "ping", [])
@@ -228,6 +232,141 @@ class Client:
         """Return server facts: version, uptime (s), clients, containers, keys, ops."""
         result: builtins.dict[str, Any] = self._call(None, "stats", [])
         return result
+
+
+class Pending:
+    """The result of a call recorded in a :class:`Batch`, available once the batch is sent."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: Batch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    @property
+    def done(self) -> bool:
+        """True once the batch has been sent and this call has a result."""
+        return self._batch.results is not None
+
+    @property
+    def value(self) -> Any:
+        """The call's result; raises what the call raised on the server.
+
+        Raises:
+            RuntimeError: the batch has not been sent yet.
+        """
+        results = self._batch.results
+        if results is None:
+            raise RuntimeError("the batch has not been sent yet; read .value after the with block")
+        result = results[self._index]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "a batched call has no value until the batch is sent: use explicit methods "
+            "(get, keys, ...) in a batch, not len(), `in` or truth tests"
+        )
+
+    def __repr__(self) -> str:
+        state = "pending" if self._batch.results is None else repr(self._batch.results[self._index])
+        return f"<Pending #{self._index}: {state}>"
+
+
+class Batch:
+    """Calls on any containers, collected and sent as one frame; results in order.
+
+    Use :meth:`Client.batch`::
+
+        with kv.batch() as b:
+            users = b.dict("users")
+            first = users.get("alice")        # a Pending
+            users["bob"] = {"age": 7}
+            b.bind(kv.list("log")).append("added bob")
+        first.value                           # the result, or raises what the server raised
+        b.results                             # every result (exceptions as values), in order
+
+    Every call is applied in order on the server, each under its container's lock; the batch
+    as a whole is not a transaction (another client's call may run between two of them). A
+    blocking queue call in a batch never waits: an empty queue gives ``queue.Empty``. If the
+    ``with`` block raises, nothing is sent.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._calls: builtins.list[builtins.list[Any]] = []
+        self.results: builtins.list[Any] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The server's ``host:port``."""
+        return self._client.endpoint
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The server's ``(host, port)``."""
+        return self._client.address
+
+    @property
+    def call_timeout(self) -> float | None:
+        """The client's call timeout (the batch's reply is one call)."""
+        return self._client.call_timeout
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        if exc_type is None:
+            self.send()
+
+    def _call(
+        self,
+        ident: str | None,
+        method: str,
+        args: builtins.list[Any],
+        kwds: builtins.dict[str, Any] | None = None,
+        timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
+    ) -> Pending:
+        if self.results is not None:
+            raise RuntimeError("this batch was already sent; start a new one")
+        self._calls.append([ident, method, args, kwds])
+        return Pending(self, len(self._calls) - 1)
+
+    def bind(self, proxy: P) -> P:
+        """Return a copy of ``proxy`` whose calls are recorded in this batch."""
+        return type(proxy)(self, proxy._name, proxy._kind)  # type: ignore[arg-type]
+
+    def dict(self, name: str) -> DictProxy:
+        """Get or create a dict now, and return it bound to this batch."""
+        return self.bind(self._client.dict(name))
+
+    def list(self, name: str) -> ListProxy:
+        """Get or create a list now, and return it bound to this batch."""
+        return self.bind(self._client.list(name))
+
+    def namespace(self, name: str) -> NamespaceProxy:
+        """Get or create a Namespace now, and return it bound to this batch."""
+        return self.bind(self._client.namespace(name))
+
+    def queue(self, name: str, maxsize: int | None = None) -> QueueProxy:
+        """Get or create a Queue now, and return it bound to this batch."""
+        return self.bind(self._client.queue(name, maxsize))
+
+    def send(self) -> builtins.list[Any]:
+        """Send every recorded call in one frame; return the results (exceptions as values)."""
+        if self.results is not None:
+            return self.results
+        replies = self._client._call(None, "batch", [self._calls]) if self._calls else []
+        # A value is never an exception (clients cannot encode one), so errors need no tag.
+        self.results = [value for _kind, value in replies]
+        return self.results
+
+
+P = TypeVar("P", bound="Proxy")
 
 
 def _to_ref(obj: Any) -> Ref | None:
@@ -349,10 +488,10 @@ class DictProxy(_NamedProxy):
         self._client._call(self._name, "__delitem__", [key])
 
     def __contains__(self, key: object) -> bool:
-        return bool(self._call("__contains__", [key]))
+        return cast(bool, self._call("__contains__", [key]))
 
     def __len__(self) -> int:
-        return int(self._call("__len__", []))
+        return cast(int, self._call("__len__", []))
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.keys())
@@ -419,7 +558,7 @@ class DictProxy(_NamedProxy):
         Equality is strict about type (``1`` does not match ``1.0``); a missing key never
         matches (use :meth:`setdefault` to create).
         """
-        return bool(self._call("cas", [key, expected, new]))
+        return cast(bool, self._call("cas", [key, expected, new]))
 
     def get_many(self, keys: Iterable[Any]) -> dict[Any, Any]:
         """Return ``{key: value}`` for those of ``keys`` that exist, in one round trip."""
@@ -432,7 +571,7 @@ class DictProxy(_NamedProxy):
 
     def delete_many(self, keys: Iterable[Any]) -> int:
         """Delete those of ``keys`` that exist, in one round trip; return how many."""
-        return int(self._call("delete_many", [list(keys)]))
+        return cast(int, self._call("delete_many", [list(keys)]))
 
 
 def _slice_args(index: slice) -> list[Any]:
@@ -463,10 +602,10 @@ class ListProxy(_NamedProxy):
             self._call("__delitem__", [index])
 
     def __len__(self) -> int:
-        return int(self._call("__len__", []))
+        return cast(int, self._call("__len__", []))
 
     def __contains__(self, value: object) -> bool:
-        return bool(self._call("__contains__", [value]))
+        return cast(bool, self._call("__contains__", [value]))
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.copy())
@@ -497,11 +636,11 @@ class ListProxy(_NamedProxy):
 
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
         """Return the index of the first item equal to ``value``; ``ValueError`` if absent."""
-        return int(self._call("index", [value, start, stop]))
+        return cast(int, self._call("index", [value, start, stop]))
 
     def count(self, value: Any) -> int:
         """Return how many items equal ``value``."""
-        return int(self._call("count", [value]))
+        return cast(int, self._call("count", [value]))
 
     def sort(self, *, key: None = None, reverse: bool = False) -> None:
         """Sort in place on the server.
@@ -604,20 +743,20 @@ class QueueProxy(_NamedProxy):
 
     def qsize(self) -> int:
         """Return the number of queued items."""
-        return int(self._call("qsize", []))
+        return cast(int, self._call("qsize", []))
 
     def empty(self) -> bool:
         """Return whether the queue is empty."""
-        return bool(self._call("empty", []))
+        return cast(bool, self._call("empty", []))
 
     def full(self) -> bool:
         """Return whether the queue is at its maxsize."""
-        return bool(self._call("full", []))
+        return cast(bool, self._call("full", []))
 
     @property
     def maxsize(self) -> int:
         """The bound fixed at creation (0: unbounded)."""
-        return int(self._call("maxsize", []))
+        return cast(int, self._call("maxsize", []))
 
 
 _PROXY_TYPES: dict[str, type[Proxy]] = {

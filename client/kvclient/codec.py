@@ -219,15 +219,20 @@ class Codec:
             the server keeps it as a ``Ref``. Default: keep the ``Ref``.
         to_ref: called by the encoder with objects msgpack cannot encode natively; return a
             :class:`Ref` for objects that stand for a named container (proxies), else None.
+        encode_exceptions: allow exceptions to be encoded (the server, for error replies).
+            Clients cannot send exceptions, so a stored value is never one.
     """
 
-    __slots__ = ("_depth", "_make_ref", "_packer", "_to_ref")
+    __slots__ = ("_depth", "_encode_exceptions", "_make_ref", "_packer", "_to_ref")
 
     def __init__(
         self,
         make_ref: Callable[[Ref], Any] | None = None,
         to_ref: Callable[[Any], Ref | None] | None = None,
+        *,
+        encode_exceptions: bool = False,
     ) -> None:
+        self._encode_exceptions = encode_exceptions
         self._make_ref: Callable[[Ref], Any] = make_ref or (lambda ref: ref)
         self._to_ref = to_ref
         self._depth = 0
@@ -245,7 +250,7 @@ class Codec:
             return msgpack.ExtType(EXT_REF, self._packer_for_nested().pack(list(obj)))
         if kind is int:  # only reached when it does not fit in 64 bits
             return msgpack.ExtType(EXT_BIGINT, _bigint_to_bytes(obj))
-        if isinstance(obj, BaseException):
+        if isinstance(obj, BaseException) and self._encode_exceptions:
             name, args = encode_exception(obj)
             try:
                 payload = self._packer_for_nested().pack([name, args])

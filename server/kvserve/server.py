@@ -71,7 +71,7 @@ class _Conn:
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
-        self.codec = Codec()
+        self.codec = Codec(encode_exceptions=True)
         self.parked: _Waiter | None = None
         self.close_after_flush = False
         self.closed = False
@@ -128,7 +128,8 @@ class Server:
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.started = time.time()
-        self.ops_served = 0
+        self.ops_served = 0  # operations, counting each call of a batch
+        self.requests_served = 0  # request frames
         self._persist = persistence
         # With persistence, replies wait in _held until the log holds their writes.
         self._held: list[tuple[_Conn, bytes]] | None = None
@@ -453,6 +454,7 @@ class Server:
             self._reply(conn, _ERROR, ProtocolError("malformed request: expected 4 elements"))
             return
         self.ops_served += 1
+        self.requests_served += 1
         ident = message[0]
         try:
             if ident is None:
@@ -560,6 +562,7 @@ class Server:
             "containers": len(objects),
             "keys": sum(obj.size() for obj in objects),
             "ops": self.ops_served,
+            "requests": self.requests_served,
             "persistence": None
             if self._persist is None
             else {

@@ -209,7 +209,7 @@ def test_oversized_frame_from_an_authenticated_client(
     authkey: bytes, seeded: kvclient.DictProxy, server: Server
 ) -> None:
     server.max_frame = 1024
-    with kvclient.connect(server.endpoint, authkey) as kv:
+    with kvclient.connect(server.endpoint, authkey, retry=None) as kv:
         with pytest.raises(kvclient.KVConnectionError):
             kv.dict("precious")["big"] = "x" * 4096
         assert kv.dict("precious")["a"] == 1  # the next call reconnects

@@ -48,7 +48,7 @@ from kvclient.auth import load_authkey
 from kvclient.connection import DEFAULT_ADDRESS, parse_address
 from kvclient.errors import KindError, NoSuchContainerError
 
-__all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "NotFound", "app"]
+__all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
 EXIT_OK: Final = 0
 EXIT_NOT_FOUND: Final = 1
@@ -135,7 +135,7 @@ app.add_typer(queue_app, name="queue")
 app.add_typer(ns_app, name="ns")
 
 
-class NotFound(Exception):
+class _NotFoundError(Exception):
     """The answer is "no" (exit 1): a missing key or item, an empty queue, a cas mismatch.
 
     Args:
@@ -349,7 +349,7 @@ def _json_mode(ctx: typer.Context, as_json: bool) -> bool:
 
 def _error_line(exc: Exception) -> tuple[int, str]:
     """Return the exit code and the one stderr line for an exception."""
-    if isinstance(exc, NotFound):
+    if isinstance(exc, _NotFoundError):
         code, name = EXIT_NOT_FOUND, exc.label
     else:
         code = EXIT_NOT_FOUND if isinstance(exc, NoSuchContainerError) else EXIT_ERROR
@@ -370,8 +370,8 @@ def _session(ctx: typer.Context, as_json: bool = False) -> Iterator[_Session]:
     session = _Session(_settings(ctx), as_json)
     try:
         yield session
-    except (typer.Exit, typer.BadParameter, BrokenPipeError):
-        raise  # typer's own handling: exit codes 0/2, and a quiet exit when stdout is closed
+    except (typer.Exit, BrokenPipeError):
+        raise  # typer's own handling, e.g. a quiet exit when a pipe reader (`| head`) is gone
     except Exception as exc:
         # Everything else, expected or not, is one line: kvclient's errors name the address
         # and the fix, and a traceback could show the authkey among its locals.
@@ -490,7 +490,7 @@ def get(
         try:
             value = mapping[key]
         except KeyError:
-            raise NotFound("KeyError", f"no key {key!r} in dict {dict_name!r}") from None
+            raise _NotFoundError("KeyError", f"no key {key!r} in dict {dict_name!r}") from None
         session.emit(value)
 
 
@@ -533,8 +533,8 @@ def delete(
         wanted = len(set(keys))
         if deleted < wanted:
             if wanted == 1:
-                raise NotFound("KeyError", f"no key {keys[0]!r} in dict {dict_name!r}")
-            raise NotFound(
+                raise _NotFoundError("KeyError", f"no key {keys[0]!r} in dict {dict_name!r}")
+            raise _NotFoundError(
                 "KeyError", f"{wanted - deleted} of {wanted} keys were not in dict {dict_name!r}"
             )
 
@@ -602,7 +602,7 @@ def cas(
     value = _parse_value(new, json_mode, "'NEW'")
     with _session(ctx, as_json) as session:
         if not session.existing(dict_name, kvclient.DictProxy).cas(key, old, value):
-            raise NotFound(
+            raise _NotFoundError(
                 "CasMismatch",
                 f"{key!r} in dict {dict_name!r} is missing or does not hold {_to_json(old)}; "
                 "nothing was changed",
@@ -628,7 +628,7 @@ def mget(
         if missing:
             s = "s" if len(missing) > 1 else ""
             listed = ", ".join(map(repr, missing))
-            raise NotFound("KeyError", f"no key{s} {listed} in dict {dict_name!r}")
+            raise _NotFoundError("KeyError", f"no key{s} {listed} in dict {dict_name!r}")
 
 
 @app.command(
@@ -702,7 +702,7 @@ def list_pop(
                 message = f"list {name!r} is empty"
             else:
                 message = f"no index {index} in list {name!r}"
-            raise NotFound("IndexError", message) from None
+            raise _NotFoundError("IndexError", message) from None
         session.emit(value)
 
 
@@ -773,7 +773,7 @@ def queue_put(
                 jobs.put(item, block=block, timeout=wait)
             except queue.Full:
                 how = f" for {wait:g} s" if block and wait is not None else ""
-                raise NotFound("queue.Full", f"queue {name!r} stayed full{how}") from None
+                raise _NotFoundError("queue.Full", f"queue {name!r} stayed full{how}") from None
 
 
 @queue_app.command(
@@ -805,7 +805,7 @@ def queue_get(
                 message = f"no item came into queue {name!r} within {wait:g} s"
             else:
                 message = f"queue {name!r} is empty"
-            raise NotFound("queue.Empty", message) from None
+            raise _NotFoundError("queue.Empty", message) from None
         session.emit(item)
 
 
@@ -832,7 +832,7 @@ def ns_get(ctx: typer.Context, name: NsName, attr: Attr, as_json: JsonOutOption 
         # (incr, to_dict) would shadow the namespace's attributes of the same name.
         attrs = session.existing(name, kvclient.NamespaceProxy).to_dict()
         if attr not in attrs:
-            raise NotFound("AttributeError", f"namespace {name!r} has no attribute {attr!r}")
+            raise _NotFoundError("AttributeError", f"namespace {name!r} has no attribute {attr!r}")
         session.emit(attrs[attr])
 
 

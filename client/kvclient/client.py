@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import builtins
 import os
+import secrets
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from multiprocessing import context as mp_context
@@ -22,7 +24,8 @@ from typing import Any, ClassVar, TypeVar, cast
 from kvclient.auth import load_authkey
 from kvclient.codec import Ref
 from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
-from kvclient.errors import KVError
+from kvclient.errors import AuthError, KVConnectionError, KVError
+from kvclient.retry import Retry
 
 __all__ = [
     "Client",
@@ -37,6 +40,7 @@ __all__ = [
 _MISSING: Any = object()
 _NO_TIMEOUT_CHANGE: Any = False
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+_DEFAULT_RETRY: Any = object()
 
 
 def connect(
@@ -45,6 +49,7 @@ def connect(
     timeout: float | None = 10.0,
     *,
     call_timeout: float | None = 30.0,
+    retry: Retry | None = _DEFAULT_RETRY,
 ) -> Client:
     """Connect to a kvserve server and return a :class:`Client` (a context manager).
 
@@ -56,13 +61,17 @@ def connect(
         timeout: seconds allowed for connecting and the handshake (default 10).
         call_timeout: seconds allowed for each call's reply (default 30; blocking queue
             operations wait as long as their own timeout asks). None waits forever.
+        retry: what to do when a call's connection fails (refused, reset, timed out):
+            default ``Retry()``, 10 retries with jittered exponential backoff (about 10 s
+            in all), enough to ride out a server restart. None never retries. Every call is
+            safe to retry: the server remembers request ids, so nothing is applied twice.
 
     Raises:
         KVConnectionError: the server is unreachable.
         AuthError: the authkey was rejected, or none could be found.
         ProtocolError: the peer is not kvserve or speaks another wire version.
     """
-    return Client(address, authkey, timeout, call_timeout=call_timeout)
+    return Client(address, authkey, timeout, call_timeout=call_timeout, retry=retry)
 
 
 class Client:
@@ -78,12 +87,14 @@ class Client:
         timeout: float | None = 10.0,
         *,
         call_timeout: float | None = 30.0,
+        retry: Retry | None = _DEFAULT_RETRY,
     ) -> None:
         self.address = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
         self.endpoint = format_address(*self.address)
         self._authkey = load_authkey(authkey).key
         self.timeout = timeout
         self.call_timeout = call_timeout
+        self.retry = Retry() if retry is _DEFAULT_RETRY else retry
         self._local = threading.local()
         self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._closed = False
@@ -114,8 +125,15 @@ class Client:
 
     # -- the call path -------------------------------------------------------------------
 
+    def _session(self) -> _Session:
+        session: _Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = _Session()
+        return session
+
     def _conn(self) -> Connection:
-        conn: Connection | None = getattr(self._local, "conn", None)
+        session = self._session()
+        conn = session.conn
         if conn is None or conn.closed:
             if self._closed:
                 raise KVError(f"client for {self.endpoint} is closed")
@@ -127,7 +145,7 @@ class Client:
                 to_ref=_to_ref,
             )
             conn.timeout = self.call_timeout
-            self._local.conn = conn
+            session.conn = conn
             self._conns.add(conn)
         return conn
 
@@ -138,8 +156,51 @@ class Client:
         args: list[Any],
         kwds: dict[str, Any] | None = None,
         timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
+        changes: bool = False,
     ) -> Any:
-        return self._conn().call([ident, method, args, kwds], timeout)
+        session: _Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._session()
+        if not changes and method in _READ_ONLY:
+            message = [ident, method, args, kwds]
+        else:
+            # A request id makes the call safe to retry: the server answers a repeated id
+            # with the first answer instead of applying the call again.
+            session.seq += 1
+            message = [ident, method, args, kwds, [session.token, session.seq]]
+        conn = session.conn
+        if conn is not None and not conn.closed:
+            try:
+                return conn.call(message, timeout)
+            except KVConnectionError as exc:
+                if self.retry is None or self.retry.retries == 0:
+                    raise
+                return self._retry_call(message, timeout, exc)
+        return self._retry_call(message, timeout, None)
+
+    def _retry_call(
+        self, message: list[Any], timeout: float | bool | None, error: KVConnectionError | None
+    ) -> Any:
+        """(Re)connect and send ``message`` until it is answered or the retries run out."""
+        retries = 0 if self.retry is None else self.retry.retries
+        attempts = 0
+        while True:
+            if error is not None:
+                if attempts >= retries:
+                    if attempts == 0:
+                        raise error
+                    raise KVConnectionError(
+                        f"gave up on {self.endpoint} after {attempts + 1} attempts: {error}"
+                    ) from error
+                attempts += 1
+                assert self.retry is not None
+                time.sleep(self.retry.backoff.compute(attempts))
+            try:
+                return self._conn().call(message, timeout)
+            except AuthError:
+                raise  # a restarted server with another key: retrying cannot help
+            except KVConnectionError as exc:
+                error = exc
 
     def _make_ref(self, ref: Ref) -> Proxy:
         return _PROXY_TYPES.get(ref.kind, Proxy)(self, ref.name, ref.kind)
@@ -330,6 +391,7 @@ class Batch:
         args: builtins.list[Any],
         kwds: builtins.dict[str, Any] | None = None,
         timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
+        changes: bool = False,
     ) -> Pending:
         if self.results is not None:
             raise RuntimeError("this batch was already sent; start a new one")
@@ -367,6 +429,50 @@ class Batch:
 
 
 P = TypeVar("P", bound="Proxy")
+
+
+class _Session:
+    """One thread's connection and request-id sequence (kept across reconnects)."""
+
+    __slots__ = ("conn", "seq", "token")
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self.token = secrets.token_bytes(16)
+        self.seq = 0
+
+
+# Calls that change nothing: retried freely and sent without a request id. Names shared by
+# kinds (a queue's get changes it, a dict's does not) pass `changes=True` from the proxy.
+_READ_ONLY: frozenset[str] = frozenset(
+    {
+        "__getitem__",
+        "__contains__",
+        "__len__",
+        "get",
+        "keys",
+        "values",
+        "items",
+        "copy",
+        "get_many",
+        "getslice",
+        "index",
+        "count",
+        "getattr",
+        "hasattr",
+        "to_dict",
+        "qsize",
+        "empty",
+        "full",
+        "maxsize",
+        "create",
+        "names",
+        "describe",
+        "ping",
+        "stats",
+        "dump",
+    }
+)
 
 
 def _to_ref(obj: Any) -> Ref | None:
@@ -730,7 +836,12 @@ class QueueProxy(_NamedProxy):
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Get the oldest item; when empty, wait up to ``timeout`` (None: ever) or raise Empty."""
         return self._client._call(
-            self._name, "get", [block, timeout], None, self._blocking_timeout(block, timeout)
+            self._name,
+            "get",
+            [block, timeout],
+            None,
+            self._blocking_timeout(block, timeout),
+            changes=True,
         )
 
     def put_nowait(self, item: Any) -> None:

@@ -77,6 +77,7 @@ import msgpack
 from kvclient.errors import (
     AuthError,
     KindError,
+    KVConnectionError,
     KVError,
     NoSuchContainerError,
     ProtocolError,
@@ -158,6 +159,7 @@ _EXCEPTIONS.update(
         "queue.Full": queue.Full,
         "threading.BrokenBarrierError": threading.BrokenBarrierError,
         "KVError": KVError,
+        "KVConnectionError": KVConnectionError,
         "AuthError": AuthError,
         "KindError": KindError,
         "NoSuchContainerError": NoSuchContainerError,

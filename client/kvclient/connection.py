@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
 from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
-from kvclient.errors import KVError, ProtocolError, translate_os_error
+from kvclient.errors import KVConnectionError, KVError, ProtocolError, translate_os_error
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -231,6 +231,8 @@ class Connection:
             if kind == "#RETURN":
                 return value
             if kind == "#ERROR" and isinstance(value, BaseException):
+                if isinstance(value, KVConnectionError):
+                    self.close()  # the server is going away; the next call reconnects
                 raise value
         self.close()
         raise ProtocolError(f"malformed reply from {self.endpoint}")

@@ -71,6 +71,10 @@ def serve(
     compact_at: Annotated[
         int, typer.Option(help="Log size in bytes that triggers background compaction.", min=1)
     ] = 64 * 1024 * 1024,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds to finish sending replies after SIGTERM.", min=0),
+    ] = 5.0,
     repair: Annotated[
         bool,
         typer.Option(help="Start despite damaged data files, keeping what precedes the damage."),
@@ -97,6 +101,7 @@ def serve(
             max_frame=max_frame,
             handshake_timeout=handshake_timeout,
             persistence=persistence,
+            shutdown_timeout=shutdown_timeout,
         )
         server = manager.get_server()
     except KVError as exc:

@@ -70,13 +70,13 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from kvclient.codec import Codec
-from kvclient.errors import KVError
+from kvclient.errors import KVError, RemoteError
 from kvserve.containers import KINDS, Container
 from kvserve.store import Store
 
@@ -94,6 +94,13 @@ log = logging.getLogger("kvserve")
 
 FORMAT_VERSION: Final = 1
 FsyncPolicy = Literal["always", "everysec", "no"]
+AnswerHook = Callable[[bytes, int, str, Any], None]
+_RETURN: Final = "#RETURN"
+_ERROR: Final = "#ERROR"
+_REPLY_LOST: Final = (
+    "this batch was applied just before the server restarted and its reply was lost; "
+    "read the data to see its effect"
+)
 _SNAP_MAGIC: Final = b"KVSNAP\0\0"
 _LOG_MAGIC: Final = b"KVLOG\0\0\0"
 _FILE_HEADER: Final = struct.Struct(">8sII")
@@ -258,8 +265,13 @@ class Persistence:
 
     # -- start-up ------------------------------------------------------------------------
 
-    def open(self, store: Store) -> LoadReport:
+    def open(self, store: Store, on_answer: AnswerHook | None = None) -> LoadReport:
         """Lock the directory, load the snapshot, replay the log, and open a new segment.
+
+        Args:
+            store: the empty store to fill.
+            on_answer: called ``(token, seq, kind, value)`` for each replayed call that carried
+                a request id, so the server can still recognise a retry of it.
 
         Raises:
             PersistenceError: locked by another server, damaged (without ``repair``), or
@@ -284,7 +296,7 @@ class Persistence:
                     log.warning("repair: moved %s aside to %s", path, aside)
                 else:
                     try:
-                        self._replay(store, path, report, last=seq == segments[-1][0])
+                        self._replay(store, path, report, on_answer, last=seq == segments[-1][0])
                     except _StopReplay:
                         stopped = True
             self._seq = max([log_seq, *(s for s, _ in segments)])
@@ -375,12 +387,26 @@ class Persistence:
             store.install(name, obj)
         return log_seq
 
-    def _replay(self, store: Store, path: Path, report: LoadReport, *, last: bool) -> None:
+    def _replay(
+        self,
+        store: Store,
+        path: Path,
+        report: LoadReport,
+        on_answer: AnswerHook | None,
+        *,
+        last: bool,
+    ) -> None:
         data = path.read_bytes()
         try:
             for _, payload in _read_records(data, _LOG_MAGIC, path):
-                apply_record(store, self._codec.unpack(payload))
+                record = self._codec.unpack(payload)
+                kind, value = apply_record(store, record)
                 report.log_records += 1
+                if on_answer is not None and len(record) == 5:
+                    rid = record[4]
+                    if len(rid) == 3:  # a call inside a batch: the batch's answer is not logged
+                        kind, value = _ERROR, RemoteError("ReplyLost", _REPLY_LOST)
+                    on_answer(rid[0], rid[1], kind, value)
         except _Damage as damage:
             if damage.torn_tail and last:
                 log.warning(
@@ -539,21 +565,20 @@ class Persistence:
         self._release_lock()
 
 
-def apply_record(store: Store, record: Any) -> None:
-    """Re-apply one logged mutation to ``store`` (start-up replay)."""
-    ident, method, args, kwds = record
-    if ident is None:
-        if method == "create":
-            store.create(*args, **(kwds or {}))
-        elif method == "drop":
-            store.drop(*args)
-        elif method == "restore":
-            restore_state(store, args[0])
-        return
-    obj = store.objects.get(ident)
-    if obj is None:
-        return
+def apply_record(store: Store, record: Any) -> tuple[str, Any]:
+    """Re-apply one logged mutation to ``store`` (start-up replay); return its answer."""
+    ident, method, args, kwds = record[:4]
     try:
-        getattr(obj, method)(*args, **(kwds or {}))
-    except Exception:  # noqa: S110 - only applied calls are logged; this cannot differ now
-        pass
+        if ident is None:
+            if method == "create":
+                store.create(*args, **(kwds or {}))
+                return _RETURN, [args[1], sorted(store.exposed[args[1]])]
+            if method == "drop":
+                return _RETURN, store.drop(*args)
+            if method == "restore":
+                return _RETURN, restore_state(store, args[0])
+            return _RETURN, None
+        obj = store.get(ident)
+        return _RETURN, getattr(obj, method)(*args, **(kwds or {}))
+    except Exception as exc:  # the same error the original call answered with
+        return _ERROR, exc

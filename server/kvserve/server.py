@@ -30,7 +30,7 @@ from kvclient._version import __version__
 from kvclient.auth import ServerHandshake
 from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec
 from kvclient.connection import format_address
-from kvclient.errors import NoSuchContainerError, ProtocolError, RemoteError
+from kvclient.errors import KVConnectionError, NoSuchContainerError, ProtocolError, RemoteError
 from kvserve.containers import WouldBlock
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import Registry, Store
@@ -44,6 +44,17 @@ _RETURN: Final = "#RETURN"
 _ERROR: Final = "#ERROR"
 _STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
 _LOGGED_PUBLIC: Final = frozenset({"create", "drop", "restore"})
+_MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
+
+
+def _valid_rid(rid: Any) -> bool:
+    return (
+        type(rid) is list
+        and len(rid) == 2
+        and type(rid[0]) is bytes
+        and 0 < len(rid[0]) <= 64
+        and type(rid[1]) is int
+    )
 
 
 class _Conn:
@@ -80,13 +91,21 @@ class _Conn:
 class _Waiter:
     """A parked request: who asked, what, and until when."""
 
-    __slots__ = ("conn", "done", "message", "name", "on_timeout")
+    __slots__ = ("conn", "done", "message", "name", "on_timeout", "rid")
 
-    def __init__(self, conn: _Conn, name: str, message: list[Any], on_timeout: BaseException):
+    def __init__(
+        self,
+        conn: _Conn,
+        name: str,
+        message: list[Any],
+        on_timeout: BaseException,
+        rid: list[Any] | None,
+    ) -> None:
         self.conn = conn
         self.name = name
         self.message = message
         self.on_timeout = on_timeout
+        self.rid = rid
         self.done = False
 
 
@@ -103,6 +122,8 @@ class Server:
         serializer: must be ``"msgpack"``; accepted for BaseManager compatibility.
         max_frame: largest request accepted after authentication, bytes (default 64 MiB).
         handshake_timeout: seconds a connection may take to authenticate (default 5).
+        persistence: keep the data on disk (see :mod:`kvserve.persistence`); None: memory only.
+        shutdown_timeout: seconds :meth:`stop` spends sending the last replies (default 5).
         backlog: listen backlog.
     """
 
@@ -117,6 +138,7 @@ class Server:
         handshake_timeout: float = 5.0,
         backlog: int = 1024,
         persistence: Persistence | None = None,
+        shutdown_timeout: float = 5.0,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -127,15 +149,18 @@ class Server:
         self.keys = [bytes(authkey)]
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
+        self.shutdown_timeout = shutdown_timeout
         self.started = time.time()
         self.ops_served = 0  # operations, counting each call of a batch
         self.requests_served = 0  # request frames
+        # token -> (seq, kind, value) of each client session's last answered request.
+        self._sessions: dict[bytes, tuple[int, str, Any]] = {}
         self._persist = persistence
         # With persistence, replies wait in _held until the log holds their writes.
         self._held: list[tuple[_Conn, bytes]] | None = None
         self.load_report: LoadReport | None = None
         if persistence is not None:
-            self.load_report = persistence.open(self.store)
+            self.load_report = persistence.open(self.store, self.remember)
             self._held = []
         host, port = address
         try:
@@ -224,13 +249,31 @@ class Server:
         return self._done.wait(timeout)
 
     def _shutdown(self) -> None:
+        """Stop accepting, answer what is pending, flush the log, then close everything.
+
+        Requests already received were handled by the last loop iteration. Parked queue calls
+        are answered with KVConnectionError, which clients treat like a lost connection: they
+        retry (the call was not applied) against the restarted server.
+        """
+        try:
+            self._selector.unregister(self._listener)
+        except (KeyError, ValueError):
+            pass
+        self._listener.close()
+        stopping = KVConnectionError(f"kvserve at {self.endpoint} is shutting down")
+        for name in list(self._parked):
+            for waiter in self._parked.pop(name):
+                waiter.done = True
+                waiter.conn.parked = None
+                self._reply(waiter.conn, _ERROR, stopping)
         if self._held:
             self._release_held()
+        self._drain_writes(time.monotonic() + self.shutdown_timeout)
         for conn in list(self._conns):
             self._close(conn)
         if self._persist is not None:
             self._persist.close()
-        for sock in (self._listener, self._wake_r, self._wake_w):
+        for sock in (self._wake_r, self._wake_w):
             try:
                 self._selector.unregister(sock)
             except (KeyError, ValueError):
@@ -238,6 +281,16 @@ class Server:
             sock.close()
         self._selector.close()
         self._done.set()
+
+    def _drain_writes(self, deadline: float) -> None:
+        """Send what is still buffered for clients, for at most until ``deadline``."""
+        pending = [c for c in self._conns if c.wbuf and not c.closed]
+        while pending and time.monotonic() < deadline:
+            for conn in pending:
+                self._flush(conn)
+            pending = [c for c in pending if c.wbuf and not c.closed]
+            if pending:
+                time.sleep(0.005)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -450,28 +503,55 @@ class Server:
             conn.close_after_flush = True
             self._flush(conn)
             return
-        if type(message) is not list or len(message) != 4:
-            self._reply(conn, _ERROR, ProtocolError("malformed request: expected 4 elements"))
+        if type(message) is not list or not 4 <= len(message) <= 5:
+            self._reply(conn, _ERROR, ProtocolError("malformed request: expected 4 or 5 elements"))
             return
         self.ops_served += 1
         self.requests_served += 1
+        rid = None
+        if len(message) == 5:
+            rid = message.pop()
+            if not _valid_rid(rid):
+                self._reply(conn, _ERROR, ProtocolError("malformed request id"))
+                return
+            cached = self._sessions.get(rid[0])
+            if cached is not None and cached[0] >= rid[1]:
+                # A retry of a call that was already applied: answer it, do not apply again.
+                if cached[0] == rid[1]:
+                    self._reply(conn, cached[1], cached[2])
+                else:
+                    self._reply(conn, _ERROR, ProtocolError("stale request id"))
+                return
         ident = message[0]
         try:
             if ident is None:
-                result = self._call_public(conn, message)
+                result = self._call_public(conn, message, rid)
             else:
-                result = self._call(message)
+                result = self._call(message, rid)
         except WouldBlock as wb:
-            self._park(conn, message, wb)
+            self._park(conn, message, wb, rid)
             return
         except Exception as exc:
-            self._reply(conn, _ERROR, exc)
+            self._answer(conn, rid, _ERROR, exc)
             return
-        self._reply(conn, _RETURN, result)
+        self._answer(conn, rid, _RETURN, result)
         if ident in self._parked:
             self._retry_parked(ident)
 
-    def _call(self, message: list[Any]) -> Any:
+    def _answer(self, conn: _Conn, rid: list[Any] | None, kind: str, value: Any) -> None:
+        if rid is not None:
+            self.remember(rid[0], rid[1], kind, value)
+        self._reply(conn, kind, value)
+
+    def remember(self, token: bytes, seq: int, kind: str, value: Any) -> None:
+        """Record the answer to request ``seq`` of session ``token`` (for retries)."""
+        sessions = self._sessions
+        sessions.pop(token, None)  # re-insert: the dict's order is least recently used first
+        sessions[token] = (seq, kind, value)
+        if len(sessions) > _MAX_SESSIONS:
+            del sessions[next(iter(sessions))]
+
+    def _call(self, message: list[Any], rid: list[Any] | None = None) -> Any:
         ident, method, args, kwds = message
         obj = self.store.get(ident)
         if method not in self.store.exposed[ident]:
@@ -481,15 +561,15 @@ class Server:
         with obj.lock:
             result = getattr(obj, method)(*args, **kwds) if kwds else getattr(obj, method)(*args)
         if self._persist is not None and method in obj.mutating:
-            self._persist.append(message)
+            self._persist.append(message if rid is None else [*message, rid])
         return result
 
-    def _call_public(self, conn: _Conn, message: list[Any]) -> Any:
+    def _call_public(self, conn: _Conn, message: list[Any], rid: list[Any] | None) -> Any:
         _, method, args, kwds = message
         if type(args) not in (list, tuple) or (kwds is not None and type(kwds) is not dict):
             raise ProtocolError("malformed request: args must be an array, kwds a map or nil")
         if method == "batch":
-            return self._batch(args)
+            return self._batch(args, rid)
         if method in _STDLIB_NOOPS:
             return None
         func = self._public.get(method)
@@ -497,20 +577,22 @@ class Server:
             raise AttributeError(f"kvserve has no function {method!r}")
         result = func(*args, **(kwds or {}))
         if self._persist is not None and method in _LOGGED_PUBLIC:
-            self._persist.append(message)
+            self._persist.append(message if rid is None else [*message, rid])
         return result
 
-    def _batch(self, args: list[Any]) -> list[list[Any]]:
+    def _batch(self, args: list[Any], rid: list[Any] | None) -> list[list[Any]]:
         if len(args) != 1 or type(args[0]) is not list:
             raise ProtocolError("malformed batch: expected one array of requests")
         results: list[list[Any]] = []
         touched: set[str] = set()
-        for message in args[0]:
-            if type(message) is not list or len(message) != 4 or message[0] is None:
+        for index, message in enumerate(args[0]):
+            if type(message) is not list or not 4 <= len(message) <= 5 or message[0] is None:
                 results.append([_ERROR, ProtocolError("malformed request in batch")])
                 continue
+            del message[4:]  # the batch's own request id covers its calls
+            sub_rid = None if rid is None else [rid[0], rid[1], index]
             try:
-                results.append([_RETURN, self._call(message)])
+                results.append([_RETURN, self._call(message, sub_rid)])
                 touched.add(message[0])
             except WouldBlock as wb:  # a batch never waits
                 results.append([_ERROR, wb.on_timeout])
@@ -576,9 +658,9 @@ class Server:
 
     # -- parking -------------------------------------------------------------------------
 
-    def _park(self, conn: _Conn, message: list[Any], wb: WouldBlock) -> None:
+    def _park(self, conn: _Conn, message: list[Any], wb: WouldBlock, rid: list[Any] | None) -> None:
         name = message[0]
-        waiter = _Waiter(conn, name, message, wb.on_timeout)
+        waiter = _Waiter(conn, name, message, wb.on_timeout, rid)
         conn.parked = waiter
         self._parked.setdefault(name, collections.deque()).append(waiter)
         if wb.timeout is not None:
@@ -603,14 +685,20 @@ class Server:
         resumed: list[_Conn] = []
         while queue:
             waiter = queue[0]
-            try:
-                result = self._call(waiter.message)
-            except WouldBlock:
-                break
-            except Exception as exc:
-                self._reply(waiter.conn, _ERROR, exc)
+            cached = self._sessions.get(waiter.rid[0]) if waiter.rid else None
+            if cached is not None and waiter.rid is not None and cached[0] == waiter.rid[1]:
+                # The same request parked twice (a retry arrived before the server saw the
+                # first connection die): the first was answered; repeat that answer here.
+                self._reply(waiter.conn, cached[1], cached[2])
             else:
-                self._reply(waiter.conn, _RETURN, result)
+                try:
+                    result = self._call(waiter.message, waiter.rid)
+                except WouldBlock:
+                    break
+                except Exception as exc:
+                    self._answer(waiter.conn, waiter.rid, _ERROR, exc)
+                else:
+                    self._answer(waiter.conn, waiter.rid, _RETURN, result)
             queue.popleft()
             waiter.done = True
             waiter.conn.parked = None

@@ -17,17 +17,7 @@ Only msgpack crosses the wire; see :mod:`kvclient.codec` for the format and
 from __future__ import annotations
 
 from kvclient._version import __version__
-from kvclient.client import (
-    Batch,
-    Client,
-    DictProxy,
-    ListProxy,
-    NamespaceProxy,
-    Pending,
-    Proxy,
-    QueueProxy,
-    connect,
-)
+from kvclient.client import Batch, Client, Pending, connect
 from kvclient.errors import (
     AuthError,
     KindError,
@@ -38,6 +28,7 @@ from kvclient.errors import (
     ProtocolError,
     RemoteError,
 )
+from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
 
 __all__ = [
     "AuthError",

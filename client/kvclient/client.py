@@ -17,28 +17,28 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from multiprocessing import context as mp_context
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any
 
 from kvclient.auth import load_authkey
 from kvclient.codec import Ref
 from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
 from kvclient.errors import AuthError, KVConnectionError, KVError
+from kvclient.proxies import (
+    _NO_TIMEOUT_CHANGE,
+    DictProxy,
+    ListProxy,
+    NamespaceProxy,
+    P,
+    Proxy,
+    QueueProxy,
+    make_proxy,
+    to_ref,
+)
 from kvclient.retry import Retry
+from kvclient.sync import SyncMixin
 
-__all__ = [
-    "Client",
-    "DictProxy",
-    "ListProxy",
-    "NamespaceProxy",
-    "Proxy",
-    "QueueProxy",
-    "connect",
-]
+__all__ = ["Batch", "Client", "Pending", "connect"]
 
-_MISSING: Any = object()
-_NO_TIMEOUT_CHANGE: Any = False
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 _DEFAULT_RETRY: Any = object()
 
@@ -74,7 +74,7 @@ def connect(
     return Client(address, authkey, timeout, call_timeout=call_timeout, retry=retry)
 
 
-class Client:
+class Client(SyncMixin):
     """A connection (one per thread) to one kvserve server. Use :func:`connect` to make one.
 
     Args: as :func:`connect`.
@@ -142,7 +142,7 @@ class Client:
                 self._authkey,
                 self.timeout,
                 make_ref=self._make_ref,
-                to_ref=_to_ref,
+                to_ref=to_ref,
             )
             conn.timeout = self.call_timeout
             session.conn = conn
@@ -203,7 +203,7 @@ class Client:
                 error = exc
 
     def _make_ref(self, ref: Ref) -> Proxy:
-        return _PROXY_TYPES.get(ref.kind, Proxy)(self, ref.name, ref.kind)
+        return make_proxy(self, ref.kind, ref.name)
 
     # -- containers ----------------------------------------------------------------------
 
@@ -400,7 +400,7 @@ class Batch:
 
     def bind(self, proxy: P) -> P:
         """Return a copy of ``proxy`` whose calls are recorded in this batch."""
-        return type(proxy)(self, proxy._name, proxy._kind)  # type: ignore[arg-type]
+        return type(proxy)(self, proxy._name, proxy._kind)
 
     def dict(self, name: str) -> DictProxy:
         """Get or create a dict now, and return it bound to this batch."""
@@ -426,9 +426,6 @@ class Batch:
         # A value is never an exception (clients cannot encode one), so errors need no tag.
         self.results = [value for _kind, value in replies]
         return self.results
-
-
-P = TypeVar("P", bound="Proxy")
 
 
 class _Session:
@@ -475,401 +472,9 @@ _READ_ONLY: frozenset[str] = frozenset(
 )
 
 
-def _to_ref(obj: Any) -> Ref | None:
-    return obj._kv_ref if isinstance(obj, Proxy) else None
-
-
 def _after_fork_in_child() -> None:
     for client in list(_CLIENTS):
         client._reset_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _rebuild_proxy(
-    kind: str,
-    name: str,
-    address: tuple[str, int],
-    authkey: bytes | None,
-    timeout: float | None,
-    call_timeout: float | None,
-) -> Proxy:
-    for client in list(_CLIENTS):
-        if (
-            client.address == address
-            and not client._closed
-            and (authkey is None or client._authkey == authkey)
-        ):
-            break
-    else:
-        client = Client(address, authkey, timeout, call_timeout=call_timeout)
-    return _PROXY_TYPES.get(kind, Proxy)(client, name, kind)
-
-
-class Proxy:
-    """A handle on one named container: a client and a name.
-
-    Proxies compare equal when they name the same container on the same server, and can be
-    stored inside other containers (``d["jobs"] = kv.list("jobs")``) or passed to child
-    processes.
-    """
-
-    __slots__ = ("_client", "_kind", "_name")
-    _client: Client
-    _name: str
-    _kind: str
-    # Underscored, like every attribute here: NamespaceProxy forwards all other names.
-    _proxy_kind: ClassVar[str] = ""
-
-    def __init__(self, client: Client, name: str, kind: str | None = None) -> None:
-        object.__setattr__(self, "_client", client)
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_kind", kind or self._proxy_kind)
-
-    @property
-    def _kv_ref(self) -> Ref:
-        return Ref(self._kind, self._name)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._name!r} at {self._client.endpoint}>"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Proxy):
-            return NotImplemented
-        return (self._kind, self._name, self._client.address) == (
-            other._kind,
-            other._name,
-            other._client.address,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self._kind, self._name, self._client.address))
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        client = self._client
-        # As the stdlib does with AuthenticationString: the key travels only to a child
-        # process being spawned, never into a pickle that could be stored or sent anywhere.
-        spawning = mp_context.get_spawning_popen() is not None
-        return (
-            _rebuild_proxy,
-            (
-                self._kind,
-                self._name,
-                client.address,
-                client._authkey if spawning else None,
-                client.timeout,
-                client.call_timeout,
-            ),
-        )
-
-    def _call(self, method: str, args: list[Any], kwds: dict[str, Any] | None = None) -> Any:
-        return self._client._call(self._name, method, args, kwds)
-
-
-class _NamedProxy(Proxy):
-    """A proxy with a public ``name`` (not NamespaceProxy, where ``ns.name`` is user data)."""
-
-    __slots__ = ()
-
-    @property
-    def name(self) -> str:
-        """The container's name."""
-        return self._name
-
-
-class DictProxy(_NamedProxy):
-    """A proxy that behaves like a ``dict``, plus atomic ``incr``, ``cas`` and batch get/set."""
-
-    __slots__ = ()
-    _proxy_kind = "dict"
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._client._call(self._name, "__getitem__", [key])
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._client._call(self._name, "__setitem__", [key, value])
-
-    def __delitem__(self, key: Any) -> None:
-        self._client._call(self._name, "__delitem__", [key])
-
-    def __contains__(self, key: object) -> bool:
-        return cast(bool, self._call("__contains__", [key]))
-
-    def __len__(self) -> int:
-        return cast(int, self._call("__len__", []))
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.keys())
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """Return ``d[key]``, or ``default`` when missing."""
-        return self._client._call(self._name, "get", [key, default])
-
-    def keys(self) -> list[Any]:
-        """Return a snapshot list of the keys."""
-        result: list[Any] = self._call("keys", [])
-        return result
-
-    def values(self) -> list[Any]:
-        """Return a snapshot list of the values."""
-        result: list[Any] = self._call("values", [])
-        return result
-
-    def items(self) -> list[tuple[Any, Any]]:
-        """Return a snapshot list of ``(key, value)`` tuples."""
-        result: list[tuple[Any, Any]] = self._call("items", [])
-        return result
-
-    def copy(self) -> dict[Any, Any]:
-        """Return a snapshot of the whole dict as a local ``dict``."""
-        result: dict[Any, Any] = self._call("copy", [])
-        return result
-
-    def update(
-        self, other: Mapping[Any, Any] | Iterable[tuple[Any, Any]] = (), /, **kw: Any
-    ) -> None:
-        """Merge a mapping, pairs and/or keywords in, in one atomic call."""
-        merged = dict(other, **kw)
-        self._call("update", [merged])
-
-    def pop(self, key: Any, default: Any = _MISSING) -> Any:
-        """Remove ``key`` and return its value; ``KeyError`` when missing and no default."""
-        return self._call("pop", [key] if default is _MISSING else [key, default])
-
-    def popitem(self) -> tuple[Any, Any]:
-        """Remove and return the last inserted ``(key, value)``; ``KeyError`` when empty."""
-        result: tuple[Any, Any] = self._call("popitem", [])
-        return result
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        """Return ``d[key]``, first storing ``default`` when missing (atomic)."""
-        return self._call("setdefault", [key, default])
-
-    def clear(self) -> None:
-        """Remove every key."""
-        self._call("clear", [])
-
-    def incr(self, key: Any, by: float = 1, default: float = 0) -> Any:
-        """Atomically add ``by`` to ``d[key]`` (``default`` when missing); return the new value.
-
-        Raises:
-            TypeError: the stored value or ``by`` is not a number.
-        """
-        return self._client._call(self._name, "incr", [key, by, default])
-
-    def cas(self, key: Any, expected: Any, new: Any) -> bool:
-        """Atomically set ``d[key] = new`` if it equals ``expected``; return whether it did.
-
-        Equality is strict about type (``1`` does not match ``1.0``); a missing key never
-        matches (use :meth:`setdefault` to create).
-        """
-        return cast(bool, self._call("cas", [key, expected, new]))
-
-    def get_many(self, keys: Iterable[Any]) -> dict[Any, Any]:
-        """Return ``{key: value}`` for those of ``keys`` that exist, in one round trip."""
-        result: dict[Any, Any] = self._call("get_many", [list(keys)])
-        return result
-
-    def set_many(self, mapping: Mapping[Any, Any]) -> None:
-        """Store every pair of ``mapping`` in one round trip, atomically."""
-        self._call("set_many", [dict(mapping)])
-
-    def delete_many(self, keys: Iterable[Any]) -> int:
-        """Delete those of ``keys`` that exist, in one round trip; return how many."""
-        return cast(int, self._call("delete_many", [list(keys)]))
-
-
-def _slice_args(index: slice) -> list[Any]:
-    return [index.start, index.stop, index.step]
-
-
-class ListProxy(_NamedProxy):
-    """A proxy that behaves like a ``list`` (indexes and slices included)."""
-
-    __slots__ = ()
-    _proxy_kind = "list"
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return self._call("getslice", _slice_args(index))
-        return self._call("__getitem__", [index])
-
-    def __setitem__(self, index: int | slice, value: Any) -> None:
-        if isinstance(index, slice):
-            self._call("setslice", [*_slice_args(index), list(value)])
-        else:
-            self._call("__setitem__", [index, value])
-
-    def __delitem__(self, index: int | slice) -> None:
-        if isinstance(index, slice):
-            self._call("delslice", _slice_args(index))
-        else:
-            self._call("__delitem__", [index])
-
-    def __len__(self) -> int:
-        return cast(int, self._call("__len__", []))
-
-    def __contains__(self, value: object) -> bool:
-        return cast(bool, self._call("__contains__", [value]))
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.copy())
-
-    def __iadd__(self, values: Iterable[Any]) -> ListProxy:
-        self.extend(values)
-        return self
-
-    def append(self, value: Any) -> None:
-        """Append one item."""
-        self._client._call(self._name, "append", [value])
-
-    def extend(self, values: Iterable[Any]) -> None:
-        """Append every item of ``values``, atomically."""
-        self._call("extend", [list(values)])
-
-    def insert(self, index: int, value: Any) -> None:
-        """Insert ``value`` before ``index``."""
-        self._call("insert", [index, value])
-
-    def pop(self, index: int = -1) -> Any:
-        """Remove and return the item at ``index`` (default last); ``IndexError`` if empty."""
-        return self._call("pop", [index])
-
-    def remove(self, value: Any) -> None:
-        """Remove the first item equal to ``value``; ``ValueError`` if absent."""
-        self._call("remove", [value])
-
-    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
-        """Return the index of the first item equal to ``value``; ``ValueError`` if absent."""
-        return cast(int, self._call("index", [value, start, stop]))
-
-    def count(self, value: Any) -> int:
-        """Return how many items equal ``value``."""
-        return cast(int, self._call("count", [value]))
-
-    def sort(self, *, key: None = None, reverse: bool = False) -> None:
-        """Sort in place on the server.
-
-        Raises:
-            TypeError: a ``key`` function was given (code never crosses the wire).
-        """
-        if key is not None:
-            raise TypeError("sort(key=...) is not supported: functions are never sent to kvserve")
-        self._call("sort", [reverse])
-
-    def reverse(self) -> None:
-        """Reverse in place."""
-        self._call("reverse", [])
-
-    def clear(self) -> None:
-        """Remove every item."""
-        self._call("clear", [])
-
-    def copy(self) -> list[Any]:
-        """Return a snapshot of the whole list as a local ``list``."""
-        result: list[Any] = self._call("copy", [])
-        return result
-
-
-class NamespaceProxy(Proxy):
-    """A proxy that behaves like a ``Namespace``: ``ns.x = 1``, ``ns.x``, ``del ns.x``.
-
-    Attribute names starting with ``_`` are not sent to the server (as with the stdlib
-    NamespaceProxy).
-    """
-
-    __slots__ = ()
-    _proxy_kind = "namespace"
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_"):
-            raise AttributeError(attr)
-        return self._call("getattr", [attr])
-
-    def __setattr__(self, attr: str, value: Any) -> None:
-        if attr.startswith("_"):
-            object.__setattr__(self, attr, value)
-        else:
-            self._call("setattr", [attr, value])
-
-    def __delattr__(self, attr: str) -> None:
-        if attr.startswith("_"):
-            object.__delattr__(self, attr)
-        else:
-            self._call("delattr", [attr])
-
-    def incr(self, attr: str, by: float = 1) -> Any:
-        """Atomically add ``by`` to an attribute (0 when unset); return the new value."""
-        return self._call("incr", [attr, by])
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a snapshot of every attribute."""
-        result: dict[str, Any] = self._call("to_dict", [])
-        return result
-
-
-class QueueProxy(_NamedProxy):
-    """A proxy that behaves like ``queue.Queue``.
-
-    A blocked ``get``/``put`` waits on the server without holding a server thread, and never
-    stalls other clients. It waits at most ``timeout`` seconds, then raises ``queue.Empty`` /
-    ``queue.Full`` exactly as ``queue.Queue`` does.
-    """
-
-    __slots__ = ()
-    _proxy_kind = "queue"
-
-    def _blocking_timeout(self, block: bool, timeout: float | None) -> float | bool | None:
-        # The server answers by `timeout`; the call timeout is grace for the network on top.
-        if not block:
-            return False  # the connection's usual call timeout
-        grace = self._client.call_timeout
-        return None if timeout is None or grace is None else timeout + grace
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        """Put ``item``; when full, wait up to ``timeout`` (None: for ever) or raise Full."""
-        self._client._call(
-            self._name, "put", [item, block, timeout], None, self._blocking_timeout(block, timeout)
-        )
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Get the oldest item; when empty, wait up to ``timeout`` (None: ever) or raise Empty."""
-        return self._client._call(
-            self._name,
-            "get",
-            [block, timeout],
-            None,
-            self._blocking_timeout(block, timeout),
-            changes=True,
-        )
-
-    def put_nowait(self, item: Any) -> None:
-        """``put(item, block=False)``."""
-        self._call("put_nowait", [item])
-
-    def get_nowait(self) -> Any:
-        """``get(block=False)``."""
-        return self._call("get_nowait", [])
-
-    def qsize(self) -> int:
-        """Return the number of queued items."""
-        return cast(int, self._call("qsize", []))
-
-    def empty(self) -> bool:
-        """Return whether the queue is empty."""
-        return cast(bool, self._call("empty", []))
-
-    def full(self) -> bool:
-        """Return whether the queue is at its maxsize."""
-        return cast(bool, self._call("full", []))
-
-    @property
-    def maxsize(self) -> int:
-        """The bound fixed at creation (0: unbounded)."""
-        return cast(int, self._call("maxsize", []))
-
-
-_PROXY_TYPES: dict[str, type[Proxy]] = {
-    cls._proxy_kind: cls for cls in (DictProxy, ListProxy, NamespaceProxy, QueueProxy)
-}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 __all__ = [
@@ -36,15 +37,32 @@ _MISSING: Any = object()
 class WouldBlock(Exception):
     """Raised by a blocking operation that cannot complete now.
 
+    The server parks the request and calls the method again (same arguments) after each
+    change to the container, until it returns or raises something else, or the timeout runs
+    out.
+
     Args:
         timeout: seconds the caller is willing to wait, or None for ever.
-        on_timeout: the exception to answer with when the wait times out.
+        on_timeout: the exception to answer with when the wait times out; None answers
+            with ``result`` instead (``Lock.acquire`` returns False on timeout).
+        result: the value to answer with on timeout when ``on_timeout`` is None.
+        on_expire: called under the container's lock when this wait times out, before the
+            answer (a Barrier breaks itself); other parked requests are then retried.
     """
 
-    def __init__(self, timeout: float | None, on_timeout: BaseException) -> None:
+    def __init__(
+        self,
+        timeout: float | None,
+        on_timeout: BaseException | None = None,
+        *,
+        result: Any = None,
+        on_expire: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(timeout)
         self.timeout = timeout
         self.on_timeout = on_timeout
+        self.result = result
+        self.on_expire = on_expire
 
 
 def _check_number(value: Any, what: str) -> None:
@@ -53,11 +71,24 @@ def _check_number(value: Any, what: str) -> None:
 
 
 class Container:
-    """Base of all containers: a kind name, a lock, and the set of callable methods."""
+    """Base of all containers: a kind name, a lock, and the set of callable methods.
+
+    Class attributes a kind sets:
+        kind: its name on the wire (``kv.dict`` creates kind ``"dict"``).
+        exposed: method names callable from the wire.
+        mutating: those that change state (they are logged, and carry request ids).
+        caller_methods: those that receive ``caller=`` (bytes identifying the client
+            session: the same across reconnects of one client thread), for ownership.
+        strict_fifo: when a parked request still blocks on retry, stop retrying the ones
+            parked after it (fair queues, locks); False retries every parked request
+            (conditions, barriers, events, where a later waiter may proceed first).
+    """
 
     kind: ClassVar[str]
     exposed: ClassVar[frozenset[str]]
     mutating: ClassVar[frozenset[str]]
+    caller_methods: ClassVar[frozenset[str]] = frozenset()
+    strict_fifo: ClassVar[bool] = True
 
     def __init__(self, *state: Any) -> None:
         # Subclasses take their state (as returned by `state()`) as constructor arguments.
@@ -78,6 +109,16 @@ class Container:
     def from_state(cls, state: Any) -> Container:
         """Rebuild a container from :meth:`state`."""
         return cls(state)
+
+    def next_deadline(self) -> float | None:
+        """Return the ``time.monotonic()`` at which :meth:`expire` must run, or None.
+
+        The server asks after every mutating call and schedules a timer (leases use this).
+        """
+        return None
+
+    def expire(self, now: float) -> None:
+        """Apply whatever is due at ``now`` (``time.monotonic()``); called under the lock."""
 
     def copy_container(self) -> Container:
         """Return a shallow copy: a consistent view, since stored values are only replaced."""

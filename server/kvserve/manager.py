@@ -20,6 +20,7 @@ from kvclient.auth import load_authkey
 from kvclient.connection import parse_address
 from kvserve.containers import KINDS
 from kvserve.server import Server
+from kvserve.sync import SYNC_KINDS
 
 __all__ = ["KVManager"]
 
@@ -78,5 +79,5 @@ class KVManager(managers.BaseManager):
         )
 
 
-for _kind, _cls in KINDS.items():
+for _kind, _cls in {**KINDS, **SYNC_KINDS}.items():
     KVManager.register(_kind, callable=_cls, exposed=tuple(sorted(_cls.exposed)))

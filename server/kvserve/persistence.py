@@ -77,7 +77,7 @@ from typing import Any, Final, Literal
 
 from kvclient.codec import Codec
 from kvclient.errors import KVError, RemoteError
-from kvserve.containers import KINDS, Container
+from kvserve.containers import Container
 from kvserve.store import Store
 
 __all__ = [
@@ -204,10 +204,10 @@ def restore_state(store: Store, dump: Any) -> int:
         raise ValueError("malformed dump: 'containers' must be a list")
     built: dict[str, Container] = {}
     for entry in containers:
-        if not (isinstance(entry, list) and len(entry) == 3 and entry[1] in KINDS):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
             raise ValueError(f"malformed dump entry: {entry!r:.80}")
         name, kind, state = entry
-        built[name] = KINDS[kind].from_state(state)
+        built[name] = store.kind_class(kind).from_state(state)
     for name, obj in built.items():
         store.install(name, obj)
     return len(built)
@@ -377,7 +377,7 @@ class Persistence:
                     log_seq = int(record["log_seq"])
                     continue
                 name, kind, state = record
-                built.append((name, KINDS[kind].from_state(state)))
+                built.append((name, store.kind_class(kind).from_state(state)))
                 report.snapshot_records += 1
         except _Damage as damage:
             # A snapshot is renamed into place complete, so any damage is real corruption.

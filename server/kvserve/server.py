@@ -31,7 +31,7 @@ from kvclient.auth import ServerHandshake
 from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec
 from kvclient.connection import format_address
 from kvclient.errors import KVConnectionError, NoSuchContainerError, ProtocolError, RemoteError
-from kvserve.containers import WouldBlock
+from kvserve.containers import Container, WouldBlock
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import Registry, Store
 
@@ -91,20 +91,20 @@ class _Conn:
 class _Waiter:
     """A parked request: who asked, what, and until when."""
 
-    __slots__ = ("conn", "done", "message", "name", "on_timeout", "rid")
+    __slots__ = ("blocked", "conn", "done", "message", "name", "rid")
 
     def __init__(
         self,
         conn: _Conn,
         name: str,
         message: list[Any],
-        on_timeout: BaseException,
+        blocked: WouldBlock,
         rid: list[Any] | None,
     ) -> None:
         self.conn = conn
         self.name = name
         self.message = message
-        self.on_timeout = on_timeout
+        self.blocked = blocked
         self.rid = rid
         self.done = False
 
@@ -177,6 +177,7 @@ class Server:
         self._wake_w.setblocking(False)
         self._conns: set[_Conn] = set()
         self._parked: dict[str, collections.deque[_Waiter]] = {}
+        self._deadlines: dict[str, float] = {}  # container name -> scheduled expire() time
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._stop = threading.Event()
@@ -527,7 +528,7 @@ class Server:
             if ident is None:
                 result = self._call_public(conn, message, rid)
             else:
-                result = self._call(message, rid)
+                result = self._call(message, rid, conn)
         except WouldBlock as wb:
             self._park(conn, message, wb, rid)
             return
@@ -551,18 +552,54 @@ class Server:
         if len(sessions) > _MAX_SESSIONS:
             del sessions[next(iter(sessions))]
 
-    def _call(self, message: list[Any], rid: list[Any] | None = None) -> Any:
+    def _call(
+        self, message: list[Any], rid: list[Any] | None = None, conn: _Conn | None = None
+    ) -> Any:
         ident, method, args, kwds = message
         obj = self.store.get(ident)
         if method not in self.store.exposed[ident]:
             raise AttributeError(f"{obj.kind} {ident!r} has no method {method!r}")
         if type(args) not in (list, tuple) or (kwds is not None and type(kwds) is not dict):
             raise ProtocolError("malformed request: args must be an array, kwds a map or nil")
+        if method in obj.caller_methods:
+            if kwds and "caller" in kwds:
+                raise ProtocolError("'caller' is set by the server, not the client")
+            # The session token when the call has a request id (stable across reconnects),
+            # else the connection. Put into the message, so the log replays the same owner.
+            caller = rid[0] if rid is not None else b"conn:%d" % id(conn)
+            kwds = message[3] = {**(kwds or {}), "caller": caller}
         with obj.lock:
             result = getattr(obj, method)(*args, **kwds) if kwds else getattr(obj, method)(*args)
-        if self._persist is not None and method in obj.mutating:
-            self._persist.append(message if rid is None else [*message, rid])
+        if method in obj.mutating:
+            if self._persist is not None:
+                self._persist.append(message if rid is None else [*message, rid])
+            if type(obj).next_deadline is not Container.next_deadline:
+                self._schedule_deadline(ident, obj)
         return result
+
+    def _schedule_deadline(self, name: str, obj: Container) -> None:
+        with obj.lock:
+            at = obj.next_deadline()
+        if at is None:
+            return
+        scheduled = self._deadlines.get(name)
+        if scheduled is not None and scheduled <= at:
+            return  # an earlier timer will run and reschedule
+        self._deadlines[name] = at
+        self._call_later(max(0.0, at - time.monotonic()), lambda: self._on_deadline(name, at))
+
+    def _on_deadline(self, name: str, at: float) -> None:
+        if self._deadlines.get(name) != at:
+            return  # superseded by an earlier timer
+        del self._deadlines[name]
+        obj = self.store.objects.get(name)
+        if obj is None:
+            return
+        with obj.lock:
+            obj.expire(time.monotonic())
+        if name in self._parked:
+            self._retry_parked(name)
+        self._schedule_deadline(name, obj)
 
     def _call_public(self, conn: _Conn, message: list[Any], rid: list[Any] | None) -> Any:
         _, method, args, kwds = message
@@ -595,7 +632,10 @@ class Server:
                 results.append([_RETURN, self._call(message, sub_rid)])
                 touched.add(message[0])
             except WouldBlock as wb:  # a batch never waits
-                results.append([_ERROR, wb.on_timeout])
+                if wb.on_timeout is not None:
+                    results.append([_ERROR, wb.on_timeout])
+                else:
+                    results.append([_RETURN, wb.result])
             except Exception as exc:
                 results.append([_ERROR, exc])
         self.ops_served += len(results) - 1
@@ -660,7 +700,7 @@ class Server:
 
     def _park(self, conn: _Conn, message: list[Any], wb: WouldBlock, rid: list[Any] | None) -> None:
         name = message[0]
-        waiter = _Waiter(conn, name, message, wb.on_timeout, rid)
+        waiter = _Waiter(conn, name, message, wb, rid)
         conn.parked = waiter
         self._parked.setdefault(name, collections.deque()).append(waiter)
         if wb.timeout is not None:
@@ -677,32 +717,57 @@ class Server:
                 del self._parked[waiter.name]
         conn = waiter.conn
         conn.parked = None
-        self._reply(conn, _ERROR, waiter.on_timeout)
+        wb = waiter.blocked
+        if wb.on_expire is not None:
+            obj = self.store.objects.get(waiter.name)
+            if obj is not None:
+                with obj.lock:
+                    wb.on_expire()
+        if wb.on_timeout is not None:
+            self._answer(conn, waiter.rid, _ERROR, wb.on_timeout)
+        else:
+            self._answer(conn, waiter.rid, _RETURN, wb.result)
+        if wb.on_expire is not None and waiter.name in self._parked:
+            self._retry_parked(waiter.name)
         self._process(conn)
 
     def _retry_parked(self, name: str) -> None:
+        """Retry the requests parked on ``name`` in arrival order, answering those that finish.
+
+        A container with ``strict_fifo`` stops at the first request that still blocks, so no
+        later one overtakes it; the others retry every parked request. Answered requests may
+        change the container again (a get frees room for a put), so this loops until a whole
+        pass answers nothing.
+        """
         queue = self._parked.get(name)
+        obj = self.store.objects.get(name)
+        strict = obj.strict_fifo if obj is not None else True
         resumed: list[_Conn] = []
-        while queue:
-            waiter = queue[0]
-            cached = self._sessions.get(waiter.rid[0]) if waiter.rid else None
-            if cached is not None and waiter.rid is not None and cached[0] == waiter.rid[1]:
-                # The same request parked twice (a retry arrived before the server saw the
-                # first connection die): the first was answered; repeat that answer here.
-                self._reply(waiter.conn, cached[1], cached[2])
-            else:
-                try:
-                    result = self._call(waiter.message, waiter.rid)
-                except WouldBlock:
-                    break
-                except Exception as exc:
-                    self._answer(waiter.conn, waiter.rid, _ERROR, exc)
+        progress = True
+        while queue and progress:
+            progress = False
+            for waiter in list(queue):
+                cached = self._sessions.get(waiter.rid[0]) if waiter.rid else None
+                if cached is not None and waiter.rid is not None and cached[0] == waiter.rid[1]:
+                    # The same request parked twice (a retry arrived before the server saw
+                    # the first connection die): the first was answered; repeat that answer.
+                    self._reply(waiter.conn, cached[1], cached[2])
                 else:
-                    self._answer(waiter.conn, waiter.rid, _RETURN, result)
-            queue.popleft()
-            waiter.done = True
-            waiter.conn.parked = None
-            resumed.append(waiter.conn)
+                    try:
+                        result = self._call(waiter.message, waiter.rid, waiter.conn)
+                    except WouldBlock:
+                        if strict:
+                            break
+                        continue
+                    except Exception as exc:
+                        self._answer(waiter.conn, waiter.rid, _ERROR, exc)
+                    else:
+                        self._answer(waiter.conn, waiter.rid, _RETURN, result)
+                queue.remove(waiter)
+                waiter.done = True
+                waiter.conn.parked = None
+                resumed.append(waiter.conn)
+                progress = True
         if queue is not None and not queue:
             self._parked.pop(name, None)
         for conn in resumed:

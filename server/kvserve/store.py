@@ -76,6 +76,20 @@ class Store:
             self.exposed[name] = exposed
             return obj  # type: ignore[no-any-return]
 
+    def kind_class(self, kind: str) -> type[Container]:
+        """Return the container class registered for ``kind``.
+
+        Raises:
+            ValueError: no such kind is registered.
+        """
+        try:
+            cls: type[Container] = self._factories[kind][0]  # type: ignore[assignment]
+        except KeyError:
+            raise ValueError(
+                f"unknown container kind {kind!r}; known: {', '.join(self.kinds)}"
+            ) from None
+        return cls
+
     def install(self, name: str, obj: Container) -> None:
         """Put a ready-made container under ``name`` (start-up, restore), replacing any."""
         factory_exposed = self._factories.get(obj.kind)

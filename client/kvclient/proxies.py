@@ -1,0 +1,466 @@
+"""Proxies: local-looking handles on named containers. Every method is one call.
+
+A proxy is a caller (a :class:`~kvclient.client.Client`, or a
+:class:`~kvclient.client.Batch` that records calls) and a container name. Kinds beyond the four
+containers (the synchronization primitives) register their proxy class with
+:func:`register_proxy_type`, so a reference to them read back from the server becomes a
+working proxy too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from multiprocessing import context as mp_context
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
+
+from kvclient.codec import Ref
+
+if TYPE_CHECKING:
+    from kvclient.client import Client
+
+__all__ = [
+    "Caller",
+    "DictProxy",
+    "ListProxy",
+    "NamespaceProxy",
+    "Proxy",
+    "QueueProxy",
+    "make_proxy",
+    "register_proxy_type",
+    "to_ref",
+]
+
+_MISSING: Any = object()
+_NO_TIMEOUT_CHANGE: Any = False
+P = TypeVar("P", bound="Proxy")
+
+
+class Caller(Protocol):
+    """What a proxy calls through: a Client, or a Batch recording calls."""
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the server."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` of the server."""
+
+    @property
+    def call_timeout(self) -> float | None:
+        """Seconds allowed for a reply."""
+
+    def _call(
+        self,
+        ident: str | None,
+        method: str,
+        args: list[Any],
+        kwds: dict[str, Any] | None = None,
+        timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
+        changes: bool = False,
+    ) -> Any: ...
+
+
+class Proxy:
+    """A handle on one named container: a client and a name.
+
+    Proxies compare equal when they name the same container on the same server, and can be
+    stored inside other containers (``d["jobs"] = kv.list("jobs")``) or passed to child
+    processes.
+    """
+
+    __slots__ = ("_client", "_kind", "_name")
+    _client: Caller
+    _name: str
+    _kind: str
+    # Underscored, like every attribute here: NamespaceProxy forwards all other names.
+    _proxy_kind: ClassVar[str] = ""
+
+    def __init__(self, client: Caller, name: str, kind: str | None = None) -> None:
+        object.__setattr__(self, "_client", client)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_kind", kind or self._proxy_kind)
+
+    @property
+    def _kv_ref(self) -> Ref:
+        return Ref(self._kind, self._name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name!r} at {self._client.endpoint}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Proxy):
+            return NotImplemented
+        return (self._kind, self._name, self._client.address) == (
+            other._kind,
+            other._name,
+            other._client.address,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._kind, self._name, self._client.address))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        client = cast("Client", self._client)
+        # As the stdlib does with AuthenticationString: the key travels only to a child
+        # process being spawned, never into a pickle that could be stored or sent anywhere.
+        spawning = mp_context.get_spawning_popen() is not None
+        return (
+            _rebuild_proxy,
+            (
+                self._kind,
+                self._name,
+                client.address,
+                client._authkey if spawning else None,
+                client.timeout,
+                client.call_timeout,
+            ),
+        )
+
+    def _call(self, method: str, args: list[Any], kwds: dict[str, Any] | None = None) -> Any:
+        return self._client._call(self._name, method, args, kwds)
+
+
+class _NamedProxy(Proxy):
+    """A proxy with a public ``name`` (not NamespaceProxy, where ``ns.name`` is user data)."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        """The container's name."""
+        return self._name
+
+
+class DictProxy(_NamedProxy):
+    """A proxy that behaves like a ``dict``, plus atomic ``incr``, ``cas`` and batch get/set."""
+
+    __slots__ = ()
+    _proxy_kind = "dict"
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._client._call(self._name, "__getitem__", [key])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._client._call(self._name, "__setitem__", [key, value])
+
+    def __delitem__(self, key: Any) -> None:
+        self._client._call(self._name, "__delitem__", [key])
+
+    def __contains__(self, key: object) -> bool:
+        return cast(bool, self._call("__contains__", [key]))
+
+    def __len__(self) -> int:
+        return cast(int, self._call("__len__", []))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """Return ``d[key]``, or ``default`` when missing."""
+        return self._client._call(self._name, "get", [key, default])
+
+    def keys(self) -> list[Any]:
+        """Return a snapshot list of the keys."""
+        result: list[Any] = self._call("keys", [])
+        return result
+
+    def values(self) -> list[Any]:
+        """Return a snapshot list of the values."""
+        result: list[Any] = self._call("values", [])
+        return result
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """Return a snapshot list of ``(key, value)`` tuples."""
+        result: list[tuple[Any, Any]] = self._call("items", [])
+        return result
+
+    def copy(self) -> dict[Any, Any]:
+        """Return a snapshot of the whole dict as a local ``dict``."""
+        result: dict[Any, Any] = self._call("copy", [])
+        return result
+
+    def update(
+        self, other: Mapping[Any, Any] | Iterable[tuple[Any, Any]] = (), /, **kw: Any
+    ) -> None:
+        """Merge a mapping, pairs and/or keywords in, in one atomic call."""
+        merged = dict(other, **kw)
+        self._call("update", [merged])
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        """Remove ``key`` and return its value; ``KeyError`` when missing and no default."""
+        return self._call("pop", [key] if default is _MISSING else [key, default])
+
+    def popitem(self) -> tuple[Any, Any]:
+        """Remove and return the last inserted ``(key, value)``; ``KeyError`` when empty."""
+        result: tuple[Any, Any] = self._call("popitem", [])
+        return result
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        """Return ``d[key]``, first storing ``default`` when missing (atomic)."""
+        return self._call("setdefault", [key, default])
+
+    def clear(self) -> None:
+        """Remove every key."""
+        self._call("clear", [])
+
+    def incr(self, key: Any, by: float = 1, default: float = 0) -> Any:
+        """Atomically add ``by`` to ``d[key]`` (``default`` when missing); return the new value.
+
+        Raises:
+            TypeError: the stored value or ``by`` is not a number.
+        """
+        return self._client._call(self._name, "incr", [key, by, default])
+
+    def cas(self, key: Any, expected: Any, new: Any) -> bool:
+        """Atomically set ``d[key] = new`` if it equals ``expected``; return whether it did.
+
+        Equality is strict about type (``1`` does not match ``1.0``); a missing key never
+        matches (use :meth:`setdefault` to create).
+        """
+        return cast(bool, self._call("cas", [key, expected, new]))
+
+    def get_many(self, keys: Iterable[Any]) -> dict[Any, Any]:
+        """Return ``{key: value}`` for those of ``keys`` that exist, in one round trip."""
+        result: dict[Any, Any] = self._call("get_many", [list(keys)])
+        return result
+
+    def set_many(self, mapping: Mapping[Any, Any]) -> None:
+        """Store every pair of ``mapping`` in one round trip, atomically."""
+        self._call("set_many", [dict(mapping)])
+
+    def delete_many(self, keys: Iterable[Any]) -> int:
+        """Delete those of ``keys`` that exist, in one round trip; return how many."""
+        return cast(int, self._call("delete_many", [list(keys)]))
+
+
+def _slice_args(index: slice) -> list[Any]:
+    return [index.start, index.stop, index.step]
+
+
+class ListProxy(_NamedProxy):
+    """A proxy that behaves like a ``list`` (indexes and slices included)."""
+
+    __slots__ = ()
+    _proxy_kind = "list"
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self._call("getslice", _slice_args(index))
+        return self._call("__getitem__", [index])
+
+    def __setitem__(self, index: int | slice, value: Any) -> None:
+        if isinstance(index, slice):
+            self._call("setslice", [*_slice_args(index), list(value)])
+        else:
+            self._call("__setitem__", [index, value])
+
+    def __delitem__(self, index: int | slice) -> None:
+        if isinstance(index, slice):
+            self._call("delslice", _slice_args(index))
+        else:
+            self._call("__delitem__", [index])
+
+    def __len__(self) -> int:
+        return cast(int, self._call("__len__", []))
+
+    def __contains__(self, value: object) -> bool:
+        return cast(bool, self._call("__contains__", [value]))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.copy())
+
+    def __iadd__(self, values: Iterable[Any]) -> ListProxy:
+        self.extend(values)
+        return self
+
+    def append(self, value: Any) -> None:
+        """Append one item."""
+        self._client._call(self._name, "append", [value])
+
+    def extend(self, values: Iterable[Any]) -> None:
+        """Append every item of ``values``, atomically."""
+        self._call("extend", [list(values)])
+
+    def insert(self, index: int, value: Any) -> None:
+        """Insert ``value`` before ``index``."""
+        self._call("insert", [index, value])
+
+    def pop(self, index: int = -1) -> Any:
+        """Remove and return the item at ``index`` (default last); ``IndexError`` if empty."""
+        return self._call("pop", [index])
+
+    def remove(self, value: Any) -> None:
+        """Remove the first item equal to ``value``; ``ValueError`` if absent."""
+        self._call("remove", [value])
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        """Return the index of the first item equal to ``value``; ``ValueError`` if absent."""
+        return cast(int, self._call("index", [value, start, stop]))
+
+    def count(self, value: Any) -> int:
+        """Return how many items equal ``value``."""
+        return cast(int, self._call("count", [value]))
+
+    def sort(self, *, key: None = None, reverse: bool = False) -> None:
+        """Sort in place on the server.
+
+        Raises:
+            TypeError: a ``key`` function was given (code never crosses the wire).
+        """
+        if key is not None:
+            raise TypeError("sort(key=...) is not supported: functions are never sent to kvserve")
+        self._call("sort", [reverse])
+
+    def reverse(self) -> None:
+        """Reverse in place."""
+        self._call("reverse", [])
+
+    def clear(self) -> None:
+        """Remove every item."""
+        self._call("clear", [])
+
+    def copy(self) -> list[Any]:
+        """Return a snapshot of the whole list as a local ``list``."""
+        result: list[Any] = self._call("copy", [])
+        return result
+
+
+class NamespaceProxy(Proxy):
+    """A proxy that behaves like a ``Namespace``: ``ns.x = 1``, ``ns.x``, ``del ns.x``.
+
+    Attribute names starting with ``_`` are not sent to the server (as with the stdlib
+    NamespaceProxy).
+    """
+
+    __slots__ = ()
+    _proxy_kind = "namespace"
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return self._call("getattr", [attr])
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr.startswith("_"):
+            object.__setattr__(self, attr, value)
+        else:
+            self._call("setattr", [attr, value])
+
+    def __delattr__(self, attr: str) -> None:
+        if attr.startswith("_"):
+            object.__delattr__(self, attr)
+        else:
+            self._call("delattr", [attr])
+
+    def incr(self, attr: str, by: float = 1) -> Any:
+        """Atomically add ``by`` to an attribute (0 when unset); return the new value."""
+        return self._call("incr", [attr, by])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a snapshot of every attribute."""
+        result: dict[str, Any] = self._call("to_dict", [])
+        return result
+
+
+class QueueProxy(_NamedProxy):
+    """A proxy that behaves like ``queue.Queue``.
+
+    A blocked ``get``/``put`` waits on the server without holding a server thread, and never
+    stalls other clients. It waits at most ``timeout`` seconds, then raises ``queue.Empty`` /
+    ``queue.Full`` exactly as ``queue.Queue`` does.
+    """
+
+    __slots__ = ()
+    _proxy_kind = "queue"
+
+    def _blocking_timeout(self, block: bool, timeout: float | None) -> float | bool | None:
+        # The server answers by `timeout`; the call timeout is grace for the network on top.
+        if not block:
+            return False  # the connection's usual call timeout
+        grace = self._client.call_timeout
+        return None if timeout is None or grace is None else timeout + grace
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``item``; when full, wait up to ``timeout`` (None: for ever) or raise Full."""
+        self._client._call(
+            self._name, "put", [item, block, timeout], None, self._blocking_timeout(block, timeout)
+        )
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Get the oldest item; when empty, wait up to ``timeout`` (None: ever) or raise Empty."""
+        return self._client._call(
+            self._name,
+            "get",
+            [block, timeout],
+            None,
+            self._blocking_timeout(block, timeout),
+            changes=True,
+        )
+
+    def put_nowait(self, item: Any) -> None:
+        """``put(item, block=False)``."""
+        self._call("put_nowait", [item])
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+        return self._call("get_nowait", [])
+
+    def qsize(self) -> int:
+        """Return the number of queued items."""
+        return cast(int, self._call("qsize", []))
+
+    def empty(self) -> bool:
+        """Return whether the queue is empty."""
+        return cast(bool, self._call("empty", []))
+
+    def full(self) -> bool:
+        """Return whether the queue is at its maxsize."""
+        return cast(bool, self._call("full", []))
+
+    @property
+    def maxsize(self) -> int:
+        """The bound fixed at creation (0: unbounded)."""
+        return cast(int, self._call("maxsize", []))
+
+
+_PROXY_TYPES: dict[str, type[Proxy]] = {
+    cls._proxy_kind: cls for cls in (DictProxy, ListProxy, NamespaceProxy, QueueProxy)
+}
+
+
+def register_proxy_type(kind: str, cls: type[Proxy]) -> None:
+    """Make references to containers of ``kind`` decode as ``cls`` proxies."""
+    _PROXY_TYPES[kind] = cls
+
+
+def make_proxy(caller: Caller, kind: str, name: str) -> Proxy:
+    """Return the proxy for container ``name`` of ``kind``."""
+    return _PROXY_TYPES.get(kind, Proxy)(caller, name, kind)
+
+
+def to_ref(obj: Any) -> Ref | None:
+    """Return the reference a proxy stands for (the codec's ``to_ref`` hook), else None."""
+    return obj._kv_ref if isinstance(obj, Proxy) else None
+
+
+def _rebuild_proxy(
+    kind: str,
+    name: str,
+    address: tuple[str, int],
+    authkey: bytes | None,
+    timeout: float | None,
+    call_timeout: float | None,
+) -> Proxy:
+    from kvclient.client import _CLIENTS, Client  # noqa: PLC0415 - client imports this module
+
+    for client in list(_CLIENTS):
+        if (
+            client.address == address
+            and not client._closed
+            and (authkey is None or client._authkey == authkey)
+        ):
+            break
+    else:
+        client = Client(address, authkey, timeout, call_timeout=call_timeout)
+    return make_proxy(client, kind, name)

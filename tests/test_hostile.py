@@ -14,6 +14,7 @@ import pytest
 
 import kvclient
 from kvclient.auth import client_response, client_verify_welcome
+from kvclient.codec import HELLO
 from kvclient.connection import parse_address
 from kvserve import Server
 
@@ -50,9 +51,11 @@ def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
     return True
 
 
-def raw_connection(address: str) -> socket.socket:
+def raw_connection(address: str, hello: bool = True) -> socket.socket:
     sock = socket.create_connection(parse_address(address), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hello:
+        send_frame(sock, HELLO)
     return sock
 
 

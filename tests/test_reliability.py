@@ -82,7 +82,8 @@ class ChaosProxy:
     def _serve(self, client: socket.socket) -> None:
         server = socket.create_connection(self.target)
         with client, server:
-            for src, dst in ((server, client), (client, server), (server, client)):
+            handshake = ((server, client), (client, server), (client, server), (server, client))
+            for src, dst in handshake:
                 if _relay_frame(src, dst) is None:  # the handshake, untouched
                     return
             while True:

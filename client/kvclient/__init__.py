@@ -26,7 +26,9 @@ from kvclient.errors import (
     KVTimeoutError,
     NoSuchContainerError,
     ProtocolError,
+    ReadOnlyError,
     RemoteError,
+    TLSError,
 )
 from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
 
@@ -46,7 +48,9 @@ __all__ = [
     "ProtocolError",
     "Proxy",
     "QueueProxy",
+    "ReadOnlyError",
     "RemoteError",
+    "TLSError",
     "__version__",
     "connect",
 ]

@@ -19,13 +19,15 @@ import secrets
 from pathlib import Path
 from typing import Final
 
-from kvclient.codec import CHALLENGE, FAILURE, NONCE_SIZE, VERSION, WELCOME, WIRE_VERSION
+from kvclient.codec import CHALLENGE, FAILURE, HELLO, NONCE_SIZE, VERSION, WELCOME, WIRE_VERSION
 from kvclient.errors import AuthError, ProtocolError
 
 __all__ = [
     "DEFAULT_AUTHKEY_FILE",
+    "MIN_AUTHKEY_BYTES",
     "AuthkeySource",
     "ServerHandshake",
+    "check_server_key",
     "client_response",
     "client_verify_welcome",
     "default_authkey_file",
@@ -47,9 +49,10 @@ def default_authkey_file() -> Path:
 class AuthkeySource:
     """Where an authkey came from, for messages that must not show the key itself."""
 
-    def __init__(self, key: bytes, origin: str) -> None:
+    def __init__(self, key: bytes, origin: str, path: Path | None = None) -> None:
         self.key = key
         self.origin = origin
+        self.path = path
 
     def __repr__(self) -> str:
         return f"AuthkeySource(origin={self.origin!r})"
@@ -85,6 +88,30 @@ def _create_key_file(path: Path) -> bytes:
     return key
 
 
+MIN_AUTHKEY_BYTES: Final = 16
+
+
+def check_server_key(source: AuthkeySource) -> None:
+    """Refuse a key a server should not run with: short, or in a file others can read.
+
+    Raises:
+        AuthError: the key is shorter than 16 bytes, or its file is readable or writable by
+            group or others (as ssh refuses such private keys).
+    """
+    if len(source.key) < MIN_AUTHKEY_BYTES:
+        raise AuthError(
+            f"the authkey from {source.origin} is {len(source.key)} bytes; use at least "
+            f"{MIN_AUTHKEY_BYTES} (e.g. `head -c 32 /dev/urandom > authkey`)"
+        )
+    if source.path is not None:
+        mode = source.path.stat().st_mode
+        if mode & 0o077:
+            raise AuthError(
+                f"authkey file {source.path} is accessible by group or others (mode "
+                f"{mode & 0o777:o}); run `chmod 600 {source.path}`"
+            )
+
+
 def load_authkey(
     authkey: bytes | str | None = None,
     authkey_file: str | os.PathLike[str] | None = None,
@@ -111,18 +138,18 @@ def load_authkey(
         return AuthkeySource(key, "argument")
     if authkey_file is not None:
         path = Path(authkey_file).expanduser()
-        return AuthkeySource(_read_key_file(path), str(path))
+        return AuthkeySource(_read_key_file(path), str(path), path)
     env_key = os.environ.get("KV_AUTHKEY")
     if env_key:
         return AuthkeySource(env_key.encode(), "KV_AUTHKEY")
     env_file = os.environ.get("KV_AUTHKEY_FILE")
     if env_file:
         path = Path(env_file).expanduser()
-        return AuthkeySource(_read_key_file(path), str(path))
+        return AuthkeySource(_read_key_file(path), str(path), path)
     path = default_authkey_file()
     if create and not path.exists():
-        return AuthkeySource(_create_key_file(path), str(path))
-    return AuthkeySource(_read_key_file(path), str(path))
+        return AuthkeySource(_create_key_file(path), str(path), path)
+    return AuthkeySource(_read_key_file(path), str(path), path)
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
@@ -186,14 +213,15 @@ def client_verify_welcome(key: bytes, frame: bytes, challenge: bytes, nonce_c: b
 class ServerHandshake:
     """The server half of one connection's handshake, driven by whoever owns the socket.
 
-    Usage: send :attr:`challenge`; feed the client's reply to :meth:`answer`; send what it
-    returns; the connection is authenticated iff :attr:`ok` is then True.
+    Usage: send :attr:`challenge`; feed each client frame to :meth:`answer` and send what it
+    returns (None for the client's HELLO: nothing to send); the connection is authenticated
+    iff :attr:`ok` is then True.
 
     Args:
         keys: acceptable authkeys, in order; :attr:`key_index` tells which one matched.
     """
 
-    __slots__ = ("challenge", "key_index", "keys", "ok", "reason")
+    __slots__ = ("challenge", "got_hello", "key_index", "keys", "ok", "reason")
 
     RESPONSE_SIZE: Final = _MAC_SIZE + NONCE_SIZE + _VERSION_SIZE
 
@@ -201,11 +229,18 @@ class ServerHandshake:
         self.keys = keys
         self.challenge = CHALLENGE + secrets.token_bytes(NONCE_SIZE)
         self.ok = False
+        self.got_hello = False
         self.key_index = -1
         self.reason = ""
 
-    def answer(self, response: bytes) -> bytes:
-        """Check the client's response; return the frame payload to send back."""
+    def answer(self, response: bytes) -> bytes | None:
+        """Take the client's next frame; return the frame payload to send back, if any."""
+        if not self.got_hello:
+            self.got_hello = True
+            if response == HELLO:
+                return None
+            self.reason = "no hello from the client (not a kvmanager client?)"
+            return FAILURE
         nonce_s = self.challenge[len(CHALLENGE) :]
         if len(response) != self.RESPONSE_SIZE:
             self.reason = "malformed handshake response"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import os
 import secrets
+import ssl
 import threading
 import time
 import weakref
@@ -36,6 +37,7 @@ from kvclient.proxies import (
 )
 from kvclient.retry import Retry
 from kvclient.sync import SyncMixin
+from kvclient.tls import resolve_client_tls
 
 __all__ = ["Batch", "Client", "Pending", "connect"]
 
@@ -50,6 +52,10 @@ def connect(
     *,
     call_timeout: float | None = 30.0,
     retry: Retry | None = _DEFAULT_RETRY,
+    tls: bool | ssl.SSLContext | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
 ) -> Client:
     """Connect to a kvserve server and return a :class:`Client` (a context manager).
 
@@ -65,13 +71,29 @@ def connect(
             default ``Retry()``, 10 retries with jittered exponential backoff (about 10 s
             in all), enough to ride out a server restart. None never retries. Every call is
             safe to retry: the server remembers request ids, so nothing is applied twice.
+        tls: True or an ``ssl.SSLContext`` to use TLS; default: TLS when ``ca``/``cert`` or
+            env ``KV_TLS_CA``/``KV_TLS_CERT`` is set. The server's host name is verified.
+        ca: CA file to trust for the server certificate (env ``KV_TLS_CA``).
+        cert: client certificate for mutual TLS (env ``KV_TLS_CERT``).
+        key: its private key (env ``KV_TLS_KEY``; default: inside ``cert``).
 
     Raises:
         KVConnectionError: the server is unreachable.
         AuthError: the authkey was rejected, or none could be found.
         ProtocolError: the peer is not kvserve or speaks another wire version.
+        TLSError: TLS failed: a certificate was refused, or only one side speaks TLS.
     """
-    return Client(address, authkey, timeout, call_timeout=call_timeout, retry=retry)
+    return Client(
+        address,
+        authkey,
+        timeout,
+        call_timeout=call_timeout,
+        retry=retry,
+        tls=tls,
+        ca=ca,
+        cert=cert,
+        key=key,
+    )
 
 
 class Client(SyncMixin):
@@ -88,7 +110,12 @@ class Client(SyncMixin):
         *,
         call_timeout: float | None = 30.0,
         retry: Retry | None = _DEFAULT_RETRY,
+        tls: bool | ssl.SSLContext | None = None,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.tls = resolve_client_tls(tls, ca, cert, key)
         self.address = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
         self.endpoint = format_address(*self.address)
         self._authkey = load_authkey(authkey).key
@@ -143,6 +170,7 @@ class Client(SyncMixin):
                 self.timeout,
                 make_ref=self._make_ref,
                 to_ref=to_ref,
+                tls=self.tls,
             )
             conn.timeout = self.call_timeout
             session.conn = conn

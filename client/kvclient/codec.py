@@ -19,16 +19,20 @@ Handshake (raw bytes, not msgpack; HMAC-SHA256 both ways, ``K`` = authkey)
 ----------------------------------------------------------------------------
 ::
 
+    C -> S  HELLO                              sent at once, before reading anything
     S -> C  CHALLENGE + Ns                     Ns: 32 random bytes
     C -> S  HMAC(K, "kv-client" + Ns) + Nc + u16 BE client wire version
     S -> C  WELCOME + HMAC(K, "kv-server" + Nc + Ns) + u16 BE server wire version
        or   FAILURE                            (wrong key; the server then closes)
        or   VERSION + u16 BE server version    (right key, other wire version; then closes)
 
-The role labels stop a peer from reflecting one side's MAC back at it, and fresh nonces on
-both sides make a captured handshake useless to replay. Nothing before WELCOME reveals the
-server's version. A client raises :class:`~kvclient.errors.AuthError` on FAILURE or on a bad
-server MAC, and :class:`~kvclient.errors.ProtocolError` on VERSION or anything unexpected.
+The client speaks first (HELLO) so that a plain client reaching a TLS port is refused at once
+by the TLS layer instead of both sides waiting for the other. With TLS, all of this runs inside
+the TLS session. The role labels stop a peer from reflecting one side's MAC back at it, and
+fresh nonces on both sides make a captured handshake useless to replay. Nothing before WELCOME
+reveals the server's version. A client raises :class:`~kvclient.errors.AuthError` on FAILURE or
+on a bad server MAC, and :class:`~kvclient.errors.ProtocolError` on VERSION or anything else
+unexpected.
 
 Messages (msgpack arrays, after the handshake)
 ----------------------------------------------
@@ -81,6 +85,7 @@ from kvclient.errors import (
     KVError,
     NoSuchContainerError,
     ProtocolError,
+    ReadOnlyError,
     RemoteError,
 )
 
@@ -92,6 +97,7 @@ __all__ = [
     "EXT_TUPLE",
     "FAILURE",
     "HEADER",
+    "HELLO",
     "MAX_EXT_DEPTH",
     "MAX_FRAME_DEFAULT",
     "MAX_HANDSHAKE_FRAME",
@@ -109,6 +115,7 @@ HEADER: Final = struct.Struct(">I")
 MAX_FRAME_DEFAULT: Final = 64 * 1024 * 1024
 MAX_HANDSHAKE_FRAME: Final = 256
 NONCE_SIZE: Final = 32
+HELLO: Final = b"#KV-HELLO#"
 CHALLENGE: Final = b"#KV-CHALLENGE#"
 WELCOME: Final = b"#KV-WELCOME#"
 FAILURE: Final = b"#KV-FAILURE#"
@@ -164,6 +171,7 @@ _EXCEPTIONS.update(
         "KindError": KindError,
         "NoSuchContainerError": NoSuchContainerError,
         "ProtocolError": ProtocolError,
+        "ReadOnlyError": ReadOnlyError,
     }
 )
 _EXCEPTION_NAMES: Final[dict[type[BaseException], str]] = {v: k for k, v in _EXCEPTIONS.items()}

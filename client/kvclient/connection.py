@@ -13,13 +13,14 @@ kvserve over the same wire.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable
 from multiprocessing import managers
 from typing import Any, Final
 
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
-from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
-from kvclient.errors import KVConnectionError, KVError, ProtocolError, translate_os_error
+from kvclient.codec import HEADER, HELLO, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
+from kvclient.errors import KVConnectionError, KVError, ProtocolError, TLSError, translate_os_error
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -81,11 +82,13 @@ class Connection:
         make_ref: turns a decoded container reference into a proxy (see :class:`Codec`).
         to_ref: turns a proxy being encoded into a reference.
         max_frame: largest reply accepted, bytes.
+        tls: wrap the connection in TLS with this client context (host name checked).
 
     Raises:
         KVConnectionError: the server is unreachable (names the address, hints at kvserve).
         AuthError: the key was rejected.
         ProtocolError: the peer is not kvserve, or speaks another wire version.
+        TLSError: TLS failed (certificate refused, or only one side speaks TLS).
     """
 
     __slots__ = ("__weakref__", "_sock", "codec", "endpoint", "max_frame", "timeout")
@@ -99,6 +102,7 @@ class Connection:
         make_ref: Callable[[Ref], Any] | None = None,
         to_ref: Callable[[Any], Ref | None] | None = None,
         max_frame: int = MAX_FRAME_DEFAULT,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._sock: socket.socket | None = None
         self.endpoint = format_address(*address)
@@ -111,26 +115,68 @@ class Connection:
             raise translate_os_error(exc, self.endpoint, "connect to") from exc
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                self._start_tls(tls, address[0])
             self._handshake(authkey)
         except BaseException:
             self.close()
             raise
 
+    def _start_tls(self, context: ssl.SSLContext, host: str) -> None:
+        assert self._sock is not None
+        try:
+            self._sock = context.wrap_socket(self._sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as exc:
+            raise TLSError(
+                f"the certificate of {self.endpoint} was refused ({exc.verify_message}); "
+                "check the CA (ca= or KV_TLS_CA), the host name and the certificate dates"
+            ) from None
+        except (ssl.SSLError, ConnectionError) as exc:
+            raise TLSError(
+                f"TLS handshake with {self.endpoint} failed ({_reason(exc)}); is kvserve "
+                "serving TLS there (--tls-cert)?"
+            ) from None
+        except TimeoutError as exc:
+            raise translate_os_error(exc, self.endpoint, "connect to") from exc
+
     def _handshake(self, authkey: bytes) -> None:
         try:
+            # Hello first, without waiting: a TLS server refuses it at once (see codec).
+            self._send_frame(HELLO)
             challenge = self._recv_frame(MAX_HANDSHAKE_FRAME)
             response, nonce_c = client_response(authkey, challenge)
             self._send_frame(response)
             client_verify_welcome(
                 authkey, self._recv_frame(MAX_HANDSHAKE_FRAME), challenge, nonce_c
             )
+        except ssl.SSLError as exc:
+            if (
+                "CERTIFICATE_REQUIRED" in str(exc).upper()
+                or "CERTIFICATE REQUIRED" in str(exc).upper()
+            ):
+                raise TLSError(
+                    f"{self.endpoint} requires a client certificate; pass cert= and key= "
+                    "(or KV_TLS_CERT and KV_TLS_KEY)"
+                ) from None
+            # The server's "certificate required" alert can be lost to a reset: say so too.
+            raise TLSError(
+                f"TLS session with {self.endpoint} failed during the handshake "
+                f"({_reason(exc)}); if the server requires client certificates (--tls-ca), "
+                "pass cert= and key= (or KV_TLS_CERT and KV_TLS_KEY)"
+            ) from None
+        except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
+            # Retryable: a server at its --max-connections limit does this too.
+            hint = (
+                ""
+                if isinstance(self._sock, ssl.SSLSocket)
+                else "; if it serves TLS, connect with tls=True (or KV_TLS_CA)"
+            )
+            raise KVConnectionError(
+                f"{self.endpoint} closed the connection during the handshake (is it kvserve? "
+                f"at its --max-connections limit?){hint}"
+            ) from exc
         except OSError as exc:
             raise translate_os_error(exc, self.endpoint, "connect to") from exc
-        except EOFError as exc:
-            raise ProtocolError(
-                f"{self.endpoint} closed the connection during the handshake; "
-                "is it kvserve, and is this address allowed?"
-            ) from exc
 
     @property
     def closed(self) -> bool:
@@ -260,6 +306,10 @@ class Connection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
 
 
 def _stdlib_client(address: Any, authkey: bytes | None = None) -> Connection:

@@ -9,6 +9,8 @@ KVError
 +-- RemoteError(KVError)                           server-side failure: type name + message
 +-- KindError(KVError, TypeError)                  a name exists with another container kind
 +-- NoSuchContainerError(KVError, LookupError)     the container was dropped
++-- ReadOnlyError(KVError, PermissionError)        a write on a read-only-key connection
++-- TLSError(KVError)                              TLS setup or verification failed
 ```
 
 Errors a local container would raise (``KeyError``, ``IndexError``, ``ValueError``,
@@ -33,7 +35,9 @@ __all__ = [
     "KindError",
     "NoSuchContainerError",
     "ProtocolError",
+    "ReadOnlyError",
     "RemoteError",
+    "TLSError",
     "translate_os_error",
 ]
 
@@ -81,6 +85,17 @@ class KindError(KVError, TypeError):
 
 class NoSuchContainerError(KVError, LookupError):
     """A proxy names a container that no longer exists (it was dropped)."""
+
+
+class ReadOnlyError(KVError, PermissionError):
+    """The connection authenticated with the read-only key, and the call would change data."""
+
+
+class TLSError(KVError):
+    """TLS could not be set up: a certificate was refused, or one side does not speak TLS.
+
+    Not a :class:`KVConnectionError`: retrying cannot fix a certificate.
+    """
 
 
 _HINTS = {

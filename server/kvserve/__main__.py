@@ -6,18 +6,20 @@ connections (scripts and tests read the port from it); everything else goes to s
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
-from kvclient.auth import load_authkey
+from kvclient.auth import check_server_key, load_authkey
 from kvclient.codec import MAX_FRAME_DEFAULT
 from kvclient.errors import KVError
+from kvclient.tls import server_context
 from kvserve.manager import KVManager
 from kvserve.persistence import Persistence
 
@@ -75,6 +77,27 @@ def serve(
         float,
         typer.Option(help="Seconds to finish sending replies after SIGTERM.", min=0),
     ] = 5.0,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve TLS only, with this PEM certificate (chain).")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="The certificate's private key (default: in --tls-cert).")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(help="Mutual TLS: clients must present a certificate signed by this CA."),
+    ] = None,
+    readonly_authkey_file: Annotated[
+        Path | None,
+        typer.Option(help="A second key: its clients can read everything and change nothing."),
+    ] = None,
+    max_connections: Annotated[
+        int, typer.Option(help="Connections beyond this are refused at once.", min=1)
+    ] = 1024,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(help="Close connections silent this many seconds (default: never).", min=1),
+    ] = None,
     repair: Annotated[
         bool,
         typer.Option(help="Start despite damaged data files, keeping what precedes the damage."),
@@ -90,8 +113,17 @@ def serve(
     log = logging.getLogger("kvserve")
     if fsync not in ("always", "everysec", "no"):
         raise typer.BadParameter("must be always, everysec or no", param_hint="--fsync")
+    if (tls_key is not None or tls_ca is not None) and tls_cert is None:
+        raise typer.BadParameter("--tls-key and --tls-ca need --tls-cert", param_hint="--tls-cert")
     try:
         source = load_authkey(authkey_file=authkey_file, create=True)
+        check_server_key(source)
+        readonly_key = None
+        if readonly_authkey_file is not None:
+            readonly = load_authkey(authkey_file=readonly_authkey_file)
+            check_server_key(readonly)
+            readonly_key = readonly.key
+        tls = server_context(tls_cert, tls_key, tls_ca) if tls_cert is not None else None
         persistence = None
         if data_dir is not None:
             persistence = Persistence(data_dir, fsync, compact_at, repair=repair)  # type: ignore[arg-type]
@@ -102,6 +134,10 @@ def serve(
             handshake_timeout=handshake_timeout,
             persistence=persistence,
             shutdown_timeout=shutdown_timeout,
+            tls=tls,
+            readonly_authkey=readonly_key,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
         )
         server = manager.get_server()
     except KVError as exc:
@@ -115,6 +151,14 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if tls is None and not _is_loopback(server.address[0]):
+        log.warning(
+            "listening on %s without TLS: traffic, values included, is readable by anyone on "
+            "the network; use --tls-cert/--tls-key (and --tls-ca for client certificates)",
+            server.endpoint,
+        )
+    elif tls is not None:
+        log.info("TLS on%s", " with client certificates required" if tls_ca else "")
     report = server.load_report
     if report is None:
         log.info(
@@ -137,7 +181,14 @@ def serve(
     log.info("stopped")
 
 
-def _fail(error: object) -> None:
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _fail(error: object) -> NoReturn:
     name = type(error).__name__ if isinstance(error, BaseException) else "Error"
     typer.echo(f"kvserve: {name}: {error}", err=True)
     raise typer.Exit(3)

@@ -21,6 +21,7 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,13 @@ from kvclient._version import __version__
 from kvclient.auth import ServerHandshake
 from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec
 from kvclient.connection import format_address
-from kvclient.errors import KVConnectionError, NoSuchContainerError, ProtocolError, RemoteError
+from kvclient.errors import (
+    KVConnectionError,
+    NoSuchContainerError,
+    ProtocolError,
+    ReadOnlyError,
+    RemoteError,
+)
 from kvserve.containers import Container, WouldBlock
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import Registry, Store
@@ -44,6 +51,7 @@ _RETURN: Final = "#RETURN"
 _ERROR: Final = "#ERROR"
 _STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
 _LOGGED_PUBLIC: Final = frozenset({"create", "drop", "restore"})
+_WRITE_PUBLIC: Final = frozenset({"drop", "restore", "compact"})
 _MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
 
 
@@ -67,16 +75,22 @@ class _Conn:
         "codec",
         "handshake",
         "key_index",
+        "last_active",
         "parked",
         "peer",
         "rbuf",
+        "readonly",
         "sock",
+        "tls_pending",
         "wbuf",
     )
 
     def __init__(self, sock: socket.socket, peer: str, keys: list[bytes]) -> None:
         self.sock = sock
         self.peer = peer
+        self.tls_pending = False
+        self.readonly = False
+        self.last_active = time.monotonic()
         self.rbuf = bytearray()
         self.wbuf = bytearray()
         self.authed = False
@@ -124,6 +138,11 @@ class Server:
         handshake_timeout: seconds a connection may take to authenticate (default 5).
         persistence: keep the data on disk (see :mod:`kvserve.persistence`); None: memory only.
         shutdown_timeout: seconds :meth:`stop` spends sending the last replies (default 5).
+        tls: serve TLS only, with this server-side context (see :func:`kvserve.tls`).
+        readonly_authkey: a second key whose clients may read everything and change nothing.
+        max_connections: connections beyond this are closed at once (default 1024).
+        idle_timeout: close authenticated connections silent this long, seconds (default
+            None: never). Connections waiting in a queue call are not idle.
         backlog: listen backlog.
     """
 
@@ -139,6 +158,10 @@ class Server:
         backlog: int = 1024,
         persistence: Persistence | None = None,
         shutdown_timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+        readonly_authkey: bytes | None = None,
+        max_connections: int = 1024,
+        idle_timeout: float | None = None,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -147,6 +170,14 @@ class Server:
         self.registry = registry
         self.store = Store(registry)
         self.keys = [bytes(authkey)]
+        if readonly_authkey:
+            if bytes(readonly_authkey) == self.keys[0]:
+                raise ValueError("the read-only authkey must differ from the authkey")
+            self.keys.append(bytes(readonly_authkey))
+        self.tls = tls
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.refused_connections = 0
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
@@ -209,6 +240,8 @@ class Server:
         self._listener.setblocking(False)
         sel.register(self._listener, selectors.EVENT_READ, None)
         sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        if self.idle_timeout:
+            self._call_later(self.idle_timeout / 2, self._sweep_idle)
         try:
             while not self._stop.is_set():
                 timeout = None
@@ -220,6 +253,8 @@ class Server:
                         self._accept()
                     elif conn is self._wake_r:
                         self._drain_wakeups()
+                    elif conn.tls_pending:
+                        self._tls_handshake(conn)
                     else:
                         if mask & selectors.EVENT_WRITE:
                             self._flush(conn)
@@ -322,17 +357,67 @@ class Server:
             except OSError as exc:  # EMFILE and friends: log, keep serving the others
                 log.warning("accept failed: %s", exc)
                 return
+            peer = format_address(str(addr[0]), int(addr[1]))
+            if len(self._conns) >= self.max_connections:
+                # Refuse quickly, before any handshake work; existing clients are unaffected.
+                self.refused_connections += 1
+                if self.refused_connections % 100 == 1:
+                    log.warning(
+                        "refusing %s: %d connections is the --max-connections limit "
+                        "(%d refused so far)",
+                        peer,
+                        self.max_connections,
+                        self.refused_connections,
+                    )
+                sock.close()
+                continue
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, format_address(str(addr[0]), int(addr[1])), self.keys)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            conn = _Conn(sock, peer, self.keys)
             self._conns.add(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
-            assert conn.handshake is not None
-            self._send_now(conn, conn.handshake.challenge)
             self._call_later(
                 self.handshake_timeout, functools.partial(self._handshake_expired, conn)
             )
+            if self.tls is not None:
+                conn.tls_pending = True
+                self._tls_handshake(conn)
+            else:
+                assert conn.handshake is not None
+                self._send_now(conn, conn.handshake.challenge)
+
+    def _tls_handshake(self, conn: _Conn) -> None:
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(sock, selectors.EVENT_READ, conn)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(sock, selectors.EVENT_WRITE, conn)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.__class__.__name__
+            log.warning("rejected %s: TLS handshake failed (%s)", conn.peer, reason)
+            self._close(conn)
+            return
+        conn.tls_pending = False
+        self._selector.modify(sock, selectors.EVENT_READ, conn)
+        assert conn.handshake is not None
+        self._send_now(conn, conn.handshake.challenge)
+
+    def _sweep_idle(self) -> None:
+        assert self.idle_timeout is not None
+        cutoff = time.monotonic() - self.idle_timeout
+        for conn in list(self._conns):
+            if conn.authed and conn.parked is None and conn.last_active < cutoff:
+                log.info("closing %s: idle for %.0fs", conn.peer, self.idle_timeout)
+                self._close(conn)
+        self._call_later(self.idle_timeout / 2, self._sweep_idle)
 
     def _handshake_expired(self, conn: _Conn) -> None:
         if not conn.authed and not conn.closed:
@@ -363,18 +448,28 @@ class Server:
         conn.sock.close()
 
     def _on_readable(self, conn: _Conn) -> None:
-        try:
-            data = conn.sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn)
-            return
-        if not data:
-            self._close(conn)
-            return
-        conn.rbuf += data
-        self._process(conn)
+        sock = conn.sock
+        while True:
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                return
+            except ssl.SSLWantWriteError:  # renegotiation-like state; wait until writable
+                self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if not data:
+                self._close(conn)
+                return
+            conn.last_active = time.monotonic()
+            conn.rbuf += data
+            self._process(conn)
+            # TLS may hold decrypted bytes that select() cannot see; plain sockets are
+            # level-triggered, so one recv per event is enough.
+            if conn.closed or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                return
 
     def _process(self, conn: _Conn) -> None:
         """Dispatch every complete frame in the connection's buffer, in order."""
@@ -415,11 +510,15 @@ class Server:
     def _on_handshake(self, conn: _Conn, payload: bytes) -> None:
         hs = conn.handshake
         assert hs is not None
-        self._send_now(conn, hs.answer(payload))
+        reply = hs.answer(payload)
+        if reply is None:
+            return  # the client's hello; its response comes next
+        self._send_now(conn, reply)
         conn.handshake = None
         if hs.ok:
             conn.authed = True
             conn.key_index = hs.key_index
+            conn.readonly = hs.key_index == 1
         else:
             log.warning("rejected %s: %s", conn.peer, hs.reason)
             conn.close_after_flush = True
@@ -461,7 +560,7 @@ class Server:
             return
         try:
             sent = conn.sock.send(frame)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except OSError:
             self._close(conn)
@@ -474,7 +573,7 @@ class Server:
         if conn.wbuf:
             try:
                 sent = conn.sock.send(conn.wbuf)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return
             except OSError:
                 self._close(conn)
@@ -561,6 +660,11 @@ class Server:
             raise AttributeError(f"{obj.kind} {ident!r} has no method {method!r}")
         if type(args) not in (list, tuple) or (kwds is not None and type(kwds) is not dict):
             raise ProtocolError("malformed request: args must be an array, kwds a map or nil")
+        if conn is not None and conn.readonly and method in obj.mutating:
+            raise ReadOnlyError(
+                f"this connection authenticated with the read-only key; {method!r} on "
+                f"{ident!r} would change it"
+            )
         if method in obj.caller_methods:
             if kwds and "caller" in kwds:
                 raise ProtocolError("'caller' is set by the server, not the client")
@@ -606,18 +710,26 @@ class Server:
         if type(args) not in (list, tuple) or (kwds is not None and type(kwds) is not dict):
             raise ProtocolError("malformed request: args must be an array, kwds a map or nil")
         if method == "batch":
-            return self._batch(args, rid)
+            return self._batch(args, rid, conn)
         if method in _STDLIB_NOOPS:
             return None
         func = self._public.get(method)
         if func is None:
             raise AttributeError(f"kvserve has no function {method!r}")
+        if conn.readonly and (
+            method in _WRITE_PUBLIC
+            or (method == "create" and args and len(args) > 1 and args[1] not in self.store.objects)
+        ):
+            raise ReadOnlyError(
+                "this connection authenticated with the read-only key; "
+                f"{method!r} would change the server"
+            )
         result = func(*args, **(kwds or {}))
         if self._persist is not None and method in _LOGGED_PUBLIC:
             self._persist.append(message if rid is None else [*message, rid])
         return result
 
-    def _batch(self, args: list[Any], rid: list[Any] | None) -> list[list[Any]]:
+    def _batch(self, args: list[Any], rid: list[Any] | None, conn: _Conn) -> list[list[Any]]:
         if len(args) != 1 or type(args[0]) is not list:
             raise ProtocolError("malformed batch: expected one array of requests")
         results: list[list[Any]] = []
@@ -629,7 +741,7 @@ class Server:
             del message[4:]  # the batch's own request id covers its calls
             sub_rid = None if rid is None else [rid[0], rid[1], index]
             try:
-                results.append([_RETURN, self._call(message, sub_rid)])
+                results.append([_RETURN, self._call(message, sub_rid, conn)])
                 touched.add(message[0])
             except WouldBlock as wb:  # a batch never waits
                 if wb.on_timeout is not None:
@@ -683,6 +795,7 @@ class Server:
             "clients": sum(1 for c in self._conns if c.authed),
             "containers": len(objects),
             "keys": sum(obj.size() for obj in objects),
+            "refused_connections": self.refused_connections,
             "ops": self.ops_served,
             "requests": self.requests_served,
             "persistence": None

@@ -1,0 +1,92 @@
+"""TLS contexts for both ends, with safe defaults (TLS 1.2+, verification on).
+
+The client verifies the server's certificate and host name by default; ``ca`` names the CA
+file to trust instead of the system store. The server can require client certificates signed
+by a CA (mutual TLS). The authkey handshake still runs inside the TLS session, so a client
+needs both a trusted certificate (under mTLS) and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+from kvclient.errors import TLSError
+
+__all__ = ["client_context", "resolve_client_tls", "server_context"]
+
+
+def _load(action: str, path: str | os.PathLike[str], call: object) -> None:
+    try:
+        call()  # type: ignore[operator]
+    except FileNotFoundError:
+        raise TLSError(f"cannot {action}: {path} does not exist") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSError(f"cannot {action} from {path} ({exc})") from None
+
+
+def client_context(
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> ssl.SSLContext:
+    """Return a client context: verify the server against ``ca`` (default: the system CAs).
+
+    Args:
+        ca: PEM file of the CA(s) to trust for the server certificate.
+        cert: PEM client certificate, for servers that require one (mutual TLS).
+        key: its private key (default: inside ``cert``).
+
+    Raises:
+        TLSError: a file is missing or unreadable.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca is not None:
+        _load("load the CA", ca, lambda: ctx.load_verify_locations(cafile=ca))
+    if cert is not None:
+        _load("load the client certificate", cert, lambda: ctx.load_cert_chain(cert, key))
+    return ctx
+
+
+def server_context(
+    cert: str | os.PathLike[str],
+    key: str | os.PathLike[str] | None = None,
+    client_ca: str | os.PathLike[str] | None = None,
+) -> ssl.SSLContext:
+    """Return a server context; with ``client_ca``, clients must present a certificate it signed.
+
+    Raises:
+        TLSError: a file is missing, unreadable, or the key does not match the certificate.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load("load the server certificate", cert, lambda: ctx.load_cert_chain(cert, key))
+    if client_ca is not None:
+        _load("load the client CA", client_ca, lambda: ctx.load_verify_locations(cafile=client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def resolve_client_tls(
+    tls: bool | ssl.SSLContext | None,
+    ca: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+) -> ssl.SSLContext | None:
+    """Decide whether and how a client uses TLS, from arguments then ``KV_TLS_*`` variables.
+
+    ``tls=None`` means: TLS if any of ``ca``/``cert``/``key`` or ``KV_TLS_CA``/``KV_TLS_CERT``
+    is given. ``tls=False`` never uses TLS; ``tls=True`` uses it with the system CAs unless a CA
+    is given; an ``SSLContext`` is used as it is.
+    """
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is False:
+        return None
+    ca = ca or os.environ.get("KV_TLS_CA") or None
+    cert = cert or os.environ.get("KV_TLS_CERT") or None
+    key = key or os.environ.get("KV_TLS_KEY") or None
+    if tls is None and ca is None and cert is None:
+        return None
+    return client_context(ca, cert, key)

@@ -1,0 +1,496 @@
+"""TLS and mutual TLS, the read-only key, key checks, connection limits, fuzzing the server."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvclient
+from kvclient.codec import Codec
+from kvclient.tls import server_context
+from kvserve import KVDict, KVList, KVManager, KVNamespace, KVQueue, Server
+from kvserve.containers import Container
+from tests.conftest import read_listening_line, start_kvserve
+from tests.test_hostile import (
+    authed_connection,
+    closed_by_peer,
+    raw_connection,
+    recv_frame,
+    send_frame,
+)
+
+
+def _serve(srv: Server) -> threading.Thread:
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(srv: Server, thread: threading.Thread) -> None:
+    srv.stop()
+    assert srv.wait_stopped(10)
+    thread.join(10)
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def pki(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
+    """CA, server certificate for 127.0.0.1/localhost, and a client certificate, as files."""
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "server": tmp_path / "server.pem",
+        "client": tmp_path / "client.pem",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(files["server"])
+    )
+    ca.issue_cert("client@example.org").private_key_and_cert_chain_pem.write_to_path(
+        str(files["client"])
+    )
+    return files
+
+
+def _tls_server(authkey: bytes, ctx: ssl.SSLContext) -> tuple[Server, threading.Thread]:
+    srv = KVManager(("127.0.0.1", 0), authkey=authkey, tls=ctx).get_server()
+    return srv, _serve(srv)
+
+
+@pytest.fixture
+def tls_server(authkey: bytes, pki: dict[str, Path]) -> Iterator[Server]:
+    srv, thread = _tls_server(authkey, server_context(pki["server"]))
+    yield srv
+    _stop(srv, thread)
+
+
+@pytest.fixture
+def mtls_server(authkey: bytes, pki: dict[str, Path]) -> Iterator[Server]:
+    srv, thread = _tls_server(authkey, server_context(pki["server"], client_ca=pki["ca"]))
+    yield srv
+    _stop(srv, thread)
+
+
+def test_tls_round_trip(tls_server: Server, authkey: bytes, pki: dict[str, Path]) -> None:
+    with kvclient.connect(tls_server.endpoint, authkey, ca=pki["ca"]) as kv:
+        d = kv.dict("secret")
+        d["k"] = b"x" * 100_000  # several TLS records
+        assert d["k"] == b"x" * 100_000
+
+
+def test_tls_from_environment(
+    tls_server: Server, authkey: bytes, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KV_TLS_CA", str(pki["ca"]))
+    with kvclient.connect(tls_server.endpoint, authkey) as kv:
+        kv.ping()
+
+
+def test_plain_client_to_tls_server_fails_fast(tls_server: Server, authkey: bytes) -> None:
+    start = time.monotonic()
+    with pytest.raises(kvclient.KVConnectionError, match="tls=True"):
+        kvclient.connect(tls_server.endpoint, authkey, timeout=20)
+    assert time.monotonic() - start < 10  # refused, not left to time out
+
+
+def test_tls_client_to_plain_server_fails_fast(
+    address: str, authkey: bytes, pki: dict[str, Path]
+) -> None:
+    start = time.monotonic()
+    with pytest.raises(kvclient.TLSError, match="serving TLS"):
+        kvclient.connect(address, authkey, ca=pki["ca"], timeout=20)
+    assert time.monotonic() - start < 10
+    with kvclient.connect(address, authkey) as kv:  # the plain server is fine
+        kv.ping()
+
+
+def test_unknown_ca_is_refused(tls_server: Server, authkey: bytes, tmp_path: Path) -> None:
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    with pytest.raises(
+        kvclient.TLSError, match=r"refused.*certificate verify failed|unable to get"
+    ):
+        kvclient.connect(tls_server.endpoint, authkey, ca=tmp_path / "other.pem")
+
+
+def test_expired_certificate_is_refused(
+    ca: trustme.CA, authkey: bytes, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    expired = ca.issue_cert(
+        "127.0.0.1", not_before=past - datetime.timedelta(days=30), not_after=past
+    )
+    expired.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "expired.pem"))
+    srv, thread = _tls_server(authkey, server_context(tmp_path / "expired.pem"))
+    try:
+        with pytest.raises(kvclient.TLSError, match="expired"):
+            kvclient.connect(srv.endpoint, authkey, ca=pki["ca"])
+    finally:
+        _stop(srv, thread)
+
+
+def test_wrong_hostname_is_refused(
+    ca: trustme.CA, authkey: bytes, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    ca.issue_cert("db.example.org").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "other-host.pem")
+    )
+    srv, thread = _tls_server(authkey, server_context(tmp_path / "other-host.pem"))
+    try:
+        with pytest.raises(kvclient.TLSError, match=r"mismatch|doesn.t match|not valid for"):
+            kvclient.connect(srv.endpoint, authkey, ca=pki["ca"])
+    finally:
+        _stop(srv, thread)
+
+
+def test_mutual_tls_requires_a_client_certificate(
+    mtls_server: Server, authkey: bytes, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(kvclient.TLSError, match="client certificate"):
+        kvclient.connect(mtls_server.endpoint, authkey, ca=pki["ca"], retry=None)
+    stranger = trustme.CA().issue_cert("intruder@example.org")
+    stranger.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "stranger.pem"))
+    with pytest.raises(kvclient.TLSError):
+        kvclient.connect(
+            mtls_server.endpoint, authkey, ca=pki["ca"], cert=tmp_path / "stranger.pem"
+        )
+    with kvclient.connect(mtls_server.endpoint, authkey, ca=pki["ca"], cert=pki["client"]) as kv:
+        kv.dict("d")["k"] = 1
+        assert kv.dict("d")["k"] == 1
+    # The authkey still matters inside TLS.
+    with pytest.raises(kvclient.AuthError):
+        kvclient.connect(
+            mtls_server.endpoint, b"wrong-key-wrong-key", ca=pki["ca"], cert=pki["client"]
+        )
+
+
+def test_tls_handshake_that_never_starts_is_closed(authkey: bytes, pki: dict[str, Path]) -> None:
+    srv = KVManager(
+        ("127.0.0.1", 0), authkey=authkey, tls=server_context(pki["server"]), handshake_timeout=0.5
+    ).get_server()
+    thread = _serve(srv)
+    try:
+        sock = socket.create_connection(srv.address, timeout=10)
+        with sock:
+            assert closed_by_peer(sock)
+    finally:
+        _stop(srv, thread)
+
+
+def test_kvserve_with_mtls_end_to_end(
+    clean_env: dict[str, str], authkey: bytes, pki: dict[str, Path]
+) -> None:
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    proc = start_kvserve(
+        env,
+        "--tls-cert",
+        str(pki["server"]),
+        "--tls-ca",
+        str(pki["ca"]),
+    )
+    try:
+        address = read_listening_line(proc)
+        with kvclient.connect(address, authkey, ca=pki["ca"], cert=pki["client"]) as kv:
+            kv.dict("d")["k"] = "over mTLS"
+            assert kv.dict("d")["k"] == "over mTLS"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "TLS on with client certificates required" in err
+
+
+def test_non_loopback_bind_without_tls_warns(clean_env: dict[str, str], authkey: bytes) -> None:
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    proc = start_kvserve(env, "--host", "0.0.0.0")  # bound briefly; only loopback is used
+    try:
+        read_listening_line(proc)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "without TLS" in err
+    assert "readable by anyone on the network" in err
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def test_key_file_readable_by_others_is_refused(clean_env: dict[str, str], tmp_path: Path) -> None:
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(os.urandom(32))
+    keyfile.chmod(0o644)
+    proc = start_kvserve(clean_env, "--authkey-file", str(keyfile))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert out == ""
+    assert "chmod 600" in err
+    assert "mode 644" in err
+
+
+@pytest.mark.parametrize("key", ["", "short-key"])
+def test_empty_or_short_key_is_refused(clean_env: dict[str, str], key: str) -> None:
+    env = dict(clean_env, KV_AUTHKEY=key) if key else dict(clean_env)
+    if not key:
+        keyfile = Path(clean_env["HOME"]) / "empty"
+        keyfile.parent.mkdir(parents=True, exist_ok=True)
+        keyfile.write_bytes(b"")
+        keyfile.chmod(0o600)
+        proc = start_kvserve(env, "--authkey-file", str(keyfile))
+    else:
+        proc = start_kvserve(env)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert out == ""
+    assert ("is empty" in err) if not key else ("at least 16" in err)
+
+
+# -- the read-only key ------------------------------------------------------------------------
+
+READONLY_KEY = b"read-only-key-0123456789"
+
+# One plausible call of every mutating method of every kind.
+MUTATING_CALLS: dict[str, list[tuple[str, list[Any]]]] = {
+    "dict": [
+        ("__setitem__", ["k", 2]),
+        ("__delitem__", ["k"]),
+        ("update", [{"k": 3}]),
+        ("pop", ["k"]),
+        ("popitem", []),
+        ("setdefault", ["new", 1]),
+        ("clear", []),
+        ("incr", ["n", 1, 0]),
+        ("cas", ["k", 1, 5]),
+        ("set_many", [{"a": 1}]),
+        ("delete_many", [["k"]]),
+    ],
+    "list": [
+        ("__setitem__", [0, 9]),
+        ("__delitem__", [0]),
+        ("append", [1]),
+        ("extend", [[1]]),
+        ("insert", [0, 1]),
+        ("pop", [-1]),
+        ("remove", [1]),
+        ("sort", [False]),
+        ("reverse", []),
+        ("clear", []),
+        ("setslice", [0, 1, None, [7]]),
+        ("delslice", [0, 1, None]),
+    ],
+    "namespace": [
+        ("setattr", ["x", 2]),
+        ("delattr", ["x"]),
+        ("incr", ["x", 1]),
+        ("update", [{"y": 1}]),
+    ],
+    "queue": [
+        ("put", [1, False, None]),
+        ("get", [False, None]),
+        ("put_nowait", [1]),
+        ("get_nowait", []),
+    ],
+}
+
+
+def test_the_table_covers_every_mutating_method() -> None:
+    kinds: dict[str, type[Container]] = {
+        "dict": KVDict,
+        "list": KVList,
+        "namespace": KVNamespace,
+        "queue": KVQueue,
+    }
+    for kind, cls in kinds.items():
+        assert {m for m, _ in MUTATING_CALLS[kind]} == set(cls.mutating), kind
+
+
+def test_readonly_key_reads_everything_and_changes_nothing(authkey: bytes) -> None:
+    srv = KVManager(("127.0.0.1", 0), authkey=authkey, readonly_authkey=READONLY_KEY).get_server()
+    thread = _serve(srv)
+    try:
+        with kvclient.connect(srv.endpoint, authkey) as admin:
+            admin.dict("dict").update({"k": 1, "n": 5})
+            admin.list("list").extend([1, 2, 3])
+            admin.namespace("namespace").x = 1
+            admin.queue("queue").put(1)
+            before = admin.dump()
+        with kvclient.connect(srv.endpoint, READONLY_KEY, retry=None) as ro:
+            assert ro.dict("dict")["k"] == 1  # reads work, and so does naming a container
+            assert ro.list("list").copy() == [1, 2, 3]
+            assert ro.namespace("namespace").x == 1
+            assert ro.queue("queue").qsize() == 1
+            for kind, calls in MUTATING_CALLS.items():
+                for method, args in calls:
+                    with pytest.raises(kvclient.ReadOnlyError):
+                        ro._call(kind, method, args)
+            with pytest.raises(PermissionError):
+                ro.dict("brand-new")  # creating is a change
+            with pytest.raises(kvclient.ReadOnlyError):
+                ro.drop("dict")
+            with pytest.raises(kvclient.ReadOnlyError):
+                ro.restore(before)
+            with ro.batch() as b:
+                b.dict("dict")["k"] = 99
+                got = b.dict("dict").get("k")
+            assert isinstance(b.results and b.results[0], kvclient.ReadOnlyError)
+            assert got.value == 1
+        with kvclient.connect(srv.endpoint, authkey) as admin:
+            assert admin.dump() == before
+    finally:
+        _stop(srv, thread)
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_are_refused_then_service_resumes(authkey: bytes) -> None:
+    srv = KVManager(("127.0.0.1", 0), authkey=authkey, max_connections=10).get_server()
+    thread = _serve(srv)
+    try:
+        with kvclient.connect(srv.endpoint, authkey) as kv:
+            d = kv.dict("d")
+            d["k"] = 1
+            held = [raw_connection(srv.endpoint) for _ in range(9)]  # 10 with the client
+            for sock in held:
+                recv_frame(sock)
+            extra = [raw_connection(srv.endpoint, hello=False) for _ in range(20)]
+            for sock in extra:
+                assert closed_by_peer(sock, timeout=5)  # refused at once
+                sock.close()
+            assert d["k"] == 1  # the existing client is unaffected
+            for sock in held:
+                sock.close()
+            time.sleep(0.2)
+            with kvclient.connect(srv.endpoint, authkey) as again:  # normal service resumes
+                assert again.dict("d")["k"] == 1
+            assert kv.stats()["refused_connections"] >= 20
+    finally:
+        _stop(srv, thread)
+
+
+def test_idle_connections_are_closed(authkey: bytes) -> None:
+    srv = KVManager(("127.0.0.1", 0), authkey=authkey, idle_timeout=0.5).get_server()
+    thread = _serve(srv)
+    try:
+        sock = authed_connection(srv.endpoint, authkey)
+        with sock:
+            assert closed_by_peer(sock, timeout=10)
+        with kvclient.connect(srv.endpoint, authkey) as kv:
+            kv.dict("d")["k"] = 1
+            time.sleep(1.5)  # idle past the limit: closed by the server...
+            assert kv.dict("d")["k"] == 1  # ...and the client reconnects on its own
+    finally:
+        _stop(srv, thread)
+
+
+def test_slowloris_does_not_starve_real_clients(authkey: bytes) -> None:
+    srv = KVManager(("127.0.0.1", 0), authkey=authkey, handshake_timeout=1.0).get_server()
+    thread = _serve(srv)
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(500):
+            sock = socket.create_connection(srv.address, timeout=10)
+            sock.sendall(b"\x00")  # one byte of a length prefix, then nothing
+            stalled.append(sock)
+        start = time.monotonic()
+        with kvclient.connect(srv.endpoint, authkey, timeout=5, retry=None) as kv:
+            kv.dict("d")["k"] = 1
+            assert kv.dict("d")["k"] == 1
+        served_in = time.monotonic() - start
+        assert served_in < 5  # generous: it takes milliseconds; the stalled ones cost no thread
+        for sock in stalled:
+            assert closed_by_peer(sock, timeout=10)  # each closed after the handshake timeout
+    finally:
+        for sock in stalled:
+            sock.close()
+        _stop(srv, thread)
+
+
+# -- fuzzing ----------------------------------------------------------------------------------
+
+small_text = st.text(alphabet="abcxyz_", max_size=4)
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | small_text
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(small_text, inner, max_size=3),
+    max_leaves=10,
+)
+methods = (
+    st.sampled_from(
+        sorted(
+            KVDict.exposed
+            | KVList.exposed
+            | KVNamespace.exposed
+            | KVQueue.exposed
+            | {"create", "names", "drop", "batch", "ping", "stats", "dump", "restore", "nope"}
+        )
+    )
+    | small_text
+)
+messages = st.one_of(
+    st.tuples(
+        st.none() | small_text | st.integers(min_value=0, max_value=9),
+        methods,
+        st.lists(values, max_size=4),
+        st.none() | st.dictionaries(small_text, values, max_size=2),
+    ).map(list),
+    values,
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_target() -> Iterator[tuple[Server, bytes]]:
+    key = os.urandom(16).hex().encode()
+    srv = KVManager(("127.0.0.1", 0), authkey=key).get_server()
+    thread = _serve(srv)
+    with kvclient.connect(srv.endpoint, key) as kv:
+        kv.dict("SENTINEL")["k"] = [1, 2, 3]
+        for kind in ("dict", "list", "namespace", "queue"):
+            kv._create(kind, kind[0])
+    yield srv, key
+    _stop(srv, thread)
+
+
+@settings(
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(frames=st.lists(messages | st.binary(max_size=40), min_size=1, max_size=5))
+def test_fuzzed_frames_get_documented_errors_and_the_server_survives(
+    fuzz_target: tuple[Server, bytes], frames: list[Any]
+) -> None:
+    srv, key = fuzz_target
+    codec = Codec()
+    sock = authed_connection(srv.endpoint, key)
+    with sock:
+        for frame in frames:
+            payload = frame if isinstance(frame, bytes) else msgpack.packb(frame, use_bin_type=True)
+            try:
+                send_frame(sock, payload)
+                reply = recv_frame(sock)
+            except (EOFError, ConnectionError):
+                break  # the server closed this connection: allowed for undecodable frames
+            kind, value = codec.unpack(reply)
+            assert kind in ("#RETURN", "#ERROR")
+            if kind == "#ERROR":
+                assert isinstance(value, Exception)
+                assert not isinstance(value, kvclient.RemoteError), value  # no internal errors
+    with kvclient.connect(srv.endpoint, key) as kv:
+        assert kv.dict("SENTINEL")["k"] == [1, 2, 3]

@@ -104,7 +104,8 @@ def test_client_rejects_a_server_that_cannot_prove_the_key(authkey: bytes) -> No
         conn, _ = listener.accept()
         with conn:
             send_frame(conn, b"#KV-CHALLENGE#" + os.urandom(32))
-            recv_frame(conn)
+            assert recv_frame(conn) == HELLO
+            recv_frame(conn)  # the client's answer, which a fake server cannot check
             send_frame(conn, b"#KV-WELCOME#" + os.urandom(32) + b"\x00\x01")
             conn.recv(1)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from multiprocessing import managers
 from typing import Any, Final
@@ -91,7 +92,16 @@ class Connection:
         TLSError: TLS failed (certificate refused, or only one side speaks TLS).
     """
 
-    __slots__ = ("__weakref__", "_sock", "codec", "endpoint", "max_frame", "timeout")
+    __slots__ = (
+        "__weakref__",
+        "_applied_timeout",
+        "_big",
+        "_sock",
+        "codec",
+        "endpoint",
+        "max_frame",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -105,6 +115,8 @@ class Connection:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._sock: socket.socket | None = None
+        self._big: bytearray | None = None
+        self._applied_timeout: float | bool | None = False
         self.endpoint = format_address(*address)
         self.timeout = timeout
         self.max_frame = max_frame
@@ -118,9 +130,28 @@ class Connection:
             if tls is not None:
                 self._start_tls(tls, address[0])
             self._handshake(authkey)
+            if not isinstance(self._sock, ssl.SSLSocket):
+                # Blocking mode from here on, with the call timeout in SO_RCVTIMEO/SNDTIMEO:
+                # Python's own timeouts poll() before every send and recv (two extra
+                # syscalls per call).
+                self._sock.settimeout(None)
+                self._applied_timeout = None
         except BaseException:
             self.close()
             raise
+
+    def _apply_timeout(self, sock: socket.socket, seconds: float | None) -> None:
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(seconds)
+        else:
+            whole = int(seconds or 0)
+            micro = int(((seconds or 0) - whole) * 1_000_000)
+            if seconds is not None and whole == 0 and micro == 0:
+                micro = 1  # a zero timeval means "no timeout"
+            timeval = struct.pack("ll", whole, micro)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self._applied_timeout = seconds
 
     def _start_tls(self, context: ssl.SSLContext, host: str) -> None:
         assert self._sock is not None
@@ -143,11 +174,11 @@ class Connection:
         try:
             # Hello first, without waiting: a TLS server refuses it at once (see codec).
             self._send_frame(HELLO)
-            challenge = self._recv_frame(MAX_HANDSHAKE_FRAME)
+            challenge = bytes(self._recv_frame(MAX_HANDSHAKE_FRAME))
             response, nonce_c = client_response(authkey, challenge)
             self._send_frame(response)
             client_verify_welcome(
-                authkey, self._recv_frame(MAX_HANDSHAKE_FRAME), challenge, nonce_c
+                authkey, bytes(self._recv_frame(MAX_HANDSHAKE_FRAME)), challenge, nonce_c
             )
         except ssl.SSLError as exc:
             if (
@@ -204,7 +235,7 @@ class Connection:
             self._sock.sendall(header)
             self._sock.sendall(payload)
 
-    def _recv_frame(self, limit: int) -> bytes:
+    def _recv_frame(self, limit: int) -> bytes | memoryview:
         sock = self._sock
         assert sock is not None
         data = sock.recv(_RECV_CHUNK)
@@ -226,8 +257,11 @@ class Connection:
         if len(data) > end:
             # Replies come one per request, so extra bytes mean the peer is not kvserve.
             raise ProtocolError(f"{self.endpoint} sent more than one reply")
-        buf = bytearray(size)
-        view = memoryview(buf)
+        # A large reply goes into a buffer kept for the next one: fresh memory costs page
+        # faults per call, and a bytes() copy of it would cost them twice.
+        if self._big is None or len(self._big) < size:
+            self._big = bytearray(max(size, 2 * _RECV_CHUNK))
+        view = memoryview(self._big)[:size]
         got = len(data) - 4
         view[:got] = memoryview(data)[4:]
         while got < size:
@@ -235,7 +269,7 @@ class Connection:
             if not n:
                 raise EOFError
             got += n
-        return bytes(buf)
+        return view
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -257,7 +291,9 @@ class Connection:
         if sock is None:
             raise ProtocolError(f"connection to {self.endpoint} is closed")
         try:
-            sock.settimeout(self.timeout if timeout is False else timeout)
+            wanted = self.timeout if timeout is False else timeout
+            if wanted != self._applied_timeout:
+                self._apply_timeout(sock, wanted)
             self._send_frame(payload)
             reply = self.codec.unpack(self._recv_frame(self.max_frame))
         except (OSError, EOFError) as exc:

@@ -120,7 +120,8 @@ def translate_os_error(exc: BaseException, endpoint: str, action: str) -> KVConn
     Returns:
         A :class:`KVConnectionError` (or :class:`KVTimeoutError`) to raise ``from exc``.
     """
-    if isinstance(exc, TimeoutError | socket.timeout):
+    # BlockingIOError on a blocking socket means SO_RCVTIMEO/SO_SNDTIMEO ran out.
+    if isinstance(exc, TimeoutError | socket.timeout | BlockingIOError):
         return KVTimeoutError(f"timed out trying to {action} {endpoint}")
     if isinstance(exc, socket.gaierror):
         return KVConnectionError(

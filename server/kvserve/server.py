@@ -47,6 +47,7 @@ __all__ = ["Server"]
 log = logging.getLogger("kvserve")
 
 _RECV_SIZE: Final = 256 * 1024
+_CONCAT_LIMIT: Final = 64 * 1024
 _RETURN: Final = "#RETURN"
 _ERROR: Final = "#ERROR"
 _STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
@@ -82,7 +83,7 @@ class _Conn:
         "readonly",
         "sock",
         "tls_pending",
-        "wbuf",
+        "wqueue",
     )
 
     def __init__(self, sock: socket.socket, peer: str, keys: list[bytes]) -> None:
@@ -92,7 +93,8 @@ class _Conn:
         self.readonly = False
         self.last_active = time.monotonic()
         self.rbuf = bytearray()
-        self.wbuf = bytearray()
+        # Unsent output, in order: small frames as bytes, big payloads as views (never copied).
+        self.wqueue: collections.deque[bytes | memoryview] = collections.deque()
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
@@ -203,6 +205,7 @@ class Server:
         bound = self._listener.getsockname()
         self.address: tuple[str, int] = (bound[0], bound[1])
         self._selector = selectors.DefaultSelector()
+        self._recv_view = memoryview(bytearray(_RECV_SIZE))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -320,11 +323,11 @@ class Server:
 
     def _drain_writes(self, deadline: float) -> None:
         """Send what is still buffered for clients, for at most until ``deadline``."""
-        pending = [c for c in self._conns if c.wbuf and not c.closed]
+        pending = [c for c in self._conns if c.wqueue and not c.closed]
         while pending and time.monotonic() < deadline:
             for conn in pending:
                 self._flush(conn)
-            pending = [c for c in pending if c.wbuf and not c.closed]
+            pending = [c for c in pending if c.wqueue and not c.closed]
             if pending:
                 time.sleep(0.005)
 
@@ -449,9 +452,12 @@ class Server:
 
     def _on_readable(self, conn: _Conn) -> None:
         sock = conn.sock
+        view = self._recv_view
         while True:
             try:
-                data = sock.recv(_RECV_SIZE)
+                # Into one preallocated buffer: a fresh 256 KiB bytes per recv() costs an
+                # mmap/mremap/munmap and page faults per request (a third of the server's CPU).
+                n = sock.recv_into(view)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                 return
             except ssl.SSLWantWriteError:  # renegotiation-like state; wait until writable
@@ -460,20 +466,44 @@ class Server:
             except OSError:
                 self._close(conn)
                 return
-            if not data:
+            if not n:
                 self._close(conn)
                 return
             conn.last_active = time.monotonic()
-            conn.rbuf += data
-            self._process(conn)
+            self._process(conn, view[:n])
             # TLS may hold decrypted bytes that select() cannot see; plain sockets are
             # level-triggered, so one recv per event is enough.
             if conn.closed or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
                 return
 
-    def _process(self, conn: _Conn) -> None:
-        """Dispatch every complete frame in the connection's buffer, in order."""
-        buf = conn.rbuf
+    def _process(self, conn: _Conn, chunk: memoryview | None = None) -> None:
+        """Dispatch every complete frame received on ``conn`` (buffered, then ``chunk``), in order.
+
+        The common case, nothing buffered, decodes straight from the receive buffer; only an
+        incomplete tail (or frames waiting behind a parked request) is copied into ``rbuf``.
+        """
+        if chunk is not None and not conn.rbuf:
+            used = self._frames(conn, chunk)
+            if used < len(chunk) and not conn.closed:
+                conn.rbuf += chunk[used:]
+        else:
+            if chunk is not None:
+                conn.rbuf += chunk
+            if not conn.rbuf:
+                return
+            buf = memoryview(conn.rbuf)
+            try:
+                used = self._frames(conn, buf)
+            finally:
+                buf.release()  # before resizing rbuf below
+            if used and not conn.closed:
+                del conn.rbuf[:used]
+        if conn.parked is not None and len(conn.rbuf) > self.max_frame + 4:
+            log.warning("closing %s: too much data sent while waiting", conn.peer)
+            self._close(conn)
+
+    def _frames(self, conn: _Conn, buf: memoryview) -> int:
+        """Dispatch the complete frames at the start of ``buf``; return the bytes used."""
         pos = 0
         try:
             while not conn.closed and conn.parked is None and not conn.close_after_flush:
@@ -486,26 +516,21 @@ class Server:
                         "closing %s: %d-byte frame over the %d-byte limit", conn.peer, size, limit
                     )
                     self._close(conn)
-                    return
+                    return pos
                 end = pos + 4 + size
                 if len(buf) < end:
                     break
-                payload = bytes(buf[pos + 4 : end])
+                payload = buf[pos + 4 : end]
                 pos = end
                 if conn.authed:
                     self._on_request(conn, payload)
                 else:
-                    self._on_handshake(conn, payload)
+                    self._on_handshake(conn, bytes(payload))
         except Exception:
             # A bug in dispatch must cost one connection, never the server.
             log.exception("internal error serving %s; closing that connection", conn.peer)
             self._close(conn)
-            return
-        if pos:
-            del buf[:pos]
-        if conn.parked is not None and len(buf) > self.max_frame + 4:
-            log.warning("closing %s: too much data sent while waiting", conn.peer)
-            self._close(conn)
+        return pos
 
     def _on_handshake(self, conn: _Conn, payload: bytes) -> None:
         hs = conn.handshake
@@ -554,32 +579,48 @@ class Server:
     def _send_now(self, conn: _Conn, payload: bytes) -> None:
         if conn.closed:
             return
-        frame = HEADER.pack(len(payload)) + payload
-        if conn.wbuf:
-            conn.wbuf += frame
-            return
-        try:
-            sent = conn.sock.send(frame)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            sent = 0
-        except OSError:
-            self._close(conn)
-            return
-        if sent < len(frame):
-            conn.wbuf += memoryview(frame)[sent:]
-            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        header = HEADER.pack(len(payload))
+        queue = conn.wqueue
+        was_idle = not queue
+        if len(payload) <= _CONCAT_LIMIT:
+            queue.append(header + payload)  # one small copy beats a two-element sendmsg
+        else:
+            queue.append(header)
+            queue.append(payload)
+        if was_idle:
+            # Send now; what the kernel does not take waits for the socket to become writable.
+            self._write(conn)
+            if conn.wqueue and not conn.closed:
+                self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
-    def _flush(self, conn: _Conn) -> None:
-        if conn.wbuf:
+    def _write(self, conn: _Conn) -> None:
+        """Send as much queued output as the socket takes, without copying payloads."""
+        queue = conn.wqueue
+        sock = conn.sock
+        while queue:
             try:
-                sent = conn.sock.send(conn.wbuf)
+                if len(queue) == 1 or isinstance(sock, ssl.SSLSocket):
+                    sent = sock.send(queue[0])
+                else:
+                    sent = sock.sendmsg(list(itertools.islice(queue, 64)))
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return
             except OSError:
                 self._close(conn)
                 return
-            del conn.wbuf[:sent]
-            if conn.wbuf:
+            while sent:
+                first = queue[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    queue.popleft()
+                else:
+                    queue[0] = memoryview(first)[sent:]
+                    return  # the kernel buffer is full
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.wqueue:
+            self._write(conn)
+            if conn.wqueue or conn.closed:
                 return
             self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
         if conn.close_after_flush:
@@ -594,7 +635,7 @@ class Server:
 
     # -- requests ------------------------------------------------------------------------
 
-    def _on_request(self, conn: _Conn, payload: bytes) -> None:
+    def _on_request(self, conn: _Conn, payload: bytes | memoryview) -> None:
         try:
             message = conn.codec.unpack(payload)
         except ProtocolError as exc:

@@ -1,0 +1,455 @@
+"""Results: one phase's numbers, medians over rounds, ratios, targets, Markdown and JSON.
+
+Ratios are computed round by round (kvserve's round-2 number over the stdlib's round-2 number,
+measured seconds apart) and then summarized as median [min-max]: on a shared machine the load
+drifts over minutes, and a ratio of two numbers taken side by side is what stays meaningful.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from bench.memory import MemoryResult
+from bench.systems import SYSTEM_LABELS
+
+__all__ = [
+    "BASELINES",
+    "NOISE_CORES",
+    "Phase",
+    "Target",
+    "evaluate_targets",
+    "markdown",
+    "ratios",
+    "summary_json",
+]
+
+BASELINES: Final = ("stdlib", "raw", "redis")
+NOISE_CORES: Final = 0.2
+"""CPU (cores) used by other processes during a window above which a cell is marked †."""
+
+
+@dataclass
+class Phase:
+    """One case against one system in one round.
+
+    Attributes:
+        case: case name.
+        system: system name.
+        round: 0-based round number.
+        ops_per_s: operations per second, all counted clients together (batch items count).
+        p50_us: median latency per call (one round trip), all counted clients pooled.
+        p99_us: 99th percentile latency per call.
+        max_us: slowest call.
+        ops: operations counted.
+        client_cpu_us: client CPU (user + sys, all clients) per operation.
+        client_sys: share of the clients' CPU spent in the kernel.
+        server_cpu_us: server CPU per operation.
+        server_sys: share of the server's CPU spent in the kernel.
+        server_cores: server CPU seconds per wall second.
+        client_cores: clients' CPU seconds per wall second.
+        machine_cores: whole machine busy CPU seconds per wall second.
+        softirq_cores: kernel softirq time (loopback TCP) per wall second.
+        steal_cores: time the hypervisor gave our vCPUs to other guests, per wall second.
+        other_cores: what other processes used (machine - clients - server - softirq).
+        server_switches: server context switches per operation (voluntary + involuntary).
+        clients: per-client numbers.
+        error: why the phase failed, else "".
+    """
+
+    case: str
+    system: str
+    round: int
+    ops_per_s: float = 0.0
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    max_us: float = 0.0
+    ops: int = 0
+    client_cpu_us: float = 0.0
+    client_sys: float = 0.0
+    server_cpu_us: float = 0.0
+    server_sys: float = 0.0
+    server_cores: float = 0.0
+    client_cores: float = 0.0
+    machine_cores: float = 0.0
+    softirq_cores: float = 0.0
+    steal_cores: float = 0.0
+    other_cores: float = 0.0
+    server_switches: float = 0.0
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the phase produced numbers."""
+        return not self.error and self.ops > 0
+
+
+@dataclass
+class Target:
+    """One line of the issue's targets table, evaluated.
+
+    Attributes:
+        name: what is compared.
+        op: ``>=`` or ``<=``.
+        threshold: required ratio.
+        details: ``(label, median ratio)`` per pair compared; None when not measured.
+    """
+
+    name: str
+    op: str
+    threshold: float
+    details: list[tuple[str, float | None]]
+
+    @property
+    def measured(self) -> float | None:
+        """The worst of the pairs (lowest for ``>=``, highest for ``<=``)."""
+        values = [v for _, v in self.details if v is not None]
+        if not values:
+            return None
+        return min(values) if self.op == ">=" else max(values)
+
+    @property
+    def verdict(self) -> str:
+        """PASS when every measured pair meets the threshold, MISS otherwise, n/a if none."""
+        worst = self.measured
+        if worst is None:
+            return "n/a"
+        ok = worst >= self.threshold if self.op == ">=" else worst <= self.threshold
+        return "PASS" if ok else "MISS"
+
+
+# -- aggregation ---------------------------------------------------------------------------
+
+
+def _by_round(phases: Iterable[Phase], case: str, system: str) -> dict[int, Phase]:
+    return {p.round: p for p in phases if p.case == case and p.system == system and p.ok}
+
+
+def ratios(
+    phases: list[Phase],
+    a: tuple[str, str],
+    b: tuple[str, str],
+    metric: Callable[[Phase], float] = lambda p: p.ops_per_s,
+) -> list[float]:
+    """Return ``metric(a) / metric(b)`` for each round where both (case, system) succeeded."""
+    ra, rb = _by_round(phases, *a), _by_round(phases, *b)
+    return [metric(ra[r]) / metric(rb[r]) for r in sorted(ra.keys() & rb.keys()) if metric(rb[r])]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _spread(values: list[float]) -> float | None:
+    return max(values) / min(values) if values and min(values) > 0 else None
+
+
+# -- targets -------------------------------------------------------------------------------
+
+_GETSET: Final = ("get-str", "set-str", "get-dict", "set-dict")
+
+
+def evaluate_targets(phases: list[Phase], memory: list[MemoryResult]) -> list[Target]:
+    """Evaluate the issue's targets from this run's numbers (medians of per-round ratios)."""
+
+    def vs(clients: int, baseline: str) -> list[tuple[str, float | None]]:
+        return [
+            (
+                f"{c}-c{clients}",
+                _median(
+                    ratios(phases, (f"{c}-c{clients}", "kvserve"), (f"{c}-c{clients}", baseline))
+                ),
+            )
+            for c in _GETSET
+        ]
+
+    targets = [
+        Target("GET/SET, 1 client vs stdlib manager", ">=", 1.10, vs(1, "stdlib")),
+        Target("GET/SET, 1 client vs raw-socket floor", ">=", 0.90, vs(1, "raw")),
+        Target("GET/SET, 4 clients vs stdlib manager", ">=", 1.30, vs(4, "stdlib")),
+        Target("GET/SET, 16 clients vs stdlib manager", ">=", 2.0, vs(16, "stdlib")),
+    ]
+    stable: list[tuple[str, float | None]] = []
+    for c in _GETSET:
+        rounds = _by_round(phases, f"{c}-c16", "kvserve")
+        spread = _spread([p.ops_per_s for p in rounds.values()]) if len(rounds) > 1 else None
+        stable.append((f"{c}-c16", spread))
+    targets.append(Target("GET/SET, 16 clients: max/min over rounds", "<=", 1.25, stable))
+    targets.append(
+        Target(
+            "batched 100 keys vs redis-py pipeline(100) + hiredis",
+            ">=",
+            2.5,
+            [
+                (n, _median(ratios(phases, (n, "kvserve"), (n, "redis"))))
+                for n in ("mget100-str-c1", "mset100-str-c1")
+            ],
+        )
+    )
+    targets.append(
+        Target(
+            "batched 100 keys vs kvserve single-op",
+            ">=",
+            25.0,
+            [
+                (
+                    "mget100 / get-str-c1",
+                    _median(
+                        ratios(phases, ("mget100-str-c1", "kvserve"), ("get-str-c1", "kvserve"))
+                    ),
+                ),
+                (
+                    "mset100 / set-str-c1",
+                    _median(
+                        ratios(phases, ("mset100-str-c1", "kvserve"), ("set-str-c1", "kvserve"))
+                    ),
+                ),
+            ],
+        )
+    )
+    targets.append(
+        Target(
+            "vs Redis + redis-py (hiredis), 1/4/16 clients",
+            ">=",
+            1.15,
+            [pair for n in (1, 4, 16) for pair in vs(n, "redis")],
+        )
+    )
+    mem = {m.system: m for m in memory if not m.error}
+    mem_ratio = None
+    if "kvserve" in mem and "plain-dict" in mem and mem["plain-dict"].delta > 0:
+        mem_ratio = mem["kvserve"].delta / mem["plain-dict"].delta
+    keys = memory[0].keys if memory else 0
+    targets.append(
+        Target(
+            "memory vs plain dict (RSS delta)",
+            "<=",
+            1.10,
+            [(f"{keys:,} keys", mem_ratio)],
+        )
+    )
+    p99: list[tuple[str, float | None]] = []
+    for c in _GETSET:
+        rounds = _by_round(phases, f"{c}-c1", "kvserve")
+        p99.append((f"{c}-c1", _median([p.p99_us / p.p50_us for p in rounds.values() if p.p50_us])))
+    targets.append(Target("p99 latency / p50, 1 client", "<=", 1.6, p99))
+    return targets
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def _n(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    if value >= 1e3:
+        return f"{value / 1e3:.2f}k"
+    return f"{value:.0f}"
+
+
+def _us(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _range(values: list[float], fmt: Callable[[float], str]) -> str:
+    if not values:
+        return "-"
+    mid = fmt(statistics.median(values))
+    if len(values) == 1:
+        return mid
+    return f"{mid} [{fmt(min(values))}-{fmt(max(values))}]"
+
+
+def _ratio_cell(values: list[float]) -> str:
+    return _range(values, lambda v: f"{v:.2f}") + ("x" if values else "")
+
+
+def _cases_in_order(phases: list[Phase]) -> list[str]:
+    seen: dict[str, None] = {}
+    for p in phases:
+        seen.setdefault(p.case, None)
+    return list(seen)
+
+
+def _systems_in_order(phases: list[Phase], systems: list[str]) -> list[str]:
+    present = {p.system for p in phases}
+    return [s for s in systems if s in present]
+
+
+def _header_table(header: dict[str, Any]) -> list[str]:
+    packages = ", ".join(f"{k} {v}" for k, v in header["packages"].items())
+    rows = [
+        ("date (start)", header["date"]),
+        ("nproc / CPU", f"{header['nproc']} / {header['cpu']}"),
+        ("kernel", header["kernel"]),
+        ("python", f"{header['implementation']} {header['python']}"),
+        ("packages", packages),
+        ("redis-server", header["redis_server"]),
+        ("kvmanager commit", header["commit"]),
+        ("loadavg start / end", f"{header['loadavg_start']} / {header.get('loadavg_end', '?')}"),
+        ("rounds x window", f"{header['rounds']} interleaved rounds x {header['duration']:g} s"),
+        ("systems", ", ".join(header["systems"])),
+        ("wall time", f"{header.get('wall_s', 0):.0f} s"),
+    ]
+    rows += [(f"skipped: {k}", v) for k, v in header.get("skipped", {}).items()]
+    lines = ["| fact | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return lines
+
+
+def markdown(
+    title: str,
+    header: dict[str, Any],
+    phases: list[Phase],
+    memory: list[MemoryResult],
+    targets: list[Target],
+) -> str:
+    """Return the whole report as Markdown."""
+    systems = _systems_in_order(phases, list(header["systems"]))
+    out = [f"# {title}", ""]
+    out += _header_table(header)
+    out += [
+        "",
+        "## Throughput, latency, CPU per operation",
+        "",
+        "ops/s: median [min-max] over the rounds, all clients together; batched cases count "
+        "each of the 100 keys, the queue case counts items delivered to the consumer. "
+        "Latency: one call (one round trip), all clients pooled, median over rounds of each "
+        "round's p50 / p99. `x X`: median of the per-round ratios to system X in the same "
+        "case. CPU µs/op: CPU seconds of all clients / of the server over the window per "
+        "operation, (kernel share). `†`: in some round other processes used more than "
+        f"{NOISE_CORES} cores.",
+        "",
+        "| case | system | ops/s | p50 µs | p99 µs | "
+        + " | ".join(f"x {b}" for b in BASELINES)
+        + " | client µs/op | server µs/op | server cores | ctx sw/op |",
+        "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|---|",
+    ]
+    for case in _cases_in_order(phases):
+        for system in systems:
+            rounds = _by_round(phases, case, system)
+            failed = [p for p in phases if p.case == case and p.system == system and not p.ok]
+            if not rounds:
+                why = failed[0].error[:120] if failed else "not run"
+                out.append(f"| {case} | {system} | failed: {why} |" + " |" * (8 + len(BASELINES)))
+                continue
+            ps = list(rounds.values())
+            noisy = "†" if any(p.other_cores > NOISE_CORES for p in ps) else ""
+            failed_note = f" ({len(failed)} failed)" if failed else ""
+            cells = [
+                case,
+                system,
+                _range([p.ops_per_s for p in ps], _n) + noisy + failed_note,
+                _us(statistics.median(p.p50_us for p in ps)),
+                _us(statistics.median(p.p99_us for p in ps)),
+            ]
+            for base in BASELINES:
+                if base == system:
+                    cells.append("1")
+                else:
+                    cells.append(_x(_median(ratios(phases, (case, system), (case, base)))))
+            med = statistics.median
+            cells += [
+                f"{med(p.client_cpu_us for p in ps):.1f} ({med(p.client_sys for p in ps):.0%})",
+                f"{med(p.server_cpu_us for p in ps):.1f} ({med(p.server_sys for p in ps):.0%})",
+                f"{med(p.server_cores for p in ps):.2f}",
+                f"{med(p.server_switches for p in ps):.2f}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    if "kvserve" in systems:
+        out += [
+            "",
+            "## kvserve against each baseline (per-round ratios of ops/s)",
+            "",
+            "| case | " + " | ".join(f"kvserve / {b}" for b in systems if b != "kvserve") + " |",
+            "|---|" + "---|" * (len(systems) - 1),
+        ]
+        for case in _cases_in_order(phases):
+            cells = [case]
+            for base in systems:
+                if base != "kvserve":
+                    cells.append(_ratio_cell(ratios(phases, (case, "kvserve"), (case, base))))
+            out.append("| " + " | ".join(cells) + " |")
+    if memory:
+        plain = next((m for m in memory if m.system == "plain-dict" and not m.error), None)
+        out += [
+            "",
+            f"## Memory: {memory[0].keys:,} keys `key:%08d` x distinct 100-char str values",
+            "",
+            "Server RSS idle and empty, then after the fill (batches of 10,000 from one client). "
+            "`plain-dict`: the same dict built in a fresh plain Python process.",
+            "",
+            "| system | RSS empty MiB | RSS full MiB | Δ MiB | bytes/key | x plain dict "
+            "| peak RSS MiB | fill s | keys/s fill |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        mib = 1024 * 1024
+        for m in memory:
+            if m.error:
+                out.append(f"| {m.system} | failed: {m.error[:160]} | | | | | | | |")
+                continue
+            rel = _x(m.delta / plain.delta) if plain and plain.delta > 0 else "-"
+            out.append(
+                f"| {m.system} | {m.rss_empty / mib:.1f} | {m.rss_full / mib:.1f} | "
+                f"{m.delta / mib:.1f} | {m.bytes_per_key:.0f} | {rel} | {m.hwm / mib:.1f} | "
+                f"{m.fill_s:.2f} | {_n(m.keys / m.fill_s) if m.fill_s else '-'} |"
+            )
+    out += [
+        "",
+        "## Targets (issue 4; medians of per-round ratios, this run)",
+        "",
+        "| target | required | measured (worst pair) | verdict | pairs |",
+        "|---|---|---|---|---|",
+    ]
+    for t in targets:
+        detail = ", ".join(f"{label} {_x(v)}" for label, v in t.details)
+        out.append(
+            f"| {t.name} | {t.op} {t.threshold:g}x | {_x(t.measured)} | {t.verdict} | {detail} |"
+        )
+    out += ["", "Systems: " + "; ".join(f"`{s}` = {SYSTEM_LABELS[s]}" for s in systems), ""]
+    return "\n".join(out)
+
+
+def summary_json(phases: list[Phase], systems: list[str]) -> list[dict[str, Any]]:
+    """Return per (case, system) medians and ratio lists, for the JSON file."""
+    rows: list[dict[str, Any]] = []
+    for case in _cases_in_order(phases):
+        for system in systems:
+            rounds = _by_round(phases, case, system)
+            if not rounds:
+                continue
+            ps = list(rounds.values())
+            rows.append(
+                {
+                    "case": case,
+                    "system": system,
+                    "ops_per_s": [p.ops_per_s for p in ps],
+                    "ops_per_s_median": statistics.median(p.ops_per_s for p in ps),
+                    "p50_us_median": statistics.median(p.p50_us for p in ps),
+                    "p99_us_median": statistics.median(p.p99_us for p in ps),
+                    "ratios": {
+                        base: ratios(phases, (case, system), (case, base))
+                        for base in systems
+                        if base != system
+                    },
+                }
+            )
+    return rows
+
+
+def phase_json(phase: Phase) -> dict[str, Any]:
+    """Return one phase as a JSON-ready dict."""
+    return asdict(phase)

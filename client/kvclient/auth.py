@@ -49,23 +49,31 @@ def default_authkey_file() -> Path:
 class AuthkeySource:
     """Where an authkey came from, for messages that must not show the key itself."""
 
-    def __init__(self, key: bytes, origin: str, path: Path | None = None) -> None:
+    def __init__(
+        self, key: bytes, origin: str, path: Path | None = None, *, created: bool = False
+    ) -> None:
         self.key = key
         self.origin = origin
         self.path = path
+        self.created = created
 
     def __repr__(self) -> str:
         return f"AuthkeySource(origin={self.origin!r})"
+
+
+def _new_key_command(path: Path) -> str:
+    return f"`(umask 077 && head -c 32 /dev/urandom > {path})`"
 
 
 def _read_key_file(path: Path) -> bytes:
     try:
         key = path.read_bytes()
     except FileNotFoundError:
-        raise AuthError(
-            f"authkey file {path} does not exist; start kvserve once on this host to create "
-            "it, or copy it from the server host"
-        ) from None
+        if path == default_authkey_file():
+            hint = "start kvserve once on this host to create it, or copy it from the server host"
+        else:
+            hint = f"copy it from the server host, or make a new one: {_new_key_command(path)}"
+        raise AuthError(f"authkey file {path} does not exist; {hint}") from None
     except OSError as exc:
         raise AuthError(f"cannot read authkey file {path} ({exc.strerror})") from None
     # A trailing newline is what editors and `echo` add; it is never part of a key.
@@ -101,7 +109,7 @@ def check_server_key(source: AuthkeySource) -> None:
     if len(source.key) < MIN_AUTHKEY_BYTES:
         raise AuthError(
             f"the authkey from {source.origin} is {len(source.key)} bytes; use at least "
-            f"{MIN_AUTHKEY_BYTES} (e.g. `head -c 32 /dev/urandom > authkey`)"
+            f"{MIN_AUTHKEY_BYTES}, e.g. {_new_key_command(source.path or Path('authkey'))}"
         )
     if source.path is not None:
         mode = source.path.stat().st_mode
@@ -148,7 +156,7 @@ def load_authkey(
         return AuthkeySource(_read_key_file(path), str(path), path)
     path = default_authkey_file()
     if create and not path.exists():
-        return AuthkeySource(_create_key_file(path), str(path), path)
+        return AuthkeySource(_create_key_file(path), str(path), path, created=True)
     return AuthkeySource(_read_key_file(path), str(path), path)
 
 

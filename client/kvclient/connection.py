@@ -21,7 +21,14 @@ from typing import Any, Final
 
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
 from kvclient.codec import HEADER, HELLO, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
-from kvclient.errors import KVConnectionError, KVError, ProtocolError, TLSError, translate_os_error
+from kvclient.errors import (
+    AuthError,
+    KVConnectionError,
+    KVError,
+    ProtocolError,
+    TLSError,
+    translate_os_error,
+)
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -177,9 +184,12 @@ class Connection:
             challenge = bytes(self._recv_frame(MAX_HANDSHAKE_FRAME))
             response, nonce_c = client_response(authkey, challenge)
             self._send_frame(response)
-            client_verify_welcome(
-                authkey, bytes(self._recv_frame(MAX_HANDSHAKE_FRAME)), challenge, nonce_c
-            )
+            try:
+                client_verify_welcome(
+                    authkey, bytes(self._recv_frame(MAX_HANDSHAKE_FRAME)), challenge, nonce_c
+                )
+            except AuthError as exc:
+                raise AuthError(f"{self.endpoint}: {exc}") from None
         except ssl.SSLError as exc:
             if (
                 "CERTIFICATE_REQUIRED" in str(exc).upper()
@@ -188,6 +198,11 @@ class Connection:
                 raise TLSError(
                     f"{self.endpoint} requires a client certificate; pass cert= and key= "
                     "(or KV_TLS_CERT and KV_TLS_KEY)"
+                ) from None
+            if "UNKNOWN_CA" in str(exc) or "BAD_CERTIFICATE" in str(exc):
+                raise TLSError(
+                    f"{self.endpoint} refused this client's certificate ({_reason(exc)}); it "
+                    "must be signed by the CA the server trusts (its --tls-ca)"
                 ) from None
             # The server's "certificate required" alert can be lost to a reset: say so too.
             raise TLSError(
@@ -248,6 +263,11 @@ class Connection:
             data += more
         (size,) = HEADER.unpack_from(data)
         if size > limit:
+            if limit == MAX_HANDSHAKE_FRAME:
+                raise ProtocolError(
+                    f"{self.endpoint} does not speak the kvmanager protocol (its first bytes "
+                    f"are {bytes(data[:8])!r}); is that address a kvserve server?"
+                )
             raise ProtocolError(
                 f"{self.endpoint} sent a {size}-byte frame, over the {limit}-byte limit"
             )

@@ -45,7 +45,15 @@ def client_context(
     if ca is not None:
         _load("load the CA", ca, lambda: ctx.load_verify_locations(cafile=ca))
     if cert is not None:
-        _load("load the client certificate", cert, lambda: ctx.load_cert_chain(cert, key))
+        try:
+            _load("load the client certificate", cert, lambda: ctx.load_cert_chain(cert, key))
+        except TLSError as exc:
+            if key is None and "PEM lib" in str(exc):
+                raise TLSError(
+                    f"no private key found with the client certificate {cert}; pass key= "
+                    "(or KV_TLS_KEY) naming its key file"
+                ) from None
+            raise
     return ctx
 
 

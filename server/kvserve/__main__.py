@@ -16,6 +16,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from kvclient._version import __version__
 from kvclient.auth import check_server_key, load_authkey
 from kvclient.codec import MAX_FRAME_DEFAULT
 from kvclient.errors import KVError
@@ -27,20 +28,36 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(
     add_completion=False,
-    help="Serve named, lock-guarded dicts, lists, Namespaces and Queues over TCP.",
-    epilog=(
-        "Examples:\n\n"
-        "  kvserve --port 50000                     # this host only (127.0.0.1)\n\n"
-        "  kvserve --host 0.0.0.0 --port 50000      # other hosts too; copy the authkey file\n\n"
-        "The authkey is read from --authkey-file, else env KV_AUTHKEY, else "
-        "~/.config/kvmanager/authkey, which is created on first start (mode 0600)."
-    ),
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain help: rich boxes cut long option names at 80 columns
+    pretty_exceptions_enable=False,  # a traceback with locals could show the authkey
 )
 
 
-@app.command()
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvserve {__version__}")
+        raise typer.Exit()
+
+
+_EPILOG = (
+    # \b: click prints the next paragraph as typed instead of rewrapping it.
+    "Examples:\n\n\b\n"
+    "  kvserve --port 50000                  # this host only (127.0.0.1)\n"
+    "  kvserve --host 0.0.0.0 --port 50000   # other hosts too: copy the authkey file to them\n"
+    "  kvserve --data-dir /var/lib/kvserve   # keep every container across restarts\n"
+    "  kvserve --host 0.0.0.0 --tls-cert server.pem --tls-key server.key --tls-ca ca.pem\n\n"
+    "The authkey comes from --authkey-file, else env KV_AUTHKEY, else "
+    "~/.config/kvmanager/authkey, which the first start creates (32 random bytes, mode 0600)."
+)
+
+
+@app.command(epilog=_EPILOG)
 def serve(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_show_version, help="Print the version."),
+    ] = False,
     host: Annotated[
         str, typer.Option(help="Address to bind. Use 0.0.0.0 or :: to accept other hosts.")
     ] = "127.0.0.1",
@@ -103,7 +120,10 @@ def serve(
         typer.Option(help="Start despite damaged data files, keeping what precedes the damage."),
     ] = False,
 ) -> None:
-    """Run the server until Ctrl-C or SIGTERM."""
+    """Serve named, lock-guarded dicts, lists, Namespaces and Queues until Ctrl-C or SIGTERM.
+
+    Prints one line to stdout, `kvserve listening on HOST:PORT`, then logs to stderr.
+    """
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
@@ -159,6 +179,8 @@ def serve(
         )
     elif tls is not None:
         log.info("TLS on%s", " with client certificates required" if tls_ca else "")
+    if source.created:
+        log.info("created a new authkey in %s (mode 0600); copy it to client hosts", source.origin)
     report = server.load_report
     if report is None:
         log.info(

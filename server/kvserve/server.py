@@ -512,8 +512,13 @@ class Server:
                 (size,) = HEADER.unpack_from(buf, pos)
                 limit = self.max_frame if conn.authed else MAX_HANDSHAKE_FRAME
                 if size > limit:
+                    looks_tls = not conn.authed and bytes(buf[pos : pos + 2]) == b"\x16\x03"
                     log.warning(
-                        "closing %s: %d-byte frame over the %d-byte limit", conn.peer, size, limit
+                        "closing %s: %d-byte frame over the %d-byte limit%s",
+                        conn.peer,
+                        size,
+                        limit,
+                        " (a TLS ClientHello: this server does not use TLS)" if looks_tls else "",
                     )
                     self._close(conn)
                     return pos

@@ -508,6 +508,114 @@ def test_namespace_private_names_are_a_usage_error(kvctl: Kvctl, kv: kvclient.Cl
     assert kv.names() == {}
 
 
+# -- locks and values ----------------------------------------------------------------------
+
+
+def test_lock_status_of_a_free_and_a_held_lock(kvctl: Kvctl, kv: kvclient.Client) -> None:
+    fails(
+        kvctl("lock", "status", "deploy"),
+        EXIT_NOT_FOUND,
+        f"NoSuchContainerError: no lock named 'deploy' on {kv.endpoint}; kvctl names lists them\n",
+    )
+    lock = kv.lock("deploy")
+    ok(
+        kvctl("lock", "status", "deploy"),
+        "kind        lock\nlocked      no\nholder      -\nlast token  0\nwaiters     0\n",
+    )
+    token = lock.acquire()
+    result = kvctl("lock", "status", "deploy")
+    assert (result.exit_code, result.stderr) == (EXIT_OK, "")
+    assert re.fullmatch(
+        "kind        lock\n"
+        "locked      yes\n"
+        f"holder      {kv.owner_id}\n"
+        r"since       \d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d\n"
+        f"token       {token}\n"
+        r"lease       (29\.\d|30\.0) s left\n"
+        f"last token  {token}\n"
+        "waiters     0\n",
+        result.stdout,
+    ), result.stdout
+    status = json.loads(kvctl("lock", "status", "--json", "deploy").stdout)
+    assert (status["name"], status["kind"], status["locked"]) == ("deploy", "lock", True)
+    assert [(h["owner"], h["token"]) for h in status["holders"]] == [(kv.owner_id, token)]
+    assert (status["last_token"], status["waiters"]) == (token, 0)
+    lock.release()
+
+
+def test_lock_status_counts_waiters_and_semaphore_slots(
+    kvctl: Kvctl, kv: kvclient.Client, address: str, authkey: bytes
+) -> None:
+    lock = kv.lock("busy")
+    lock.acquire()
+    with kvclient.connect(address, authkey) as other:
+        waiter = threading.Thread(target=lambda: other.lock("busy").acquire(timeout=5))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while json.loads(kvctl("lock", "status", "--json", "busy").stdout)["waiters"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        lock.release()
+        waiter.join(10)
+    slots = kv.semaphore("pool", 3)
+    slots.acquire()
+    slots.acquire()
+    result = kvctl("lock", "status", "pool")
+    assert result.exit_code == EXIT_OK
+    assert "kind        semaphore\n" in result.stdout
+    assert "token       1 2\n" in result.stdout
+    fails(
+        kvctl("lock", "status", "pool-value"),
+        EXIT_NOT_FOUND,
+        f"NoSuchContainerError: no lock named 'pool-value' on {address}; kvctl names lists them\n",
+    )
+    kv.value("pool-value", 0)
+    fails(
+        kvctl("lock", "status", "pool-value"),
+        EXIT_ERROR,
+        "KindError: 'pool-value' is a value, not a lock; read it with kvctl value get pool-value\n",
+    )
+    fails(
+        kvctl("get", "-d", "pool", "k"),
+        EXIT_ERROR,
+        "KindError: 'pool' is a semaphore, not a dict; read it with kvctl lock status pool\n",
+    )
+
+
+def test_value_commands(kvctl: Kvctl, kv: kvclient.Client, address: str) -> None:
+    fails(
+        kvctl("value", "get", "hits"),
+        EXIT_NOT_FOUND,
+        f"NoSuchContainerError: no value named 'hits' on {address}; kvctl names lists them\n",
+    )
+    ok(kvctl("value", "incr", "hits"), "1\n")
+    ok(kvctl("value", "incr", "hits", "-3"), "-2\n")
+    ok(kvctl("value", "get", "hits"), "-2\n")
+    ok(kvctl("value", "set", "hits", "40"))
+    ok(kvctl("value", "incr", "hits", "2"), "42\n")
+    assert (kv.value("hits", 0).value, kv.value("hits", 0).typecode) == (42, "q")
+    fails(
+        kvctl("value", "set", "hits", "0.5"),
+        EXIT_ERROR,
+        "TypeError: 'float' object cannot be interpreted as an integer\n",
+    )
+    ok(kvctl("value", "set", "ratio", "0.5"))
+    ok(kvctl("value", "get", "--json", "ratio"), "0.5\n")
+    kv.value("letter", "u", "a")
+    ok(kvctl("value", "set", "--json", "letter", '"b"'))
+    ok(kvctl("value", "get", "letter"), "b\n")
+    result = kvctl("value", "set", "hits", "abc")
+    assert result.exit_code == EXIT_USAGE
+    assert "Error: Invalid value: 'abc' is not a number\n" in result.stderr
+    fails(
+        kvctl("value", "set", "--json", "word", '"x"'),
+        EXIT_ERROR,
+        "ValueError: no Value named 'word' yet, and a new one takes its type from VALUE, which "
+        'must then be a number or true/false, not "x"\n',
+    )
+    assert "word" not in kv.names()
+
+
 # -- the server ----------------------------------------------------------------------------
 
 
@@ -613,13 +721,14 @@ def test_address_and_timeout_from_the_environment(
     )
 
 
-def test_wrong_authkey_exits_3_and_never_shows_the_key(kvctl: Kvctl) -> None:
+def test_wrong_authkey_exits_3_and_never_shows_the_key(kvctl: Kvctl, address: str) -> None:
     wrong = "wrong-key-0123456789abcdef"
     result = kvctl("get", "k", env={"KV_AUTHKEY": wrong})
     fails(
         result,
         EXIT_ERROR,
-        "AuthError: the server rejected the authkey; check that both sides use the same key\n",
+        f"AuthError: {address}: the server rejected the authkey; check that both sides "
+        "use the same key\n",
     )
     assert wrong not in result.output
 
@@ -649,8 +758,8 @@ def test_a_missing_authkey_file_exits_3(kvctl: Kvctl, tmp_path: Path) -> None:
     fails(
         kvctl("--authkey-file", str(missing), "ping"),
         EXIT_ERROR,
-        f"AuthError: authkey file {missing} does not exist; start kvserve once on this host "
-        "to create it, or copy it from the server host\n",
+        f"AuthError: authkey file {missing} does not exist; copy it from the server host, or "
+        f"make a new one: `(umask 077 && head -c 32 /dev/urandom > {missing})`\n",
     )
     result = kvctl("ping", env={"KV_AUTHKEY": None})  # no key anywhere; HOME is empty
     assert result.exit_code == EXIT_ERROR
@@ -744,6 +853,10 @@ COMMANDS = [
     ["ns", "get"],
     ["ns", "set"],
     ["ns", "show"],
+    ["lock", "status"],
+    ["value", "get"],
+    ["value", "set"],
+    ["value", "incr"],
 ]
 
 
@@ -760,7 +873,7 @@ def test_every_command_has_help_with_an_example(command: list[str]) -> None:
 def test_every_command_is_covered_by_the_help_test() -> None:
     commands = invoke(["-h"]).stdout.split("Commands:\n")[1].split("\n\n")[0]
     listed = {line.split()[0] for line in commands.splitlines()}
-    groups = {"list", "queue", "ns"}
+    groups = {"list", "queue", "ns", "lock", "value"}
     assert listed == {c[0] for c in COMMANDS} | groups
     for group in groups:
         text = invoke([group, "-h"]).stdout.split("Commands:\n")[1]
@@ -892,7 +1005,8 @@ def test_exit_codes_of_real_processes(
     wrong = shell("get", "k", KV_AUTHKEY="definitely-wrong")
     assert (wrong.returncode, wrong.stderr) == (
         EXIT_ERROR,
-        "AuthError: the server rejected the authkey; check that both sides use the same key\n",
+        f"AuthError: {kvserve_proc.address}: the server rejected the authkey; check that both "
+        "sides use the same key\n",
     )
     with kvclient.connect(kvserve_proc.address, kvserve_proc.authkey) as kv:
         assert kv.dict("default").copy() == {"k": "v"}  # "bad" was never stored

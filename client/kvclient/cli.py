@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import fnmatch
 import json
 import math
@@ -47,6 +48,8 @@ import kvclient
 from kvclient.auth import load_authkey
 from kvclient.connection import DEFAULT_ADDRESS, parse_address
 from kvclient.errors import KindError, NoSuchContainerError
+from kvclient.proxies import make_proxy
+from kvclient.sync import ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
@@ -58,12 +61,16 @@ EXIT_ERROR: Final = 3
 DEFAULT_DICT: Final = "default"
 DEFAULT_TIMEOUT: Final = 10.0
 
+# The kinds `kvctl lock status` reports on: every primitive with leased holders.
+_LOCK_KINDS: Final = ("lock", "rlock", "semaphore", "bounded_semaphore", "condition")
 # How to look at a container of each kind, for the message when a command meets the wrong one.
 _READ_HINTS: Final = {
     "dict": "kvctl keys -d {name}",
     "list": "kvctl list range {name}",
     "queue": "kvctl queue size {name}",
     "namespace": "kvctl ns show {name}",
+    "value": "kvctl value get {name}",
+    **dict.fromkeys(_LOCK_KINDS, "kvctl lock status {name}"),
 }
 # Fixed-arity commands whose values or numbers may start with "-" (`incr hits -1`,
 # `list range jobs -3`): unknown options there are taken as arguments. Commands taking any
@@ -130,9 +137,19 @@ queue_app = typer.Typer(
 ns_app = typer.Typer(
     help="Read and set attributes of named namespaces.", no_args_is_help=True, rich_markup_mode=None
 )
+lock_app = typer.Typer(
+    help="Inspect named locks, semaphores and conditions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+value_app = typer.Typer(
+    help="Read, set and add to named Values.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(list_app, name="list")
 app.add_typer(queue_app, name="queue")
 app.add_typer(ns_app, name="ns")
+app.add_typer(lock_app, name="lock")
+app.add_typer(value_app, name="value")
 
 
 class _NotFoundError(Exception):
@@ -321,6 +338,25 @@ class _Session:
             hint = _READ_HINTS.get(found, "kvctl names").format(name=shlex.quote(name))
             raise KindError(f"{name!r} is a {found}, not a {kind}; read it with {hint}")
         return proxy_type(client, name)
+
+    def existing_kind(self, name: str, kinds: Sequence[str]) -> kvclient.Proxy:
+        """Return a proxy to the container ``name``, which must exist as one of ``kinds``.
+
+        Raises:
+            NoSuchContainerError: there is no container called ``name`` (exit 1).
+            KindError: ``name`` is a container of another kind (exit 3).
+        """
+        client = self.client
+        what = kinds[0]
+        found = client.names().get(name)
+        if found is None:
+            raise NoSuchContainerError(
+                f"no {what} named {name!r} on {client.endpoint}; kvctl names lists them"
+            )
+        if found not in kinds:
+            hint = _READ_HINTS.get(found, "kvctl names").format(name=shlex.quote(name))
+            raise KindError(f"{name!r} is a {found}, not a {what}; read it with {hint}")
+        return make_proxy(client, found, name)
 
     def emit(self, value: Any, text: str | None = None) -> None:
         """Print one result: JSON in JSON mode, else ``text`` or the value as plain text."""
@@ -861,6 +897,120 @@ def ns_show(ctx: typer.Context, name: NsName, as_json: JsonOutOption = False) ->
     """Print every attribute of namespace NAME as one JSON object."""
     with _session(ctx, as_json) as session:
         session.emit(session.existing(name, kvclient.NamespaceProxy).to_dict())
+
+
+# -- locks and values ----------------------------------------------------------------------
+
+LockName = Annotated[
+    str, typer.Argument(metavar="NAME", help="The lock, rlock, semaphore or condition.")
+]
+ValueName = Annotated[str, typer.Argument(metavar="NAME", help="The Value.")]
+
+
+def _since(held_for: float) -> str:
+    """Return the local wall-clock time ``held_for`` seconds ago, to the second."""
+    moment = datetime.datetime.now().astimezone() - datetime.timedelta(seconds=held_for)
+    return moment.isoformat(sep=" ", timespec="seconds")
+
+
+@lock_app.command(
+    "status", epilog=_examples("kvctl lock status deploy", "kvctl lock status --json deploy")
+)
+def lock_status(ctx: typer.Context, name: LockName, as_json: JsonOutOption = False) -> None:
+    """Print who holds lock NAME, since when, its fencing token, and how many wait.
+
+    Also for rlocks, semaphores (one holder line per client holding slots) and conditions.
+    The holder is the owner id a client shows as Client.owner_id. Exit 1 if there is no such
+    lock.
+    """
+    with _session(ctx, as_json) as session:
+        proxy = session.existing_kind(name, _LOCK_KINDS)
+        assert isinstance(proxy, LockProxy | SemaphoreProxy | ConditionProxy)
+        status = proxy.status()
+        holders = [{**holder, "since": _since(holder["held_for"])} for holder in status["holders"]]
+        result = {"name": name, **status, "holders": holders}
+        rows = [["kind", str(status["kind"])], ["locked", "yes" if holders else "no"]]
+        for holder in holders:
+            tokens = holder["tokens"]
+            token = " ".join(map(str, tokens)) if len(tokens) > 1 else str(holder["token"])
+            rows += [
+                ["holder", str(holder["owner"])],
+                ["since", holder["since"]],
+                ["token", token],
+                ["lease", f"{max(0.0, holder['lease_left']):.1f} s left"],
+            ]
+            if holder["count"] > 1 and len(tokens) == 1:
+                rows.append(["depth", str(holder["count"])])
+        if not holders:
+            rows.append(["holder", "-"])
+        rows += [["last token", str(status["last_token"])], ["waiters", str(status["waiters"])]]
+        session.emit(result, _table(rows))
+
+
+@value_app.command("get", epilog=_examples("kvctl value get hits"))
+def value_get(ctx: typer.Context, name: ValueName, as_json: JsonOutOption = False) -> None:
+    """Print the Value NAME.
+
+    Exit 1 if there is no such Value.
+    """
+    with _session(ctx, as_json) as session:
+        proxy = session.existing_kind(name, ("value",))
+        assert isinstance(proxy, ValueProxy)
+        session.emit(proxy.value)
+
+
+@value_app.command(
+    "set",
+    context_settings=_NEGATIVE_OK,
+    epilog=_examples("kvctl value set hits 0", "kvctl value set ratio 0.5"),
+)
+def value_set(
+    ctx: typer.Context, name: ValueName, value: Value, as_json: JsonOption = False
+) -> None:
+    """Set the Value NAME to VALUE, creating it if needed.
+
+    VALUE is a number; with --json, any JSON value the Value's typecode can hold ("x" for
+    typecode u, true for ?). A new Value takes its type from VALUE: an int makes typecode q, a
+    float d. An existing Value keeps its type: an int Value refuses 0.5.
+    """
+    parsed = _parse_value(value, True) if _json_mode(ctx, as_json) else _number(value)
+    with _session(ctx, as_json) as session:
+        client = session.client
+        if client.names().get(name) == "value":
+            ValueProxy(client, name).value = parsed
+        elif isinstance(parsed, int | float):
+            client.value(name, parsed)
+        else:
+            raise ValueError(
+                f"no Value named {name!r} yet, and a new one takes its type from VALUE, "
+                f"which must then be a number or true/false, not {_to_json(parsed)}"
+            )
+
+
+@value_app.command(
+    "incr",
+    context_settings=_NEGATIVE_OK,
+    epilog=_examples("kvctl value incr hits", "kvctl value incr stock -3"),
+)
+def value_incr(
+    ctx: typer.Context,
+    name: ValueName,
+    by: Annotated[
+        float, typer.Argument(metavar="BY", parser=_number, help="The amount to add.")
+    ] = 1,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Add BY to the Value NAME atomically and print the new value.
+
+    A missing Value is created at 0 (typecode q for an int BY, d for a float one).
+    """
+    with _session(ctx, as_json) as session:
+        client = session.client
+        if client.names().get(name) == "value":
+            proxy = ValueProxy(client, name)
+        else:
+            proxy = client.value(name, 0 if isinstance(by, int) else 0.0)
+        session.emit(proxy.incr(by))
 
 
 # -- the server ----------------------------------------------------------------------------

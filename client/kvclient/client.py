@@ -140,6 +140,7 @@ class Client(SyncMixin):
     def close(self) -> None:
         """Close every connection this client opened, in all threads."""
         self._closed = True
+        self._close_sync()  # stop renewing leases now, not one interval later
         for conn in list(self._conns):
             conn.close()
 
@@ -496,6 +497,14 @@ _READ_ONLY: frozenset[str] = frozenset(
         "ping",
         "stats",
         "dump",
+        # synchronization primitives (kvclient.sync)
+        "locked",
+        "is_set",
+        "status",
+        "get_value",
+        "info",
+        "typecode",
+        "tolist",
     }
 )
 

@@ -93,6 +93,10 @@ class Container:
     def __init__(self, *state: Any) -> None:
         # Subclasses take their state (as returned by `state()`) as constructor arguments.
         self.lock = threading.Lock()
+        # Changes a call made that its own arguments do not determine (a lease that ran out
+        # by the clock): ``[method, args]`` the server logs before the call, so a replay
+        # reproduces them. Calls must not depend on the clock otherwise.
+        self.journal: list[list[Any]] = []
 
     def size(self) -> int:
         """Return the number of items held, for ``names``/``stats``."""

@@ -245,6 +245,7 @@ class Server:
         sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
         if self.idle_timeout:
             self._call_later(self.idle_timeout / 2, self._sweep_idle)
+        self._schedule_deadlines()  # leases restored from disk run out on time too
         try:
             while not self._stop.is_set():
                 timeout = None
@@ -712,20 +713,39 @@ class Server:
                 f"{ident!r} would change it"
             )
         if method in obj.caller_methods:
-            if kwds and "caller" in kwds:
-                raise ProtocolError("'caller' is set by the server, not the client")
             # The session token when the call has a request id (stable across reconnects),
-            # else the connection. Put into the message, so the log replays the same owner.
+            # else the connection. Put into the message, so the log replays the same owner
+            # (and a parked call, retried, finds it there already).
             caller = rid[0] if rid is not None else b"conn:%d" % id(conn)
+            if kwds and kwds.get("caller", caller) != caller:
+                raise ProtocolError("'caller' is set by the server, not the client")
             kwds = message[3] = {**(kwds or {}), "caller": caller}
         with obj.lock:
-            result = getattr(obj, method)(*args, **kwds) if kwds else getattr(obj, method)(*args)
+            try:
+                result = (
+                    getattr(obj, method)(*args, **kwds) if kwds else getattr(obj, method)(*args)
+                )
+            finally:
+                if obj.journal:
+                    self._log_journal(ident, obj)
         if method in obj.mutating:
             if self._persist is not None:
                 self._persist.append(message if rid is None else [*message, rid])
             if type(obj).next_deadline is not Container.next_deadline:
                 self._schedule_deadline(ident, obj)
         return result
+
+    def _log_journal(self, name: str, obj: Container) -> None:
+        entries, obj.journal = obj.journal, []
+        if self._persist is not None:
+            for method, args in entries:
+                self._persist.append([name, method, args, None])
+
+    def _schedule_deadlines(self) -> None:
+        """Ask every container that uses timers when it next needs one (start-up, restore)."""
+        for name, obj in list(self.store.objects.items()):
+            if type(obj).next_deadline is not Container.next_deadline:
+                self._schedule_deadline(name, obj)
 
     def _schedule_deadline(self, name: str, obj: Container) -> None:
         with obj.lock:
@@ -747,6 +767,8 @@ class Server:
             return
         with obj.lock:
             obj.expire(time.monotonic())
+            if obj.journal:
+                self._log_journal(name, obj)
         if name in self._parked:
             self._retry_parked(name)
         self._schedule_deadline(name, obj)
@@ -830,7 +852,9 @@ class Server:
         return self._persist.compact(self.store)
 
     def _restore(self, dump: Any) -> int:
-        return restore_state(self.store, dump)
+        count = restore_state(self.store, dump)
+        self._schedule_deadlines()
+        return count
 
     def stats(self) -> dict[str, Any]:
         """Return server facts for ``kvctl stats``."""

@@ -36,6 +36,7 @@ __all__ = [
     "Connection",
     "format_address",
     "parse_address",
+    "tune_socket",
 ]
 
 DEFAULT_PORT: Final = 50000
@@ -72,6 +73,32 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"invalid address {address!r}: port out of range")
     return host or "127.0.0.1", port
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Set TCP_NODELAY and dead-peer detection on a connected TCP socket (both ends use this).
+
+    Nagle's algorithm would hold a request behind the previous one's ACK (the stdlib's 40 ms
+    stall). Keepalive probes after 10 s of silence and TCP_USER_TIMEOUT on unacknowledged
+    data (Linux) turn a peer that vanished behind a cut link into an error within about 30 s,
+    even in a call that is allowed to wait for ever (a queue get with no timeout).
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE:
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+_KEEPALIVE: Final = (
+    ("TCP_KEEPIDLE", 10),
+    ("TCP_KEEPINTVL", 5),
+    ("TCP_KEEPCNT", 4),
+    ("TCP_USER_TIMEOUT", 30_000),  # milliseconds
+)
 
 
 def format_address(host: str, port: int) -> str:
@@ -133,7 +160,7 @@ class Connection:
         except OSError as exc:
             raise translate_os_error(exc, self.endpoint, "connect to") from exc
         try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(self._sock)
             if tls is not None:
                 self._start_tls(tls, address[0])
             self._handshake(authkey)

@@ -30,7 +30,7 @@ from typing import Any, Final
 from kvclient._version import __version__
 from kvclient.auth import ServerHandshake
 from kvclient.codec import HEADER, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec
-from kvclient.connection import format_address
+from kvclient.connection import format_address, tune_socket
 from kvclient.errors import (
     KVConnectionError,
     NoSuchContainerError,
@@ -376,8 +376,7 @@ class Server:
                 sock.close()
                 continue
             sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(sock)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             conn = _Conn(sock, peer, self.keys)

@@ -262,6 +262,7 @@ class Persistence:
         self._compactor: threading.Thread | None = None
         self.compactions = 0
         self.last_error: str | None = None
+        self.last_sync_seconds = 0.0  # duration of the last fdatasync under "always"
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -466,7 +467,9 @@ class Persistence:
             view = view[written:]
         self._log_bytes += len(data)
         if self.fsync == "always":
+            started = time.monotonic()
             os.fdatasync(self._fd)
+            self.last_sync_seconds = time.monotonic() - started
         else:
             self._dirty = True
 
@@ -547,7 +550,14 @@ class Persistence:
 
     def disk_bytes(self) -> int:
         """Total size of the snapshot and log files, bytes."""
-        return sum(p.stat().st_size for p in self.dir.iterdir() if p.suffix in (".kvs", ".kvl"))
+        total = 0
+        for path in self.dir.iterdir():
+            if path.suffix in (".kvs", ".kvl"):
+                try:
+                    total += path.stat().st_size
+                except FileNotFoundError:
+                    pass  # a segment the compaction thread just deleted
+        return total
 
     # -- shutdown ------------------------------------------------------------------------
 

@@ -393,3 +393,30 @@ def test_persistence_rejects_a_locked_directory_in_process(tmp_path: Path) -> No
             Persistence(tmp_path / "d").open(Store(M._registry))
     finally:
         first.close()
+
+
+def test_large_containers_are_snapshotted_in_parts_and_load_back(
+    persistent_server: tuple[Server, Persistence], authkey: bytes, tmp_path: Path
+) -> None:
+    srv, persistence = persistent_server
+    big = {f"key:{i:06d}": i for i in range(25_001)}  # three parts and a bit
+    items = [[i, str(i)] for i in range(20_000)]
+    with kvclient.connect(srv.endpoint, authkey) as kv:
+        kv.dict("big").set_many(big)
+        kv.dict("empty")
+        kv.list("items").extend(items)
+        assert kv.compact() is True
+        persistence.wait_compaction(60)
+    srv.stop()
+    assert srv.wait_stopped(10)
+    again = Persistence(tmp_path / "data", "no")
+    srv2 = KVManager(("127.0.0.1", 0), authkey=authkey, persistence=again).get_server()
+    try:
+        assert srv2.load_report is not None
+        assert srv2.load_report.log_records == 0  # everything came from the snapshot
+        assert srv2.load_report.snapshot_records >= 3 + 2 + 1
+        assert srv2.store.objects["big"].state() == big
+        assert srv2.store.objects["empty"].state() == {}
+        assert srv2.store.objects["items"].state() == items
+    finally:
+        srv2.close()

@@ -16,9 +16,10 @@ trip instead of paying one round trip per item as stdlib iterator proxies do.
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 __all__ = [
@@ -125,6 +126,14 @@ class Container:
         """Rebuild a container from :meth:`state`."""
         return cls(state)
 
+    def state_parts(self, size: int) -> Iterator[Any]:
+        """Yield :meth:`state` in parts of about ``size`` items (one part unless overridden)."""
+        yield self.state()
+
+    def extend_state(self, part: Any) -> None:
+        """Add a later part from :meth:`state_parts` to a container built from the first."""
+        raise ValueError(f"a {self.kind} is never written in parts")
+
     def next_deadline(self) -> float | None:
         """Return the ``time.monotonic()`` at which :meth:`expire` must run, or None.
 
@@ -184,6 +193,18 @@ class KVDict(Container):
     def state(self) -> dict[Any, Any]:
         """Return the dict itself (copied by whoever keeps it)."""
         return self.data
+
+    def state_parts(self, size: int) -> Iterator[dict[Any, Any]]:
+        """Yield the items in dicts of at most ``size`` (at least one, maybe empty)."""
+        items = iter(self.data.items())
+        part = dict(itertools.islice(items, size))
+        yield part
+        while part := dict(itertools.islice(items, size)):
+            yield part
+
+    def extend_state(self, part: dict[Any, Any]) -> None:
+        """Add a later part of the items."""
+        self.data.update(_uninterned(part))
 
     def __getitem__(self, key: Any) -> Any:
         return self.data[key]
@@ -320,6 +341,16 @@ class KVList(Container):
     def state(self) -> list[Any]:
         """Return the list itself (copied by whoever keeps it)."""
         return self.data
+
+    def state_parts(self, size: int) -> Iterator[list[Any]]:
+        """Yield the items in lists of at most ``size`` (at least one, maybe empty)."""
+        yield self.data[:size]
+        for start in range(size, len(self.data), size):
+            yield self.data[start : start + size]
+
+    def extend_state(self, part: list[Any]) -> None:
+        """Add a later part of the items."""
+        self.data.extend(part)
 
     def __getitem__(self, index: int) -> Any:
         return self.data[_index(index)]

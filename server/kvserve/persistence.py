@@ -39,10 +39,13 @@ and continues with records::
     +------------------+-----------------+------------------------------+
 
 Snapshot payloads: first ``{"log_seq": N, "containers": count}`` (the first log segment *not*
-covered), then one ``[name, kind, state]`` per container. Log payloads are the requests that
-mutated state, ``[name, method, args, kwds]``, or ``[None, "create", [kind, name, *args], {}]`` /
-``[None, "drop", [name], {}]``. Replaying them in order against the snapshot rebuilds the state:
-every container operation is deterministic given the state it runs on.
+covered), then ``[name, kind, state, part]`` records: a dict or list is written in parts of
+10,000 items (part 0 builds it, later parts extend it), anything else in one. Log payloads are
+the requests that mutated state, ``[name, method, args, kwds]`` (plus the request id when the
+call had one), or ``[None, "create", [kind, name, *args], {}]`` / ``[None, "drop", [name], {}]``,
+and what the clock changed (expired leases) as journaled calls. Replaying them in order against
+the snapshot rebuilds the state: every container operation is deterministic given the state it
+runs on.
 
 Recovery
 --------
@@ -106,6 +109,7 @@ _LOG_MAGIC: Final = b"KVLOG\0\0\0"
 _FILE_HEADER: Final = struct.Struct(">8sII")
 _RECORD_HEADER: Final = struct.Struct(">II")
 _SNAPSHOT: Final = "snapshot.kvs"
+_SNAPSHOT_PART: Final = 10_000  # items per snapshot record of a large dict or list
 _LOCK: Final = "LOCK"
 
 
@@ -377,8 +381,11 @@ class Persistence:
                 if index == 0:
                     log_seq = int(record["log_seq"])
                     continue
-                name, kind, state = record
-                built.append((name, store.kind_class(kind).from_state(state)))
+                name, kind, state = record[:3]
+                if len(record) == 4 and record[3] > 0:
+                    built[-1][1].extend_state(state)  # the next part of the same container
+                else:
+                    built.append((name, store.kind_class(kind).from_state(state)))
                 report.snapshot_records += 1
         except _Damage as damage:
             # A snapshot is renamed into place complete, so any damage is real corruption.
@@ -527,7 +534,10 @@ class Persistence:
                 fh.write(_header(_SNAP_MAGIC))
                 fh.write(_frame(codec, {"log_seq": covered, "containers": len(copies)}))
                 for name, obj in copies:
-                    fh.write(_frame(codec, [name, obj.kind, obj.state()]))
+                    # In parts: one huge packb would hold the GIL, and stall the serving loop,
+                    # for half a second per million keys.
+                    for part, chunk in enumerate(obj.state_parts(_SNAPSHOT_PART)):
+                        fh.write(_frame(codec, [name, obj.kind, chunk, part]))
                 fh.flush()
                 os.fsync(fh.fileno())
                 size = fh.tell()

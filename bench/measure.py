@@ -1,8 +1,10 @@
-"""Measurements around a phase: server CPU, machine CPU, percentiles, and the run's header.
+"""Measurements around a phase: server CPU and I/O, machine CPU, percentiles, the run's header.
 
-Server CPU comes from ``/proc/PID/stat`` through psutil (all threads of the process), machine
-CPU from ``/proc/stat``; both are sampled at the start and the end of the timed window by the
-parent process, which sleeps in between. Clients measure their own CPU with getrusage.
+Server CPU comes from ``/proc/PID/stat`` through psutil (all threads of the process), its I/O
+from ``/proc/PID/io``, machine CPU from ``/proc/stat``; all are sampled at the start and the
+end of the timed window by the parent process, which sleeps in between. Clients measure their
+own CPU with getrusage. For the durability cases the header also names the filesystem the data
+directories are on and how long one ``fdatasync`` of an appended record takes there.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,8 @@ __all__ = [
     "MachineSample",
     "ProcessSample",
     "environment",
+    "filesystem",
+    "fsync_probe",
     "loadavg",
     "percentile",
     "rss_bytes",
@@ -37,12 +43,27 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class ProcessSample:
-    """CPU seconds and context switches of one process (all its threads) at one instant."""
+    """CPU seconds, context switches and I/O of one process (all its threads) at one instant.
+
+    Attributes:
+        user: user CPU seconds.
+        system: kernel CPU seconds.
+        voluntary: voluntary context switches.
+        involuntary: involuntary context switches.
+        writes: write(2)-family calls (``syscw``). Socket sends are not among them, so for
+            kvserve this counts writes to its log: one per loop iteration that had records.
+        write_chars: bytes passed to those calls (``wchar``).
+        disk_bytes: bytes the process caused to be written to storage (``write_bytes``),
+            counted by the page: rewriting a page that was already written back counts again.
+    """
 
     user: float
     system: float
     voluntary: int
     involuntary: int
+    writes: int = 0
+    write_chars: int = 0
+    disk_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,11 +96,29 @@ def _thread_switches(pid: int) -> tuple[int, int]:
 def sample_process(pid: int) -> ProcessSample | None:
     """Return the CPU times (all threads) of ``pid``, or None if it is gone."""
     try:
-        times = psutil.Process(pid).cpu_times()
+        proc = psutil.Process(pid)
+        times = proc.cpu_times()
         voluntary, involuntary = _thread_switches(pid)
     except (psutil.Error, OSError):
         return None
-    return ProcessSample(float(times.user), float(times.system), voluntary, involuntary)
+    try:
+        io = proc.io_counters()
+        writes, write_chars, disk_bytes = (
+            int(io.write_count),
+            int(io.write_chars),
+            int(io.write_bytes),
+        )
+    except (psutil.Error, OSError, AttributeError):  # no /proc/PID/io (kernel without taskstats)
+        writes = write_chars = disk_bytes = 0
+    return ProcessSample(
+        float(times.user),
+        float(times.system),
+        voluntary,
+        involuntary,
+        writes,
+        write_chars,
+        disk_bytes,
+    )
 
 
 def sample_machine() -> MachineSample:
@@ -105,6 +144,58 @@ def rss_bytes(pid: int) -> tuple[int, int]:
             elif line.startswith("VmHWM:"):
                 hwm = int(line.split()[1]) * 1024
     return rss, hwm
+
+
+def filesystem(path: str | Path) -> str:
+    """Return what ``path`` is stored on: ``"ext4 /dev/vda (mounted on /)"``, from the mounts."""
+    target = os.path.realpath(path)
+    best = ("", "?", "?")
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                device, mount, fstype = line.split()[:3]
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best[0]):
+                    best = (mount, device, fstype)
+    except OSError:
+        return "?"
+    mount, device, fstype = best
+    return f"{fstype} {device} (mounted on {mount})"
+
+
+def fsync_probe(directory: str | Path | None = None, count: int = 200) -> dict[str, float]:
+    """Time ``fdatasync`` after appending one 150-byte record, as ``--fsync always`` does.
+
+    Args:
+        directory: where to put the scratch file (default: tempfile's directory, where the
+            durable servers keep their data).
+        count: appends to time (bounded: at most 10 s in all).
+
+    Returns:
+        ``{"p50_us", "p90_us", "max_us", "count"}`` over the timed appends.
+    """
+    record = b"r" * 150
+    times: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench-fsync-", dir=directory) as tmp:
+        fd = os.open(os.path.join(tmp, "probe"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            deadline = time.monotonic() + 10.0
+            for _ in range(count):
+                t0 = time.perf_counter()
+                os.write(fd, record)
+                os.fdatasync(fd)
+                times.append((time.perf_counter() - t0) * 1e6)
+                if time.monotonic() > deadline:
+                    break
+        finally:
+            os.close(fd)
+    times.sort()
+    return {
+        "p50_us": statistics.median(times),
+        "p90_us": times[int(0.9 * (len(times) - 1))],
+        "max_us": times[-1],
+        "count": float(len(times)),
+    }
 
 
 def percentile(sorted_values: list[int], fraction: float) -> float:

@@ -3,6 +3,7 @@
 Ratios are computed round by round (kvserve's round-2 number over the stdlib's round-2 number,
 measured seconds apart) and then summarized as median [min-max]: on a shared machine the load
 drifts over minutes, and a ratio of two numbers taken side by side is what stays meaningful.
+The durability cases are reported apart, against the in-memory kvserve of the same round.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from bench.cases import DURABILITY_SYSTEMS
 from bench.memory import MemoryResult
+from bench.restart import RestartResult, Start
 from bench.systems import SYSTEM_LABELS
 
 __all__ = [
@@ -20,6 +23,7 @@ __all__ = [
     "NOISE_CORES",
     "Phase",
     "Target",
+    "durability_targets",
     "evaluate_targets",
     "markdown",
     "ratios",
@@ -55,6 +59,12 @@ class Phase:
         steal_cores: time the hypervisor gave our vCPUs to other guests, per wall second.
         other_cores: what other processes used (machine - clients - server - softirq).
         server_switches: server context switches per operation (voluntary + involuntary).
+        server_writes: server write(2) calls per operation (socket sends not included): for a
+            ``--data-dir`` kvserve, log writes; under ``--fsync always`` each is followed by
+            one fdatasync, so 1 / this is the records that shared one fsync.
+        server_write_bytes: bytes the server passed to write(2) per operation (log bytes).
+        server_disk_bytes: bytes the server caused to be written to storage per operation,
+            counted by the 4 KiB page (a page rewritten after its write-back counts again).
         clients: per-client numbers.
         error: why the phase failed, else "".
     """
@@ -78,6 +88,9 @@ class Phase:
     steal_cores: float = 0.0
     other_cores: float = 0.0
     server_switches: float = 0.0
+    server_writes: float = 0.0
+    server_write_bytes: float = 0.0
+    server_disk_bytes: float = 0.0
     clients: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
 
@@ -96,12 +109,14 @@ class Target:
         op: ``>=`` or ``<=``.
         threshold: required ratio.
         details: ``(label, median ratio)`` per pair compared; None when not measured.
+        issue: the issue that set the target.
     """
 
     name: str
     op: str
     threshold: float
     details: list[tuple[str, float | None]]
+    issue: int = 4
 
     @property
     def measured(self) -> float | None:
@@ -239,6 +254,31 @@ def evaluate_targets(phases: list[Phase], memory: list[MemoryResult]) -> list[Ta
     return targets
 
 
+_IN_MEMORY: Final = DURABILITY_SYSTEMS[0]
+
+
+def durability_targets(phases: list[Phase]) -> list[Target]:
+    """Evaluate issue 6's targets from the durability phases (none when there are none)."""
+    if not phases:
+        return []
+    cases = ("durable-set-str-c1", "durable-set-str-c4")
+    everysec = [
+        (case, _median(ratios(phases, (case, "kvserve-everysec"), (case, _IN_MEMORY))))
+        for case in cases
+    ]
+    group = _median(ratios(phases, (cases[1], "kvserve-always"), (cases[0], "kvserve-always")))
+    return [
+        Target("SET, --fsync everysec vs in-memory kvserve", ">=", 0.85, everysec, issue=6),
+        Target(
+            "SET, --fsync always: 4 clients / 1 client (group commit)",
+            ">=",
+            3.0,
+            [("durable-set-str-c4 / -c1", group)],
+            issue=6,
+        ),
+    ]
+
+
 # -- formatting ----------------------------------------------------------------------------
 
 
@@ -305,6 +345,18 @@ def _header_table(header: dict[str, Any]) -> list[str]:
         ("wall time", f"{header.get('wall_s', 0):.0f} s"),
     ]
     rows += [(f"skipped: {k}", v) for k, v in header.get("skipped", {}).items()]
+    durability = header.get("durability")
+    if durability:
+        sync = durability["fdatasync"]
+        rows.append(("durability systems", ", ".join(durability["systems"])))
+        rows.append(("durable data dirs on", durability["data_dir_fs"]))
+        rows.append(
+            (
+                "fdatasync after a 150 B append",
+                f"p50 {_us(sync['p50_us'])} µs, p90 {_us(sync['p90_us'])} µs, max "
+                f"{_us(sync['max_us'])} µs ({sync['count']:.0f} timed, before the cases)",
+            )
+        )
     lines = ["| fact | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return lines
@@ -316,12 +368,30 @@ def markdown(
     phases: list[Phase],
     memory: list[MemoryResult],
     targets: list[Target],
+    durable: list[Phase] | None = None,
+    restart: RestartResult | None = None,
 ) -> str:
     """Return the whole report as Markdown."""
     systems = _systems_in_order(phases, list(header["systems"]))
     out = [f"# {title}", ""]
     out += _header_table(header)
-    out += [
+    if phases:
+        out += _throughput(phases, systems)
+    if durable:
+        out += _durability(durable)
+    if restart is not None:
+        out += _restart(restart)
+    if memory:
+        out += _memory(memory)
+    out += _targets(targets)
+    present = systems + _systems_in_order(durable or [], list(DURABILITY_SYSTEMS))
+    labels = {s: SYSTEM_LABELS[s] for s in present}
+    out += ["", "Systems: " + "; ".join(f"`{s}` = {label}" for s, label in labels.items()), ""]
+    return "\n".join(out)
+
+
+def _throughput(phases: list[Phase], systems: list[str]) -> list[str]:
+    out = [
         "",
         "## Throughput, latency, CPU per operation",
         "",
@@ -383,44 +453,190 @@ def markdown(
                 if base != "kvserve":
                     cells.append(_ratio_cell(ratios(phases, (case, "kvserve"), (case, base))))
             out.append("| " + " | ".join(cells) + " |")
-    if memory:
-        plain = next((m for m in memory if m.system == "plain-dict" and not m.error), None)
+    return out
+
+
+def _memory(memory: list[MemoryResult]) -> list[str]:
+    plain = next((m for m in memory if m.system == "plain-dict" and not m.error), None)
+    out = [
+        "",
+        f"## Memory: {memory[0].keys:,} keys `key:%08d` x distinct 100-char str values",
+        "",
+        "Server RSS idle and empty, then after the fill (batches of 10,000 from one client). "
+        "`plain-dict`: the same dict built in a fresh plain Python process.",
+        "",
+        "| system | RSS empty MiB | RSS full MiB | Δ MiB | bytes/key | x plain dict "
+        "| peak RSS MiB | fill s | keys/s fill |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    mib = 1024 * 1024
+    for m in memory:
+        if m.error:
+            out.append(f"| {m.system} | failed: {m.error[:160]} | | | | | | | |")
+            continue
+        rel = _x(m.delta / plain.delta) if plain and plain.delta > 0 else "-"
+        out.append(
+            f"| {m.system} | {m.rss_empty / mib:.1f} | {m.rss_full / mib:.1f} | "
+            f"{m.delta / mib:.1f} | {m.bytes_per_key:.0f} | {rel} | {m.hwm / mib:.1f} | "
+            f"{m.fill_s:.2f} | {_n(m.keys / m.fill_s) if m.fill_s else '-'} |"
+        )
+    return out
+
+
+def _durability(phases: list[Phase]) -> list[str]:
+    systems = _systems_in_order(phases, list(DURABILITY_SYSTEMS))
+    out = [
+        "",
+        "## Durability (issue 6): SET of a 100-char str, in memory and with `--data-dir`",
+        "",
+        "Rounds of their own, interleaved like the others; every server is fresh each round, "
+        "its data directory in its scratch directory (see `durable data dirs on`). "
+        f"`x in-memory`: median of the per-round ratios to `{_IN_MEMORY}` (no `--data-dir`) "
+        "in the same case. `log writes/op`: the server's write(2) calls per SET (socket "
+        "sends are not write(2)); under `always` each is followed by one fdatasync, so "
+        "`SETs/write` is how many SETs shared one fsync (group commit). `log B/op`: bytes "
+        "written to the log per SET; `disk B/op`: bytes the kernel counted for writing back, "
+        "by the 4 KiB page.",
+        "",
+        "| case | system | ops/s | p50 µs | p99 µs | x in-memory | server µs/op "
+        "| server cores | log writes/op | SETs/write | log B/op | disk B/op |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    med = statistics.median
+    for case in _cases_in_order(phases):
+        for system in systems:
+            rounds = _by_round(phases, case, system)
+            failed = [p for p in phases if p.case == case and p.system == system and not p.ok]
+            if not rounds:
+                why = failed[0].error[:120] if failed else "not run"
+                out.append(f"| {case} | {system} | failed: {why} |" + " |" * 9)
+                continue
+            ps = list(rounds.values())
+            noisy = "†" if any(p.other_cores > NOISE_CORES for p in ps) else ""
+            writes = med(p.server_writes for p in ps)
+            in_memory = (
+                "1"
+                if system == _IN_MEMORY
+                else _ratio_cell(ratios(phases, (case, system), (case, _IN_MEMORY)))
+            )
+            cells = [
+                case,
+                system,
+                _range([p.ops_per_s for p in ps], _n) + noisy,
+                _us(med(p.p50_us for p in ps)),
+                _us(med(p.p99_us for p in ps)),
+                in_memory,
+                f"{med(p.server_cpu_us for p in ps):.1f} ({med(p.server_sys for p in ps):.0%})",
+                f"{med(p.server_cores for p in ps):.2f}",
+                f"{writes:.2f}",
+                f"{1 / writes:.2f}" if writes > 0 else "-",
+                f"{med(p.server_write_bytes for p in ps):.0f}",
+                f"{med(p.server_disk_bytes for p in ps):.0f}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    group = ratios(
+        phases,
+        ("durable-set-str-c4", "kvserve-always"),
+        ("durable-set-str-c1", "kvserve-always"),
+    )
+    if group:
         out += [
             "",
-            f"## Memory: {memory[0].keys:,} keys `key:%08d` x distinct 100-char str values",
-            "",
-            "Server RSS idle and empty, then after the fill (batches of 10,000 from one client). "
-            "`plain-dict`: the same dict built in a fresh plain Python process.",
-            "",
-            "| system | RSS empty MiB | RSS full MiB | Δ MiB | bytes/key | x plain dict "
-            "| peak RSS MiB | fill s | keys/s fill |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        mib = 1024 * 1024
-        for m in memory:
-            if m.error:
-                out.append(f"| {m.system} | failed: {m.error[:160]} | | | | | | | |")
-                continue
-            rel = _x(m.delta / plain.delta) if plain and plain.delta > 0 else "-"
-            out.append(
-                f"| {m.system} | {m.rss_empty / mib:.1f} | {m.rss_full / mib:.1f} | "
-                f"{m.delta / mib:.1f} | {m.bytes_per_key:.0f} | {rel} | {m.hwm / mib:.1f} | "
-                f"{m.fill_s:.2f} | {_n(m.keys / m.fill_s) if m.fill_s else '-'} |"
+            "Group commit, `always` with 4 clients over `always` with 1 client (per-round "
+            f"ratios): {_ratio_cell(group)}; the same for in-memory kvserve: "
+            + _ratio_cell(
+                ratios(
+                    phases,
+                    ("durable-set-str-c4", _IN_MEMORY),
+                    ("durable-set-str-c1", _IN_MEMORY),
+                )
             )
+            + ".",
+        ]
+    return out
+
+
+def _start_cells(starts: list[Start]) -> list[str]:
+    mib = 1024 * 1024
+    med = statistics.median
+    return [
+        str(len(starts)),
+        _range([s.seconds for s in starts], lambda v: f"{v:.2f}"),
+        _range([s.load_s for s in starts], lambda v: f"{v:.2f}"),
+        f"{med(s.snapshot_records for s in starts):.0f} + {med(s.log_records for s in starts):.0f}",
+        f"{med(s.keys for s in starts):,.0f}",
+        f"{med(s.rss for s in starts) / mib:.0f}",
+        f"{med(s.hwm for s in starts) / mib:.0f}",
+        _range([s.stop_s for s in starts], lambda v: f"{v:.2f}"),
+    ]
+
+
+def _restart(result: RestartResult) -> list[str]:
+    mib = 1024 * 1024
+    out = [
+        "",
+        f"## Restart (issue 6): {result.keys:,} keys x distinct 100-char str in `--data-dir`",
+        "",
+        "A start is timed from spawning `kvserve` to its `kvserve listening on` line; `kvserve "
+        "load s` is its own `loaded ... in Zs` (stderr). `log`: every key in the log "
+        "(`set_many` batches of 10,000, `--compact-at 1 TiB` so nothing was compacted "
+        "unasked); `snapshot`: after `compact()`. `empty`: the first start, on an empty "
+        "directory: the interpreter and imports. `stop s`: SIGTERM to exit. Warm page cache: "
+        "the files were just written. median [min-max] over the starts.",
+        "",
+    ]
+    if result.error:
+        out += [f"Failed: {result.error[:400]}", ""]
+    out += [
+        "| scenario | starts | start -> listening s | kvserve load s | records (snapshot + log) "
+        "| keys | RSS after start MiB | peak RSS in start MiB | stop s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario in ("empty", "log", "snapshot"):
+        starts = result.by_scenario(scenario)
+        if starts:
+            out.append("| " + " | ".join([scenario, *_start_cells(starts)]) + " |")
+    rate = f" ({_n(result.keys / result.fill_s)} keys/s)" if result.fill_s else ""
     out += [
         "",
-        "## Targets (issue 4; medians of per-round ratios, this run)",
-        "",
-        "| target | required | measured (worst pair) | verdict | pairs |",
-        "|---|---|---|---|---|",
+        f"Fill: {result.fill_s:.2f} s{rate}. On disk: {result.disk_log / mib:.1f} MiB of log, "
+        f"{result.disk_snapshot / mib:.1f} MiB after the compaction. Compaction: "
+        f"{result.compaction_s:.2f} s from `compact()` to `compactions` going up; the slowest "
+        f"`stats()` round trip meanwhile (the serving loop's stall): "
+        f"{result.compaction_stall_s * 1e3:.0f} ms.",
     ]
-    for t in targets:
+    if result.stats_errors:
+        out += [
+            "",
+            f"`stats()` failed {result.stats_errors} time(s) during the compaction (retried): "
+            f"{result.stats_error[:200]}",
+        ]
+    return out
+
+
+def _targets(targets: list[Target]) -> list[str]:
+    measured = [t for t in targets if t.measured is not None]
+    out = [
+        "",
+        "## Targets (medians of per-round ratios, this run)",
+        "",
+    ]
+    if not measured:
+        return [*out, "None measured in this run."]
+    out += [
+        "| issue | target | required | measured (worst pair) | verdict | pairs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in measured:
         detail = ", ".join(f"{label} {_x(v)}" for label, v in t.details)
         out.append(
-            f"| {t.name} | {t.op} {t.threshold:g}x | {_x(t.measured)} | {t.verdict} | {detail} |"
+            f"| {t.issue} | {t.name} | {t.op} {t.threshold:g}x | {_x(t.measured)} | "
+            f"{t.verdict} | {detail} |"
         )
-    out += ["", "Systems: " + "; ".join(f"`{s}` = {SYSTEM_LABELS[s]}" for s in systems), ""]
-    return "\n".join(out)
+    skipped = [t.name for t in targets if t.measured is None]
+    if skipped:
+        out += ["", f"Not measured in this run: {'; '.join(skipped)}."]
+    return out
 
 
 def summary_json(phases: list[Phase], systems: list[str]) -> list[dict[str, Any]]:

@@ -2,8 +2,11 @@
 
 Order of work: for each round, start every system's server fresh; then for each case, run it
 against each system in turn (A B C, A B C, ...; the order rotates every round so no system
-always goes first); then stop the servers. After the rounds, the memory case starts each
-server once more, fresh. Results go to ``bench/results/<date>-<name>.md`` and ``.json``.
+always goes first); then stop the servers. The durability cases (issue 6) then do the same,
+in rounds of their own, against the in-memory kvserve and kvserve with ``--data-dir`` under
+each ``--fsync`` policy; the restart case fills a data directory and times restarts; last,
+the memory case starts each server once more, fresh. Results go to
+``bench/results/<date>-<name>.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -21,18 +25,28 @@ from typing import Any, Final
 if not __package__:  # run as a script, `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cases import CASES, Case, select_cases
+from bench.cases import CASES, DURABILITY, DURABILITY_SYSTEMS, Case, select_cases
 from bench.measure import (
     MachineSample,
     ProcessSample,
     environment,
+    filesystem,
+    fsync_probe,
     loadavg,
     percentile,
     sample_machine,
     sample_process,
 )
 from bench.memory import MemoryResult, measure_plain, measure_server
-from bench.report import Phase, evaluate_targets, markdown, phase_json, summary_json
+from bench.report import (
+    Phase,
+    durability_targets,
+    evaluate_targets,
+    markdown,
+    phase_json,
+    summary_json,
+)
+from bench.restart import RestartResult, measure_restart
 from bench.systems import ALL_SYSTEMS, DEFAULT_SYSTEMS, Server, SkipSystemError, start_server
 from bench.worker import ClientResult, PhaseError, WorkerPool
 
@@ -40,6 +54,8 @@ __all__ = ["main"]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 MEMORY_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "redis")
+_GROUP_WORDS: Final = ("memory", "restart")
+"""``--only`` words that select a measurement that is not a case."""
 
 
 def _log(message: str) -> None:
@@ -121,6 +137,9 @@ def _fill_phase(
             0.0,
             phase.machine_cores - phase.client_cores - phase.server_cores - phase.softirq_cores,
         )
+        phase.server_writes = (p1.writes - p0.writes) / ops
+        phase.server_write_bytes = (p1.write_chars - p0.write_chars) / ops
+        phase.server_disk_bytes = (p1.disk_bytes - p0.disk_bytes) / ops
 
 
 def _rotate(systems: list[str], rnd: int) -> list[str]:
@@ -134,22 +153,29 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark kvserve against the stdlib manager, a raw-socket floor and Redis.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="1 round of 1 s per case, 100k keys for memory"
+        "--quick",
+        action="store_true",
+        help="1 round of 0.5 s per case, 100k keys for memory and restart",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
-    parser.add_argument("--duration", type=float, help="seconds per phase (default 2; quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds per phase (default 2; quick 0.5)")
     parser.add_argument("--keys", type=int, help="memory case keys (default 1e6; quick 1e5)")
+    parser.add_argument(
+        "--restart-keys", type=int, help="restart case keys (default 1e6; quick 1e5)"
+    )
     parser.add_argument(
         "--only",
         action="append",
         metavar="CASE",
-        help="run only cases whose name contains CASE (repeatable; 'memory' for memory)",
+        help="run only cases whose name contains CASE (repeatable; 'memory', 'restart', and "
+        "'durability' for the durability cases and the restart)",
     )
     parser.add_argument(
         "--systems",
         help=f"comma list from {','.join(ALL_SYSTEMS)} (default {','.join(DEFAULT_SYSTEMS)})",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory case")
+    parser.add_argument("--no-restart", action="store_true", help="skip the restart case")
     parser.add_argument("--name", help="results file name suffix (default quick/full)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)"
@@ -164,8 +190,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the cases and systems, exit")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.duration = args.duration or (1.0 if args.quick else 2.0)
+    args.duration = args.duration or (0.5 if args.quick else 2.0)
     args.keys = args.keys or (100_000 if args.quick else 1_000_000)
+    args.restart_keys = args.restart_keys or (100_000 if args.quick else 1_000_000)
     args.name = args.name or ("quick" if args.quick else "full")
     systems = args.systems.split(",") if args.systems else list(DEFAULT_SYSTEMS)
     unknown = [s for s in systems if s not in ALL_SYSTEMS]
@@ -174,14 +201,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.systems = systems
     if args.rounds < 1 or args.rounds > 20 or not 0.1 <= args.duration <= 60:
         parser.error("--rounds must be 1..20 and --duration 0.1..60 s")
+    if not 1 <= args.keys <= 10_000_000 or not 1 <= args.restart_keys <= 10_000_000:
+        parser.error("--keys and --restart-keys must be 1..10,000,000")
     return args
 
 
 def _run_rounds(
-    args: argparse.Namespace, cases: list[Case], pool: WorkerPool, skipped: dict[str, str]
+    args: argparse.Namespace,
+    cases: list[Case],
+    systems: list[str],
+    pool: WorkerPool,
+    skipped: dict[str, str],
 ) -> list[Phase]:
     phases: list[Phase] = []
-    systems: list[str] = args.systems
+    if not cases:
+        return phases
     total = len(cases) * len(systems) * args.rounds
     done = 0
     for rnd in range(args.rounds):
@@ -212,7 +246,7 @@ def _run_rounds(
                     phases.append(phase)
                     if phase.ok:
                         _log(
-                            f"[{done}/{total}] r{rnd + 1} {case.name:16} {system:10} "
+                            f"[{done}/{total}] r{rnd + 1} {case.name:18} {system:16} "
                             f"{phase.ops_per_s:>10,.0f} ops/s  p50 {phase.p50_us:7.1f} µs  "
                             f"p99 {phase.p99_us:8.1f} µs  cpu/op c {phase.client_cpu_us:5.1f} "
                             f"s {phase.server_cpu_us:5.1f} µs"
@@ -239,6 +273,30 @@ def _run_memory(
     return results
 
 
+def _run_restart(args: argparse.Namespace, pool: WorkerPool) -> RestartResult:
+    _log(f"restart: filling a data directory with {args.restart_keys:,} keys")
+    result = measure_restart(pool, args.restart_keys, args.rounds)
+    for start in result.starts:
+        _log(
+            f"restart: {start.scenario:8} {start.seconds:6.2f} s to listening (kvserve: loaded "
+            f"{start.snapshot_records} snapshot + {start.log_records} log records in "
+            f"{start.load_s:.2f} s), stop {start.stop_s:.2f} s"
+        )
+    if result.error:
+        _log(f"restart: {result.error}")
+    return result
+
+
+def _select(args: argparse.Namespace) -> tuple[list[Case], bool, bool]:
+    """Return the cases, and whether to run the restart and the memory case."""
+    only: list[str] = args.only or []
+    words = [w for w in only if w not in _GROUP_WORDS]
+    cases = select_cases(words or None) if words or not only else []
+    run_restart = not args.no_restart and (not only or "restart" in only or DURABILITY in only)
+    run_memory = not args.no_memory and (not only or "memory" in only)
+    return cases, run_restart, run_memory
+
+
 def _use_tree(tree: Path) -> None:
     # Spawned clients inherit sys.path, servers get PYTHONPATH: both then import kvserve and
     # kvclient from the tree. Nothing has imported kvclient in this process yet.
@@ -254,23 +312,33 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; return the process exit code (0 when every phase ran)."""
     args = _parse_args(argv)
     if args.list:
-        print("cases:", " ".join(c.name for c in CASES), "memory")
+        print("cases:", " ".join(c.name for c in CASES), "restart memory")
         print("systems:", " ".join(ALL_SYSTEMS), f"(default: {' '.join(DEFAULT_SYSTEMS)})")
+        print(f"groups: {DURABILITY} (durable-* cases against {', '.join(DURABILITY_SYSTEMS)}")
+        print("        and the restart case)")
         return 0
-    cases = select_cases([w for w in args.only or [] if w != "memory"] or None)
-    if args.only and all(w == "memory" for w in args.only):
-        cases = []
-    run_memory = not args.no_memory and (not args.only or "memory" in args.only)
+    cases, run_restart, run_memory = _select(args)
+    main_cases = [c for c in cases if c.group != DURABILITY]
+    durable_cases = [c for c in cases if c.group == DURABILITY]
     if args.tree:
         _use_tree(args.tree)
     t0 = time.monotonic()
     header = environment(args.tree)
     header.update(rounds=args.rounds, duration=args.duration, systems=args.systems, skipped={})
+    if durable_cases or run_restart:
+        header["durability"] = {
+            "systems": list(DURABILITY_SYSTEMS),
+            "data_dir_fs": f"{tempfile.gettempdir()}: {filesystem(tempfile.gettempdir())}",
+            "fdatasync": fsync_probe(),
+        }
     skipped: dict[str, str] = header["skipped"]
     pool = WorkerPool()
+    restart: RestartResult | None = None
     try:
         pool.ensure(max((c.clients for c in cases), default=1))
-        phases = _run_rounds(args, cases, pool, skipped)
+        phases = _run_rounds(args, main_cases, args.systems, pool, skipped)
+        durable = _run_rounds(args, durable_cases, list(DURABILITY_SYSTEMS), pool, skipped)
+        restart = _run_restart(args, pool) if run_restart else None
         memory = _run_memory(args, pool, skipped) if run_memory else []
     except KeyboardInterrupt:
         _log("interrupted")
@@ -279,11 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         pool.close()
     header["loadavg_end"] = loadavg()
     header["wall_s"] = time.monotonic() - t0
-    targets = evaluate_targets(phases, memory)
+    targets = evaluate_targets(phases, memory) + durability_targets(durable)
     title = f"kvmanager benchmark: {args.name}" + (
-        " (--quick: 1 s per case, not for comparing)" if args.quick else ""
+        f" (--quick: {args.duration:g} s per case, not for comparing)" if args.quick else ""
     )
-    report = markdown(title, header, phases, memory, targets)
+    report = markdown(title, header, phases, memory, targets, durable, restart)
     print(report)
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -292,11 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         base.with_suffix(".md").write_text(report)
         data = {
             "header": header,
-            "phases": [phase_json(p) for p in phases],
+            "phases": [phase_json(p) for p in phases + durable],
             "summary": summary_json(phases, args.systems),
+            "durability": {
+                "summary": summary_json(durable, list(DURABILITY_SYSTEMS)),
+                "restart": restart.to_json() if restart else None,
+            },
             "memory": [m.to_json() for m in memory],
             "targets": [
                 {
+                    "issue": t.issue,
                     "name": t.name,
                     "op": t.op,
                     "threshold": t.threshold,
@@ -309,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
         _log(f"wrote {base}.md and {base}.json")
-    failed = [p for p in phases if not p.ok]
+    failed = [p for p in phases + durable if not p.ok]
     if failed:
         _log(f"{len(failed)} phase(s) failed")
-    return 1 if failed else 0
+    restart_failed = restart is not None and bool(restart.error)
+    return 1 if failed or restart_failed else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import msgpack
 __all__ = [
     "ALL_SYSTEMS",
     "DEFAULT_SYSTEMS",
+    "DURABLE_SYSTEMS",
     "SYSTEM_LABELS",
     "Driver",
     "Endpoint",
@@ -39,10 +40,25 @@ __all__ = [
     "value_for",
 ]
 
-ALL_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "raw-thread", "redis", "redis-py")
+DURABLE_SYSTEMS: Final = {
+    "kvserve-no": "no",
+    "kvserve-everysec": "everysec",
+    "kvserve-always": "always",
+}
+"""kvserve with ``--data-dir`` (in the server's scratch directory) and this ``--fsync`` policy."""
+ALL_SYSTEMS: Final = (
+    "kvserve",
+    *DURABLE_SYSTEMS,
+    "stdlib",
+    "raw",
+    "raw-thread",
+    "redis",
+    "redis-py",
+)
 DEFAULT_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "redis")
 SYSTEM_LABELS: Final = {
     "kvserve": "kvserve + kvclient",
+    **{name: f"kvserve --data-dir --fsync {policy}" for name, policy in DURABLE_SYSTEMS.items()},
     "stdlib": "stdlib BaseManager + registered dict",
     "raw": "raw-socket floor (epoll, 1 thread)",
     "raw-thread": "raw-socket floor (thread/conn)",
@@ -164,9 +180,13 @@ def start_server(system: str) -> Server:
     env = _clean_env(workdir)
     log = (workdir / "stderr.log").open("wb")
     key = secrets.token_hex(16)
-    if system == "kvserve":
+    if system == "kvserve" or system in DURABLE_SYSTEMS:
         env["KV_AUTHKEY"] = key
         argv = [sys.executable, "-m", "kvserve", "--port", "0", "--log-level", "warning"]
+        if system in DURABLE_SYSTEMS:
+            # In the scratch directory, so stop() removes it; tempfile's directory is /tmp
+            # unless TMPDIR says otherwise (the report names its filesystem).
+            argv += ["--data-dir", str(workdir / "data"), "--fsync", DURABLE_SYSTEMS[system]]
         prefix = "kvserve listening on "
     elif system == "stdlib":
         env["BENCH_AUTHKEY"] = key
@@ -558,6 +578,7 @@ class RedisDriver(Driver):
 
 _DRIVERS: Final[dict[str, type[Driver]]] = {
     "kvserve": KVServeDriver,
+    **dict.fromkeys(DURABLE_SYSTEMS, KVServeDriver),
     "stdlib": StdlibDriver,
     "raw": RawDriver,
     "raw-thread": RawDriver,

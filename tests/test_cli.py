@@ -22,6 +22,7 @@ from typer.testing import CliRunner, Result
 
 import kvclient
 from kvclient.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, app
+from kvserve import KVManager
 from tests.conftest import ServerProcess, read_listening_line, start_kvserve
 
 Kvctl = Callable[..., Result]
@@ -33,13 +34,20 @@ _NO_ENV: dict[str, str | None] = {
     "KV_AUTHKEY": None,
     "KV_AUTHKEY_FILE": None,
     "KV_TIMEOUT": None,
+    "KV_TLS_CA": None,
+    "KV_TLS_CERT": None,
+    "KV_TLS_KEY": None,
 }
 
 
-def invoke(args: list[str], env: dict[str, str | None] | None = None) -> Result:
+def invoke(
+    args: list[str], env: dict[str, str | None] | None = None, input: bytes | None = None
+) -> Result:
     # catch_exceptions=False: an exception escaping the CLI must fail the test, not pass as
     # CliRunner's exit code 1, which is also kvctl's "not found".
-    return runner.invoke(app, args, env={**_NO_ENV, **(env or {})}, catch_exceptions=False)
+    return runner.invoke(
+        app, args, env={**_NO_ENV, **(env or {})}, catch_exceptions=False, input=input
+    )
 
 
 @pytest.fixture
@@ -843,6 +851,9 @@ COMMANDS = [
     ["drop"],
     ["ping"],
     ["stats"],
+    ["compact"],
+    ["dump"],
+    ["restore"],
     ["list", "push"],
     ["list", "pop"],
     ["list", "range"],
@@ -1010,3 +1021,122 @@ def test_exit_codes_of_real_processes(
     )
     with kvclient.connect(kvserve_proc.address, kvserve_proc.authkey) as kv:
         assert kv.dict("default").copy() == {"k": "v"}  # "bad" was never stored
+
+
+# -- dump, restore, compact, TLS ----------------------------------------------------------
+
+
+def _fill_for_dump(kv: kvclient.Client) -> None:
+    d = kv.dict("d")
+    d.update({"s": "str", "b": b"\x00\xff", "t": (1, (2, "x")), "big": 2**70, "n": None})
+    d[("tuple", "key")] = [1.5, {"nested": True}]
+    d["$odd"] = "a key JSON would mistake for a tag"
+    d["ref"] = kv.list("l")
+    kv.list("l").extend([1, 2])
+    kv.queue("q", maxsize=3).put("job")
+    kv.namespace("ns").x = 1
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_dump_then_restore_into_an_empty_server(
+    kvctl: Kvctl, kv: kvclient.Client, authkey: bytes, fmt: str, tmp_path: Path
+) -> None:
+    _fill_for_dump(kv)
+    expected = kv.dump()
+    dumped = kvctl("dump", "--format", fmt)
+    assert dumped.exit_code == EXIT_OK, dumped.stderr
+    data = dumped.stdout_bytes
+    if fmt == "json":
+        json.loads(data)  # people can read it with jq
+    fresh = KVManager(("127.0.0.1", 0), authkey=authkey).get_server()
+    thread = threading.Thread(target=fresh.serve_forever, daemon=True)
+    thread.start()
+    try:
+        restored = invoke(
+            ["--address", fresh.endpoint, "restore", "--format", fmt],
+            {"KV_AUTHKEY": authkey.decode(), "HOME": str(tmp_path / "home")},
+            input=data,
+        )
+        assert (restored.exit_code, restored.stdout) == (EXIT_OK, "4\n"), restored.stderr
+        with kvclient.connect(fresh.endpoint, authkey) as other:
+            got = other.dump()
+            assert _refs_plain(got) == _refs_plain(expected)
+        again = invoke(
+            ["--address", fresh.endpoint, "restore", "--format", fmt],
+            {"KV_AUTHKEY": authkey.decode(), "HOME": str(tmp_path / "home")},
+            input=data,
+        )
+        assert again.exit_code == EXIT_ERROR
+        assert "empty server" in again.stderr
+    finally:
+        fresh.stop()
+        fresh.wait_stopped(10)
+        thread.join(10)
+
+
+def _refs_plain(value: Any) -> Any:
+    if isinstance(value, kvclient.Proxy):
+        return ("ref", value._kind, value._name)
+    if isinstance(value, list):
+        return [_refs_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_refs_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _refs_plain(v) for k, v in value.items()}
+    return value
+
+
+def test_restore_refuses_what_is_not_a_dump(kvctl: Kvctl, kv: kvclient.Client) -> None:
+    result = invoke(
+        ["--address", kvctl_address(kv), "restore", "--format", "json"],
+        {"KV_AUTHKEY": kv._authkey.decode()},
+        input=b"{not json",
+    )
+    assert result.exit_code == EXIT_USAGE
+    assert "not a json dump" in result.output
+    assert kv.names() == {}
+
+
+def kvctl_address(kv: kvclient.Client) -> str:
+    return kv.endpoint
+
+
+def test_compact_without_a_data_dir_is_a_server_error(kvctl: Kvctl) -> None:
+    result = kvctl("compact")
+    assert result.exit_code == EXIT_ERROR
+    assert "--data-dir" in result.stderr
+
+
+def test_tls_options_reach_the_server(authkey: bytes, tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    from kvclient.tls import server_context
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    ca.issue_cert("me@example.org").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "client.pem")
+    )
+    srv = KVManager(
+        ("127.0.0.1", 0),
+        authkey=authkey,
+        tls=server_context(tmp_path / "server.pem", client_ca=tmp_path / "ca.pem"),
+    ).get_server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    env: dict[str, str | None] = {"KV_AUTHKEY": authkey.decode(), "HOME": str(tmp_path / "h")}
+    try:
+        base = ["--address", srv.endpoint, "--tls-ca", str(tmp_path / "ca.pem")]
+        ok(invoke([*base, "--tls-cert", str(tmp_path / "client.pem"), "set", "k", "v"], env), "")
+        without = invoke([*base, "get", "k"], env)
+        assert without.exit_code == EXIT_ERROR
+        assert without.stderr.startswith("TLSError: ")
+        env["KV_TLS_CA"] = str(tmp_path / "ca.pem")
+        env["KV_TLS_CERT"] = str(tmp_path / "client.pem")
+        ok(invoke(["--address", srv.endpoint, "get", "k"], env), "v\n")
+    finally:
+        srv.stop()
+        srv.wait_stopped(10)
+        thread.join(10)

@@ -46,9 +46,10 @@ import typer
 
 import kvclient
 from kvclient.auth import load_authkey
+from kvclient.codec import Codec, Ref
 from kvclient.connection import DEFAULT_ADDRESS, parse_address
 from kvclient.errors import KindError, NoSuchContainerError
-from kvclient.proxies import make_proxy
+from kvclient.proxies import make_proxy, to_ref
 from kvclient.sync import ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
@@ -280,6 +281,9 @@ class _Settings:
     authkey_file: Path | None = None
     timeout: float = DEFAULT_TIMEOUT
     json: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 _P = TypeVar("_P", bound=kvclient.Proxy)
@@ -309,6 +313,9 @@ class _Session:
                 key,
                 self.settings.timeout,
                 call_timeout=self.settings.timeout,
+                ca=self.settings.tls_ca,
+                cert=self.settings.tls_cert,
+                key=self.settings.tls_key,
             )
         return self._client
 
@@ -483,6 +490,33 @@ def main(
         ),
     ] = DEFAULT_TIMEOUT,
     as_json: JsonOption = False,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            metavar="FILE",
+            envvar="KV_TLS_CA",
+            help="Use TLS, trusting this CA for the server's certificate.",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            metavar="FILE",
+            envvar="KV_TLS_CERT",
+            help="Client certificate, for servers that require one (--tls-ca on kvserve).",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-key",
+            metavar="FILE",
+            envvar="KV_TLS_KEY",
+            help="The client certificate's key (default: inside --tls-cert).",
+        ),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option(
@@ -491,7 +525,7 @@ def main(
     ] = False,
 ) -> None:
     """Read and write a kvserve server's dicts, lists, queues and namespaces from the shell."""
-    ctx.obj = _Settings(address, authkey_file, timeout, as_json)
+    ctx.obj = _Settings(address, authkey_file, timeout, as_json, tls_ca, tls_cert, tls_key)
 
 
 # -- dict keys -----------------------------------------------------------------------------
@@ -1062,6 +1096,112 @@ def ping(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
         client.ping()
         ms = (time.perf_counter() - started) * 1000
         session.emit({"rtt_ms": round(ms, 3)}, f"pong {ms:.2f} ms")
+
+
+@app.command("compact", epilog=_examples("kvctl compact"))
+def compact(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
+    """Compact a --data-dir server's log into a new snapshot, in the background.
+
+    Prints "started", or "running" when a compaction is already under way.
+    """
+    with _session(ctx, as_json) as session:
+        started = session.client.compact()
+        session.emit({"started": started}, "started" if started else "running")
+
+
+FormatOption = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        "-f",
+        metavar="FORMAT",
+        help="msgpack (exact, compact) or json (for people; tagged where JSON lacks a type).",
+    ),
+]
+
+
+def _check_format(value: str) -> str:
+    if value not in ("msgpack", "json"):
+        raise typer.BadParameter("must be msgpack or json", param_hint="--format")
+    return value
+
+
+@app.command(
+    "dump",
+    epilog=_examples(
+        "kvctl dump > backup.msgpack", "kvctl dump --format json | jq '.containers[][0]'"
+    ),
+)
+def dump(ctx: typer.Context, fmt: FormatOption = "msgpack") -> None:
+    """Write a consistent copy of every container to stdout (see restore)."""
+    _check_format(fmt)
+    with _session(ctx) as session:
+        data = session.client.dump()
+        if fmt == "json":
+            typer.echo(json.dumps(_to_tagged_json(data), ensure_ascii=False))
+        else:
+            out = typer.get_binary_stream("stdout")
+            out.write(Codec(to_ref=to_ref).pack(data))
+            out.flush()
+
+
+@app.command(
+    "restore",
+    epilog=_examples("kvctl restore < backup.msgpack", "kvctl restore --format json < backup.json"),
+)
+def restore(
+    ctx: typer.Context, fmt: FormatOption = "msgpack", as_json: JsonOutOption = False
+) -> None:
+    """Load a dump from stdin into an empty server; print how many containers it made."""
+    _check_format(fmt)
+    raw = typer.get_binary_stream("stdin").read()
+    try:
+        data = _from_tagged_json(json.loads(raw)) if fmt == "json" else Codec().unpack(raw)
+    except (ValueError, kvclient.ProtocolError) as exc:
+        raise typer.BadParameter(f"stdin is not a {fmt} dump ({exc})") from None
+    with _session(ctx, as_json) as session:
+        count = session.client.restore(data)
+        session.emit({"containers": count}, str(count))
+
+
+def _to_tagged_json(value: Any) -> Any:
+    """Turn a dump into JSON, tagging what JSON cannot say: bytes, tuples, refs, odd keys."""
+    if isinstance(value, kvclient.Proxy):
+        return {"$ref": [value._kind, value._name]}
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode()}
+    if isinstance(value, tuple):
+        return {"$tuple": [_to_tagged_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_tagged_json(v) for v in value]
+    if isinstance(value, dict):
+        if all(type(k) is str and not k.startswith("$") for k in value):
+            return {k: _to_tagged_json(v) for k, v in value.items()}
+        return {"$dict": [[_to_tagged_json(k), _to_tagged_json(v)] for k, v in value.items()]}
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53:
+        return {"$int": str(value)}
+    return value
+
+
+def _from_tagged_json(value: Any) -> Any:
+    """Undo :func:`_to_tagged_json`."""
+    if isinstance(value, list):
+        return [_from_tagged_json(v) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            ((tag, inner),) = value.items()
+            if tag == "$ref":
+                return Ref(str(inner[0]), str(inner[1]))
+            if tag == "$bytes":
+                return base64.b64decode(inner)
+            if tag == "$tuple":
+                return tuple(_from_tagged_json(v) for v in inner)
+            if tag == "$dict":
+                return {_from_tagged_json(k): _from_tagged_json(v) for k, v in inner}
+            if tag == "$int":
+                return int(inner)
+        return {k: _from_tagged_json(v) for k, v in value.items()}
+    return value
 
 
 _STATS_ORDER: Final = ("version", "uptime", "clients", "containers", "keys", "ops")

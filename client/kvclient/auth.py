@@ -86,6 +86,10 @@ def _read_key_file(path: Path) -> bytes:
 def _create_key_file(path: Path) -> bytes:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
+    while key.endswith((b"\r", b"\n")):
+        # Readers strip a trailing newline (editors add one): a key ending in one would
+        # differ from what every reader of the file gets (1 new key in 128).
+        key = secrets.token_bytes(32)
     # O_EXCL: two servers starting at once must not each write a different key.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

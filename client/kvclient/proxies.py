@@ -371,7 +371,7 @@ class QueueProxy(_NamedProxy):
     ``queue.Full`` exactly as ``queue.Queue`` does.
     """
 
-    __slots__ = ()
+    __slots__ = ("_bounded",)
     _proxy_kind = "queue"
 
     def _blocking_timeout(self, block: bool, timeout: float | None) -> float | bool | None:
@@ -383,9 +383,14 @@ class QueueProxy(_NamedProxy):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``item``; when full, wait up to ``timeout`` (None: for ever) or raise Full."""
-        self._client._call(
-            self._name, "put", [item, block, timeout], None, self._blocking_timeout(block, timeout)
-        )
+        # A put on an unbounded queue never waits, so it gets the usual call timeout; only a
+        # bounded queue's put may wait for ever. maxsize is fixed at creation: ask once.
+        bounded: bool | None = getattr(self, "_bounded", None)
+        if bounded is None and block and timeout is None:
+            bounded = self.maxsize > 0
+            object.__setattr__(self, "_bounded", bounded)
+        reply_timeout = self._blocking_timeout(block and bounded is not False, timeout)
+        self._client._call(self._name, "put", [item, block, timeout], None, reply_timeout)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Get the oldest item; when empty, wait up to ``timeout`` (None: ever) or raise Empty."""

@@ -707,7 +707,7 @@ def test_unreachable_address_exits_3_with_the_address_and_the_fix(authkey: bytes
         invoke(["--address", f"127.0.0.1:{port}", "get", "k"], {"KV_AUTHKEY": authkey.decode()}),
         EXIT_ERROR,
         f"KVConnectionError: could not connect to 127.0.0.1:{port} (connection refused); "
-        "is kvserve running?\n",
+        "is kvserve running? (for other hosts it must listen on them: kvserve --host 0.0.0.0)\n",
     )
 
 

@@ -136,5 +136,16 @@ def translate_os_error(exc: BaseException, endpoint: str, action: str) -> KVConn
     if isinstance(exc, OSError):
         reason = _HINTS.get(exc.errno or 0) or exc.strerror
     reason = reason or type(exc).__name__
-    hint = "; is kvserve running?" if action.startswith("connect") else ""
+    hint = ""
+    if action.startswith("connect"):
+        errno_ = exc.errno if isinstance(exc, OSError) else None
+        if errno_ in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            hint = "; check the network path to that host"
+        elif errno_ == errno.ECONNREFUSED:
+            hint = (
+                "; is kvserve running? (for other hosts it must listen on them: "
+                "kvserve --host 0.0.0.0)"
+            )
+        else:
+            hint = "; is kvserve running?"
     return KVConnectionError(f"could not {action} {endpoint} ({reason}){hint}")

@@ -202,6 +202,51 @@ class _Leased(Container):
         self._lost.pop(owner, None)
         return token
 
+    def _take(
+        self,
+        owner: bytes,
+        blocking: Any,
+        timeout: Any,
+        lease: Any,
+        wait_id: Any,
+        *,
+        reentrant: bool,
+    ) -> int | bool:
+        """Take a lock-like hold for ``owner`` (shared by Lock, RLock and Condition)."""
+        _check_owner(owner)
+        _check_bool(blocking, "blocking")
+        timeout = _check_timeout(timeout)
+        lease = _check_lease(lease)
+        wait_id = _check_wait_id(wait_id)
+        now = time.monotonic()
+        self._prune(now)
+        if reentrant:
+            hold = self._holds.get(owner)
+            if hold is not None:
+                hold.count += 1
+                self._forget_waiting(wait_id)
+                return hold.tokens[-1]
+        if not self._holds:
+            self._forget_waiting(wait_id)
+            return self._grant(owner, lease, now)
+        if not blocking or timeout == 0:
+            self._forget_waiting(wait_id)
+            return False
+        raise self._block(wait_id, owner, timeout, lease, now)
+
+    def _release_level(self, owner: bytes, what: str) -> int:
+        """Release one level of ``owner``'s lock-like hold; return the levels left."""
+        _check_owner(owner)
+        self._prune(time.monotonic())
+        hold = self._holds.get(owner)
+        if hold is None:
+            raise self._not_held(owner, what)
+        hold.count -= 1
+        if hold.count <= 0:
+            del self._holds[owner]
+            return 0
+        return hold.count
+
     def _prune(self, now: float) -> None:
         """Release every hold whose lease ran out by ``now``, journaling each release.
 
@@ -387,26 +432,7 @@ class KVLock(_Leased):
         Raises:
             TypeError, ValueError: a malformed argument.
         """
-        _check_owner(owner)
-        _check_bool(blocking, "blocking")
-        timeout = _check_timeout(timeout)
-        lease = _check_lease(lease)
-        wait_id = _check_wait_id(wait_id)
-        now = time.monotonic()
-        self._prune(now)
-        if self.reentrant:
-            hold = self._holds.get(owner)
-            if hold is not None:
-                hold.count += 1
-                self._forget_waiting(wait_id)
-                return hold.tokens[-1]
-        if not self._holds:
-            self._forget_waiting(wait_id)
-            return self._grant(owner, lease, now)
-        if not blocking or timeout == 0:
-            self._forget_waiting(wait_id)
-            return False
-        raise self._block(wait_id, owner, timeout, lease, now)
+        return self._take(owner, blocking, timeout, lease, wait_id, reentrant=self.reentrant)
 
     def release(self, owner: bytes) -> int:
         """Release one level of ``owner``'s hold; return the levels it still holds.
@@ -414,16 +440,7 @@ class KVLock(_Leased):
         Raises:
             RuntimeError: ``owner`` does not hold it (never did, or its lease expired).
         """
-        _check_owner(owner)
-        self._prune(time.monotonic())
-        hold = self._holds.get(owner)
-        if hold is None:
-            raise self._not_held(owner, self.kind)
-        hold.count -= 1
-        if hold.count <= 0:
-            del self._holds[owner]
-            return 0
-        return hold.count
+        return self._release_level(owner, self.kind)
 
 
 class KVRLock(KVLock):
@@ -655,25 +672,7 @@ class KVCondition(_Leased):
         wait_id: bytes | None = None,
     ) -> int | bool:
         """Take (or re-enter) the condition's lock; as KVLock.acquire."""
-        _check_owner(owner)
-        _check_bool(blocking, "blocking")
-        timeout = _check_timeout(timeout)
-        lease = _check_lease(lease)
-        wait_id = _check_wait_id(wait_id)
-        now = time.monotonic()
-        self._prune(now)
-        hold = self._holds.get(owner)
-        if hold is not None:
-            hold.count += 1
-            self._forget_waiting(wait_id)
-            return hold.tokens[-1]
-        if not self._holds:
-            self._forget_waiting(wait_id)
-            return self._grant(owner, lease, now)
-        if not blocking or timeout == 0:
-            self._forget_waiting(wait_id)
-            return False
-        raise self._block(wait_id, owner, timeout, lease, now)
+        return self._take(owner, blocking, timeout, lease, wait_id, reentrant=True)
 
     def release(self, owner: bytes) -> int:
         """Release one level of the lock; return the levels ``owner`` still holds.
@@ -681,16 +680,7 @@ class KVCondition(_Leased):
         Raises:
             RuntimeError: ``owner`` does not hold the lock.
         """
-        _check_owner(owner)
-        self._prune(time.monotonic())
-        hold = self._holds.get(owner)
-        if hold is None:
-            raise self._not_held(owner, "condition lock")
-        hold.count -= 1
-        if hold.count <= 0:
-            del self._holds[owner]
-            return 0
-        return hold.count
+        return self._release_level(owner, "condition lock")
 
     def wait_begin(self, owner: bytes, wait_id: bytes, lease: float = 30.0) -> int:
         """Release the lock completely and join the waiters; return the recursion level saved.

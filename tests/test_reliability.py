@@ -245,13 +245,22 @@ def test_32_processes_mixed_workload_exact_totals(
     proc = start_kvserve(env, *data)
     address = read_listening_line(proc)
     n_procs, n_ops = 32, 40
+    go = FORKSERVER.Event()
     workers = [
-        FORKSERVER.Process(target=mixed_worker, args=(address, authkey, w, n_ops))
+        FORKSERVER.Process(target=mixed_worker, args=(address, authkey, w, n_ops, go))
         for w in range(n_procs)
     ]
     try:
         for w in workers:
             w.start()
+        with kvclient.connect(address, authkey) as kv:
+            # Everyone connected first: connect() fails fast by design, so a worker still
+            # starting when the server is killed would fail without it meaning anything.
+            deadline = time.monotonic() + 60
+            while kv.dict("ready").get("n", 0) < n_procs:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        go.set()
         if restart:
             with kvclient.connect(address, authkey) as kv:
                 deadline = time.monotonic() + 60

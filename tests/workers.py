@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import kvclient
 import kvclient.retry
 
 
-def mixed_worker(address: str, authkey: bytes, worker: int, n_ops: int) -> None:
+def mixed_worker(address: str, authkey: bytes, worker: int, n_ops: int, go: Any) -> None:
     # Generous retries: 32 processes reconnecting slow the restarted server's start-up.
     retry = kvclient.retry.Retry(kvclient.retry.ConstantBackoff(0.2), retries=150)
     with kvclient.connect(address, authkey, retry=retry) as kv:
+        kv.dict("ready").incr("n")
+        if not go.wait(60):
+            raise TimeoutError("never told to start")
         d, lst, q, done = kv.dict("mix"), kv.list("appended"), kv.queue("work"), kv.list("got")
         got = []
         for i in range(n_ops):

@@ -457,6 +457,11 @@ class Persistence:
         """Queue one applied mutation; it reaches the OS at the next :meth:`flush`."""
         self._buffer += _frame(self._codec, record)
 
+    def append_encoded(self, payload: bytes | memoryview) -> None:
+        """Queue one applied mutation given as its msgpack encoding (a request as received)."""
+        self._buffer += _RECORD_HEADER.pack(len(payload), zlib.crc32(payload))
+        self._buffer += payload
+
     @property
     def pending(self) -> bool:
         """True when appended records have not been flushed yet."""

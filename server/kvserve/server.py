@@ -704,7 +704,7 @@ class Server:
             if ident is None:
                 result = self._call_public(conn, message, rid)
             else:
-                result = self._call(message, rid, conn)
+                result = self._call(message, rid, conn, payload)
         except WouldBlock as wb:
             self._park(conn, message, wb, rid)
             return
@@ -729,7 +729,11 @@ class Server:
             del sessions[next(iter(sessions))]
 
     def _call(
-        self, message: list[Any], rid: list[Any] | None = None, conn: _Conn | None = None
+        self,
+        message: list[Any],
+        rid: list[Any] | None = None,
+        conn: _Conn | None = None,
+        raw: bytes | memoryview | None = None,
     ) -> Any:
         ident, method, args, kwds = message
         obj = self.store.get(ident)
@@ -760,7 +764,12 @@ class Server:
                     self._log_journal(ident, obj)
         if method in obj.mutating:
             if self._persist is not None:
-                self._persist.append(message if rid is None else [*message, rid])
+                if raw is not None and method not in obj.caller_methods:
+                    # The frame as received is already the record, [name, method, args,
+                    # kwds(, rid)]: log its bytes rather than pack the same list again.
+                    self._persist.append_encoded(raw)
+                else:
+                    self._persist.append(message if rid is None else [*message, rid])
             if type(obj).next_deadline is not Container.next_deadline:
                 self._schedule_deadline(ident, obj)
         return result

@@ -202,6 +202,17 @@ class _Leased(Container):
         self._lost.pop(owner, None)
         return token
 
+    def _acquire_args(
+        self, owner: Any, blocking: Any, timeout: Any, lease: Any, wait_id: Any
+    ) -> tuple[float | None, float, bytes | None, float]:
+        """Check an acquire's arguments and release expired holds; return them and the time."""
+        _check_owner(owner)
+        _check_bool(blocking, "blocking")
+        checked = (_check_timeout(timeout), _check_lease(lease), _check_wait_id(wait_id))
+        now = time.monotonic()
+        self._prune(now)
+        return (*checked, now)
+
     def _take(
         self,
         owner: bytes,
@@ -213,13 +224,7 @@ class _Leased(Container):
         reentrant: bool,
     ) -> int | bool:
         """Take a lock-like hold for ``owner`` (shared by Lock, RLock and Condition)."""
-        _check_owner(owner)
-        _check_bool(blocking, "blocking")
-        timeout = _check_timeout(timeout)
-        lease = _check_lease(lease)
-        wait_id = _check_wait_id(wait_id)
-        now = time.monotonic()
-        self._prune(now)
+        timeout, lease, wait_id, now = self._acquire_args(owner, blocking, timeout, lease, wait_id)
         if reentrant:
             hold = self._holds.get(owner)
             if hold is not None:
@@ -519,13 +524,7 @@ class KVSemaphore(_Leased):
         wait_id: bytes | None = None,
     ) -> int | bool:
         """Take a slot for ``owner``; return its fencing token, or False (as KVLock.acquire)."""
-        _check_owner(owner)
-        _check_bool(blocking, "blocking")
-        timeout = _check_timeout(timeout)
-        lease = _check_lease(lease)
-        wait_id = _check_wait_id(wait_id)
-        now = time.monotonic()
-        self._prune(now)
+        timeout, lease, wait_id, now = self._acquire_args(owner, blocking, timeout, lease, wait_id)
         if self._free > 0:
             self._free -= 1
             self._forget_waiting(wait_id)

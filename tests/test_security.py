@@ -24,7 +24,7 @@ from kvclient.tls import server_context
 from kvserve import KVDict, KVList, KVManager, KVNamespace, KVQueue, Server
 from kvserve.containers import Container
 from tests.conftest import read_listening_line, start_kvserve
-from tests.test_hostile import (
+from tests.wire import (
     authed_connection,
     closed_by_peer,
     raw_connection,

@@ -62,9 +62,25 @@ code   type        payload
 4      bigint      signed big-endian two's complement bytes (ints beyond 64 bits)
 =====  ==========  =================================================================
 
-Ext types nest at most 100 deep (``MAX_EXT_DEPTH``); msgpack arrays and maps at most 1024
-(msgpack's own limit). Anything else (a set, an arbitrary object) raises ``TypeError`` naming
-the type when it is encoded, that is on the client before anything is sent.
+Anything else (a set, an arbitrary object) raises ``TypeError`` naming the type when it is
+encoded, that is on the client before anything is sent.
+
+Limits (what a decoder accepts is always what an encoder can write back)
+-------------------------------------------------------------------------
+- **Depth.** A request nests at most ``MAX_DEPTH`` (128) levels of arrays, maps and ext types,
+  the request's own array and its ``args`` included (so a value in a plain call has 126). The
+  server refuses deeper requests (``ProtocolError``) and the client refuses to send them
+  (``TypeError``): without a limit, a 20 KB value of tuples nesting lists decoded fine and then
+  crashed the server (C stack overflow) when it was read back, dumped or compacted. Replies,
+  logs, snapshots and dumps wrap stored values in a few more levels and are decoded with
+  ``STORED_DEPTH`` (``MAX_DEPTH`` + 16).
+- **Keys.** A map key (and a key stored in a dict container) may not contain an int beyond 64
+  bits: CPython's int hash is not randomized, so such keys can be chosen to all collide and
+  make one dict insert cost O(n) (a 1 MB map stalled the server for 48 s). Ints of any size
+  remain fine as values. ``TypeError`` on both sides.
+- **Cost.** Decoding is linear in the input: the depth check walks the decoded containers only
+  when the payload holds more container headers than ``MAX_DEPTH``, and maps take the slower
+  checked path only when a bigint ext is present.
 """
 
 from __future__ import annotations
@@ -98,16 +114,20 @@ __all__ = [
     "FAILURE",
     "HEADER",
     "HELLO",
+    "MAX_DEPTH",
     "MAX_EXT_DEPTH",
     "MAX_FRAME_DEFAULT",
     "MAX_HANDSHAKE_FRAME",
     "NONCE_SIZE",
+    "STORED_DEPTH",
     "VERSION",
     "WELCOME",
     "WIRE_VERSION",
     "Codec",
     "Ref",
+    "check_key",
     "encode_exception",
+    "too_deep",
 ]
 
 WIRE_VERSION: Final = 1
@@ -126,6 +146,73 @@ EXT_REF: Final = 2
 EXT_EXCEPTION: Final = 3
 EXT_BIGINT: Final = 4
 MAX_EXT_DEPTH: Final = 100
+MAX_DEPTH: Final = 128
+STORED_DEPTH: Final = MAX_DEPTH + 16
+_INT64_MIN: Final = -(2**63)
+_UINT64_END: Final = 2**64
+
+# First bytes of msgpack arrays, maps and exts: every nesting level has one of these in the
+# payload, so a payload with at most MAX_DEPTH of them cannot nest deeper (see _may_be_deep).
+_CONTAINER_CODES: Final = bytes(
+    [*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF, 0xC7, 0xC8, 0xC9, *range(0xD4, 0xD9)]
+)
+_SCAN_LIMIT: Final = 4096  # above this, walk the decoded value instead of scanning bytes
+
+
+class _BigintSeen(Exception):
+    """Raised by the fast decoder at the first bigint: decode again with checked maps."""
+
+
+def _may_be_deep(data: Any, limit: int) -> bool:
+    size = len(data)
+    if size <= limit:
+        return False
+    if size > _SCAN_LIMIT:
+        return True
+    raw = bytes(data)
+    return size - len(raw.translate(None, _CONTAINER_CODES)) > limit
+
+
+def too_deep(obj: Any, limit: int) -> bool:
+    """Return whether ``obj`` nests lists, tuples and dicts more than ``limit`` levels.
+
+    Iterative, so it cannot itself overflow a stack; stops at the first level too deep.
+    """
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        kind = type(item)
+        if kind is dict:
+            for key, value in item.items():
+                if type(key) is tuple:
+                    stack.append((key, depth + 1))
+                kind_v = type(value)
+                if kind_v is list or kind_v is tuple or kind_v is dict:
+                    stack.append((value, depth + 1))
+        else:
+            for value in item:
+                kind_v = type(value)
+                if kind_v is list or kind_v is tuple or kind_v is dict:
+                    stack.append((value, depth + 1))
+    return False
+
+
+def check_key(key: Any) -> None:
+    """Refuse a dict key that contains an int beyond 64 bits (see "Keys" above).
+
+    Raises:
+        TypeError: it does.
+    """
+    if type(key) is int:
+        if not _INT64_MIN <= key < _UINT64_END:
+            raise TypeError(
+                "dict keys may not be ints beyond 64 bits (they can be made to collide)"
+            )
+    elif type(key) is tuple:
+        for item in key:
+            check_key(item)
 
 
 class Ref(NamedTuple):
@@ -231,9 +318,23 @@ class Codec:
             :class:`Ref` for objects that stand for a named container (proxies), else None.
         encode_exceptions: allow exceptions to be encoded (the server, for error replies).
             Clients cannot send exceptions, so a stored value is never one.
+        decode_depth: deepest nesting :meth:`unpack` accepts (the server decodes requests
+            with ``MAX_DEPTH``; everything else defaults to ``STORED_DEPTH``).
+        encode_depth: deepest nesting :meth:`pack` writes (clients: ``MAX_DEPTH``, so a
+            request the server would refuse fails before it is sent); None: no check.
     """
 
-    __slots__ = ("_depth", "_encode_exceptions", "_make_ref", "_packer", "_to_ref")
+    __slots__ = (
+        "_bigint_packed",
+        "_checked_maps",
+        "_decode_depth",
+        "_depth",
+        "_encode_depth",
+        "_encode_exceptions",
+        "_make_ref",
+        "_packer",
+        "_to_ref",
+    )
 
     def __init__(
         self,
@@ -241,8 +342,14 @@ class Codec:
         to_ref: Callable[[Any], Ref | None] | None = None,
         *,
         encode_exceptions: bool = False,
+        decode_depth: int = STORED_DEPTH,
+        encode_depth: int | None = None,
     ) -> None:
         self._encode_exceptions = encode_exceptions
+        self._decode_depth = decode_depth
+        self._encode_depth = encode_depth
+        self._checked_maps = False
+        self._bigint_packed = False
         self._make_ref: Callable[[Ref], Any] = make_ref or (lambda ref: ref)
         self._to_ref = to_ref
         self._depth = 0
@@ -259,6 +366,7 @@ class Codec:
         if kind is Ref:
             return msgpack.ExtType(EXT_REF, self._packer_for_nested().pack(list(obj)))
         if kind is int:  # only reached when it does not fit in 64 bits
+            self._bigint_packed = True
             return msgpack.ExtType(EXT_BIGINT, _bigint_to_bytes(obj))
         if isinstance(obj, BaseException) and self._encode_exceptions:
             name, args = encode_exception(obj)
@@ -303,8 +411,9 @@ class Codec:
 
     def pack(self, obj: Any) -> bytes:
         """Encode one payload; an unsupported value raises ``TypeError`` naming its type."""
+        self._bigint_packed = False
         try:
-            return self._packer.pack(obj)  # type: ignore[no-any-return]
+            out: bytes = self._packer.pack(obj)
         except TypeError:
             raise
         except (ValueError, OverflowError) as exc:
@@ -314,6 +423,13 @@ class Codec:
             raise TypeError("cannot encode value: nested too deeply") from None
         finally:
             self._packer.reset()
+        if self._bigint_packed:
+            self._bigint_packed = False
+            _check_keys(obj)  # what the decoder would refuse, refused before it is sent
+        limit = self._encode_depth
+        if limit is not None and _may_be_deep(out, limit) and too_deep(obj, limit):
+            raise TypeError(f"cannot encode value: nested deeper than {limit} levels")
+        return out
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -342,10 +458,21 @@ class Codec:
                 raise ValueError("malformed exception ext")
             return _decode_exception(name, args)
         if code == EXT_BIGINT:
+            if not self._checked_maps:
+                raise _BigintSeen
             return int.from_bytes(data, "big", signed=True)
         raise ValueError(f"unknown ext type {code}")
 
     def _unpack_raw(self, data: Any) -> Any:
+        if self._checked_maps:
+            return msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=False,
+                ext_hook=self._ext_hook,
+                use_list=True,
+                object_pairs_hook=_checked_map,
+            )
         return msgpack.unpackb(
             data, raw=False, strict_map_key=False, ext_hook=self._ext_hook, use_list=True
         )
@@ -353,7 +480,40 @@ class Codec:
     def unpack(self, data: Any) -> Any:
         """Decode one payload; anything malformed raises :class:`ProtocolError`."""
         self._depth = 0
+        self._checked_maps = False
         try:
-            return self._unpack_raw(data)
+            try:
+                obj = self._unpack_raw(data)
+            except _BigintSeen:
+                # Rare: build maps through a hook that refuses colliding-prone keys before
+                # they are hashed, rather than paying for the hook on every message.
+                self._depth = 0
+                self._checked_maps = True
+                obj = self._unpack_raw(data)
         except (ValueError, TypeError, KeyError, RecursionError, msgpack.UnpackException) as exc:
             raise ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})") from None
+        finally:
+            self._checked_maps = False
+        limit = self._decode_depth
+        if _may_be_deep(data, limit) and too_deep(obj, limit):
+            raise ProtocolError(f"undecodable message: nested deeper than {limit} levels")
+        return obj
+
+
+def _check_keys(obj: Any) -> None:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if isinstance(item, dict):
+            for key, value in item.items():
+                check_key(key)
+                stack.append(value)
+        elif kind is list or isinstance(item, tuple):
+            stack.extend(item)
+
+
+def _checked_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    for key, _ in pairs:
+        check_key(key)
+    return dict(pairs)

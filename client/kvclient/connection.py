@@ -20,7 +20,15 @@ from multiprocessing import managers
 from typing import Any, Final
 
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
-from kvclient.codec import HEADER, HELLO, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
+from kvclient.codec import (
+    HEADER,
+    HELLO,
+    MAX_DEPTH,
+    MAX_FRAME_DEFAULT,
+    MAX_HANDSHAKE_FRAME,
+    Codec,
+    Ref,
+)
 from kvclient.errors import (
     AuthError,
     KVConnectionError,
@@ -43,6 +51,8 @@ DEFAULT_PORT: Final = 50000
 DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
 _RECV_CHUNK: Final = 64 * 1024
 _CONCAT_LIMIT: Final = 64 * 1024
+
+_MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (a year)
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -154,7 +164,7 @@ class Connection:
         self.endpoint = format_address(*address)
         self.timeout = timeout
         self.max_frame = max_frame
-        self.codec = Codec(make_ref, to_ref)
+        self.codec = Codec(make_ref, to_ref, encode_depth=MAX_DEPTH)
         try:
             self._sock = socket.create_connection(address, timeout)
         except OSError as exc:
@@ -175,6 +185,11 @@ class Connection:
             raise
 
     def _apply_timeout(self, sock: socket.socket, seconds: float | None) -> None:
+        if seconds is not None and not 0 <= seconds <= _MAX_SOCKET_TIMEOUT:
+            # A wait the server will refuse (nan, inf, negative, absurdly long): its answer
+            # comes at once, so waiting without a socket timeout is safe, and it keeps the
+            # server's clear ValueError instead of an OverflowError from the socket layer.
+            seconds = None
         if isinstance(sock, ssl.SSLSocket):
             sock.settimeout(seconds)
         else:

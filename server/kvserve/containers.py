@@ -20,16 +20,20 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
+
+from kvclient.codec import check_key
 
 __all__ = [
     "KINDS",
+    "MAX_TIMEOUT",
     "Container",
     "KVDict",
     "KVList",
     "KVNamespace",
     "KVQueue",
     "WouldBlock",
+    "check_timeout",
 ]
 
 _MISSING: Any = object()
@@ -75,6 +79,36 @@ def _uninterned(mapping: dict[Any, Any]) -> dict[Any, Any]:
     are unique, so interning them shares nothing.
     """
     return {(k.encode().decode() if type(k) is str else k): v for k, v in mapping.items()}
+
+
+MAX_TIMEOUT: Final = 366 * 86400.0
+"""Longest wait a call may ask for, seconds (a year); None waits for ever."""
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """Return a wire timeout as seconds, or None (wait for ever).
+
+    Every timeout that reaches the server from a client goes through here before it is used:
+    ``inf``, ``nan``, a negative number or one beyond :data:`MAX_TIMEOUT` would otherwise
+    reach the loop's timer heap and ``select()`` (an ``OverflowError`` that stopped the
+    server, or a ``nan`` that froze every timer).
+
+    Raises:
+        TypeError: not None and not a number (bool included).
+        ValueError: negative, not finite, or above :data:`MAX_TIMEOUT`.
+    """
+    if timeout is None:
+        return None
+    if type(timeout) is bool or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be None or a number of seconds, not {type(timeout).__name__}"
+        )
+    if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
+        raise ValueError(
+            f"'timeout' must be a non-negative number of seconds, at most {MAX_TIMEOUT:.0f}, "
+            f"or None to wait for ever (got {timeout!r})"
+        )
+    return float(timeout)
 
 
 def _check_number(value: Any, what: str) -> None:
@@ -210,6 +244,8 @@ class KVDict(Container):
         return self.data[key]
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        if type(key) is int or type(key) is tuple:
+            check_key(key)  # ints beyond 64 bits can be made to collide in the hash table
         self.data[key] = value
 
     def __delitem__(self, key: Any) -> None:
@@ -259,6 +295,8 @@ class KVDict(Container):
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         """Return ``d[key]``, first storing ``default`` when missing."""
+        if type(key) is int or type(key) is tuple:
+            check_key(key)
         return self.data.setdefault(key, default)
 
     def clear(self) -> None:
@@ -268,6 +306,8 @@ class KVDict(Container):
     def incr(self, key: Any, by: int | float = 1, default: int | float = 0) -> int | float:
         """Add ``by`` to ``d[key]`` (``default`` when missing) and return the new value."""
         _check_number(by, "the increment")
+        if type(key) is int or type(key) is tuple:
+            check_key(key)
         current: int | float = self.data.get(key, default)
         _check_number(current, f"the value at {key!r}")
         new = current + by
@@ -572,11 +612,7 @@ class KVQueue(Container):
 
 
 def _check_timeout(timeout: Any) -> None:
-    if timeout is None:
-        return
-    _check_number(timeout, "timeout")
-    if timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
+    check_timeout(timeout)
 
 
 KINDS: dict[str, type[Container]] = {

@@ -54,14 +54,13 @@ renewing successor still never sees its token issued again.
 from __future__ import annotations
 
 import functools
-import math
 import struct
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, Final
 
-from kvserve.containers import Container, WouldBlock
+from kvserve.containers import Container, WouldBlock, check_timeout
 
 __all__ = [
     "MAX_ARRAY_LENGTH",
@@ -120,13 +119,7 @@ def _check_lease(lease: Any) -> float:
 
 
 def _check_timeout(timeout: Any) -> float | None:
-    if timeout is None:
-        return None
-    if not _is_number(timeout) or math.isnan(timeout):
-        raise TypeError(f"timeout must be None or a number, not {type(timeout).__name__}")
-    if timeout < 0:
-        raise ValueError("timeout must be None or a non-negative number of seconds")
-    return float(timeout)
+    return check_timeout(timeout)
 
 
 def _check_bool(value: Any, what: str) -> bool:

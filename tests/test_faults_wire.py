@@ -36,9 +36,9 @@ import msgpack
 import pytest
 
 import kvclient
-from kvclient.codec import Codec
+from kvclient.codec import EXT_BIGINT, EXT_TUPLE, MAX_DEPTH, Codec
 from tests.conftest import read_listening_line, start_kvserve
-from tests.wire import authed_connection, recv_frame, send_frame
+from tests.wire import authed_connection, closed_by_peer, recv_frame, send_frame
 
 PROBE_SECONDS = 1.0
 pytestmark = pytest.mark.timeout(60)
@@ -222,4 +222,124 @@ def test_numbers_answered_long_waits_leave_nothing_behind(target: Target) -> Non
         grown = target.rss_kib() - before
     print(f"rss grew {grown} KiB over {rounds} answered parked gets")
     assert grown < 2048, f"server grew {grown} KiB for {rounds} answered waits"
+    target.assert_serving()
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+
+def _nested_tuples(levels: int, arrays: int) -> bytes:
+    """A value of ``levels`` tuples, each holding ``arrays`` nested one-item lists."""
+    data: bytes = msgpack.packb(None)
+    for _ in range(levels):
+        data = msgpack.packb(msgpack.ExtType(EXT_TUPLE, b"\x91" * arrays + data))
+    return data
+
+
+def _raw_set(name: str, key: Any, value: bytes) -> bytes:
+    """A ``name[key] = value`` request whose value is given already encoded."""
+    head = b"\x94" + msgpack.packb(name) + msgpack.packb("__setitem__")
+    return head + b"\x92" + msgpack.packb(key) + value + b"\xc0"
+
+
+def test_decoding_deep_values_are_refused_and_nothing_stored_can_crash_a_read(
+    make_target: Callable[..., Target],
+) -> None:
+    target = make_target(data=True)
+    with target.client() as kv:
+        d = kv.dict("deep")
+        # 20 KB of tuples nesting lists: accepted before, then SIGSEGV on read/dump/compaction.
+        sock = authed_connection(target.address, target.authkey)
+        with sock:
+            send_frame(sock, _raw_set("deep", "bomb", _nested_tuples(20, 1000)))
+            kind, value = Codec().unpack(recv_frame(sock))
+            assert kind == "#ERROR" and isinstance(value, kvclient.ProtocolError), value
+            assert "nested deeper" in str(value)
+            assert closed_by_peer(sock)
+        # The deepest value a plain call may carry round-trips, survives compaction and a
+        # restart; one level more is refused by the client before anything is sent.
+        deepest: Any = None
+        for _ in range(MAX_DEPTH - 2):
+            deepest = [deepest]
+        d["max"] = deepest
+        with pytest.raises(TypeError, match="nested deeper"):
+            d["over"] = [deepest]
+        assert d["max"] == deepest
+        assert "bomb" not in d and "over" not in d
+        assert kv.compact() is not None
+    target.restart()
+    with target.client() as kv:
+        assert kv.dict("deep")["max"] == deepest
+        kv.compact()
+    target.assert_serving()
+
+
+def test_decoding_colliding_int_keys_are_refused_in_linear_time(target: Target) -> None:
+    """All these keys hash to 0 in CPython: decoding them used to take O(n^2) on the loop."""
+    modulus = 2**61 - 1
+    count = 40_000
+    # Built by hand: a dict of these keys would take the test itself O(n^2) to build.
+    pairs = b"".join(
+        msgpack.packb(msgpack.ExtType(EXT_BIGINT, (modulus * i).to_bytes(16, "big", signed=True)))
+        + b"\x01"
+        for i in range(1, count + 1)
+    )
+    header = b"\x94" + msgpack.packb("precious") + msgpack.packb("update") + b"\x91"
+    payload = header + b"\xdf" + count.to_bytes(4, "big") + pairs + b"\xc0"
+    assert len(payload) > 700_000
+    with target.client(readonly=True) as ro:
+        ro.dict("precious")
+    # Sent with the read-only key: the stall came before any permission check.
+    sock = authed_connection(target.address, target.readonly_key)
+    with sock:
+        started = time.monotonic()
+        send_frame(sock, payload)
+        kind, value = Codec().unpack(recv_frame(sock))
+        assert time.monotonic() - started < PROBE_SECONDS
+        assert kind == "#ERROR" and isinstance(value, kvclient.ProtocolError), value
+        assert "64 bits" in str(value)
+    with target.client() as kv:
+        d = kv.dict("collide")
+        with pytest.raises(TypeError, match="64 bits"):
+            d[modulus * 1000] = 1  # refused by the client's encoder
+        with pytest.raises(TypeError, match="64 bits"):
+            d[(1, modulus * 1000)] = 1
+        d[2**63 - 1] = "fine"  # 64-bit ints are keys as before
+        d["big"] = modulus * 10**30  # and big ints are values as before
+        assert d["big"] == modulus * 10**30
+    # Sent by hand (past the client's check) as separate sets: refused by the dict itself.
+    sock = authed_connection(target.address, target.authkey)
+    with sock:
+        big = msgpack.ExtType(EXT_BIGINT, (modulus * 1000).to_bytes(16, "big", signed=True))
+        for method, args in (("__setitem__", [big, 1]), ("setdefault", [big, 1]), ("incr", [big])):
+            kind, value = _request(sock, ["collide", method, args, None])
+            assert kind == "#ERROR" and isinstance(value, TypeError), (method, value)
+    target.assert_serving()
+
+
+# -- errors of any size ---------------------------------------------------------------------
+
+
+def test_errors_large_failing_requests_are_answered(target: Target) -> None:
+    """A >256 KiB request that raised used to kill the loop (BufferError on its buffer)."""
+    big = "a" * 1_000_000
+    with target.client() as kv:
+        lst = kv.list("short")
+        lst.extend([1, 2])
+        d = kv.dict("strs")
+        d["s"] = "text"
+        for _ in range(3):
+            with pytest.raises(IndexError):
+                lst[5] = big
+            with pytest.raises(TypeError):
+                d.incr("s", 1, big)
+            with pytest.raises(TypeError):
+                d.incr("s", big)
+        # A large request that parks (and so stays referenced) before the next one arrives.
+        q = kv.queue("bigq", maxsize=1)
+        q.put(big)
+        with pytest.raises(queue.Full):
+            q.put(big, timeout=0.1)
+        assert q.get() == big
+        assert lst[:] == [1, 2]
     target.assert_serving()

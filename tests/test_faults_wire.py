@@ -238,7 +238,7 @@ def _nested_tuples(levels: int, arrays: int) -> bytes:
 
 def _raw_set(name: str, key: Any, value: bytes) -> bytes:
     """A ``name[key] = value`` request whose value is given already encoded."""
-    head = b"\x94" + msgpack.packb(name) + msgpack.packb("__setitem__")
+    head: bytes = b"\x94" + msgpack.packb(name) + msgpack.packb("__setitem__")
     return head + b"\x92" + msgpack.packb(key) + value + b"\xc0"
 
 
@@ -332,9 +332,9 @@ def test_errors_large_failing_requests_are_answered(target: Target) -> None:
             with pytest.raises(IndexError):
                 lst[5] = big
             with pytest.raises(TypeError):
-                d.incr("s", 1, big)
+                d.incr("s", 1, big)  # type: ignore[arg-type]
             with pytest.raises(TypeError):
-                d.incr("s", big)
+                d.incr("s", big)  # type: ignore[arg-type]
         # A large request that parks (and so stays referenced) before the next one arrives.
         q = kv.queue("bigq", maxsize=1)
         q.put(big)

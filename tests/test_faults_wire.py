@@ -238,8 +238,8 @@ def _nested_tuples(levels: int, arrays: int) -> bytes:
 
 def _raw_set(name: str, key: Any, value: bytes) -> bytes:
     """A ``name[key] = value`` request whose value is given already encoded."""
-    head: bytes = b"\x94" + msgpack.packb(name) + msgpack.packb("__setitem__")
-    return head + b"\x92" + msgpack.packb(key) + value + b"\xc0"
+    parts: list[bytes] = [msgpack.packb(name), msgpack.packb("__setitem__"), msgpack.packb(key)]
+    return b"\x94" + parts[0] + parts[1] + b"\x92" + parts[2] + value + b"\xc0"
 
 
 def test_decoding_deep_values_are_refused_and_nothing_stored_can_crash_a_read(

@@ -21,10 +21,15 @@ error. Properties:
 
 from __future__ import annotations
 
+import collections
 import math
+import os
 import queue
+import resource
 import secrets
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +42,7 @@ import pytest
 
 import kvclient
 from kvclient.codec import EXT_BIGINT, EXT_TUPLE, MAX_DEPTH, Codec
+from kvclient.retry import Retry
 from tests.conftest import read_listening_line, start_kvserve
 from tests.wire import authed_connection, closed_by_peer, recv_frame, send_frame
 
@@ -343,3 +349,191 @@ def test_errors_large_failing_requests_are_answered(target: Target) -> None:
         assert q.get() == big
         assert lst[:] == [1, 2]
     target.assert_serving()
+
+
+# -- memory per connection ------------------------------------------------------------------
+
+
+def test_memory_a_client_that_never_reads_its_replies_is_bounded(target: Target) -> None:
+    """Pipelined GETs of a large value, replies never read: +2 GB RSS before, bounded now."""
+    with target.client() as kv:
+        kv.dict("big")["v"] = b"x" * 1_000_000
+    before = target.rss_kib()
+    sock = authed_connection(target.address, target.authkey)
+    with sock:
+        request = msgpack.packb(["big", "__getitem__", ["v"], None], use_bin_type=True)
+        frame = len(request).to_bytes(4, "big") + request
+        sock.settimeout(0.2)
+        sent = 0
+        try:
+            for _ in range(3000):  # 3 GB of replies if they were all produced
+                sock.sendall(frame)
+                sent += 1
+        except TimeoutError:
+            pass  # the server stopped reading: backpressure reached us
+        time.sleep(0.5)
+        target.assert_serving()  # others are served meanwhile
+        grown = target.rss_kib() - before
+        assert grown < 64 * 1024, f"server grew {grown} KiB with {sent} unread replies"
+        # Reading resumes the pipeline, in order and complete.
+        sock.settimeout(10)
+        for _ in range(min(sent, 20)):
+            kind, value = Codec().unpack(recv_frame(sock))
+            assert kind == "#RETURN" and value == b"x" * 1_000_000
+    target.assert_serving()
+
+
+@pytest.fixture
+def small_server(authkey: bytes) -> Iterator[kvclient.Client]:
+    """An in-process server with small limits, for attacks that would otherwise take GBs."""
+    from kvserve import KVManager
+
+    srv = KVManager(
+        ("127.0.0.1", 0),
+        authkey=authkey,
+        max_frame=4 * 1024 * 1024,
+        max_buffered=8 * 1024 * 1024,
+        idle_timeout=1.0,
+    ).get_server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    with kvclient.connect(srv.endpoint, authkey) as kv:  # retries: the idle timeout is 1 s
+        yield kv
+    srv.stop()
+    assert srv.wait_stopped(10)
+    thread.join(10)
+
+
+def test_memory_partial_requests_share_one_budget(
+    small_server: kvclient.Client, authkey: bytes
+) -> None:
+    kv = small_server
+    kv.dict("d")["k"] = 1
+    attackers = [authed_connection(kv.endpoint, authkey) for _ in range(6)]
+    chunk = b"\0" * (3 * 1024 * 1024)  # of a 4 MiB frame that never completes
+    for sock in attackers:
+        sock.settimeout(5)
+        try:
+            sock.sendall((4 * 1024 * 1024).to_bytes(4, "big") + chunk)
+        except OSError:
+            pass  # closed by the server while sending
+    closed = sum(closed_by_peer(sock, timeout=1.0) for sock in attackers)
+    for sock in attackers:
+        sock.close()
+    assert closed >= 3, f"only {closed} of 6 connections were closed at an 8 MiB budget"
+    assert kv.dict("d")["k"] == 1
+    # An honest large request is served once the budget is free again.
+    kv.dict("d")["big"] = b"y" * (3 * 1024 * 1024)
+    assert len(kv.dict("d")["big"]) == 3 * 1024 * 1024
+
+
+def test_memory_a_trickle_of_bytes_is_idle(small_server: kvclient.Client, authkey: bytes) -> None:
+    """One byte every 0.3 s used to keep a connection open for ever past --idle-timeout."""
+    sock = authed_connection(small_server.endpoint, authkey)
+    with sock:
+        started = time.monotonic()
+        closed = False
+        for _ in range(20):
+            try:
+                sock.send(b"\0")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.3)
+        assert closed or closed_by_peer(sock, timeout=0.1)
+        assert time.monotonic() - started < 4.0
+    small_server.ping()
+
+
+# -- connections ----------------------------------------------------------------------------
+
+
+def test_connections_unauthenticated_floods_cannot_lock_keyed_clients_out(
+    make_target: Callable[..., Target],
+) -> None:
+    target = make_target("--max-connections", "50")
+    host, port = target.address.rsplit(":", 1)
+    stop = threading.Event()
+    opened = [0]
+
+    def flood() -> None:
+        recent: collections.deque[socket.socket] = collections.deque()
+        while not stop.is_set():
+            try:
+                recent.append(socket.create_connection((host, int(port)), timeout=1))
+                opened[0] += 1
+            except OSError:
+                time.sleep(0.001)
+            while len(recent) > 300:
+                recent.popleft().close()
+        for sock in recent:
+            sock.close()
+
+    flooders = [threading.Thread(target=flood, daemon=True) for _ in range(2)]
+    for thread in flooders:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        ok = 0
+        attempts = 40
+        for _ in range(attempts):
+            try:
+                with target.client(timeout=2) as kv:
+                    kv.ping()
+                    ok += 1
+            except kvclient.KVConnectionError:
+                pass
+        with target.client(retry=Retry()) as kv:  # the default retry rides it out
+            assert kv.dict("precious").copy() == target.seeded
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join(10)
+    assert opened[0] > 500, "the flood did not flood"
+    assert ok >= attempts * 0.9, f"{ok} of {attempts} keyed connections got through"
+    target.assert_serving()
+
+
+def test_connections_running_out_of_descriptors_degrades_and_logs_once(
+    clean_env: dict[str, str], authkey: bytes
+) -> None:
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvserve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=low_limit,
+    )
+    address = read_listening_line(proc)
+    host, port = address.rsplit(":", 1)
+    try:
+        with kvclient.connect(address, authkey, retry=None) as kv:
+            kv.dict("d")["k"] = 1
+            socks = [socket.create_connection((host, int(port))) for _ in range(80)]
+            stat = Path(f"/proc/{proc.pid}/stat")
+
+            def cpu() -> float:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+            time.sleep(0.3)
+            spent = cpu()
+            time.sleep(1.0)
+            spent = cpu() - spent
+            assert spent < 0.3, f"the loop spun: {spent:.2f}s of CPU in 1s"
+            assert kv.dict("d")["k"] == 1  # the existing client is served throughout
+            for sock in socks:
+                sock.close()
+        time.sleep(1.5)  # the listener is polled again after its pause
+        with kvclient.connect(address, authkey, retry=None) as again:
+            assert again.dict("d")["k"] == 1
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert err.count("cannot accept connections") == 1, err

@@ -15,6 +15,7 @@ on a queue with parked requests, those are retried in FIFO order.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import heapq
 import itertools
@@ -59,6 +60,14 @@ _MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client th
 # milliseconds (OverflowError past ~24.8 days), and a long sleep would hide a clock bug.
 # Timers further away simply take several sleeps.
 _MAX_SLEEP: Final = 3600.0
+# Backpressure: stop reading requests from a client with this much unsent output (it pipelines
+# and does not read its replies), resume below the low mark. One reply may overshoot.
+_WRITE_HIGH: Final = 1024 * 1024
+_WRITE_LOW: Final = 256 * 1024
+# A connection's unfinished input above this size counts against the server-wide budget.
+_PARTIAL_BIG: Final = 1024 * 1024
+_ACCEPT_BACKOFF: Final = (0.05, 1.0)  # first and longest pause after EMFILE and friends
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Timer:
@@ -91,6 +100,7 @@ class _Conn:
     """State of one client connection."""
 
     __slots__ = (
+        "accounted",
         "authed",
         "close_after_flush",
         "closed",
@@ -99,11 +109,13 @@ class _Conn:
         "key_index",
         "last_active",
         "parked",
+        "paused",
         "peer",
         "rbuf",
         "readonly",
         "sock",
         "tls_pending",
+        "wbytes",
         "wqueue",
     )
 
@@ -116,6 +128,9 @@ class _Conn:
         self.rbuf = bytearray()
         # Unsent output, in order: small frames as bytes, big payloads as views (never copied).
         self.wqueue: collections.deque[bytes | memoryview] = collections.deque()
+        self.wbytes = 0  # replies not yet written (queued or held for the log), bytes
+        self.paused = False  # not reading: too much unsent output (see _WRITE_HIGH)
+        self.accounted = 0  # len(rbuf) as counted in Server._buffered
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
@@ -164,7 +179,13 @@ class Server:
         shutdown_timeout: seconds :meth:`stop` spends sending the last replies (default 5).
         tls: serve TLS only, with this server-side context (see :func:`kvserve.tls`).
         readonly_authkey: a second key whose clients may read everything and change nothing.
-        max_connections: connections beyond this are closed at once (default 1024).
+        max_connections: authenticated connections beyond this are closed at once (default
+            1024).
+        max_pending: connections still authenticating, at most (default 64): the oldest is
+            closed to admit a new one, so unauthenticated floods cannot lock keyed clients out.
+        max_buffered: bytes of unfinished requests held for all connections together
+            (default 256 MiB, at least 2 x ``max_frame``); a connection whose partial request
+            grows past 1 MiB while the total is above this is closed.
         idle_timeout: close authenticated connections silent this long, seconds (default
             None: never). Connections waiting in a queue call are not idle.
         backlog: listen backlog.
@@ -186,6 +207,8 @@ class Server:
         readonly_authkey: bytes | None = None,
         max_connections: int = 1024,
         idle_timeout: float | None = None,
+        max_pending: int = 64,
+        max_buffered: int = 256 * 1024 * 1024,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -200,6 +223,13 @@ class Server:
             self.keys.append(bytes(readonly_authkey))
         self.tls = tls
         self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.max_buffered = max(max_buffered, 2 * max_frame)
+        self._pending: dict[_Conn, None] = {}  # still authenticating, oldest first
+        self._authed = 0
+        self._buffered = 0  # sum of every connection's len(rbuf)
+        self._accept_backoff = 0.0  # > 0 while accepting is paused (EMFILE and friends)
+        self._accept_errors = 0
         self.idle_timeout = idle_timeout
         self.refused_connections = 0
         self.max_frame = max_frame
@@ -449,11 +479,21 @@ class Server:
                 sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving the others
-                log.warning("accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._pause_accepting(exc)
+                else:
+                    log.warning("accept failed: %s", exc)
                 return
+            if self._accept_backoff:
+                log.warning(
+                    "accepting connections again (%d accept() failures while paused)",
+                    self._accept_errors,
+                )
+                self._accept_backoff = 0.0
+                self._accept_errors = 0
             peer = format_address(str(addr[0]), int(addr[1]))
-            if len(self._conns) >= self.max_connections:
+            if self._authed >= self.max_connections:
                 # Refuse quickly, before any handshake work; existing clients are unaffected.
                 self.refused_connections += 1
                 if self.refused_connections % 100 == 1:
@@ -470,8 +510,24 @@ class Server:
             tune_socket(sock)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            if len(self._pending) >= self.max_pending:
+                # Make room by closing the connection that has been authenticating longest:
+                # a flood of never-authenticating connections then churns through this small
+                # table, while a keyed client (one round trip) finishes before its turn comes.
+                oldest = next(iter(self._pending))
+                self.refused_connections += 1
+                if self.refused_connections % 100 == 1:
+                    log.warning(
+                        "closing %s: %d connections are authenticating (--max-pending); "
+                        "%d closed so far",
+                        oldest.peer,
+                        self.max_pending,
+                        self.refused_connections,
+                    )
+                self._close(oldest)
             conn = _Conn(sock, peer, self.keys)
             self._conns.add(conn)
+            self._pending[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
             self._call_later(
                 self.handshake_timeout, functools.partial(self._handshake_expired, conn)
@@ -482,6 +538,37 @@ class Server:
             else:
                 assert conn.handshake is not None
                 self._send_now(conn, conn.handshake.challenge)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Stop polling the listener for a while: accept() fails until descriptors free up.
+
+        The listener stays readable while the connection waits in the backlog, so retrying
+        at once would spin the loop and fill the log; existing clients go on being served.
+        """
+        self._accept_errors += 1
+        first = not self._accept_backoff
+        first_pause, longest = _ACCEPT_BACKOFF
+        self._accept_backoff = min(longest, self._accept_backoff * 2 or first_pause)
+        if first:
+            log.warning(
+                "cannot accept connections (%s); pausing new connections, serving existing "
+                "ones (raise `ulimit -n` or --max-connections/--max-pending down)",
+                exc.strerror or exc,
+            )
+        try:
+            self._selector.unregister(self._listener)
+        except (KeyError, ValueError):
+            return
+        self._call_later(self._accept_backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._stop.is_set() or self._listener.fileno() < 0:
+            return
+        try:
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+        except (KeyError, ValueError):
+            return
+        self._accept()
 
     def _tls_handshake(self, conn: _Conn) -> None:
         sock = conn.sock
@@ -523,6 +610,14 @@ class Server:
             return
         conn.closed = True
         self._conns.discard(conn)
+        if conn.authed:
+            self._authed -= 1
+        else:
+            self._pending.pop(conn, None)
+        self._buffered -= conn.accounted
+        conn.accounted = 0
+        conn.rbuf = bytearray()
+        conn.wqueue.clear()
         waiter = conn.parked
         if waiter is not None:
             # A dead client's parked get must not swallow the next item.
@@ -542,6 +637,8 @@ class Server:
         conn.sock.close()
 
     def _on_readable(self, conn: _Conn) -> None:
+        if conn.paused:
+            return  # its replies are not being read: leave its requests in the kernel
         sock = conn.sock
         view = self._recv_view
         while True:
@@ -560,7 +657,6 @@ class Server:
             if not n:
                 self._close(conn)
                 return
-            conn.last_active = time.monotonic()
             self._process(conn, view[:n])
             # TLS may hold decrypted bytes that select() cannot see; plain sockets are
             # level-triggered, so one recv per event is enough.
@@ -595,7 +691,24 @@ class Server:
                     # _scrub): copy the tail instead of failing the whole loop.
                     log.warning("a frame view outlived its request on %s", conn.peer)
                     conn.rbuf = conn.rbuf[used:]
-        if conn.parked is not None and len(conn.rbuf) > self.max_frame + 4:
+        if conn.closed:
+            return
+        held = len(conn.rbuf)
+        if held != conn.accounted:
+            grew = held > conn.accounted
+            self._buffered += held - conn.accounted
+            conn.accounted = held
+            if grew and held > _PARTIAL_BIG and self._buffered > self.max_buffered:
+                log.warning(
+                    "closing %s: %d bytes of unfinished requests are buffered for all "
+                    "clients, over the %d-byte budget",
+                    conn.peer,
+                    self._buffered,
+                    self.max_buffered,
+                )
+                self._close(conn)
+                return
+        if conn.parked is not None and held > self.max_frame + 4:
             log.warning("closing %s: too much data sent while waiting", conn.peer)
             self._close(conn)
 
@@ -603,7 +716,12 @@ class Server:
         """Dispatch the complete frames at the start of ``buf``; return the bytes used."""
         pos = 0
         try:
-            while not conn.closed and conn.parked is None and not conn.close_after_flush:
+            while (
+                not conn.closed
+                and conn.parked is None
+                and not conn.close_after_flush
+                and conn.wbytes <= _WRITE_HIGH
+            ):
                 if len(buf) - pos < 4:
                     break
                 (size,) = HEADER.unpack_from(buf, pos)
@@ -632,6 +750,12 @@ class Server:
             # A bug in dispatch must cost one connection, never the server.
             log.exception("internal error serving %s; closing that connection", conn.peer)
             self._close(conn)
+            return pos
+        if pos and conn.authed:
+            conn.last_active = time.monotonic()  # idle means no complete request, not no byte
+        if conn.wbytes > _WRITE_HIGH and not conn.paused and not conn.closed:
+            conn.paused = True
+            self._set_events(conn)
         return pos
 
     def _on_handshake(self, conn: _Conn, payload: bytes) -> None:
@@ -643,6 +767,15 @@ class Server:
         self._send_now(conn, reply)
         conn.handshake = None
         if hs.ok:
+            del self._pending[conn]
+            if self._authed >= self.max_connections:  # others finished authenticating first
+                self.refused_connections += 1
+                log.warning("closing %s: --max-connections (%d) reached", conn.peer, self._authed)
+                conn.close_after_flush = True
+                self._flush(conn)
+                return
+            self._authed += 1
+            conn.last_active = time.monotonic()
             conn.authed = True
             conn.key_index = hs.key_index
             conn.readonly = hs.key_index == 1
@@ -673,6 +806,7 @@ class Server:
             self._persist.compact(self.store)
 
     def _send(self, conn: _Conn, payload: bytes) -> None:
+        conn.wbytes += len(payload) + 4
         if self._held is not None:
             self._held.append((conn, payload))
             return
@@ -693,38 +827,66 @@ class Server:
             # Send now; what the kernel does not take waits for the socket to become writable.
             self._write(conn)
             if conn.wqueue and not conn.closed:
-                self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+                self._set_events(conn)
 
     def _write(self, conn: _Conn) -> None:
         """Send as much queued output as the socket takes, without copying payloads."""
         queue = conn.wqueue
         sock = conn.sock
-        while queue:
-            try:
-                if len(queue) == 1 or isinstance(sock, ssl.SSLSocket):
-                    sent = sock.send(queue[0])
-                else:
-                    sent = sock.sendmsg(list(itertools.islice(queue, 64)))
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                return
-            except OSError:
-                self._close(conn)
-                return
-            while sent:
-                first = queue[0]
-                if sent >= len(first):
-                    sent -= len(first)
-                    queue.popleft()
-                else:
-                    queue[0] = memoryview(first)[sent:]
-                    return  # the kernel buffer is full
+        try:
+            while queue:
+                try:
+                    if len(queue) == 1 or isinstance(sock, ssl.SSLSocket):
+                        sent = sock.send(queue[0])
+                    else:
+                        sent = sock.sendmsg(list(itertools.islice(queue, 64)))
+                except (
+                    BlockingIOError,
+                    InterruptedError,
+                    ssl.SSLWantWriteError,
+                    ssl.SSLWantReadError,
+                ):
+                    return
+                except OSError:
+                    self._close(conn)
+                    return
+                conn.wbytes = max(0, conn.wbytes - sent)
+                while sent:
+                    first = queue[0]
+                    if sent >= len(first):
+                        sent -= len(first)
+                        queue.popleft()
+                    else:
+                        queue[0] = memoryview(first)[sent:]
+                        return  # the kernel buffer is full
+        finally:
+            if conn.paused and conn.wbytes <= _WRITE_LOW and not conn.closed:
+                # Not from here: _write runs inside request dispatch, which must not nest.
+                self._call_later(0.0, functools.partial(self._resume, conn))
+
+    def _resume(self, conn: _Conn) -> None:
+        """Read from a paused connection again, starting with the requests it already sent."""
+        if conn.closed or not conn.paused or conn.wbytes > _WRITE_LOW:
+            return
+        conn.paused = False
+        self._set_events(conn)
+        self._process(conn)
+
+    def _set_events(self, conn: _Conn) -> None:
+        """Poll ``conn`` for reading unless paused, and for writing while output is queued."""
+        events = 0 if conn.paused else selectors.EVENT_READ
+        if conn.wqueue:
+            events |= selectors.EVENT_WRITE
+        # Paused with nothing queued: its replies wait for the log (released at the end of
+        # this iteration); _on_readable ignores it meanwhile.
+        self._selector.modify(conn.sock, events or selectors.EVENT_READ, conn)
 
     def _flush(self, conn: _Conn) -> None:
         if conn.wqueue:
             self._write(conn)
             if conn.wqueue or conn.closed:
                 return
-            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            self._set_events(conn)
         if conn.close_after_flush:
             self._close(conn)
 

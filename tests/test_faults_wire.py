@@ -537,3 +537,141 @@ def test_connections_running_out_of_descriptors_degrades_and_logs_once(
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert err.count("cannot accept connections") == 1, err
+
+
+# -- the read-only key ----------------------------------------------------------------------
+
+
+def _data_bytes(target: Target) -> int:
+    assert target.data_dir is not None
+    return sum(p.stat().st_size for p in target.data_dir.iterdir() if p.is_file())
+
+
+def test_readonly_key_creates_nothing_however_the_request_is_spelled(
+    make_target: Callable[..., Target],
+) -> None:
+    target = make_target(data=True)
+    sock = authed_connection(target.address, target.readonly_key)
+    with sock:
+        spellings: list[list[Any]] = [
+            [None, "create", ["dict", "squat1"], None],
+            [None, "create", ["dict"], {"name": "squat2"}],  # the name as a keyword skipped it
+            [None, "create", [], {"kind": "dict", "name": "squat3"}],
+            [None, "create", ["queue", "squat4", 5], None],
+        ]
+        for message in spellings:
+            kind, value = _request(sock, message)
+            assert kind == "#ERROR" and isinstance(value, kvclient.ReadOnlyError), value
+        kind, names = _request(sock, [None, "names", [], None])
+        assert kind == "#RETURN" and set(names) == {"precious"}
+    target.assert_serving()
+
+
+def test_readonly_key_appends_nothing_to_the_log(make_target: Callable[..., Target]) -> None:
+    target = make_target(data=True)
+    before = _data_bytes(target)
+    with target.client(readonly=True) as ro:
+        for _ in range(50):
+            d = ro.dict("precious")  # attaching sends a create: it must not be logged
+            assert d["a"] == 1
+            assert ro.names() == {"precious": "dict"}
+    assert _data_bytes(target) == before
+    target.assert_serving()
+
+
+def test_readonly_key_cannot_evict_other_sessions_retry_state(target: Target) -> None:
+    with target.client() as kv:
+        kv.dict("counts")
+    token = secrets.token_bytes(16)
+    keyed = authed_connection(target.address, target.authkey)
+    with keyed:
+        incr = ["counts", "incr", ["n"], None, [token, 1]]
+        assert _request(keyed, incr) == ["#RETURN", 1]
+        # 70,000 read-only "sessions", more than the 65,536 answers the server remembers.
+        ro = authed_connection(target.address, target.readonly_key)
+        with ro:
+            frames = b"".join(
+                len(p).to_bytes(4, "big") + p
+                for p in (
+                    msgpack.packb(
+                        ["precious", "__len__", [], None, [i.to_bytes(8, "big"), 1]],
+                        use_bin_type=True,
+                    )
+                    for i in range(70_000)
+                )
+            )
+            ro.settimeout(30)
+            reader = threading.Thread(target=lambda: [recv_frame(ro) for _ in range(70_000)])
+            reader.start()
+            ro.sendall(frames)
+            reader.join(30)
+            assert not reader.is_alive()
+        # The keyed client's retry of its incr is answered from memory, not applied again.
+        assert _request(keyed, incr) == ["#RETURN", 1]
+    with target.client() as kv:
+        assert kv.dict("counts")["n"] == 1
+    target.assert_serving()
+
+
+# -- memory and the log agree ---------------------------------------------------------------
+
+
+def test_log_a_call_that_raises_halfway_replays_as_it_ran(
+    make_target: Callable[..., Target],
+) -> None:
+    target = make_target(data=True)
+    with target.client() as kv:
+        d = kv.dict("half")
+        d.update({"a": 1, "x": 2})
+        with pytest.raises(TypeError):
+            d.delete_many(["a", ["x"]])  # deletes "a", then fails on the list
+        seen = d.copy()
+        lst = kv.list("mixed")
+        lst.extend([5, 3, "a", 1, 4, 2, "b", 0])
+        with pytest.raises(TypeError):
+            lst.sort()  # reorders part of the list, then fails comparing str and int
+        order = lst[:]
+    assert seen == {"x": 2}
+    target.restart()
+    with target.client() as kv:
+        assert kv.dict("half").copy() == seen
+        assert kv.list("mixed")[:] == order
+    target.proc.kill()  # and replayed from the log alone, without a clean stop's snapshot
+    target.proc.wait(10)
+    target.restart()
+    with target.client() as kv:
+        assert kv.dict("half").copy() == seen
+        assert kv.list("mixed")[:] == order
+    target.assert_serving()
+
+
+def test_log_drop_comes_before_the_writes_it_unblocked(make_target: Callable[..., Target]) -> None:
+    """A parked client's later writes to a re-created container survive the drop's replay."""
+    target = make_target(data=True)
+    with target.client() as kv:
+        kv.queue("jobs")
+    sock = authed_connection(target.address, target.authkey)
+    with sock:
+        token = secrets.token_bytes(16)
+        pipeline = [
+            ["jobs", "get", [True, None], None, [token, 1]],  # parks: the queue is empty
+            [None, "create", ["queue", "jobs"], None, [token, 2]],
+            ["jobs", "put", ["acknowledged"], None, [token, 3]],
+        ]
+        send = b""
+        for message in pipeline:
+            payload = msgpack.packb(message, use_bin_type=True)
+            send += len(payload).to_bytes(4, "big") + payload
+        sock.sendall(send)
+        time.sleep(0.2)  # parked
+        with target.client() as kv:
+            assert kv.drop("jobs") is True
+        replies = [Codec().unpack(recv_frame(sock)) for _ in pipeline]
+        assert replies[0][0] == "#ERROR"
+        assert replies[1][0] == "#RETURN" and replies[2] == ["#RETURN", None]
+    target.proc.kill()
+    target.proc.wait(10)
+    target.restart()
+    with target.client() as kv:
+        assert kv.queue("jobs").get_nowait() == "acknowledged"
+    target.assert_serving()

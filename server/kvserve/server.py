@@ -919,6 +919,11 @@ class Server:
             if not _valid_rid(rid):
                 self._reply(conn, _ERROR, ProtocolError("malformed request id"))
                 return
+            if conn.readonly:
+                # Its calls change nothing, so retrying them is safe without an id; and it
+                # must not read, or evict from the table, other sessions' answers.
+                rid = None
+        if rid is not None:
             cached = self._sessions.get(rid[0])
             if cached is not None and cached[0] >= rid[1]:
                 # A retry of a call that was already applied: answer it, do not apply again.
@@ -984,14 +989,25 @@ class Server:
             if kwds and kwds.get("caller", caller) != caller:
                 raise ProtocolError("'caller' is set by the server, not the client")
             kwds = message[3] = {**(kwds or {}), "caller": caller}
+        failed: Exception | None = None
         with obj.lock:
             try:
                 result = (
                     getattr(obj, method)(*args, **kwds) if kwds else getattr(obj, method)(*args)
                 )
-            finally:
+            except WouldBlock:
                 if obj.journal:
                     self._log_journal(ident, obj)
+                raise  # not applied: it is logged when a retry completes it
+            except Exception as exc:
+                # A mutating call may raise halfway (delete_many(["a", ["x"]]) deletes "a",
+                # then fails on the list; sort() of mixed types leaves the list reordered).
+                # It is logged all the same: replay raises the same way at the same point,
+                # so memory and the log never disagree. (Validating everything first would
+                # have to be done, and kept right, in every method.)
+                failed = exc
+            if obj.journal:
+                self._log_journal(ident, obj)
         if method in obj.mutating:
             if self._persist is not None:
                 if raw is not None and method not in obj.caller_methods:
@@ -1002,6 +1018,8 @@ class Server:
                     self._persist.append(message if rid is None else [*message, rid])
             if type(obj).next_deadline is not Container.next_deadline:
                 self._schedule_deadline(ident, obj)
+        if failed is not None:
+            raise failed
         return result
 
     def _log_journal(self, name: str, obj: Container) -> None:
@@ -1054,10 +1072,9 @@ class Server:
         func = self._public.get(method)
         if func is None:
             raise AttributeError(f"kvserve has no function {method!r}")
-        if conn.readonly and (
-            method in _WRITE_PUBLIC
-            or (method == "create" and args and len(args) > 1 and args[1] not in self.store.objects)
-        ):
+        if method == "create":
+            return self._create_request(conn, message, rid)
+        if conn.readonly and method in _WRITE_PUBLIC:
             raise ReadOnlyError(
                 "this connection authenticated with the read-only key; "
                 f"{method!r} would change the server"
@@ -1065,6 +1082,32 @@ class Server:
         result = func(*args, **(kwds or {}))
         if self._persist is not None and method in _LOGGED_PUBLIC:
             self._persist.append(message if rid is None else [*message, rid])
+        return result
+
+    def _create_request(self, conn: _Conn, message: list[Any], rid: list[Any] | None) -> Any:
+        """Attach to a container, creating it first if needed (and allowed).
+
+        The kind and name are taken the way Python binds ``create(kind, name, *args,
+        **kwds)``, positional or keyword, so no spelling of the request skips a check. Only a
+        call that creates something is logged: attaching changes nothing.
+        """
+        _, _, args, kwds = message
+        rest = list(args)
+        options = dict(kwds or {})
+        kind = rest.pop(0) if rest else options.pop("kind", None)
+        name = rest.pop(0) if rest else options.pop("name", None)
+        existing = self.store.objects.get(name) if type(name) is str else None
+        if existing is None and conn.readonly:
+            raise ReadOnlyError(
+                "this connection authenticated with the read-only key; creating "
+                f"{name!r} would change the server"
+            )
+        if type(kind) is not str:
+            raise TypeError(f"the container kind must be a str, not {type(kind).__name__}")
+        result = self._create(kind, name, *rest, **options)
+        if existing is None and self._persist is not None:
+            record = [None, "create", [kind, name, *rest], options]
+            self._persist.append(record if rid is None else [*record, rid])
         return result
 
     def _batch(self, args: list[Any], rid: list[Any] | None, conn: _Conn) -> list[list[Any]]:
@@ -1113,7 +1156,10 @@ class Server:
             self._reply(
                 waiter.conn, _ERROR, NoSuchContainerError(f"container {name!r} was dropped")
             )
-            self._process(waiter.conn)
+            # Its next requests wait until the drop is logged (after this returns): run now,
+            # a write to the re-created container would be logged before the drop, and a
+            # restart would replay the drop over an acknowledged write.
+            self._call_later(0.0, functools.partial(self._process, waiter.conn))
         return existed
 
     def _compact(self) -> bool:

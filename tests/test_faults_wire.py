@@ -675,3 +675,46 @@ def test_log_drop_comes_before_the_writes_it_unblocked(make_target: Callable[...
     with target.client() as kv:
         assert kv.queue("jobs").get_nowait() == "acknowledged"
     target.assert_serving()
+
+
+# -- long operations --------------------------------------------------------------------------
+
+
+def test_long_replies_are_encoded_in_slices_exactly(target: Target) -> None:
+    """Large replies are encoded a slice per loop turn: the bytes must be what one pack gives.
+
+    Mixes every shape the slicing treats differently: runs of plain items, tuples (smaller
+    slices), nested lists and dicts above and below the 64 items that are opened, and a dump.
+    """
+    plain = {f"k{i}": i for i in range(20_000)}
+    mixed: dict[str, Any] = {
+        f"m{i}": (
+            (i, "t", b"\x00")
+            if i % 4 == 0
+            else list(range(100))
+            if i % 4 == 1
+            else {f"n{j}": [j, (j,)] for j in range(70)}
+            if i % 4 == 2
+            else [i] * 10
+        )
+        for i in range(2_000)
+    }
+    rows = [[i, (i, str(i)), {"x": list(range(70))}] for i in range(3_000)]
+    with target.client() as kv:
+        d, m, lst = kv.dict("plain"), kv.dict("mixed"), kv.list("rows")
+        d.update(plain)
+        m.update(mixed)
+        lst.extend(rows)
+        assert d.copy() == plain
+        assert m.copy() == mixed
+        assert m.items() == list(mixed.items())
+        assert lst[:] == rows
+        assert d.keys() == list(plain)
+        with kv.batch() as batch:
+            futures = [batch.dict("plain").get(f"k{i}") for i in range(20_000)]
+        assert [f.value for f in futures] == list(range(20_000))
+        dump = kv.dump()
+        states = {name: state for name, _kind, state in dump["containers"]}
+        assert states["plain"] == plain and states["mixed"] == mixed and states["rows"] == rows
+        assert states["precious"] == target.seeded
+    target.assert_serving()

@@ -120,5 +120,7 @@ def test_client_close_and_context_manager(address: str, authkey: bytes) -> None:
 
 
 def test_repr_names_container_and_server(kv: kvclient.Client) -> None:
-    assert repr(kv.dict("users")) == f"<DictProxy 'users' at {kv.endpoint}>"
+    assert repr(kv.dict("users")) == (
+        f"<DictProxy object, typeid 'dict' at {kv.endpoint}, name 'users'>"
+    )
     assert kv.dict("users").name == "users"

@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kvclient.auth import load_authkey
@@ -239,23 +240,63 @@ class Client(SyncMixin):
     def _create(self, kind: str, name: str, *args: Any) -> None:
         self._call(None, "create", [kind, name, *args])
 
-    def dict(self, name: str) -> DictProxy:
+    def dict(
+        self,
+        name: str,
+        initial: Mapping[Any, Any] | Iterable[tuple[Any, Any]] | None = None,
+    ) -> DictProxy:
         """Return a proxy to the dict called ``name``, creating it if needed.
+
+        Args:
+            name: the dict's name.
+            initial: contents to create it with (a mapping or ``(key, value)`` pairs), as
+                ``manager.dict(...)`` takes them; applied only if this call creates the
+                dict, and ignored if it exists already. The check and the creation are one
+                call, so of several clients racing to create it exactly one's ``initial``
+                is applied.
 
         Raises:
             KindError: ``name`` exists as another kind.
         """
-        self._create("dict", name)
+        if initial is None:
+            self._create("dict", name)
+        else:
+            self._create("dict", name, builtins.dict(initial))
         return DictProxy(self, name)
 
-    def list(self, name: str) -> ListProxy:
-        """Return a proxy to the list called ``name``, creating it if needed."""
-        self._create("list", name)
+    def list(self, name: str, initial: Iterable[Any] | None = None) -> ListProxy:
+        """Return a proxy to the list called ``name``, creating it if needed.
+
+        Args:
+            name: the list's name.
+            initial: items to create it with (``kv.list("x", initial=range(10))``); applied
+                only if this call creates the list, as for :meth:`dict`.
+
+        Raises:
+            KindError: ``name`` exists as another kind.
+        """
+        if initial is None:
+            self._create("list", name)
+        else:
+            self._create("list", name, builtins.list(initial))
         return ListProxy(self, name)
 
-    def namespace(self, name: str) -> NamespaceProxy:
-        """Return a proxy to the Namespace called ``name``, creating it if needed."""
-        self._create("namespace", name)
+    def namespace(self, name: str, initial: Mapping[str, Any] | None = None) -> NamespaceProxy:
+        """Return a proxy to the Namespace called ``name``, creating it if needed.
+
+        Args:
+            name: the namespace's name.
+            initial: attributes to create it with (``manager.Namespace(x=1)`` is
+                ``initial={"x": 1}``); applied only if this call creates it, as for
+                :meth:`dict`.
+
+        Raises:
+            KindError: ``name`` exists as another kind.
+        """
+        if initial is None:
+            self._create("namespace", name)
+        else:
+            self._create("namespace", name, builtins.dict(initial))
         return NamespaceProxy(self, name)
 
     def queue(self, name: str, maxsize: int | None = None) -> QueueProxy:
@@ -383,6 +424,10 @@ class Batch:
     ``with`` block raises, nothing is sent.
     """
 
+    # Proxies bound to a batch ask nothing of the server while recording (a Pending has no
+    # value yet).
+    records_calls = True
+
     def __init__(self, client: Client) -> None:
         self._client = client
         self._calls: builtins.list[builtins.list[Any]] = []
@@ -505,6 +550,8 @@ _READ_ONLY: frozenset[str] = frozenset(
         "info",
         "typecode",
         "tolist",
+        "join",
+        "unfinished",
     }
 )
 

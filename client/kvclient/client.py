@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kvclient.auth import load_authkey
+from kvclient.auth import MIN_AUTHKEY_BYTES, load_authkey
 from kvclient.codec import Ref
 from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
 from kvclient.errors import AuthError, KVConnectionError, KVError
@@ -80,7 +80,7 @@ def connect(
 
     Raises:
         KVConnectionError: the server is unreachable.
-        AuthError: the authkey was rejected, or none could be found.
+        AuthError: the authkey was rejected, is shorter than 16 bytes, or none could be found.
         ProtocolError: the peer is not kvserve or speaks another wire version.
         TLSError: TLS failed: a certificate was refused, or only one side speaks TLS.
     """
@@ -119,7 +119,15 @@ class Client(SyncMixin):
         self.tls = resolve_client_tls(tls, ca, cert, key)
         self.address = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
         self.endpoint = format_address(*self.address)
-        self._authkey = load_authkey(authkey).key
+        source = load_authkey(authkey)
+        if len(source.key) < MIN_AUTHKEY_BYTES:
+            # No kvserve runs with a shorter key (the server refuses one), so it cannot be
+            # right; say so here rather than as a rejected handshake.
+            raise AuthError(
+                f"the authkey from {source.origin} is {len(source.key)} bytes; kvserve keys "
+                f"are at least {MIN_AUTHKEY_BYTES}"
+            )
+        self._authkey = source.key
         self.timeout = timeout
         self.call_timeout = call_timeout
         self.retry = Retry() if retry is _DEFAULT_RETRY else retry

@@ -422,11 +422,11 @@ class NamespaceProxy(Proxy):
 
 
 class QueueProxy(_NamedProxy):
-    """A proxy that behaves like ``queue.Queue``.
+    """A proxy that behaves like ``queue.Queue``, joinable as it is (``task_done``/``join``).
 
     A blocked ``get``/``put`` waits on the server without holding a server thread, and never
     stalls other clients. It waits at most ``timeout`` seconds, then raises ``queue.Empty`` /
-    ``queue.Full`` exactly as ``queue.Queue`` does.
+    ``queue.Full`` exactly as ``queue.Queue`` does. ``join`` waits the same way.
     """
 
     __slots__ = ("_bounded",)

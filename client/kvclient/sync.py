@@ -49,7 +49,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar, cast, overload
 
 from kvclient.proxies import Caller, Proxy, register_proxy_type
 
@@ -960,9 +960,19 @@ class SyncMixin:
         self._as_client()._create("barrier", name, parties, timeout)
         return BarrierProxy(self._as_client(), name)
 
+    @overload
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: Literal[False]
+    ) -> RawValueProxy: ...
+
+    @overload
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: object = True
+    ) -> ValueProxy: ...
+
     def value(
         self, name: str, typecode_or_default: Any, value: Any = None, *, lock: Any = True
-    ) -> Any:
+    ) -> ValueProxy | RawValueProxy:
         """Return a proxy to the Value called ``name``, creating it if needed.
 
         Args:
@@ -993,7 +1003,19 @@ class SyncMixin:
             return RawValueProxy(self._as_client(), name)
         return ValueProxy(self._as_client(), name, lock=lock)
 
-    def array(self, name: str, typecode: str, size_or_initializer: Any, *, lock: Any = True) -> Any:
+    @overload
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: Literal[False]
+    ) -> RawArrayProxy: ...
+
+    @overload
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: object = True
+    ) -> ArrayProxy: ...
+
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: Any = True
+    ) -> ArrayProxy | RawArrayProxy:
         """Return a proxy to the Array called ``name``, creating it if needed.
 
         Args:

@@ -7,12 +7,15 @@ import multiprocessing
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import kvclient
 from kvclient import KindError, NoSuchContainerError
+from kvserve import KVManager, KVQueue, Server
+from kvserve.persistence import Persistence
 from tests import parity_workers
 from tests.conftest import ServerProcess
 
@@ -501,3 +504,48 @@ def test_batch_is_not_sent_when_the_block_raises(kv: kvclient.Client) -> None:
         1 / 0
     assert kv.dict("d").copy() == {}
     assert b.results is None
+
+
+def test_unfinished_tasks_and_list_repeats_survive_a_restart(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    def serve() -> tuple[Server, threading.Thread]:
+        srv = KVManager(
+            ("127.0.0.1", 0), authkey=authkey, persistence=Persistence(tmp_path / "d", "no")
+        ).get_server()
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        return srv, thread
+
+    for compact in (False, True):  # replayed from the log, then loaded from a snapshot
+        srv, thread = serve()
+        try:
+            with kvclient.connect(srv.endpoint, authkey, retry=None) as kv:
+                q, items = kv.queue(f"q{compact}"), kv.list(f"l{compact}", initial=[1, 2])
+                for i in range(3):
+                    q.put(i)
+                q.get()
+                q.task_done()
+                items *= 3
+                if compact:
+                    assert kv.compact()
+        finally:
+            srv.stop()
+            assert srv.wait_stopped(10)
+            thread.join(10)
+        srv, thread = serve()
+        try:
+            with kvclient.connect(srv.endpoint, authkey, retry=None) as kv:
+                q = kv.queue(f"q{compact}")
+                assert (q.qsize(), q.unfinished_tasks()) == (2, 2)
+                assert kv.list(f"l{compact}").copy() == [1, 2] * 3
+        finally:
+            srv.stop()
+            assert srv.wait_stopped(10)
+            thread.join(10)
+
+
+def test_a_queue_state_from_before_task_counts_still_loads() -> None:
+    old = KVQueue.from_state([0, [1, 2]])
+    assert (old.qsize(), old.unfinished()) == (2, 2)
+    assert old.state() == [0, [1, 2], 2]

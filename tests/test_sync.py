@@ -686,6 +686,39 @@ def _persistent(data: Path, authkey: bytes) -> tuple[Server, threading.Thread]:
     return srv, thread
 
 
+def test_releases_by_another_client_stay_applied_after_a_restart(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    srv, thread = _persistent(tmp_path / "data", authkey)
+    try:
+        with (
+            kvclient.connect(srv.endpoint, authkey, retry=None) as a,
+            kvclient.connect(srv.endpoint, authkey, retry=None) as b,
+        ):
+            assert a.lock("x").acquire() is True
+            b.lock("x").release()  # ends a's hold
+            bounded = a.bounded_semaphore("bs", 2)
+            assert bounded.acquire() is True
+            assert bounded.acquire() is True
+            b.bounded_semaphore("bs").release()  # gives back one of a's slots
+            srv.stop()
+            assert srv.wait_stopped(10)
+    finally:
+        srv.stop()
+        thread.join(10)
+    srv, thread = _persistent(tmp_path / "data", authkey)
+    try:
+        with kvclient.connect(srv.endpoint, authkey) as c:
+            assert c.lock("x").status()["holders"] == []
+            status = c.bounded_semaphore("bs").status()
+            assert [h["count"] for h in status["holders"]] == [1]
+            assert c.bounded_semaphore("bs").get_value() == 1
+    finally:
+        srv.stop()
+        srv.wait_stopped(10)
+        thread.join(10)
+
+
 def test_a_restart_restores_holders_with_a_fresh_lease_and_never_reuses_a_token(
     tmp_path: Path, authkey: bytes
 ) -> None:

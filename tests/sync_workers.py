@@ -25,8 +25,9 @@ def mutex_worker(address: str, authkey: bytes, cycles: int) -> None:
 def hold_until_killed(address: str, authkey: bytes, name: str, lease: float) -> None:
     """Take lock ``name``, report the token in queue "<name>-tokens", then wait to be killed."""
     with kvclient.connect(address, authkey) as kv:
-        token = kv.lock(name, lease=lease).acquire()
-        kv.queue(f"{name}-tokens").put(token)
+        lock = kv.lock(name, lease=lease)
+        assert lock.acquire() is True
+        kv.queue(f"{name}-tokens").put(lock.token)
         time.sleep(60)
 
 
@@ -38,9 +39,9 @@ def hold_stall_release(address: str, authkey: bytes, name: str, lease: float) ->
     """
     with kvclient.connect(address, authkey) as kv:
         lock = kv.lock(name, lease=lease)
-        token = lock.acquire()
+        assert lock.acquire() is True
         outcome = kv.queue(f"{name}-outcome")
-        outcome.put(token)
+        outcome.put(lock.token)
         kv.event(f"{name}-resume").wait(30)
         try:
             lock.release()
@@ -48,6 +49,12 @@ def hold_stall_release(address: str, authkey: bytes, name: str, lease: float) ->
             outcome.put(f"RuntimeError: {exc}")
         else:
             outcome.put("released")
+
+
+def take_slot_and_exit(address: str, authkey: bytes, name: str) -> None:
+    """Take a slot of BoundedSemaphore ``name`` and exit without releasing it."""
+    with kvclient.connect(address, authkey) as kv:
+        assert kv.bounded_semaphore(name).acquire(blocking=False) is True
 
 
 def semaphore_worker(address: str, authkey: bytes, rounds: int) -> None:

@@ -87,18 +87,26 @@ def test_pickled_proxy_carries_no_authkey_outside_spawning(kv: kvclient.Client) 
     assert kv.dict("d")["k"] == 1
 
 
-def test_stdlib_basemanager_client_works_against_kvserve(address: str, authkey: bytes) -> None:
+def test_kvmanager_offers_no_half_working_client_path(address: str, authkey: bytes) -> None:
     host, port = parse_address(address)
     manager = KVManager((host, port), authkey=authkey)
-    manager.connect()
-    d = manager.dict("stdlib")  # type: ignore[attr-defined]
-    d["a"] = (1, 2)
-    assert d["a"] == (1, 2)
-    assert d.incr("n") == 1
-    with pytest.raises(KeyError):
-        d["missing"]
+    with pytest.raises(NotImplementedError, match=r"kvclient\.connect\(address, authkey\)"):
+        manager.connect()
+    # No stdlib-style creation methods whose AutoProxy objects would half work.
+    for typeid in ("dict", "list", "namespace", "queue", "lock", "value"):
+        assert not hasattr(manager, typeid)
     with kvclient.connect(address, authkey) as kv:
-        assert kv.dict("stdlib").copy() == {"a": (1, 2), "n": 1}
+        kv.ping()
+
+
+def test_an_authkey_shorter_than_the_server_minimum_is_refused_on_both_sides(
+    address: str, authkey: bytes
+) -> None:
+    with pytest.raises(kvclient.AuthError, match="5 bytes; use at least 16"):
+        KVManager(("127.0.0.1", 0), authkey=b"short")
+    with pytest.raises(kvclient.AuthError, match="5 bytes; kvserve keys are at least 16"):
+        kvclient.connect(address, b"short")
+    KVManager(("127.0.0.1", 0), authkey=b"k" * 16)  # the minimum itself is fine
 
 
 def test_kvmanager_start_runs_a_server_process(authkey: bytes) -> None:
@@ -120,5 +128,7 @@ def test_client_close_and_context_manager(address: str, authkey: bytes) -> None:
 
 
 def test_repr_names_container_and_server(kv: kvclient.Client) -> None:
-    assert repr(kv.dict("users")) == f"<DictProxy 'users' at {kv.endpoint}>"
+    assert repr(kv.dict("users")) == (
+        f"<DictProxy object, typeid 'dict' at {kv.endpoint}, name 'users'>"
+    )
     assert kv.dict("users").name == "users"

@@ -530,7 +530,8 @@ def test_lock_status_of_a_free_and_a_held_lock(kvctl: Kvctl, kv: kvclient.Client
         kvctl("lock", "status", "deploy"),
         "kind        lock\nlocked      no\nholder      -\nlast token  0\nwaiters     0\n",
     )
-    token = lock.acquire()
+    assert lock.acquire() is True
+    token = lock.token
     result = kvctl("lock", "status", "deploy")
     assert (result.exit_code, result.stderr) == (EXIT_OK, "")
     assert re.fullmatch(

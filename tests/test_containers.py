@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import collections.abc
+import multiprocessing
 import queue
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import kvclient
 from kvclient import KindError, NoSuchContainerError
+from kvserve import KVManager, KVQueue, Server
+from kvserve.persistence import Persistence
+from tests import parity_workers
+from tests.conftest import ServerProcess
 
 
 def test_dict_mapping_interface(kv: kvclient.Client) -> None:
@@ -158,6 +166,74 @@ def test_namespace(kv: kvclient.Client) -> None:
         ns._private  # underscored names are never sent to the server
 
 
+def test_namespace_underscore_attributes_stay_local_and_str_is_the_stdlibs(
+    kv: kvclient.Client,
+) -> None:
+    ns = kv.namespace("bob", initial={"name": "Bob", "job": "Builder"})
+    ns._hidden = "hidden"  # kept by this proxy object only, as with the stdlib NamespaceProxy
+    assert ns._hidden == "hidden"
+    assert kv.namespace("bob").to_dict() == {"name": "Bob", "job": "Builder"}
+    with pytest.raises(AttributeError):
+        kv.namespace("bob")._hidden  # another proxy object does not see it
+    del ns.job
+    assert str(ns) == "Namespace(name='Bob')"
+    assert repr(ns) == f"<NamespaceProxy object, typeid 'Namespace' at {kv.endpoint}, name 'bob'>"
+    assert hasattr(ns, "name") and not hasattr(ns, "job")
+    del ns._hidden
+    assert not hasattr(ns, "_hidden")
+
+
+def test_initial_contents_are_applied_only_when_created(kv: kvclient.Client) -> None:
+    assert kv.list("l", initial=range(3)).copy() == [0, 1, 2]
+    assert kv.list("l", initial=["ignored"]).copy() == [0, 1, 2]  # it exists: unchanged
+    assert kv.dict("d", initial=[("a", 1)]).copy() == {"a": 1}
+    assert kv.dict("d", initial={"b": 2}).copy() == {"a": 1}
+    assert kv.namespace("n", initial={"x": 1}).to_dict() == {"x": 1}
+    assert kv.namespace("n", initial={"y": 2}).to_dict() == {"x": 1}
+    inner = kv.list("inner", initial=[1])
+    outer = kv.list("outer", initial=[inner, [2]])
+    outer[0].append(9)  # proxies given as contents stay references
+    assert inner.copy() == [1, 9]
+    with pytest.raises(TypeError, match="attribute name must be str"):
+        kv._create("namespace", "bad", {1: 2})
+    with pytest.raises(TypeError, match="must be a map"):
+        kv._create("dict", "bad", [1, 2])
+    assert "bad" not in kv.names()
+
+
+def test_proxies_pass_the_collections_abc_checks(kv: kvclient.Client) -> None:
+    assert isinstance(kv.dict("d"), collections.abc.MutableMapping)
+    assert isinstance(kv.list("l"), collections.abc.MutableSequence)
+    assert str(kv.dict("d2", initial={"a": 1})) == "{'a': 1}"
+    assert str(kv.list("l2", initial=[1])) == "[1]"
+
+
+def test_list_operators_follow_the_stdlib_listproxy(kv: kvclient.Client) -> None:
+    b = kv.list("b", initial=range(3))
+    assert b + [5] == [0, 1, 2, 5]  # noqa: RUF005 - a local list, as the stdlib's ListProxy
+    assert b * 2 == [0, 1, 2, 0, 1, 2]
+    assert 2 * b == [0, 1, 2, 0, 1, 2]
+    assert list(reversed(b)) == [2, 1, 0]
+    same = b
+    before = kv.stats()["ops"]
+    b *= 2
+    assert kv.stats()["ops"] - before == 2  # the `*=` and this stats call: one call each
+    assert b is same  # in place: the name still holds the proxy
+    assert kv.list("b").copy() == [0, 1, 2, 0, 1, 2]
+    b += (7,)
+    assert b is same and b.copy() == [0, 1, 2, 0, 1, 2, 7]
+    b *= 0
+    assert b.copy() == []
+    with pytest.raises(TypeError):
+        b * "x"  # type: ignore[operator]
+    with pytest.raises(TypeError):
+        b + (1,)  # type: ignore[operator]  # noqa: RUF005
+    big = kv.list("big", initial=range(1000))
+    with pytest.raises(ValueError, match="would hold more than"):
+        big *= 1 << 20
+    assert len(big) == 1000  # refused, not applied
+
+
 def test_queue_interface(kv: kvclient.Client) -> None:
     q = kv.queue("work", maxsize=2)
     assert q.maxsize == 2
@@ -178,6 +254,93 @@ def test_queue_interface(kv: kvclient.Client) -> None:
         q.get(block=False)
     with pytest.raises(ValueError, match="non-negative"):
         q.get(timeout=-1)
+
+
+def test_queue_task_done_and_join_across_processes(kvserve_proc: ServerProcess) -> None:
+    address, key = kvserve_proc.address, kvserve_proc.authkey
+    ctx = multiprocessing.get_context("forkserver")
+    workers = [
+        ctx.Process(target=parity_workers.task_worker, args=(address, key, "jobs"))
+        for _ in range(4)
+    ]
+    for p in workers:
+        p.start()
+    try:
+        with kvclient.connect(address, key) as kv:
+            jobs = kv.queue("jobs")
+            for i in range(1, 201):
+                jobs.put(i)
+            jobs.join()  # parked on the server until the 200th task_done
+            done = kv.dict("jobs-done")
+            # Every task_done follows its item's count, so an early return would show here.
+            assert done.copy() == {"count": 200, "sum": 200 * 201 // 2}
+            assert jobs.unfinished_tasks() == 0
+            for _ in workers:
+                jobs.put(None)
+            jobs.join()
+            for p in workers:
+                p.join(20)
+                assert p.exitcode == 0
+            with pytest.raises(ValueError, match="task_done\\(\\) called too many times"):
+                jobs.task_done()
+    finally:
+        for p in workers:
+            p.kill()
+            p.join(10)
+
+
+def test_a_parked_join_does_not_hold_up_the_gets_parked_after_it(
+    kv: kvclient.Client, address: str, authkey: bytes
+) -> None:
+    q = kv.queue("line")
+    q.put("first")
+    assert q.get() == "first"  # unfinished 1, queue empty
+    joined = threading.Event()
+
+    def join() -> None:
+        q.join()
+        joined.set()
+
+    joiner = threading.Thread(target=join)
+    joiner.start()
+    time.sleep(0.2)  # the join parks first
+    got: list[Any] = []
+    with kvclient.connect(address, authkey) as other:
+        getter = threading.Thread(target=lambda: got.append(other.queue("line").get(timeout=10)))
+        getter.start()
+        time.sleep(0.2)  # then a get, behind it
+        q.put("second")  # the join still waits (2 unfinished); the get must not
+        getter.join(10)
+        assert got == ["second"]
+        assert not joined.is_set()
+        q.task_done()
+        q.task_done()
+        joiner.join(10)
+        assert joined.is_set()
+    with kv.batch() as b:
+        b.bind(q).put("third")
+        b.bind(q).join()  # a batch never waits: the unfinished task is an error
+    assert b.results is not None
+    assert b.results[0] is None
+    assert isinstance(b.results[1], ValueError)
+    assert "1 task(s) unfinished; join() cannot wait in a batch" in str(b.results[1])
+
+
+def test_queue_put_in_a_batch(kv: kvclient.Client) -> None:
+    """Issue 12: ``queue.put`` in a batch raised TypeError in the client."""
+    kv.queue("bounded", maxsize=1)
+    with kv.batch() as b:
+        q = b.queue("bq")
+        q.put(1)
+        q.put(2)
+        full = b.queue("bounded")
+        full.put("a")
+        full.put("b")  # a batch never waits: Full
+    assert b.results is not None
+    assert b.results[:3] == [None, None, None]
+    assert isinstance(b.results[3], queue.Full)
+    assert [kv.queue("bq").get_nowait() for _ in range(2)] == [1, 2]
+    assert kv.queue("bounded").qsize() == 1
 
 
 def test_queue_get_timeout_raises_empty_on_time(kv: kvclient.Client) -> None:
@@ -341,3 +504,48 @@ def test_batch_is_not_sent_when_the_block_raises(kv: kvclient.Client) -> None:
         1 / 0
     assert kv.dict("d").copy() == {}
     assert b.results is None
+
+
+def test_unfinished_tasks_and_list_repeats_survive_a_restart(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    def serve() -> tuple[Server, threading.Thread]:
+        srv = KVManager(
+            ("127.0.0.1", 0), authkey=authkey, persistence=Persistence(tmp_path / "d", "no")
+        ).get_server()
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        return srv, thread
+
+    for compact in (False, True):  # replayed from the log, then loaded from a snapshot
+        srv, thread = serve()
+        try:
+            with kvclient.connect(srv.endpoint, authkey, retry=None) as kv:
+                q, items = kv.queue(f"q{compact}"), kv.list(f"l{compact}", initial=[1, 2])
+                for i in range(3):
+                    q.put(i)
+                q.get()
+                q.task_done()
+                items *= 3
+                if compact:
+                    assert kv.compact()
+        finally:
+            srv.stop()
+            assert srv.wait_stopped(10)
+            thread.join(10)
+        srv, thread = serve()
+        try:
+            with kvclient.connect(srv.endpoint, authkey, retry=None) as kv:
+                q = kv.queue(f"q{compact}")
+                assert (q.qsize(), q.unfinished_tasks()) == (2, 2)
+                assert kv.list(f"l{compact}").copy() == [1, 2] * 3
+        finally:
+            srv.stop()
+            assert srv.wait_stopped(10)
+            thread.join(10)
+
+
+def test_a_queue_state_from_before_task_counts_still_loads() -> None:
+    old = KVQueue.from_state([0, [1, 2]])
+    assert (old.qsize(), old.unfinished()) == (2, 2)
+    assert old.state() == [0, [1, 2], 2]

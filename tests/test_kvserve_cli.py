@@ -76,7 +76,7 @@ def test_authkey_file_option_and_key_never_logged(
     try:
         address = read_listening_line(proc)
         with pytest.raises(kvclient.AuthError):
-            kvclient.connect(address, b"wrong")
+            kvclient.connect(address, b"wrong-but-long-enough")
         with kvclient.connect(address, b"a-file-key-of-some-length") as kv:
             kv.ping()
     finally:

@@ -291,6 +291,7 @@ MUTATING_CALLS: dict[str, list[tuple[str, list[Any]]]] = {
         ("clear", []),
         ("setslice", [0, 1, None, [7]]),
         ("delslice", [0, 1, None]),
+        ("imul", [2]),
     ],
     "namespace": [
         ("setattr", ["x", 2]),
@@ -303,6 +304,7 @@ MUTATING_CALLS: dict[str, list[tuple[str, list[Any]]]] = {
         ("get", [False, None]),
         ("put_nowait", [1]),
         ("get_nowait", []),
+        ("task_done", []),
     ],
 }
 

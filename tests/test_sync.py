@@ -92,10 +92,10 @@ def test_a_killed_holder_loses_the_lock_after_its_lease(kvserve_proc: ServerProc
             assert lock.acquire(blocking=False) is False
             killed = time.monotonic()
             holder.kill()
-            token = lock.acquire(timeout=10)
+            assert lock.acquire(timeout=10) is True
             waited = time.monotonic() - killed
-            assert token is not False and token > first
-            assert lock.token == token
+            token = lock.token
+            assert token is not None and token > first
             # Released by the lease (at most 1 s after the last renewal), not at once.
             assert 0.2 < waited < 2.5, waited
             lock.release()
@@ -117,8 +117,9 @@ def test_a_stalled_holder_is_fenced_off_and_its_late_release_fails(
             os.kill(holder.pid, signal.SIGSTOP)  # a GC pause, a swapped-out VM...
             try:
                 lock = kv.lock("s")
-                token = lock.acquire(timeout=10)
-                assert token is not False and token > stale
+                assert lock.acquire(timeout=10) is True
+                token = lock.token
+                assert token is not None and token > stale
                 # The fencing pattern: the resource refuses tokens older than the newest seen.
                 newest = max(stale, token)
                 assert [t >= newest for t in (stale, token)] == [False, True]
@@ -142,8 +143,8 @@ def test_renewals_keep_a_lock_past_its_lease_and_stop_when_released(
     kv: kvclient.Client, kv2: kvclient.Client
 ) -> None:
     lock = kv.lock("renewed", lease=0.8)
-    token = lock.acquire()
-    assert token == 1
+    assert lock.acquire() is True
+    assert lock.token == 1
     started = time.monotonic()
     assert kv2.lock("renewed").acquire(timeout=2.0) is False  # 2.5 leases
     assert time.monotonic() - started >= 1.9
@@ -151,14 +152,17 @@ def test_renewals_keep_a_lock_past_its_lease_and_stop_when_released(
     assert kv._sync is not None and kv._sync.thread is not None
     lock.release()
     _wait_until(lambda: kv._sync is not None and kv._sync.thread is None, 5)
-    assert kv2.lock("renewed").acquire(blocking=False) == 2
+    again = kv2.lock("renewed")
+    assert again.acquire(blocking=False) is True
+    assert again.token == 2
 
 
 def test_lock_acquire_timeouts_and_arguments_follow_threading(
     kv: kvclient.Client, kv2: kvclient.Client
 ) -> None:
     mine, theirs = kv.lock("t"), kv2.lock("t")
-    assert mine.acquire(blocking=False) == 1
+    assert mine.acquire(blocking=False) is True
+    assert mine.token == 1
     assert theirs.acquire(blocking=False) is False
     assert theirs.acquire(timeout=0) is False
     started = time.monotonic()
@@ -209,12 +213,29 @@ def test_lock_waiters_are_served_in_fifo_order_without_stalling_others(
     assert lock.status()["last_token"] == 4
 
 
-def test_lock_ownership_is_per_client(kv: kvclient.Client, kv2: kvclient.Client) -> None:
-    lock = kv.lock("owned")
-    lock.acquire()
+def test_any_client_may_release_a_lock_as_with_threading(
+    kv: kvclient.Client, kv2: kvclient.Client
+) -> None:
+    lock, theirs = kv.lock("owned"), kv2.lock("owned")
     with pytest.raises(RuntimeError, match="cannot release lock: this client does not hold it"):
-        kv2.lock("owned").release()
-    # Any thread of the owning client may release it, as with threading.Lock.
+        theirs.release()  # nobody holds it
+    assert lock.acquire() is True
+    waiter_got: list[bool] = []
+    waiter = threading.Thread(target=lambda: waiter_got.append(kv2.lock("owned").acquire()))
+    waiter.start()
+    _wait_until(functools.partial(_has_waiters, lock, 1))
+    # Another client's release ends the holder's hold and wakes the next waiter, as a
+    # threading.Lock released by another thread does.
+    theirs.release()
+    waiter.join(10)
+    assert waiter_got == [True]
+    assert [h["owner"] for h in lock.status()["holders"]] == [kv2.owner_id]
+    with pytest.raises(RuntimeError, match="another client released what this client held"):
+        lock.release()  # the former holder's own release now fails, and changes nothing
+    assert [h["owner"] for h in lock.status()["holders"]] == [kv2.owner_id]
+    theirs.release()
+    # Any thread of a client may release it, as with threading.Lock.
+    assert lock.acquire() is True
     errors: list[BaseException] = []
 
     def release() -> None:
@@ -234,8 +255,11 @@ def test_rlock_is_reentrant_and_owned_by_a_thread(
     kv: kvclient.Client, kv2: kvclient.Client
 ) -> None:
     rlock = kv.rlock("r")
-    first = rlock.acquire()
-    assert rlock.acquire() == first  # re-entering keeps the token
+    assert rlock.acquire() is True
+    first = rlock.token
+    assert first is not None
+    assert rlock.acquire() is True
+    assert rlock.token == first  # re-entering keeps the token
     assert rlock.status()["holders"][0]["count"] == 2
     assert kv2.rlock("r").acquire(blocking=False) is False
     errors: list[BaseException] = []
@@ -256,7 +280,9 @@ def test_rlock_is_reentrant_and_owned_by_a_thread(
     assert not rlock.locked()
     with pytest.raises(RuntimeError):
         rlock.release()
-    assert kv2.rlock("r").acquire(blocking=False) == first + 1
+    theirs = kv2.rlock("r")
+    assert theirs.acquire(blocking=False) is True
+    assert theirs.token == first + 1
 
 
 # -- Semaphore -------------------------------------------------------------------------------
@@ -275,7 +301,8 @@ def test_semaphore_never_admits_more_holders_than_its_value(kvserve_proc: Server
 
 def test_semaphore_release_rules(kv: kvclient.Client, kv2: kvclient.Client) -> None:
     bounded = kv.bounded_semaphore("bs", 2)
-    assert bounded.acquire() == 1
+    assert bounded.acquire() is True
+    assert bounded.token == 1
     bounded.release()
     with pytest.raises(ValueError, match="Semaphore released too many times"):
         bounded.release()
@@ -285,13 +312,37 @@ def test_semaphore_release_rules(kv: kvclient.Client, kv2: kvclient.Client) -> N
     gate = kv.semaphore("gate", 0)
     assert gate.acquire(blocking=False) is False
     kv2.semaphore("gate").release()
-    assert gate.acquire(timeout=5) == 1
+    assert gate.acquire(timeout=5) is True
+    assert gate.token == 1
     with pytest.raises(ValueError, match="can't specify timeout for non-blocking acquire"):
         gate.acquire(False, 1)
     with pytest.raises(ValueError, match="exists with initial value 2, not 3"):
         kv.bounded_semaphore("bs", 3)
     with pytest.raises(kvclient.KindError):
         kv.semaphore("bs")  # a bounded_semaphore is another kind
+
+
+def test_a_bounded_semaphore_slot_left_by_a_dead_child_does_not_fail_the_parents_release(
+    kvserve_proc: ServerProcess,
+) -> None:
+    address, key = kvserve_proc.address, kvserve_proc.authkey
+    with kvclient.connect(address, key) as kv:
+        sem = kv.bounded_semaphore("left", 2)
+        assert sem.acquire() is True  # the parent's own slot
+        child = _spawn(sync_workers.take_slot_and_exit, address, key, "left")
+        child.start()
+        child.join(20)
+        assert child.exitcode == 0
+        assert sem.get_value() == 0  # the dead child's slot is held until its lease ends
+        # As with multiprocessing.BoundedSemaphore: a release is legitimate while fewer than
+        # the initial value are free. The parent's second release gives back the child's slot.
+        sem.release()
+        sem.release()
+        assert sem.get_value() == 2
+        assert sem.status()["holders"] == []
+        with pytest.raises(ValueError, match="Semaphore released too many times"):
+            sem.release()
+        assert sem.get_value() == 2
 
 
 # -- Event, Barrier, Condition ------------------------------------------------------------------
@@ -412,7 +463,9 @@ def test_condition_rules(kv: kvclient.Client) -> None:
         cond.wait(0.1)
     with pytest.raises(RuntimeError, match="cannot notify on un-acquired lock"):
         cond.notify()
-    first = cond.acquire()
+    assert cond.acquire() is True
+    first = cond.token
+    assert first is not None
     cond.acquire()  # re-entrant: wait releases both levels and restores them
     started = time.monotonic()
     assert cond.wait(0.2) is False
@@ -473,6 +526,34 @@ def test_value_types_follow_ctypes(kv: kvclient.Client) -> None:
     with pytest.raises(TypeError):
         kv.value("bad", [1])
     assert hits.get_lock().name == "hits.lock"
+
+
+def test_value_and_array_take_lock_as_multiprocessing_does(kv: kvclient.Client) -> None:
+    v = kv.value("vl", "i", 5)
+    assert (v.get(), v.value) == (5, 5)
+    v.set(6)
+    assert kv.value("vl", "i").value == 6
+    assert v.get_lock() == kv.rlock("vl.lock")  # lock=True (default): its own RLock
+    assert kv.value("vl", "i", lock=None).get_lock() == kv.rlock("vl.lock")
+    raw = v.get_obj()
+    assert isinstance(raw, kvclient.RawValueProxy) and not hasattr(raw, "get_lock")
+    assert raw.value == 6
+    guard = kv.lock("guard")
+    shared = kv.value("vl", "i", lock=guard)
+    assert shared.get_lock() == guard
+    assert pickle.loads(pickle.dumps(shared)).get_lock() == guard  # travels with the proxy
+    plain = kv.value("vl", "i", lock=False)
+    assert not hasattr(plain, "get_lock") and not hasattr(plain, "get_obj")
+    with pytest.raises(AttributeError, match="has no method 'acquire'"):
+        kv.value("vl", "i", lock="notalock")
+    a = kv.array("al", "i", range(3), lock=guard)
+    assert (a.tolist(), a.get_lock()) == ([0, 1, 2], guard)
+    assert a.get_obj().tolist() == [0, 1, 2]
+    assert kv.array("al", "i", 3).get_lock() == kv.rlock("al.lock")
+    rawa = kv.array("al", "i", 3, lock=False)
+    assert isinstance(rawa, kvclient.RawArrayProxy) and not hasattr(rawa, "get_lock")
+    with pytest.raises(AttributeError, match="has no method 'acquire'"):
+        kv.array("al", "i", 3, lock=1)
 
 
 def test_array_indexes_and_slices(kv: kvclient.Client) -> None:
@@ -547,7 +628,7 @@ def test_bad_use_raises_the_stdlib_error_and_the_server_keeps_serving(
             kv._call("bad", "acquire", args)
     assert "bad" in kv2.names()
     kv2.ping()
-    assert kv2.lock("bad").acquire(blocking=False) == 1
+    assert kv2.lock("bad").acquire(blocking=False) is True
 
 
 def test_every_kind_survives_state_and_from_state() -> None:
@@ -586,7 +667,9 @@ def test_dump_and_restore_keep_tokens_increasing(kv: kvclient.Client, authkey: b
     try:
         with kvclient.connect(srv.endpoint, authkey) as fresh:
             assert fresh.restore(dump) == 2
-            assert fresh.lock("fenced").acquire() == 4
+            fenced = fresh.lock("fenced")
+            assert fenced.acquire() is True
+            assert fenced.token == 4
             assert fresh.value("v", "i").value == 4
     finally:
         srv.stop()
@@ -603,6 +686,39 @@ def _persistent(data: Path, authkey: bytes) -> tuple[Server, threading.Thread]:
     return srv, thread
 
 
+def test_releases_by_another_client_stay_applied_after_a_restart(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    srv, thread = _persistent(tmp_path / "data", authkey)
+    try:
+        with (
+            kvclient.connect(srv.endpoint, authkey, retry=None) as a,
+            kvclient.connect(srv.endpoint, authkey, retry=None) as b,
+        ):
+            assert a.lock("x").acquire() is True
+            b.lock("x").release()  # ends a's hold
+            bounded = a.bounded_semaphore("bs", 2)
+            assert bounded.acquire() is True
+            assert bounded.acquire() is True
+            b.bounded_semaphore("bs").release()  # gives back one of a's slots
+            srv.stop()
+            assert srv.wait_stopped(10)
+    finally:
+        srv.stop()
+        thread.join(10)
+    srv, thread = _persistent(tmp_path / "data", authkey)
+    try:
+        with kvclient.connect(srv.endpoint, authkey) as c:
+            assert c.lock("x").status()["holders"] == []
+            status = c.bounded_semaphore("bs").status()
+            assert [h["count"] for h in status["holders"]] == [1]
+            assert c.bounded_semaphore("bs").get_value() == 1
+    finally:
+        srv.stop()
+        srv.wait_stopped(10)
+        thread.join(10)
+
+
 def test_a_restart_restores_holders_with_a_fresh_lease_and_never_reuses_a_token(
     tmp_path: Path, authkey: bytes
 ) -> None:
@@ -613,7 +729,8 @@ def test_a_restart_restores_holders_with_a_fresh_lease_and_never_reuses_a_token(
             for _ in range(2):
                 with lock:
                     pass
-            assert lock.acquire() == 3
+            assert lock.acquire() is True
+            assert lock.token == 3
             owner = kv.owner_id
             srv.stop()  # the holder's client can no longer renew: it is as good as dead
             assert srv.wait_stopped(10)
@@ -627,7 +744,8 @@ def test_a_restart_restores_holders_with_a_fresh_lease_and_never_reuses_a_token(
         with kvclient.connect(srv.endpoint, authkey) as kv:
             lock = kv.lock("p", lease=1.0)
             assert lock.acquire(blocking=False) is False  # restored: held for a fresh lease
-            assert lock.acquire(timeout=5) == 4  # then released; token 3 is not issued again
+            assert lock.acquire(timeout=5) is True  # then released
+            assert lock.token == 4  # token 3 is not issued again
             lock.release()
     finally:
         srv.stop()
@@ -677,12 +795,15 @@ def test_a_lease_that_ran_out_stays_released_after_a_restart(
         port = server.address.rsplit(":", 1)[1]
         server.extra = ["--port", port]
         a = server.client()
-        first = a.lock("m", lease=1.0).acquire()
+        held = a.lock("m", lease=1.0)
+        assert held.acquire() is True
+        first = held.token
         a.close()  # A stops renewing: its lease runs out a second later
         with server.client() as b:
             lock = b.lock("m", lease=30.0)
-            second = lock.acquire(timeout=20)
-            assert second and first and second > first
+            assert lock.acquire(timeout=20) is True
+            second = lock.token
+            assert second is not None and first is not None and second > first
             server.kill()
             server.start()
             with server.client() as c:

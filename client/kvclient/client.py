@@ -18,9 +18,10 @@ import ssl
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kvclient.auth import load_authkey
+from kvclient.auth import MIN_AUTHKEY_BYTES, load_authkey
 from kvclient.codec import Ref
 from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
 from kvclient.errors import AuthError, KVConnectionError, KVError
@@ -79,7 +80,7 @@ def connect(
 
     Raises:
         KVConnectionError: the server is unreachable.
-        AuthError: the authkey was rejected, or none could be found.
+        AuthError: the authkey was rejected, is shorter than 16 bytes, or none could be found.
         ProtocolError: the peer is not kvserve or speaks another wire version.
         TLSError: TLS failed: a certificate was refused, or only one side speaks TLS.
     """
@@ -118,7 +119,15 @@ class Client(SyncMixin):
         self.tls = resolve_client_tls(tls, ca, cert, key)
         self.address = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
         self.endpoint = format_address(*self.address)
-        self._authkey = load_authkey(authkey).key
+        source = load_authkey(authkey)
+        if len(source.key) < MIN_AUTHKEY_BYTES:
+            # No kvserve runs with a shorter key (the server refuses one), so it cannot be
+            # right; say so here rather than as a rejected handshake.
+            raise AuthError(
+                f"the authkey from {source.origin} is {len(source.key)} bytes; kvserve keys "
+                f"are at least {MIN_AUTHKEY_BYTES}"
+            )
+        self._authkey = source.key
         self.timeout = timeout
         self.call_timeout = call_timeout
         self.retry = Retry() if retry is _DEFAULT_RETRY else retry
@@ -239,23 +248,63 @@ class Client(SyncMixin):
     def _create(self, kind: str, name: str, *args: Any) -> None:
         self._call(None, "create", [kind, name, *args])
 
-    def dict(self, name: str) -> DictProxy:
+    def dict(
+        self,
+        name: str,
+        initial: Mapping[Any, Any] | Iterable[tuple[Any, Any]] | None = None,
+    ) -> DictProxy:
         """Return a proxy to the dict called ``name``, creating it if needed.
+
+        Args:
+            name: the dict's name.
+            initial: contents to create it with (a mapping or ``(key, value)`` pairs), as
+                ``manager.dict(...)`` takes them; applied only if this call creates the
+                dict, and ignored if it exists already. The check and the creation are one
+                call, so of several clients racing to create it exactly one's ``initial``
+                is applied.
 
         Raises:
             KindError: ``name`` exists as another kind.
         """
-        self._create("dict", name)
+        if initial is None:
+            self._create("dict", name)
+        else:
+            self._create("dict", name, builtins.dict(initial))
         return DictProxy(self, name)
 
-    def list(self, name: str) -> ListProxy:
-        """Return a proxy to the list called ``name``, creating it if needed."""
-        self._create("list", name)
+    def list(self, name: str, initial: Iterable[Any] | None = None) -> ListProxy:
+        """Return a proxy to the list called ``name``, creating it if needed.
+
+        Args:
+            name: the list's name.
+            initial: items to create it with (``kv.list("x", initial=range(10))``); applied
+                only if this call creates the list, as for :meth:`dict`.
+
+        Raises:
+            KindError: ``name`` exists as another kind.
+        """
+        if initial is None:
+            self._create("list", name)
+        else:
+            self._create("list", name, builtins.list(initial))
         return ListProxy(self, name)
 
-    def namespace(self, name: str) -> NamespaceProxy:
-        """Return a proxy to the Namespace called ``name``, creating it if needed."""
-        self._create("namespace", name)
+    def namespace(self, name: str, initial: Mapping[str, Any] | None = None) -> NamespaceProxy:
+        """Return a proxy to the Namespace called ``name``, creating it if needed.
+
+        Args:
+            name: the namespace's name.
+            initial: attributes to create it with (``manager.Namespace(x=1)`` is
+                ``initial={"x": 1}``); applied only if this call creates it, as for
+                :meth:`dict`.
+
+        Raises:
+            KindError: ``name`` exists as another kind.
+        """
+        if initial is None:
+            self._create("namespace", name)
+        else:
+            self._create("namespace", name, builtins.dict(initial))
         return NamespaceProxy(self, name)
 
     def queue(self, name: str, maxsize: int | None = None) -> QueueProxy:
@@ -383,6 +432,10 @@ class Batch:
     ``with`` block raises, nothing is sent.
     """
 
+    # Proxies bound to a batch ask nothing of the server while recording (a Pending has no
+    # value yet).
+    records_calls = True
+
     def __init__(self, client: Client) -> None:
         self._client = client
         self._calls: builtins.list[builtins.list[Any]] = []
@@ -505,6 +558,8 @@ _READ_ONLY: frozenset[str] = frozenset(
         "info",
         "typecode",
         "tolist",
+        "join",
+        "unfinished",
     }
 )
 

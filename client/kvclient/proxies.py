@@ -9,7 +9,7 @@ working proxy too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, MutableSequence
 from multiprocessing import context as mp_context
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
@@ -31,6 +31,20 @@ __all__ = [
 ]
 
 _MISSING: Any = object()
+# The SyncManager typeid of each kind, for repr().
+_STDLIB_TYPEIDS: dict[str, str] = {
+    "namespace": "Namespace",
+    "queue": "Queue",
+    "lock": "Lock",
+    "rlock": "RLock",
+    "semaphore": "Semaphore",
+    "bounded_semaphore": "BoundedSemaphore",
+    "condition": "Condition",
+    "event": "Event",
+    "barrier": "Barrier",
+    "value": "Value",
+    "array": "Array",
+}
 _NO_TIMEOUT_CHANGE: Any = False
 P = TypeVar("P", bound="Proxy")
 
@@ -86,7 +100,13 @@ class Proxy:
         return Ref(self._kind, self._name)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._name!r} at {self._client.endpoint}>"
+        # The stdlib proxies' shape, "<DictProxy object, typeid 'dict' at 0x...>", with the
+        # server and the name in place of a memory address.
+        typeid = _STDLIB_TYPEIDS.get(self._kind, self._kind)
+        return (
+            f"<{type(self).__name__} object, typeid {typeid!r} at {self._client.endpoint}, "
+            f"name {self._name!r}>"
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Proxy):
@@ -155,6 +175,10 @@ class DictProxy(_NamedProxy):
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.keys())
+
+    def __str__(self) -> str:
+        # As the stdlib's proxies: str() shows the referent, repr() the proxy.
+        return str(self.copy())
 
     def get(self, key: Any, default: Any = None) -> Any:
         """Return ``d[key]``, or ``default`` when missing."""
@@ -270,8 +294,37 @@ class ListProxy(_NamedProxy):
     def __iter__(self) -> Iterator[Any]:
         return iter(self.copy())
 
+    def __reversed__(self) -> Iterator[Any]:
+        return iter(self.copy()[::-1])
+
+    def __str__(self) -> str:
+        # As the stdlib's proxies: str() shows the referent, repr() the proxy.
+        return str(self.copy())
+
+    def __add__(self, other: list[Any]) -> list[Any]:
+        """Return a local list: a snapshot of this one followed by ``other`` (as stdlib)."""
+        if not isinstance(other, list):
+            return NotImplemented
+        return self.copy() + other
+
+    def __mul__(self, n: int) -> list[Any]:
+        """Return a local list: a snapshot of this one repeated ``n`` times (as stdlib)."""
+        if not isinstance(n, int):
+            return NotImplemented
+        return self.copy() * n
+
+    __rmul__ = __mul__
+
     def __iadd__(self, values: Iterable[Any]) -> ListProxy:
         self.extend(values)
+        return self
+
+    def __imul__(self, n: int) -> ListProxy:
+        # One call, atomic on the server: no other client's change can fall between a read
+        # and a write-back.
+        if not isinstance(n, int):
+            return NotImplemented
+        self._call("imul", [n])
         return self
 
     def append(self, value: Any) -> None:
@@ -329,12 +382,17 @@ class ListProxy(_NamedProxy):
 class NamespaceProxy(Proxy):
     """A proxy that behaves like a ``Namespace``: ``ns.x = 1``, ``ns.x``, ``del ns.x``.
 
-    Attribute names starting with ``_`` are not sent to the server (as with the stdlib
-    NamespaceProxy).
+    Attribute names starting with ``_`` stay local to this proxy object and are not sent to
+    the server, as with the stdlib NamespaceProxy. ``str(ns)`` is ``Namespace(x=1)`` (the
+    attributes, sorted); ``repr(ns)`` names the proxy.
     """
 
-    __slots__ = ()
+    # No __slots__: the instance __dict__ holds the local underscore attributes.
     _proxy_kind = "namespace"
+
+    def __str__(self) -> str:
+        attrs = sorted(self.to_dict().items())
+        return "Namespace({})".format(", ".join(f"{k}={v!r}" for k, v in attrs))
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):
@@ -364,11 +422,11 @@ class NamespaceProxy(Proxy):
 
 
 class QueueProxy(_NamedProxy):
-    """A proxy that behaves like ``queue.Queue``.
+    """A proxy that behaves like ``queue.Queue``, joinable as it is (``task_done``/``join``).
 
     A blocked ``get``/``put`` waits on the server without holding a server thread, and never
     stalls other clients. It waits at most ``timeout`` seconds, then raises ``queue.Empty`` /
-    ``queue.Full`` exactly as ``queue.Queue`` does.
+    ``queue.Full`` exactly as ``queue.Queue`` does. ``join`` waits the same way.
     """
 
     __slots__ = ("_bounded",)
@@ -384,9 +442,10 @@ class QueueProxy(_NamedProxy):
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``item``; when full, wait up to ``timeout`` (None: for ever) or raise Full."""
         # A put on an unbounded queue never waits, so it gets the usual call timeout; only a
-        # bounded queue's put may wait for ever. maxsize is fixed at creation: ask once.
+        # bounded queue's put may wait for ever. maxsize is fixed at creation: ask once. In a
+        # batch nothing waits, and the question would only be recorded.
         bounded: bool | None = getattr(self, "_bounded", None)
-        if bounded is None and block and timeout is None:
+        if bounded is None and block and timeout is None and not _in_batch(self._client):
             bounded = self.maxsize > 0
             object.__setattr__(self, "_bounded", bounded)
         reply_timeout = self._blocking_timeout(block and bounded is not False, timeout)
@@ -423,11 +482,44 @@ class QueueProxy(_NamedProxy):
         """Return whether the queue is at its maxsize."""
         return cast(bool, self._call("full", []))
 
+    def task_done(self) -> None:
+        """Say that one item got with :meth:`get` is fully processed (``queue.Queue``'s).
+
+        Every kv queue counts unfinished tasks: each ``put`` adds one, each ``task_done``
+        ends one, whichever client calls them.
+
+        Raises:
+            ValueError: called more times than items were put.
+        """
+        self._call("task_done", [])
+
+    def join(self) -> None:
+        """Wait until every item put has had its :meth:`task_done`.
+
+        The wait is parked on the server, as a blocked :meth:`get` is, with no thread on
+        either side; it waits for ever, as ``queue.Queue.join`` does. In a batch it does not
+        wait: unfinished tasks give ``ValueError``.
+        """
+        self._client._call(self._name, "join", [], None, None)
+
+    def unfinished_tasks(self) -> int:
+        """Return how many items put have not had their :meth:`task_done` yet."""
+        return cast(int, self._call("unfinished", []))
+
     @property
     def maxsize(self) -> int:
         """The bound fixed at creation (0: unbounded)."""
         return cast(int, self._call("maxsize", []))
 
+
+def _in_batch(caller: Caller) -> bool:
+    return bool(getattr(caller, "records_calls", False))
+
+
+# As Python 3.14 does for the stdlib's DictProxy and ListProxy (gh-126435): code checking
+# isinstance(x, MutableMapping) takes a proxy where it would take a dict.
+MutableMapping.register(DictProxy)
+MutableSequence.register(ListProxy)
 
 _PROXY_TYPES: dict[str, type[Proxy]] = {
     cls._proxy_kind: cls for cls in (DictProxy, ListProxy, NamespaceProxy, QueueProxy)

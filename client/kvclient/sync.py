@@ -6,23 +6,28 @@ what happens when a client fails.
 
 Ownership and leases
 --------------------
-A Lock or a Semaphore slot belongs to the :class:`~kvclient.client.Client` that acquired it
-(any of its threads may release it, as any thread may release a ``threading.Lock``); an RLock
-or a Condition belongs to the client *thread*, as in ``threading``. Each hold is a lease of
+A Lock or a Semaphore slot is held by the :class:`~kvclient.client.Client` that acquired it;
+an RLock or a Condition by the client *thread*, as in ``threading``. As with ``threading.Lock``
+and the stdlib manager, any client may release a Lock: that ends the holder's hold and wakes
+the next waiter (a parent may release what a child process took and never gave back). An
+RLock or a Condition is released only by the thread holding it. Each hold is a lease of
 ``lease`` seconds (default 30). While anything is held, one daemon thread per client renews
 every hold every ``lease / 3`` seconds over its own connection, naming the owners explicitly:
 the server knows them by ids the client chose, not by the connection. If the client process
 dies, stalls, or is cut off for longer than the lease, the renewals stop and the server
-releases the hold and wakes the next waiter. Releasing something this client does not hold
-(never did, or its lease ran out) raises ``RuntimeError``. The renewal thread exits when
+releases the hold and wakes the next waiter. Releasing a Lock nobody holds, an RLock this
+thread does not hold, or anything after this client's own lease on it ran out raises
+``RuntimeError``. The renewal thread exits when
 nothing is held, and within one renewal interval of :meth:`~kvclient.client.Client.close`;
 holds of a closed client then expire one lease later. After ``fork`` the child gets new owner
 ids: it holds nothing its parent holds.
 
 Fencing tokens
 --------------
-A successful ``acquire`` returns a fencing token, an int that grows with every acquisition of
-that primitive (``with lock as token:`` gives it too, and ``lock.token`` keeps the last one).
+``acquire`` returns True or False exactly as ``threading`` does. Every successful acquisition
+also gets a fencing token, an int that grows with every acquisition of that primitive:
+``with lock as token:`` gives it, and ``lock.token`` keeps the one of this proxy's last
+successful acquire.
 Pass it with every write to the resource the lock protects, and have the resource refuse a
 token lower than the highest it has seen: a holder whose lease expired while it stalled is then
 refused instead of overwriting its successor's work.
@@ -44,7 +49,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar, cast, overload
 
 from kvclient.proxies import Caller, Proxy, register_proxy_type
 
@@ -60,6 +65,8 @@ __all__ = [
     "EventProxy",
     "LockProxy",
     "RLockProxy",
+    "RawArrayProxy",
+    "RawValueProxy",
     "SemaphoreProxy",
     "SyncMixin",
     "ValueProxy",
@@ -292,6 +299,7 @@ class _LeasedProxy(_SyncProxy):
         return cast("Client", self._client)
 
     def _acquire(self, blocking: bool, wait: float | None) -> int | Literal[False]:
+        """Acquire; return the fencing token, or False (``acquire`` turns it into a bool)."""
         state = self._state()
         owner = self._owner(state)
         key = (self._name, owner)
@@ -341,15 +349,18 @@ class _LeasedProxy(_SyncProxy):
 class LockProxy(_LeasedProxy):
     """A ``threading.Lock`` shared by every client, released by the server if its holder dies.
 
-    ``acquire`` returns a fencing token (a true value) instead of True. The lock belongs to the
-    client that acquired it: any of its threads may release it, other clients may not.
+    ``acquire`` returns True/False as ``threading.Lock.acquire`` does; the fencing token of a
+    successful acquire is :attr:`token` (or ``with lock as token:``). As ``threading.Lock``,
+    it may be released by any thread of any client (see the module docstring).
     """
 
     __slots__ = ()
     _proxy_kind = "lock"
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> int | Literal[False]:
-        """Take the lock; return its fencing token, or False.
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock; return True, or False when it was not free in time.
+
+        The fencing token of this acquisition is then :attr:`token`.
 
         Args:
             blocking: wait while another holds it (default); False returns at once.
@@ -358,13 +369,14 @@ class LockProxy(_LeasedProxy):
         Raises:
             ValueError: a timeout with ``blocking=False``, or a negative timeout other than -1.
         """
-        return self._acquire(bool(blocking), _lock_wait(bool(blocking), timeout))
+        return self._acquire(bool(blocking), _lock_wait(bool(blocking), timeout)) is not False
 
     def release(self) -> None:
-        """Release the lock.
+        """Release the lock (held by this client, or by another one: see the module docstring).
 
         Raises:
-            RuntimeError: this client does not hold it (never did, or its lease expired).
+            RuntimeError: nobody holds it, or this client's own lease on it expired (an RLock:
+                this thread does not hold it).
         """
         self._release([])
 
@@ -373,7 +385,7 @@ class LockProxy(_LeasedProxy):
         return bool(self._call("locked", []))
 
     def __enter__(self) -> int:
-        token = self.acquire()
+        token = self._acquire(True, None)
         assert token is not False  # a wait without timeout returns only once acquired
         return token
 
@@ -384,7 +396,7 @@ class LockProxy(_LeasedProxy):
 class RLockProxy(LockProxy):
     """A ``threading.RLock``: re-entrant for the thread holding it, released if it dies.
 
-    Re-entering returns the token of the hold it enters.
+    Re-entering gets the token of the hold it enters. Only the thread holding it may release it.
     """
 
     __slots__ = ()
@@ -405,8 +417,8 @@ class SemaphoreProxy(_LeasedProxy):
     __slots__ = ()
     _proxy_kind = "semaphore"
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> int | Literal[False]:
-        """Take a slot; return its fencing token, or False.
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take a slot; return True, or False when none was free in time (token: :attr:`token`).
 
         Args:
             blocking: wait while no slot is free (default); False returns at once.
@@ -417,7 +429,8 @@ class SemaphoreProxy(_LeasedProxy):
         """
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
-        return self._acquire(bool(blocking), _plain_wait(timeout) if blocking else 0.0)
+        wait = _plain_wait(timeout) if blocking else 0.0
+        return self._acquire(bool(blocking), wait) is not False
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` slots (default 1).
@@ -435,7 +448,7 @@ class SemaphoreProxy(_LeasedProxy):
         return int(self._call("get_value", []))
 
     def __enter__(self) -> int:
-        token = self.acquire()
+        token = self._acquire(True, None)
         assert token is not False
         return token
 
@@ -444,7 +457,11 @@ class SemaphoreProxy(_LeasedProxy):
 
 
 class BoundedSemaphoreProxy(SemaphoreProxy):
-    """A ``threading.BoundedSemaphore``: releasing above the initial value is a ValueError."""
+    """A ``threading.BoundedSemaphore``: releasing above the initial value is a ValueError.
+
+    A release by a client holding no slot gives back the oldest other holder's slot (a child
+    process that took one and exited), so it fails only when every slot is free.
+    """
 
     __slots__ = ()
     _proxy_kind = "bounded_semaphore"
@@ -464,9 +481,9 @@ class ConditionProxy(_LeasedProxy):
     def _owner(self, state: _SyncState) -> bytes:
         return state.thread_owner()
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> int | Literal[False]:
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take (or re-enter) the lock; as :meth:`LockProxy.acquire`."""
-        return self._acquire(bool(blocking), _lock_wait(bool(blocking), timeout))
+        return self._acquire(bool(blocking), _lock_wait(bool(blocking), timeout)) is not False
 
     def release(self) -> None:
         """Release one level of the lock.
@@ -477,7 +494,7 @@ class ConditionProxy(_LeasedProxy):
         self._release([])
 
     def __enter__(self) -> int:
-        token = self.acquire()
+        token = self._acquire(True, None)
         assert token is not False
         return token
 
@@ -650,18 +667,61 @@ class BarrierProxy(_SyncProxy):
         return bool(self._info()["broken"])
 
 
-def _lock_for(proxy: _SyncProxy) -> RLockProxy:
-    client = proxy._client
-    if not isinstance(client, SyncMixin):
-        raise TypeError("get_lock() is not available in a batch; call it on the client")
-    return client.rlock(f"{proxy._name}.lock")
+def _check_lock_arg(lock: Any) -> Any:
+    """Check ``lock=`` as ``multiprocessing.Value`` does: True/None, False, or a lock."""
+    if lock is None or lock is True or lock is False:
+        return lock
+    if not hasattr(lock, "acquire"):
+        raise AttributeError(f"{lock!r} has no method 'acquire'")
+    return lock
 
 
-class ValueProxy(_SyncProxy):
-    """A ``multiprocessing.Value``: ``v.value`` reads and writes, ``v.incr()`` adds atomically.
+def _rebuild_locked(func: Callable[..., Proxy], args: tuple[Any, ...], lock: Any) -> Proxy:
+    proxy = func(*args)
+    if isinstance(proxy, _Synchronized):
+        object.__setattr__(proxy, "_lock", lock)
+    return proxy
+
+
+class _Synchronized(_SyncProxy):
+    """``get_lock()``/``get_obj()`` of ``multiprocessing``'s synchronized wrappers.
+
+    The lock is the one given as ``lock=`` when this proxy was made (kept by the proxy and
+    its pickled copies, not by the server), else the RLock named ``"<name>.lock"``.
+    """
+
+    __slots__ = ("_lock",)
+    _raw: ClassVar[type[_SyncProxy]]
+
+    def __init__(
+        self, client: Caller, name: str, kind: str | None = None, lock: Any = None
+    ) -> None:
+        super().__init__(client, name, kind)
+        self._lock = None if lock is True else lock
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        func, args = super().__reduce__()
+        return (_rebuild_locked, (func, args, self._lock))
+
+    def get_lock(self) -> Any:
+        """Return the lock guarding compound updates (``with v.get_lock(): v.value += 1``)."""
+        if self._lock is not None:
+            return self._lock
+        client = self._client
+        if not isinstance(client, SyncMixin):
+            raise TypeError("get_lock() is not available in a batch; call it on the client")
+        return client.rlock(f"{self._name}.lock")
+
+    def get_obj(self) -> Any:
+        """Return the unsynchronized object: a proxy to the same data without ``get_lock``."""
+        return self._raw(self._client, self._name, self._kind)
+
+
+class RawValueProxy(_SyncProxy):
+    """A ``multiprocessing.Value`` made with ``lock=False``: no ``get_lock``/``get_obj``.
 
     Each read or write is atomic on its own; ``v.value += 1`` is two of them, so use
-    :meth:`incr` (one call) or hold :meth:`get_lock` around the two.
+    :meth:`incr` (one call).
     """
 
     __slots__ = ()
@@ -674,6 +734,14 @@ class ValueProxy(_SyncProxy):
 
     @value.setter
     def value(self, value: Any) -> None:
+        self._call("set", [value])
+
+    def get(self) -> Any:
+        """Return the value (as the stdlib manager's ``ValueProxy.get``)."""
+        return self._call("get", [])
+
+    def set(self, value: Any) -> None:
+        """Store ``value`` (as the stdlib manager's ``ValueProxy.set``)."""
         self._call("set", [value])
 
     @property
@@ -694,20 +762,24 @@ class ValueProxy(_SyncProxy):
         """Add ``n`` atomically and return the new value (``incr(n)``)."""
         return self.incr(n)
 
-    def get_lock(self) -> RLockProxy:
-        """Return the RLock named ``"<name>.lock"``, as ``multiprocessing.Value`` has one."""
-        return _lock_for(self)
 
-    def get_obj(self) -> ValueProxy:
-        """Return this proxy (``multiprocessing``'s synchronized wrapper has ``get_obj``)."""
-        return self
+class ValueProxy(_Synchronized, RawValueProxy):
+    """A ``multiprocessing.Value``: ``v.value`` reads and writes, ``v.incr()`` adds atomically.
+
+    Each read or write is atomic on its own; ``v.value += 1`` is two of them, so use
+    :meth:`incr` (one call) or hold :meth:`get_lock` around the two.
+    """
+
+    __slots__ = ()
+    _raw = RawValueProxy
 
 
-class ArrayProxy(_SyncProxy):
-    """A ``multiprocessing.Array``: fixed length, typed items, indexes and slices.
+class RawArrayProxy(_SyncProxy):
+    """A ``multiprocessing.Array`` made with ``lock=False``: no ``get_lock``/``get_obj``.
 
-    An index out of range raises IndexError; a slice assignment of another length raises
-    ValueError; slices of ``c`` and ``u`` arrays are bytes and str, as with ctypes.
+    Fixed length, typed items, indexes and slices. An index out of range raises IndexError; a
+    slice assignment of another length raises ValueError; slices of ``c`` and ``u`` arrays
+    are bytes and str, as with ctypes.
     """
 
     __slots__ = ()
@@ -742,13 +814,16 @@ class ArrayProxy(_SyncProxy):
         """The typecode (``"i"``, ``"d"``, ...)."""
         return str(self._call("typecode", []))
 
-    def get_lock(self) -> RLockProxy:
-        """Return the RLock named ``"<name>.lock"``, as ``multiprocessing.Array`` has one."""
-        return _lock_for(self)
 
-    def get_obj(self) -> ArrayProxy:
-        """Return this proxy (``multiprocessing``'s synchronized wrapper has ``get_obj``)."""
-        return self
+class ArrayProxy(_Synchronized, RawArrayProxy):
+    """A ``multiprocessing.Array``: fixed length, typed items, indexes and slices.
+
+    An index out of range raises IndexError; a slice assignment of another length raises
+    ValueError; slices of ``c`` and ``u`` arrays are bytes and str, as with ctypes.
+    """
+
+    __slots__ = ()
+    _raw = RawArrayProxy
 
 
 for _cls in (
@@ -885,7 +960,19 @@ class SyncMixin:
         self._as_client()._create("barrier", name, parties, timeout)
         return BarrierProxy(self._as_client(), name)
 
-    def value(self, name: str, typecode_or_default: Any, value: Any = None) -> ValueProxy:
+    @overload
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: Literal[False]
+    ) -> RawValueProxy: ...
+
+    @overload
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: object = True
+    ) -> ValueProxy: ...
+
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: Any = True
+    ) -> ValueProxy | RawValueProxy:
         """Return a proxy to the Value called ``name``, creating it if needed.
 
         Args:
@@ -895,26 +982,60 @@ class SyncMixin:
                 type picks one: int ``q``, float ``d``, bool ``?``, 1-byte bytes ``c``
                 (``kv.value("hits", 0)``).
             value: the initial value with a typecode (default zero).
+            lock: as ``multiprocessing.Value`` takes it: True or None (default), a
+                :class:`ValueProxy` whose ``get_lock()`` is the RLock ``"<name>.lock"``; a
+                lock (a kvclient lock proxy), which ``get_lock()`` then returns; False, a
+                :class:`RawValueProxy` without ``get_lock``/``get_obj``. The lock given is
+                kept by the proxy (and copies pickled to child processes), not by the server.
+
+        Returns:
+            A :class:`ValueProxy`, or a :class:`RawValueProxy` for ``lock=False``.
 
         Raises:
             ValueError: an unknown typecode, or an existing Value of an incompatible one.
             TypeError: a value the typecode cannot hold.
+            AttributeError: ``lock`` is not a bool, None or something with ``acquire``.
         """
+        lock = _check_lock_arg(lock)
         args = [typecode_or_default] if value is None else [typecode_or_default, value]
         self._as_client()._create("value", name, *args)
-        return ValueProxy(self._as_client(), name)
+        if lock is False:
+            return RawValueProxy(self._as_client(), name)
+        return ValueProxy(self._as_client(), name, lock=lock)
 
-    def array(self, name: str, typecode: str, size_or_initializer: Any) -> ArrayProxy:
+    @overload
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: Literal[False]
+    ) -> RawArrayProxy: ...
+
+    @overload
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: object = True
+    ) -> ArrayProxy: ...
+
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: Any = True
+    ) -> ArrayProxy | RawArrayProxy:
         """Return a proxy to the Array called ``name``, creating it if needed.
 
         Args:
             name: the array's name.
             typecode: as ``multiprocessing.Array`` takes it (``"i"``, ``"d"``, ``"c"``, ...).
-            size_or_initializer: the length (items start at zero), or the items.
+            size_or_initializer: the length (items start at zero), or the items (any
+                iterable: ``range(10)`` too).
+            lock: as for :meth:`value`: an :class:`ArrayProxy`, or a :class:`RawArrayProxy`
+                for ``lock=False``.
 
         Raises:
             ValueError: an unknown typecode, a negative or too large length, or an existing
                 Array of another typecode or length.
+            AttributeError: ``lock`` is not a bool, None or something with ``acquire``.
         """
-        self._as_client()._create("array", name, typecode, size_or_initializer)
-        return ArrayProxy(self._as_client(), name)
+        lock = _check_lock_arg(lock)
+        items = size_or_initializer
+        if not isinstance(items, int | bytes | str | list | tuple):
+            items = list(items)
+        self._as_client()._create("array", name, typecode, items)
+        if lock is False:
+            return RawArrayProxy(self._as_client(), name)
+        return ArrayProxy(self._as_client(), name, lock=lock)

@@ -26,6 +26,7 @@ from kvclient.codec import check_key
 
 __all__ = [
     "KINDS",
+    "MAX_REPEAT_ITEMS",
     "MAX_TIMEOUT",
     "Container",
     "KVDict",
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 _MISSING: Any = object()
+MAX_REPEAT_ITEMS = 1 << 24
+"""Most items ``l *= n`` may leave in a list (16 Mi)."""
 
 
 class WouldBlock(Exception):
@@ -53,6 +56,10 @@ class WouldBlock(Exception):
         result: the value to answer with on timeout when ``on_timeout`` is None.
         on_expire: called under the container's lock when this wait times out, before the
             answer (a Barrier breaks itself); other parked requests are then retried.
+        in_line: whether this wait holds its place in a ``strict_fifo`` line: a retry that
+            still blocks stops the later ones from being retried. False for a wait that
+            consumes nothing (``Queue.join``), so it never holds up the ``get`` calls that
+            will end it.
     """
 
     def __init__(
@@ -62,12 +69,14 @@ class WouldBlock(Exception):
         *,
         result: Any = None,
         on_expire: Callable[[], None] | None = None,
+        in_line: bool = True,
     ) -> None:
         super().__init__(timeout)
         self.timeout = timeout
         self.on_timeout = on_timeout
         self.result = result
         self.on_expire = on_expire
+        self.in_line = in_line
 
 
 def _uninterned(mapping: dict[Any, Any]) -> dict[Any, Any]:
@@ -218,6 +227,8 @@ class KVDict(Container):
 
     def __init__(self, data: dict[Any, Any] | None = None) -> None:
         super().__init__()
+        if data is not None and type(data) is not dict:
+            raise TypeError(f"a dict's initial contents must be a map, not {type(data).__name__}")
         self.data: dict[Any, Any] = _uninterned(data) if data else {}
 
     def size(self) -> int:
@@ -364,6 +375,7 @@ class KVList(Container):
             "clear",
             "setslice",
             "delslice",
+            "imul",
         }
     )
     exposed = mutating | frozenset(
@@ -372,6 +384,10 @@ class KVList(Container):
 
     def __init__(self, data: list[Any] | None = None) -> None:
         super().__init__()
+        if data is not None and type(data) not in (list, tuple):
+            raise TypeError(
+                f"a list's initial contents must be an array, not {type(data).__name__}"
+            )
         self.data: list[Any] = list(data) if data else []
 
     def size(self) -> int:
@@ -429,6 +445,20 @@ class KVList(Container):
         """Append every item of ``values``."""
         self.data.extend(values)
 
+    def imul(self, n: int) -> None:
+        """Repeat the contents ``n`` times in place (``l *= n``); 0 or less empties it.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            ValueError: the result would hold more than :data:`MAX_REPEAT_ITEMS` items (a
+                few bytes on the wire must not make the server allocate without bound).
+        """
+        if type(n) is not int:
+            raise TypeError(f"can't multiply sequence by non-int of type {type(n).__name__!r}")
+        if n > 1 and len(self.data) * n > MAX_REPEAT_ITEMS:
+            raise ValueError(f"l *= {n} would hold more than {MAX_REPEAT_ITEMS} items")
+        self.data *= n
+
     def insert(self, index: int, value: Any) -> None:
         """Insert ``value`` before ``index``."""
         self.data.insert(_index(index), value)
@@ -481,6 +511,14 @@ class KVNamespace(Container):
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         super().__init__()
+        if data is not None:
+            if type(data) is not dict:
+                raise TypeError(
+                    f"a namespace's initial attributes must be a map, not {type(data).__name__}"
+                )
+            for name in data:
+                if not isinstance(name, str):
+                    raise TypeError(f"attribute name must be str, not {type(name).__name__}")
         self.data: dict[str, Any] = dict(data) if data else {}
 
     def size(self) -> int:
@@ -536,32 +574,44 @@ class KVNamespace(Container):
 
 
 class KVQueue(Container):
-    """A FIFO queue with ``queue.Queue`` semantics; ``maxsize`` is fixed at creation."""
+    """A FIFO queue with ``queue.Queue`` semantics; ``maxsize`` is fixed at creation.
+
+    Every queue is joinable, as ``queue.Queue`` is: each ``put`` adds an unfinished task,
+    ``task_done`` ends one, and ``join`` waits (parked, like ``get``) until none is left.
+
+    State: ``[maxsize, items, unfinished]``.
+    """
 
     kind = "queue"
-    mutating = frozenset({"put", "get", "put_nowait", "get_nowait"})
-    exposed = mutating | frozenset({"qsize", "empty", "full", "maxsize"})
+    mutating = frozenset({"put", "get", "put_nowait", "get_nowait", "task_done"})
+    exposed = mutating | frozenset({"qsize", "empty", "full", "maxsize", "join", "unfinished"})
 
-    def __init__(self, maxsize: int = 0, items: list[Any] | None = None) -> None:
+    def __init__(
+        self, maxsize: int = 0, items: list[Any] | None = None, unfinished: int | None = None
+    ) -> None:
         super().__init__()
         if type(maxsize) is not int:
             raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
         self._maxsize = maxsize
         self.items: collections.deque[Any] = collections.deque(items or ())
+        if unfinished is None:
+            unfinished = len(self.items)
+        if type(unfinished) is not int or unfinished < 0:
+            raise TypeError("unfinished must be an int >= 0")
+        self._unfinished = unfinished
 
     def size(self) -> int:
         """Return the number of queued items."""
         return len(self.items)
 
     def state(self) -> list[Any]:
-        """Return ``[maxsize, items]``."""
-        return [self._maxsize, list(self.items)]
+        """Return ``[maxsize, items, unfinished]``."""
+        return [self._maxsize, list(self.items), self._unfinished]
 
     @classmethod
     def from_state(cls, state: Any) -> KVQueue:
-        """Rebuild from ``[maxsize, items]``."""
-        maxsize, items = state
-        return cls(maxsize, items)
+        """Rebuild from ``[maxsize, items, unfinished]`` (or ``[maxsize, items]`` of old)."""
+        return cls(*state)
 
     def check_args(self, maxsize: int = 0, *args: Any, **kwds: Any) -> None:
         """Refuse to hand out an existing queue as one with another bound."""
@@ -592,6 +642,7 @@ class KVQueue(Container):
                 raise queue.Full
             raise WouldBlock(timeout, queue.Full())
         self.items.append(item)
+        self._unfinished += 1
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Pop the oldest item; when empty, wait (``WouldBlock``) or raise ``queue.Empty``."""
@@ -609,6 +660,35 @@ class KVQueue(Container):
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
         return self.get(block=False)
+
+    def task_done(self) -> None:
+        """End one unfinished task (one ``put`` item fully processed).
+
+        Raises:
+            ValueError: called more times than items were put, as ``queue.Queue`` raises.
+        """
+        if self._unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._unfinished -= 1
+
+    def join(self) -> None:
+        """Return once every item put has had its ``task_done``; until then wait, parked.
+
+        The wait holds no place in the queue's line of parked calls (``in_line=False``): the
+        ``get`` calls parked after it are what will end it.
+        """
+        if self._unfinished:
+            # Never answered by a timeout; the error is the answer in a batch, which never
+            # waits.
+            raise WouldBlock(
+                None,
+                ValueError(f"{self._unfinished} task(s) unfinished; join() cannot wait in a batch"),
+                in_line=False,
+            )
+
+    def unfinished(self) -> int:
+        """Return how many items put have not had their ``task_done`` yet."""
+        return self._unfinished
 
 
 def _check_timeout(timeout: Any) -> None:

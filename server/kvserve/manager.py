@@ -5,9 +5,12 @@ It keeps the stdlib shape (a registry of typeids, ``get_server().serve_forever()
 by :mod:`kvclient.connection`, get-or-create by name, a lock per container, and the
 single-threaded :class:`~kvserve.server.Server` loop.
 
-Because the typeids are registered the stdlib way, a plain ``KVManager(address, authkey)``
-used as a *client* (``m.connect(); d = m.dict("users")``) gets stdlib ``AutoProxy`` objects
-that work against kvserve; :mod:`kvclient` is the faster, safer client for new code.
+It is the *server* side only. The stdlib client path (``m.connect(); m.dict("users")``, which
+hands out ``AutoProxy`` objects) is not offered: those proxies cannot send slices, do not
+support ``with lock:`` and call ``acquire`` without the owner and lease a kvserve lock needs.
+:meth:`KVManager.connect` raises and points to :func:`kvclient.connect`, whose proxies behave
+like the stdlib's (see the README's table of differences). The typeids are registered without
+creation methods for the same reason.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from multiprocessing import ProcessError, managers
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from kvclient.auth import load_authkey
+from kvclient.auth import AuthkeySource, check_server_key, load_authkey
 from kvclient.connection import parse_address
 from kvserve.containers import KINDS
 from kvserve.server import Server
@@ -35,12 +38,15 @@ class KVManager(managers.BaseManager):
 
     Args:
         address: ``(host, port)`` or ``"host:port"``; port 0 picks a free port.
-        authkey: the shared key; default: the documented search order (see
-            :func:`kvclient.auth.load_authkey`), creating the default file if needed.
+        authkey: the shared key, at least 16 bytes; default: the documented search order
+            (see :func:`kvclient.auth.load_authkey`), creating the default file if needed.
         serializer: must be ``"msgpack"``.
         ctx: multiprocessing context for :meth:`start`.
         **server_options: passed to :class:`~kvserve.server.Server` by :meth:`get_server`
             (``max_frame``, ``handshake_timeout``, ...).
+
+    Raises:
+        AuthError: the key is shorter than 16 bytes (or its file is readable by others).
     """
 
     _Server = Server
@@ -60,11 +66,28 @@ class KVManager(managers.BaseManager):
         shutdown_timeout: float = 1.0,
         **server_options: Any,
     ) -> None:
-        if authkey is None:
-            authkey = load_authkey(create=True).key
+        source = (
+            load_authkey(create=True)
+            if authkey is None
+            else AuthkeySource(bytes(authkey), "argument")
+        )
+        # The same rule as the kvserve command: a short key is refused before anything runs.
+        check_server_key(source)
+        authkey = source.key
         parsed = parse_address(address if address is not None else ("127.0.0.1", 0))
         super().__init__(parsed, authkey, serializer, ctx, shutdown_timeout=shutdown_timeout)
         self._server_options = server_options
+
+    def connect(self) -> None:
+        """Refuse: KVManager is the server side. Use :func:`kvclient.connect` as a client.
+
+        Raises:
+            NotImplementedError: always, naming the replacement.
+        """
+        raise NotImplementedError(
+            "KVManager.connect() is not supported: KVManager is the server side; connect "
+            "with kvclient.connect(address, authkey), whose proxies behave like the stdlib's"
+        )
 
     def get_server(self) -> Server:  # type: ignore[override]
         """Return a bound :class:`Server`; call ``serve_forever()`` on it."""
@@ -80,4 +103,7 @@ class KVManager(managers.BaseManager):
 
 
 for _kind, _cls in {**KINDS, **SYNC_KINDS}.items():
-    KVManager.register(_kind, callable=_cls, exposed=tuple(sorted(_cls.exposed)))
+    # create_method=False: no m.dict(...) client methods (see the module docstring).
+    KVManager.register(
+        _kind, callable=_cls, exposed=tuple(sorted(_cls.exposed)), create_method=False
+    )

@@ -1299,8 +1299,8 @@ class Server:
                 else:
                     try:
                         result = self._call(waiter.message, waiter.rid, waiter.conn)
-                    except WouldBlock:
-                        if strict:
+                    except WouldBlock as again:
+                        if strict and again.in_line:
                             break
                         continue
                     except Exception as exc:

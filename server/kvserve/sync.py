@@ -175,8 +175,9 @@ class _Leased(Container):
             self._holds[hold.owner] = hold
         # Advisory (status only), never saved: wait_id -> [owner, lease, deadline].
         self._waiting: dict[bytes, list[Any]] = {}
-        # Owners whose holds expired, so release() can say why it fails. Never saved.
-        self._lost: dict[bytes, None] = {}
+        # Owners whose holds expired or were released by another owner, so release() can
+        # say why it fails: owner -> "expired" | "released". Never saved.
+        self._lost: dict[bytes, str] = {}
 
     # -- tokens and holds ---------------------------------------------------------------
 
@@ -266,15 +267,21 @@ class _Leased(Container):
     def _drop_hold(self, hold: _Hold) -> None:
         """Give back what an expired hold held (a Semaphore returns its slots)."""
 
-    def _mark_lost(self, owner: bytes) -> None:
+    def _mark_lost(self, owner: bytes, why: str = "expired") -> None:
         self._lost.pop(owner, None)
-        self._lost[owner] = None
+        self._lost[owner] = why
         if len(self._lost) > _LOST_MAX:
             del self._lost[next(iter(self._lost))]
 
     def _not_held(self, owner: bytes, what: str) -> RuntimeError:
         what = what.replace("_", " ")
-        if owner in self._lost:
+        why = self._lost.get(owner)
+        if why == "released":
+            return RuntimeError(
+                f"cannot release {what}: another client released what this client held "
+                "(as threading lets any thread release a Lock); it is not held by this client"
+            )
+        if why is not None:
             return RuntimeError(
                 f"cannot release {what}: this client's lease on it expired, and the server "
                 "released it (the client stalled or lost its connection for longer than the "
@@ -391,7 +398,14 @@ class _Leased(Container):
 
 
 class KVLock(_Leased):
-    """A ``threading.Lock`` with leases and fencing tokens; any thread of its owner may release.
+    """A ``threading.Lock`` with leases and fencing tokens.
+
+    As with ``threading.Lock`` and the stdlib manager's Lock, any owner may release it: a
+    release by another owner ends the holder's hold and wakes the next waiter (the holder's
+    own later ``release`` then raises ``RuntimeError``). The one exception keeps fencing
+    meaningful: an owner whose lease expired gets ``RuntimeError`` instead, so a holder that
+    stalled past its lease cannot release its successor's hold. An RLock is released by its
+    owner only, as ``threading.RLock`` is.
 
     State: ``[last_token, holds]``.
     """
@@ -433,12 +447,23 @@ class KVLock(_Leased):
         return self._take(owner, blocking, timeout, lease, wait_id, reentrant=self.reentrant)
 
     def release(self, owner: bytes) -> int:
-        """Release one level of ``owner``'s hold; return the levels it still holds.
+        """Release one level of ``owner``'s hold, or (a Lock) another owner's hold.
+
+        Returns:
+            The levels ``owner`` still holds (0 after releasing another owner's hold).
 
         Raises:
-            RuntimeError: ``owner`` does not hold it (never did, or its lease expired).
+            RuntimeError: the lock is not held; or ``owner``'s own lease on it expired; or
+                (an RLock) ``owner`` does not hold it.
         """
-        return self._release_level(owner, self.kind)
+        _check_owner(owner)
+        self._prune(time.monotonic())
+        if self.reentrant or owner in self._holds or owner in self._lost or not self._holds:
+            return self._release_level(owner, self.kind)
+        holder = next(iter(self._holds))
+        del self._holds[holder]
+        self._mark_lost(holder, "released")
+        return 0
 
 
 class KVRLock(KVLock):
@@ -454,8 +479,10 @@ class KVSemaphore(_Leased):
     A slot taken by ``acquire`` comes back when its owner releases it or its lease runs out.
     ``release`` by an owner holding no slot adds one, as ``threading.Semaphore.release`` does
     (a Semaphore(0) used as a gate); :class:`KVBoundedSemaphore` refuses to go above its
-    initial value. An owner whose slots expired gets ``RuntimeError`` instead, so a stalled
-    holder cannot add capacity by releasing late.
+    initial value, and a release it accepts from an owner holding fewer slots than it gives
+    back returns the oldest other holders' slots (a child that took a slot and exited is
+    released by its parent, as with ``threading``). An owner whose slots expired gets
+    ``RuntimeError`` instead, so a stalled holder cannot add capacity by releasing late.
 
     State: ``[value, free, last_token, holds]``.
     """
@@ -544,17 +571,31 @@ class KVSemaphore(_Leased):
         if held == 0 and owner in self._lost:
             raise self._not_held(owner, f"{self.kind} slot")
         returned = min(n, held)
-        if self.bounded:
-            still_held = self.size() - returned
-            if self._free + n + still_held > self._initial:
-                raise ValueError("Semaphore released too many times")
+        # As threading.BoundedSemaphore checks: free slots plus those given back. Slots held
+        # by others count as given back, not as still held: a dead holder's slot must not
+        # make a legitimate release fail.
+        if self.bounded and self._free + n > self._initial:
+            raise ValueError("Semaphore released too many times")
         if hold is not None:
-            del hold.tokens[len(hold.tokens) - returned :]
-            hold.count -= returned
-            if hold.count == 0:
-                del self._holds[owner]
+            self._take_slots(hold, returned)
+        if self.bounded:
+            for other in sorted(self._holds.values(), key=lambda h: h.since):
+                if returned == n:
+                    break
+                taken = min(n - returned, other.count)
+                self._take_slots(other, taken)
+                returned += taken
+                if other.owner not in self._holds:
+                    self._mark_lost(other.owner, "released")
         self._free += n
-        return held - returned
+        return held - min(n, held)
+
+    def _take_slots(self, hold: _Hold, count: int) -> None:
+        """Remove ``count`` of ``hold``'s slots (its newest first), and the hold if it is empty."""
+        del hold.tokens[len(hold.tokens) - count :]
+        hold.count -= count
+        if hold.count == 0:
+            del self._holds[hold.owner]
 
 
 class KVBoundedSemaphore(KVSemaphore):

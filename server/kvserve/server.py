@@ -1367,12 +1367,7 @@ def _encode_value(codec: Codec, value: Any, out: list[bytes], budget: list[int])
                 for item in piece:
                     yield from _encode_item(codec, item, out, budget)
             else:
-                encoded = codec.pack(piece)
-                out.append(encoded[len(_HEADER_PACKER.pack_array_header(len(piece))) :])
-                budget[0] -= len(piece)
-                if budget[0] <= 0:
-                    budget[0] = _SLICE_ITEMS
-                    yield
+                yield from _encode_run(codec, piece, _HEADER_PACKER.pack_array_header, out, budget)
     elif type(value) is dict:
         out.append(_HEADER_PACKER.pack_map_header(len(value)))
         items = iter(value.items())
@@ -1382,14 +1377,27 @@ def _encode_value(codec: Codec, value: Any, out: list[bytes], budget: list[int])
                     out.append(codec.pack(key))
                     yield from _encode_item(codec, item, out, budget)
             else:
-                encoded = codec.pack(piece_map)
-                out.append(encoded[len(_HEADER_PACKER.pack_map_header(len(piece_map))) :])
-                budget[0] -= len(piece_map)
-                if budget[0] <= 0:
-                    budget[0] = _SLICE_ITEMS
-                    yield
+                yield from _encode_run(
+                    codec, piece_map, _HEADER_PACKER.pack_map_header, out, budget
+                )
     else:
         out.append(codec.pack(value))
+
+
+def _encode_run(
+    codec: Codec,
+    run: list[Any] | dict[Any, Any],
+    header: Callable[[int], bytes],
+    out: list[bytes],
+    budget: list[int],
+) -> Iterator[None]:
+    """Pack a run of plain items in one C call, without the header of the run itself."""
+    encoded = codec.pack(run)
+    out.append(encoded[len(header(len(run))) :])
+    budget[0] -= len(run)
+    if budget[0] <= 0:
+        budget[0] = _SLICE_ITEMS
+        yield
 
 
 def _encode_item(codec: Codec, item: Any, out: list[bytes], budget: list[int]) -> Iterator[None]:

@@ -718,3 +718,16 @@ def test_long_replies_are_encoded_in_slices_exactly(target: Target) -> None:
         assert states["plain"] == plain and states["mixed"] == mixed and states["rows"] == rows
         assert states["precious"] == target.seeded
     target.assert_serving()
+
+
+def test_long_replies_above_the_request_limit_reach_the_client(target: Target) -> None:
+    """copy() of a container larger than --max-frame (64 MiB) used to raise ProtocolError."""
+    value = b"v" * 100_000
+    with target.client() as kv:
+        d = kv.dict("huge")
+        for start in range(0, 700, 50):
+            d.set_many({f"k{i}": value for i in range(start, start + 50)})
+        copied = d.copy()
+        assert len(copied) == 700 and copied["k699"] == value
+        assert len(kv.dump()["containers"]) == 2
+    target.assert_serving()

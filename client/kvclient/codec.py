@@ -12,8 +12,9 @@ Every message, in both directions, is one frame::
     +----------------+---------------------------+
 
 The length excludes the 4 header bytes. A receiver refuses a length above its limit (the
-server's ``--max-frame``, default 64 MiB; 256 bytes before authentication) *before*
-allocating anything, and closes the connection.
+server's ``--max-frame``, default 64 MiB; 256 bytes before authentication; a client accepts
+replies of up to 1 GiB, ``MAX_REPLY_FRAME``) *before* allocating anything, and closes the
+connection.
 
 Handshake (raw bytes, not msgpack; HMAC-SHA256 both ways, ``K`` = authkey)
 ----------------------------------------------------------------------------
@@ -118,6 +119,7 @@ __all__ = [
     "MAX_EXT_DEPTH",
     "MAX_FRAME_DEFAULT",
     "MAX_HANDSHAKE_FRAME",
+    "MAX_REPLY_FRAME",
     "NONCE_SIZE",
     "STORED_DEPTH",
     "VERSION",
@@ -133,6 +135,9 @@ __all__ = [
 WIRE_VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
 MAX_FRAME_DEFAULT: Final = 64 * 1024 * 1024
+# Replies are the client's own data (copy() of a big dict, a dump): it accepts much larger
+# frames than the server accepts requests, and still refuses a server claiming gigabytes.
+MAX_REPLY_FRAME: Final = 1024 * 1024 * 1024
 MAX_HANDSHAKE_FRAME: Final = 256
 NONCE_SIZE: Final = 32
 HELLO: Final = b"#KV-HELLO#"

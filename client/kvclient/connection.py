@@ -24,8 +24,8 @@ from kvclient.codec import (
     HEADER,
     HELLO,
     MAX_DEPTH,
-    MAX_FRAME_DEFAULT,
     MAX_HANDSHAKE_FRAME,
+    MAX_REPLY_FRAME,
     Codec,
     Ref,
 )
@@ -155,7 +155,7 @@ class Connection:
         *,
         make_ref: Callable[[Ref], Any] | None = None,
         to_ref: Callable[[Any], Ref | None] | None = None,
-        max_frame: int = MAX_FRAME_DEFAULT,
+        max_frame: int = MAX_REPLY_FRAME,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._sock: socket.socket | None = None

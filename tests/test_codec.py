@@ -190,3 +190,78 @@ def test_deeply_nested_tuples_refuse_to_encode_cleanly() -> None:
         value = (value,)
     with pytest.raises(TypeError, match="nested too deeply"):
         Codec().pack(value)
+
+
+# What the server accepts it can always write back: a value decoded from any bytes either
+# raises ProtocolError or encodes again (the segfault of issue 12 was a decodable value that
+# could not be re-encoded). Structured messages reach the ext and nesting paths that random
+# bytes rarely do.
+_wire = st.recursive(
+    st.none()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.binary(max_size=8)
+    | st.text(max_size=8)
+    | st.builds(
+        lambda n: msgpack.ExtType(4, n.to_bytes(16, "big", signed=True)),
+        st.integers(min_value=-(2**120), max_value=2**120),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=4).map(
+            lambda items: msgpack.ExtType(EXT_TUPLE, msgpack.packb(items, use_bin_type=True))
+        )
+        | st.dictionaries(st.integers() | st.text(max_size=4), inner, max_size=4).map(
+            lambda d: {
+                (
+                    msgpack.ExtType(4, k.to_bytes(16, "big", signed=True))
+                    if isinstance(k, int) and not -(2**63) <= k < 2**64
+                    else k
+                ): v
+                for k, v in d.items()
+            }
+        )
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=64), _wire.map(lambda v: msgpack.packb(v, use_bin_type=True))))
+def test_anything_the_server_decodes_it_can_encode_again(data: bytes) -> None:
+    from kvclient.codec import MAX_DEPTH
+
+    try:
+        value = Codec(decode_depth=MAX_DEPTH).unpack(data)
+    except ProtocolError:
+        return
+    encoded = Codec().pack(value)  # must not raise (nor crash)
+    assert Codec().pack(Codec().unpack(encoded)) == encoded  # and is stable (nan-safe)
+
+
+def test_nesting_at_the_limit_round_trips_and_one_more_is_refused() -> None:
+    from kvclient.codec import MAX_DEPTH
+
+    deepest: Any = None
+    for index in range(MAX_DEPTH):
+        deepest = [deepest] if index % 2 else (deepest,)  # lists and tuple exts alike
+    client = Codec(encode_depth=MAX_DEPTH)
+    server = Codec(decode_depth=MAX_DEPTH)
+    assert _same(server.unpack(client.pack(deepest)), deepest)
+    with pytest.raises(TypeError, match="nested deeper"):
+        client.pack([deepest])
+    with pytest.raises(ProtocolError, match="nested deeper"):
+        server.unpack(Codec().pack([deepest]))
+
+
+def test_bigint_keys_are_refused_both_ways() -> None:
+    big = 2**70
+    with pytest.raises(TypeError, match="64 bits"):
+        Codec().pack({big: 1})
+    with pytest.raises(TypeError, match="64 bits"):
+        Codec().pack([{(1, (big,)): 1}])
+    raw = msgpack.packb(
+        {msgpack.ExtType(4, big.to_bytes(16, "big", signed=True)): 1}, use_bin_type=True
+    )
+    with pytest.raises(ProtocolError, match="64 bits"):
+        Codec().unpack(raw)
+    assert Codec().unpack(Codec().pack({"k": big})) == {"k": big}  # fine as a value

@@ -5,9 +5,11 @@ thread, as stdlib proxies do). Every socket error is translated here, through
 :func:`kvclient.errors.translate_os_error`, and any failure or interrupt in the middle of a call
 closes the connection: a late reply can then never be read as the answer to a later call.
 
-This module also registers the ``"msgpack"`` serializer with ``multiprocessing.managers``
-(``listener_client["msgpack"]``), so a stdlib ``BaseManager(serializer="msgpack")`` can talk to
-kvserve over the same wire.
+:func:`register_stdlib_serializer` registers the ``"msgpack"`` serializer with
+``multiprocessing.managers`` (``listener_client["msgpack"]``), so a stdlib
+``BaseManager(serializer="msgpack")`` can talk to kvserve over the same wire; ``KVManager``
+calls it. It is an explicit call, not an import side effect: ``multiprocessing.managers`` costs
+about 40 ms to import, which every ``kvctl`` call would otherwise pay.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from multiprocessing import managers
 from typing import Any, Final
 
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
@@ -36,6 +37,7 @@ __all__ = [
     "Connection",
     "format_address",
     "parse_address",
+    "register_stdlib_serializer",
     "tune_socket",
 ]
 
@@ -409,4 +411,8 @@ class _StdlibListener:
         raise KVError("serve kvmanager with kvserve.KVManager, not the stdlib Server")
 
 
-managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[attr-defined]
+def register_stdlib_serializer() -> None:
+    """Register ``"msgpack"`` in ``multiprocessing.managers.listener_client`` (idempotent)."""
+    from multiprocessing import managers  # noqa: PLC0415 - 40 ms; only stdlib-manager users pay
+
+    managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from kvclient.auth import load_authkey
-from kvclient.connection import parse_address
+from kvclient.connection import parse_address, register_stdlib_serializer
 from kvserve.containers import KINDS
 from kvserve.server import Server
 from kvserve.sync import SYNC_KINDS
@@ -60,6 +60,7 @@ class KVManager(managers.BaseManager):
         shutdown_timeout: float = 1.0,
         **server_options: Any,
     ) -> None:
+        register_stdlib_serializer()  # BaseManager.__init__ looks the serializer up
         if authkey is None:
             authkey = load_authkey(create=True).key
         parsed = parse_address(address if address is not None else ("127.0.0.1", 0))

@@ -1140,3 +1140,120 @@ def test_tls_options_reach_the_server(authkey: bytes, tmp_path: Path) -> None:
         srv.stop()
         srv.wait_stopped(10)
         thread.join(10)
+
+
+# -- addresses and URLs, options after the command -------------------------------------------
+
+
+def test_connection_options_after_the_command(
+    address: str, authkey: bytes, kv: kvclient.Client
+) -> None:
+    env: dict[str, str | None] = {"KV_AUTHKEY": authkey.decode()}
+    kv.dict("default")["k"] = "v"
+    ok(invoke(["get", "k", "-a", address], env), "v\n")
+    ok(invoke(["get", "k", f"--address={address}", "--timeout", "5"], env), "v\n")
+    ok(invoke(["list", "push", "jobs", "x", "--address", address], env))
+    # Later wins, as for any option given twice.
+    ok(invoke(["-a", "127.0.0.1:1", "get", "k", "-a", address], env), "v\n")
+    # After --, nothing is an option: these are values.
+    ok(invoke(["-a", address, "list", "push", "jobs", "--", "-a", "127.0.0.1:1"], env))
+    assert kv.list("jobs").copy() == ["x", "-a", "127.0.0.1:1"]
+
+
+def test_an_option_the_command_has_itself_stays_the_commands(
+    address: str, authkey: bytes, kv: kvclient.Client
+) -> None:
+    env: dict[str, str | None] = {"KV_AUTHKEY": authkey.decode()}
+    # queue get's --timeout is the wait, not the connection timeout: it must give up in 0.2 s.
+    started = time.monotonic()
+    result = invoke(["queue", "get", "jobs", "--timeout", "0.2", "-a", address], env)
+    assert time.monotonic() - started < 5
+    fails(result, EXIT_NOT_FOUND, "queue.Empty: no item came into queue 'jobs' within 0.2 s\n")
+
+
+def test_url_addresses(address: str, authkey: bytes, tmp_path: Path, kv: kvclient.Client) -> None:
+    kv.dict("default")["k"] = "v"
+    home = tmp_path / "home"
+    (home / ".config" / "kvmanager").mkdir(parents=True)
+    (home / ".config" / "kvmanager" / "prod.key").write_bytes(authkey)
+    (tmp_path / "k.key").write_bytes(authkey)
+    env: dict[str, str | None] = {"HOME": str(home)}
+    ok(invoke(["get", "k", "-a", f"kv://prod@{address}"], env), "v\n")
+    ok(invoke(["get", "k", "-a", f"kv://{tmp_path}/k.key@{address}"], env), "v\n")
+    ok(invoke(["get", "k"], {**env, "KV_ADDRESS": f"kv://prod@{address}"}), "v\n")
+    ok(invoke(["get", "k", "-a", f"kv://{address}/"], {"KV_AUTHKEY": authkey.decode()}), "v\n")
+    missing = invoke(["get", "k", "-a", f"kv://nope@{address}"], env)
+    assert missing.exit_code == EXIT_ERROR
+    assert missing.stderr.startswith("AuthError: authkey file ")
+    assert "nope.key does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("kv://db1:5/path", "no path, query or fragment"),
+        ("db1:port", "port must be a number"),
+        ("http://db1", "unknown scheme 'http://'"),
+        ("kv://u:secret@db1", "never carries a key or password"),
+    ],
+)
+def test_malformed_address_is_a_usage_error_naming_the_forms(text: str, why: str) -> None:
+    cases: list[tuple[list[str], dict[str, str | None]]] = [
+        (["get", "k", "-a", text], {}),
+        (["get", "k"], {"KV_ADDRESS": text}),
+    ]
+    for args, env in cases:
+        result = invoke(args, env)
+        assert result.exit_code == EXIT_USAGE
+        assert result.stdout == ""
+        assert why in result.stderr
+        # What to write instead: every form, or for a bad userinfo the kv:// forms with a key.
+        assert "kv://[KEY@]HOST:PORT or kvs://" in result.stderr or (
+            "write kv://NAME@HOST:PORT" in result.stderr
+        )
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss", "redis-cluster"])
+def test_cluster_urls_are_refused_as_not_supported_yet(scheme: str) -> None:
+    result = invoke(["ping", "-a", f"{scheme}://127.0.0.1:6379"])
+    assert result.exit_code == EXIT_USAGE
+    assert f"{scheme}:// addresses are for the Valkey/Redis Cluster backend, which is not " in (
+        result.stderr.replace("\n", " ")
+    )
+
+
+def test_url_key_and_authkey_file_together_is_a_usage_error(address: str, tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(b"0123456789abcdef")
+    result = invoke(["-a", f"kv://prod@{address}", "--authkey-file", str(key), "ping"])
+    assert result.exit_code == EXIT_USAGE
+    assert "give one of them" in result.stderr
+
+
+def test_kvs_url_uses_tls(authkey: bytes, tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    from kvclient.tls import server_context
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    srv = KVManager(
+        ("127.0.0.1", 0), authkey=authkey, tls=server_context(tmp_path / "server.pem")
+    ).get_server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    env: dict[str, str | None] = {"KV_AUTHKEY": authkey.decode(), "HOME": str(tmp_path / "h")}
+    try:
+        ca_opt = ["--tls-ca", str(tmp_path / "ca.pem")]
+        ok(invoke(["set", "k", "v", "-a", f"kvs://{srv.endpoint}", *ca_opt], env))
+        tls_env = {**env, "KV_TLS_CA": ca_opt[1]}
+        ok(invoke(["get", "k", "-a", f"kvs://{srv.endpoint}"], tls_env), "v\n")
+        # kv:// to the same TLS server, no CA given: plain TCP, refused.
+        plain = invoke(["--timeout", "3", "get", "k", "-a", f"kv://{srv.endpoint}"], env)
+        assert plain.exit_code == EXIT_ERROR
+    finally:
+        srv.stop()
+        srv.wait_stopped(10)
+        thread.join(10)

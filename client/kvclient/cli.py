@@ -43,11 +43,13 @@ from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 import kvclient
+from kvclient._address import FORMS, AddressError, Target, parse_target
 from kvclient.auth import load_authkey
 from kvclient.codec import Codec, Ref
-from kvclient.connection import DEFAULT_ADDRESS, parse_address
+from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.errors import KindError, NoSuchContainerError
 from kvclient.proxies import make_proxy, to_ref
 from kvclient.sync import ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
@@ -93,7 +95,7 @@ _EPILOG = (
         "kvctl incr -d hits home            # atomic; prints the new value",
         "kvctl list push jobs build test",
         "kvctl queue get jobs --timeout 5   # wait up to 5 s for an item",
-        "kvctl -a 10.0.0.5:50000 names      # connection options go before the command",
+        "kvctl names -a kv://10.0.0.5:50000 # connection options go anywhere before --",
     )
     + """
 
@@ -117,7 +119,74 @@ Errors print one line to stderr, "ErrorName: message", never a traceback.
 """
 )
 
+
+def _option_names(command: Any) -> tuple[set[str], set[str]]:
+    """Return every option name of a click command, and the names of those taking a value."""
+    names: set[str] = set()
+    valued: set[str] = set()
+    for param in command.params:
+        if getattr(param, "param_type_name", "") == "option":
+            names.update(param.opts, param.secondary_opts)
+            if not param.is_flag:
+                valued.update(param.opts)
+    return names, valued
+
+
+def _hoist_global_options(group: TyperGroup, ctx: Any, args: list[str]) -> list[str]:
+    """Return ``args`` with the main command's options that follow the command moved before it.
+
+    So ``kvctl get k -a host:1`` reads as ``kvctl -a host:1 get k``, as etcdctl allows. An
+    option the command has itself keeps its meaning there (``queue get --timeout`` is the wait,
+    ``--json`` is the command's), and nothing after ``--`` moves. Rejected: declaring the
+    connection options on every command, 40 commands times 8 options to keep in step.
+    """
+    global_names, global_valued = _option_names(group)
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] not in ("-", "--"):
+        i += 2 if args[i] in global_valued else 1
+    lead_end = i
+    command: Any = group
+    while i < len(args) and isinstance(command, TyperGroup):
+        command = command.get_command(ctx, args[i])
+        if command is None:
+            return args  # an unknown command: let click say so
+        i += 1
+    if command is group:
+        return args
+    own_names, own_valued = _option_names(command)
+    hoisted: list[str] = []
+    rest: list[str] = []
+    j = i
+    while j < len(args):
+        arg = args[j]
+        if arg == "--":
+            rest += args[j:]
+            break
+        name = arg.partition("=")[0] if arg.startswith("--") else arg
+        takes_value = "=" not in arg and j + 1 < len(args)
+        if name in global_names and name not in own_names:
+            hoisted.append(arg)
+            if takes_value and name in global_valued:
+                j += 1
+                hoisted.append(args[j])
+        else:
+            rest.append(arg)
+            if takes_value and name in own_valued:
+                j += 1
+                rest.append(args[j])
+        j += 1
+    return [*args[:lead_end], *hoisted, *args[lead_end:i], *rest]
+
+
+class _KvctlGroup(TyperGroup):
+    """The main command: connection options are accepted after the command too."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist_global_options(self, ctx, args))
+
+
 app = typer.Typer(
+    cls=_KvctlGroup,
     name="kvctl",
     help="Read and write a kvserve server's dicts, lists, queues and namespaces from the shell.",
     epilog=_EPILOG,
@@ -255,9 +324,9 @@ def _positive_seconds(text: str) -> float:
 
 def _check_address(value: str) -> str:
     try:
-        parse_address(value)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{exc}; write HOST:PORT, e.g. 127.0.0.1:50000") from None
+        parse_target(value)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return value
 
 
@@ -307,12 +376,14 @@ class _Session:
     def client(self) -> kvclient.Client:
         """The connected client; connects on first use."""
         if self._client is None:
-            key = load_authkey(authkey_file=self.settings.authkey_file).key
+            target = _target(self.settings)
+            key = load_authkey(authkey_file=self.settings.authkey_file or target.key_file).key
             self._client = kvclient.connect(
-                self.settings.address,
+                (target.host, target.port),
                 key,
                 self.settings.timeout,
                 call_timeout=self.settings.timeout,
+                tls=target.tls,
                 ca=self.settings.tls_ca,
                 cert=self.settings.tls_cert,
                 key=self.settings.tls_key,
@@ -379,6 +450,11 @@ class _Session:
         else:
             for value in values:
                 typer.echo(_plain(value))
+
+
+def _target(settings: _Settings) -> Target:
+    """Return where ``settings`` point; :func:`main` checked the address already."""
+    return parse_target(settings.address)
 
 
 def _settings(ctx: typer.Context) -> _Settings:
@@ -462,10 +538,11 @@ def main(
         typer.Option(
             "--address",
             "-a",
-            metavar="HOST:PORT",
+            metavar="ADDRESS",
             envvar="KV_ADDRESS",
             callback=_check_address,
-            help="The kvserve server to talk to.",
+            help=f"The kvserve server to talk to: {FORMS} (TLS; KEY names the authkey file "
+            "~/.config/kvmanager/KEY.key, or is a path).",
         ),
     ] = DEFAULT_ADDRESS,
     authkey_file: Annotated[
@@ -525,6 +602,12 @@ def main(
     ] = False,
 ) -> None:
     """Read and write a kvserve server's dicts, lists, queues and namespaces from the shell."""
+    if authkey_file is not None and parse_target(address).key_file is not None:
+        raise typer.BadParameter(
+            "the address names an authkey file (KEY@) and --authkey-file names one too; "
+            "give one of them",
+            param_hint="'--authkey-file'",
+        )
     ctx.obj = _Settings(address, authkey_file, timeout, as_json, tls_ca, tls_cert, tls_key)
 
 

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
+from kvclient._address import DEFAULT_PORT, AddressError, parse_target
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
 from kvclient.codec import HEADER, HELLO, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
 from kvclient.errors import (
@@ -41,40 +42,28 @@ __all__ = [
     "tune_socket",
 ]
 
-DEFAULT_PORT: Final = 50000
 DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
 _RECV_CHUNK: Final = 64 * 1024
 _CONCAT_LIMIT: Final = 64 * 1024
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    """Parse ``"host:port"``, ``"[v6]:port"``, ``"host"`` or a ``(host, port)`` tuple.
+    """Parse ``"host:port"``, ``"[v6]:port"``, ``"host"``, ``kv://host:port`` or a tuple.
+
+    The forms are those of :mod:`kvclient._address`; a URL that asks for TLS (``kvs://``) or
+    names a key file is for :func:`kvclient.connect`, which applies both.
 
     Raises:
-        ValueError: the port is not a number in 0..65535.
+        ValueError: the address is malformed (the message lists the accepted forms), or is a
+            URL carrying TLS or a key file.
     """
-    if isinstance(address, tuple):
-        host, port = address
-        return str(host), int(port)
-    text = address.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if not sep:
-            raise ValueError(f"invalid address {address!r}: missing ']'")
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    elif ":" in text:  # a bare IPv6 address
-        host, port_text = text, ""
-    else:
-        host, port_text = text, ""
-    try:
-        port = int(port_text) if port_text else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"invalid address {address!r}: port must be a number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"invalid address {address!r}: port out of range")
-    return host or "127.0.0.1", port
+    target = parse_target(address)
+    if target.tls or target.key_file is not None:
+        raise AddressError(
+            f"{address!r} asks for TLS or names a key file; pass it to kvclient.connect(), "
+            "which applies them"
+        )
+    return target.host, target.port
 
 
 def tune_socket(sock: socket.socket) -> None:

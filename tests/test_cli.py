@@ -174,16 +174,30 @@ def test_dict_option_picks_the_dict(kvctl: Kvctl, kv: kvclient.Client) -> None:
 
 
 def test_del_prints_how_many_existed(kvctl: Kvctl, kv: kvclient.Client) -> None:
-    kv.dict("default").update(a=1, b=2, c=3)
+    kv.dict("default").update(a=1, b=2, c=3, d=4)
     ok(kvctl("del", "a", "b"), "2\n")
+    # Some missing: still a success, the count says how many there were.
+    ok(kvctl("del", "c", "x", "y"), "1\n")
     fails(
-        kvctl("del", "c", "x", "y"),
+        kvctl("del", "x", "y"),
+        EXIT_NOT_FOUND,
+        "KeyError: none of the 2 keys were in dict 'default'\n",
+        stdout="0\n",
+    )
+    fails(kvctl("del", "c"), EXIT_NOT_FOUND, "KeyError: no key 'c' in dict 'default'\n", "0\n")
+    assert kv.dict("default").copy() == {"d": 4}
+
+
+def test_del_strict_fails_if_any_key_was_missing(kvctl: Kvctl, kv: kvclient.Client) -> None:
+    kv.dict("default").update(a=1, b=2)
+    fails(
+        kvctl("del", "--strict", "a", "x", "y"),
         EXIT_NOT_FOUND,
         "KeyError: 2 of 3 keys were not in dict 'default'\n",
         stdout="1\n",
     )
-    fails(kvctl("del", "c"), EXIT_NOT_FOUND, "KeyError: no key 'c' in dict 'default'\n", "0\n")
-    assert kv.dict("default").copy() == {}
+    assert kv.dict("default").copy() == {"b": 2}  # the ones there are deleted all the same
+    ok(kvctl("del", "b", "--strict"), "1\n")
 
 
 def test_keys_with_and_without_a_glob(kvctl: Kvctl, kv: kvclient.Client) -> None:
@@ -426,12 +440,23 @@ def test_queue_commands(kvctl: Kvctl, kv: kvclient.Client) -> None:
     assert kv.queue("jobs").qsize() == 0
 
 
-def test_queue_get_on_an_empty_queue_exits_1(kvctl: Kvctl) -> None:
+def test_queue_get_on_an_empty_queue_exits_1(kvctl: Kvctl, kv: kvclient.Client) -> None:
     fails(
         kvctl("queue", "get", "jobs", "--no-wait"),
         EXIT_NOT_FOUND,
         "queue.Empty: queue 'jobs' is empty\n",
     )
+    assert "jobs" not in kv.names()  # --no-wait on a missing queue creates nothing
+    kv.queue("jobs")
+    fails(
+        kvctl("queue", "get", "jobs", "--no-wait"),
+        EXIT_NOT_FOUND,
+        "queue.Empty: queue 'jobs' is empty\n",
+    )
+    kv.dict("notaqueue")["k"] = 1
+    result = kvctl("queue", "get", "notaqueue", "--no-wait")
+    assert result.exit_code == EXIT_ERROR
+    assert result.stderr.startswith("KindError: 'notaqueue' is a dict, not a queue")
     started = time.monotonic()
     fails(
         kvctl("queue", "get", "jobs", "--timeout", "0.3"),
@@ -1257,3 +1282,82 @@ def test_kvs_url_uses_tls(authkey: bytes, tmp_path: Path) -> None:
         srv.stop()
         srv.wait_stopped(10)
         thread.join(10)
+
+
+# -- values from stdin -------------------------------------------------------------------------
+
+
+def stdin_kvctl(kvctl_args: list[str], data: bytes, address: str, authkey: bytes) -> Result:
+    return invoke(["-a", address, *kvctl_args], {"KV_AUTHKEY": authkey.decode()}, input=data)
+
+
+def test_set_dash_reads_stdin_whole(address: str, authkey: bytes, kv: kvclient.Client) -> None:
+    text = "line one\nline two ü\n"
+    ok(stdin_kvctl(["set", "notes", "-"], text.encode(), address, authkey))
+    assert kv.dict("default")["notes"] == text  # unchanged, trailing newline kept
+    ok(stdin_kvctl(["set", "--json", "cfg", "-"], b'{"rps": 5, "on": true}\n', address, authkey))
+    assert kv.dict("default")["cfg"] == {"rps": 5, "on": True}
+    ok(stdin_kvctl(["set", "--json", "dash", '"-"'], b"ignored", address, authkey))
+    assert kv.dict("default")["dash"] == "-"  # how to store the str "-" itself
+
+
+def test_set_bytes_is_binary_safe(address: str, authkey: bytes, kv: kvclient.Client) -> None:
+    blob = bytes(range(256)) * 4 + b"\r\n\x00"
+    ok(stdin_kvctl(["set", "--bytes", "blob", "-"], blob, address, authkey))
+    assert kv.dict("default")["blob"] == blob
+    got = stdin_kvctl(["get", "--bytes", "blob"], b"", address, authkey)
+    assert (got.exit_code, got.stdout_bytes) == (EXIT_OK, blob)
+    ok(stdin_kvctl(["set", "-b", "word", "héllo"], b"", address, authkey))
+    assert kv.dict("default")["word"] == "héllo".encode()
+    kv.dict("default")["n"] = 5
+    wrong = stdin_kvctl(["get", "--bytes", "n"], b"", address, authkey)
+    assert wrong.exit_code == EXIT_ERROR
+    assert wrong.stderr == "TypeError: 'n' holds a int, not bytes or a str; leave out --bytes\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "data", "why"),
+    [
+        (["set", "k", "-"], b"\xff\xfe not utf-8", "stdin is not UTF-8 text; add --bytes"),
+        (["set", "--json", "k", "-"], b"{not json", "is not valid JSON"),
+        (["set", "--json", "--bytes", "k", "-"], b"x", "leave out --json"),
+        (["list", "push", "jobs", "-", "-"], b"x", "give - at most once"),
+    ],
+)
+def test_bad_stdin_is_a_usage_error_and_sends_nothing(
+    address: str, authkey: bytes, kv: kvclient.Client, args: list[str], data: bytes, why: str
+) -> None:
+    result = stdin_kvctl(args, data, address, authkey)
+    assert result.exit_code == EXIT_USAGE
+    assert why in result.stderr
+    assert kv.names() == {}
+
+
+def test_list_push_and_queue_put_read_stdin(
+    address: str, authkey: bytes, kv: kvclient.Client
+) -> None:
+    ok(stdin_kvctl(["list", "push", "jobs", "a", "-", "b"], b"from stdin", address, authkey))
+    assert kv.list("jobs").copy() == ["a", "from stdin", "b"]
+    ok(stdin_kvctl(["queue", "put", "--bytes", "q", "-"], b"\x00\x01", address, authkey))
+    assert kv.queue("q").get(timeout=1) == b"\x00\x01"
+
+
+def test_set_from_a_redirected_file_in_a_real_process(
+    kvserve_proc: ServerProcess, tmp_path: Path
+) -> None:
+    blob = bytes(range(256)) * 64
+    (tmp_path / "in.bin").write_bytes(blob)
+    env = dict(kvserve_proc.env, KV_ADDRESS=kvserve_proc.address)
+    with (tmp_path / "in.bin").open("rb") as stdin:
+        done = subprocess.run(
+            [kvctl_script(), "set", "--bytes", "blob", "-"],
+            stdin=stdin,
+            env=env,
+            capture_output=True,
+            timeout=30,
+        )
+    assert (done.returncode, done.stderr) == (0, b"")
+    out = subprocess.run(
+        [kvctl_script(), "get", "--bytes", "blob"], env=env, capture_output=True, timeout=30
+    )
+    assert (out.returncode, out.stdout) == (0, blob)

@@ -285,6 +285,50 @@ def _parse_value(text: str, as_json: bool, hint: str = "'VALUE'") -> Any:
         ) from None
 
 
+def _stdin_bytes() -> bytes:
+    return typer.get_binary_stream("stdin").read()
+
+
+def _read_value(text: str, as_json: bool, as_bytes: bool, hint: str = "'VALUE'") -> Any:
+    """Return the value a VALUE argument stands for: itself, its JSON, its bytes, or stdin's.
+
+    ``-`` reads all of stdin, unchanged (a trailing newline stays, as with ``redis-cli -x``):
+    as bytes with ``as_bytes``, else as UTF-8 text, parsed as JSON with ``as_json``.
+
+    Raises:
+        typer.BadParameter: --bytes with --json, stdin that is not UTF-8 without --bytes, or
+            invalid JSON (exit 2, nothing sent).
+    """
+    if as_bytes and as_json:
+        raise typer.BadParameter("--bytes stores bytes as they are; leave out --json")
+    if text != "-":
+        # surrogateescape: argv bytes that are not UTF-8 come back as they were typed.
+        return (
+            text.encode("utf-8", "surrogateescape")
+            if as_bytes
+            else _parse_value(text, as_json, hint)
+        )
+    raw = _stdin_bytes()
+    if as_bytes:
+        return raw
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise typer.BadParameter(
+            "stdin is not UTF-8 text; add --bytes to store it as bytes", param_hint=hint
+        ) from None
+    return _parse_value(decoded, as_json, "stdin")
+
+
+def _read_values(texts: Sequence[str], as_json: bool, as_bytes: bool) -> list[Any]:
+    """Return the values of VALUE arguments, at most one of them ``-`` (stdin)."""
+    if list(texts).count("-") > 1:
+        raise typer.BadParameter(
+            "stdin can be read once: give - at most once", param_hint="'VALUE'"
+        )
+    return [_read_value(text, as_json, as_bytes) for text in texts]
+
+
 def _shorten(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
@@ -511,6 +555,14 @@ JsonOption = Annotated[
     typer.Option("--json", "-j", help="Parse values as JSON, and print the result as JSON."),
 ]
 JsonOutOption = Annotated[bool, typer.Option("--json", "-j", help="Print the result as JSON.")]
+BytesOption = Annotated[
+    bool,
+    typer.Option(
+        "--bytes",
+        "-b",
+        help="Store VALUE as bytes: stdin's exactly with -, else the argument's UTF-8.",
+    ),
+]
 WaitOption = Annotated[
     float | None,
     typer.Option(
@@ -627,24 +679,46 @@ Values = Annotated[
 ]
 
 
-@app.command("get", epilog=_examples("kvctl get greeting", "kvctl get -d sessions --json 4f2a"))
+@app.command(
+    "get",
+    epilog=_examples(
+        "kvctl get greeting", "kvctl get -d sessions --json 4f2a", "kvctl get --bytes blob > out"
+    ),
+)
 def get(
     ctx: typer.Context,
     key: Key,
     dict_name: DictOption = DEFAULT_DICT,
     as_json: JsonOutOption = False,
+    as_bytes: Annotated[
+        bool,
+        typer.Option(
+            "--bytes", "-b", help="Write a bytes (or str) value as it is, with no newline."
+        ),
+    ] = False,
 ) -> None:
     """Print the value stored under KEY.
 
     A str prints as is, anything else as JSON (bytes as base64). Exit 1 if there is no KEY.
     """
+    if as_bytes and _json_mode(ctx, as_json):
+        raise typer.BadParameter("--bytes writes the value as it is; leave out --json")
     with _session(ctx, as_json) as session:
         mapping = session.existing(dict_name, kvclient.DictProxy)
         try:
             value = mapping[key]
         except KeyError:
             raise _NotFoundError("KeyError", f"no key {key!r} in dict {dict_name!r}") from None
-        session.emit(value)
+        if not as_bytes:
+            session.emit(value)
+        elif isinstance(value, bytes | str):
+            out = typer.get_binary_stream("stdout")
+            out.write(value if isinstance(value, bytes) else value.encode())
+            out.flush()
+        else:
+            raise TypeError(
+                f"{key!r} holds a {type(value).__name__}, not bytes or a str; leave out --bytes"
+            )
 
 
 @app.command(
@@ -654,6 +728,9 @@ def get(
         "kvctl set greeting hello",
         'kvctl set --json limits \'{"rps": 50, "burst": [1, 2]}\'',
         "kvctl set --json balance -12.5",
+        "kvctl set notes - < notes.txt       # stdin, as UTF-8 text",
+        "kvctl set --bytes blob - < img.png  # stdin, as bytes (get --bytes > out.png)",
+        "kvctl set --json cfg - < cfg.json",
     ),
 )
 def set_(
@@ -662,31 +739,49 @@ def set_(
     value: Value,
     dict_name: DictOption = DEFAULT_DICT,
     as_json: JsonOption = False,
+    as_bytes: BytesOption = False,
 ) -> None:
-    """Store VALUE under KEY, creating the dict if needed."""
-    parsed = _parse_value(value, _json_mode(ctx, as_json))
+    """Store VALUE under KEY, creating the dict if needed; VALUE - reads stdin.
+
+    stdin is taken whole and unchanged, a trailing newline included. To store the str "-"
+    itself, write --json set KEY '"-"'.
+    """
+    parsed = _read_value(value, _json_mode(ctx, as_json), as_bytes)
     with _session(ctx, as_json) as session:
         session.client.dict(dict_name)[key] = parsed
 
 
-@app.command("del", epilog=_examples("kvctl del greeting", "kvctl del -d sessions 4f2a 9c1e"))
+@app.command(
+    "del",
+    epilog=_examples(
+        "kvctl del greeting", "kvctl del -d sessions 4f2a 9c1e", "kvctl del --strict a b"
+    ),
+)
 def delete(
     ctx: typer.Context,
     keys: Keys,
     dict_name: DictOption = DEFAULT_DICT,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 if any KEY did not exist, not only all.")
+    ] = False,
     as_json: JsonOutOption = False,
 ) -> None:
     """Delete the KEYs in one atomic call and print how many existed.
 
-    Exit 1 if any of them did not exist (the others are still deleted).
+    Exit 1 if none of them existed (with --strict: if any did not); the others are deleted
+    all the same.
     """
     with _session(ctx, as_json) as session:
         deleted = session.existing(dict_name, kvclient.DictProxy).delete_many(keys)
         session.emit(deleted)
         wanted = len(set(keys))
-        if deleted < wanted:
+        if deleted == 0 or (strict and deleted < wanted):
             if wanted == 1:
                 raise _NotFoundError("KeyError", f"no key {keys[0]!r} in dict {dict_name!r}")
+            if deleted == 0:
+                raise _NotFoundError(
+                    "KeyError", f"none of the {wanted} keys were in dict {dict_name!r}"
+                )
             raise _NotFoundError(
                 "KeyError", f"{wanted - deleted} of {wanted} keys were not in dict {dict_name!r}"
             )
@@ -818,11 +913,17 @@ def mset(
     epilog=_examples("kvctl list push jobs build test deploy", "kvctl list push --json n 3 -- -2"),
 )
 def list_push(
-    ctx: typer.Context, name: ListName, values: Values, as_json: JsonOption = False
+    ctx: typer.Context,
+    name: ListName,
+    values: Values,
+    as_json: JsonOption = False,
+    as_bytes: BytesOption = False,
 ) -> None:
-    """Append the VALUEs to list NAME in one atomic call, creating it if needed."""
-    json_mode = _json_mode(ctx, as_json)
-    items = [_parse_value(value, json_mode) for value in values]
+    """Append the VALUEs to list NAME in one atomic call, creating it if needed.
+
+    A VALUE - is stdin, whole.
+    """
+    items = _read_values(values, _json_mode(ctx, as_json), as_bytes)
     with _session(ctx, as_json) as session:
         session.client.list(name).extend(items)
 
@@ -910,15 +1011,15 @@ def queue_put(
     timeout: WaitOption = None,
     no_wait: NoWaitOption = False,
     as_json: JsonOption = False,
+    as_bytes: BytesOption = False,
 ) -> None:
     """Put the VALUEs into queue NAME, in order, creating it (unbounded) if needed.
 
-    Only a bounded queue (made from Python) can be full: then put waits, and exits 1 if the
-    queue stays full past --timeout, or at once with --no-wait.
+    A VALUE - is stdin, whole. Only a bounded queue (made from Python) can be full: then put
+    waits, and exits 1 if the queue stays full past --timeout, or at once with --no-wait.
     """
     block, wait = _blocking(timeout, no_wait)
-    json_mode = _json_mode(ctx, as_json)
-    items = [_parse_value(value, json_mode) for value in values]
+    items = _read_values(values, _json_mode(ctx, as_json), as_bytes)
     with _session(ctx, as_json) as session:
         jobs = session.client.queue(name)
         for item in items:
@@ -946,11 +1047,16 @@ def queue_get(
 
     Waits for ever unless told otherwise; a queue that does not exist yet is created, so a
     consumer may start before its producer. Exit 1 if no item came within --timeout, or at
-    once with --no-wait.
+    once with --no-wait (which creates nothing: a missing queue is an empty one).
     """
     block, wait = _blocking(timeout, no_wait)
     with _session(ctx, as_json) as session:
-        jobs = session.client.queue(name)
+        if block:
+            jobs = session.client.queue(name)
+        elif session.client.names().get(name) is None:
+            raise _NotFoundError("queue.Empty", f"queue {name!r} is empty")
+        else:
+            jobs = session.existing(name, kvclient.QueueProxy)
         try:
             item = jobs.get(block=block, timeout=wait)
         except queue.Empty:

@@ -34,8 +34,11 @@ import datetime
 import fnmatch
 import json
 import math
+import os
 import queue
 import shlex
+import signal
+import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,7 +55,7 @@ from kvclient.codec import Codec, Ref
 from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.errors import KindError, NoSuchContainerError
 from kvclient.proxies import make_proxy, to_ref
-from kvclient.sync import ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
+from kvclient.sync import DEFAULT_LEASE, ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
@@ -208,7 +211,7 @@ ns_app = typer.Typer(
     help="Read and set attributes of named namespaces.", no_args_is_help=True, rich_markup_mode=None
 )
 lock_app = typer.Typer(
-    help="Inspect named locks, semaphores and conditions.",
+    help="Run a command holding a lock; take, release and inspect locks and semaphores.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -1168,6 +1171,178 @@ def lock_status(ctx: typer.Context, name: LockName, as_json: JsonOutOption = Fal
             rows.append(["holder", "-"])
         rows += [["last token", str(status["last_token"])], ["waiters", str(status["waiters"])]]
         session.emit(result, _table(rows))
+
+
+LeaseOption = Annotated[
+    float,
+    typer.Option(
+        "--lease",
+        metavar="SECONDS",
+        parser=_positive_seconds,
+        help="Seconds the hold lasts if kvctl stops renewing it (is killed, stalls, is cut off).",
+    ),
+]
+LockTokenArg = Annotated[
+    int, typer.Argument(metavar="TOKEN", help="The fencing token lock acquire printed.")
+]
+
+
+def _acquire_lock(
+    session: _Session, name: str, lease: float, timeout: float | None
+) -> tuple[LockProxy, int]:
+    """Take lock ``name`` for this command's client; return it and its fencing token.
+
+    Raises:
+        _NotFoundError: the lock stayed held for ``timeout`` seconds (exit 1).
+    """
+    lock = session.client.lock(name, lease=lease)
+    got = lock.acquire(True, -1 if timeout is None else timeout)
+    if got is False:
+        raise _NotFoundError("LockTimeoutError", f"lock {name!r} is still held after {timeout:g} s")
+    # acquire() returns the token today; the stdlib shape returns True and leaves the token
+    # in lock.token. Read it there first, so both work.
+    token = getattr(lock, "token", None)
+    if token is None or isinstance(token, bool):
+        token = got
+    if isinstance(token, bool):
+        raise RuntimeError(f"acquired lock {name!r} but the client gave no fencing token")
+    return lock, int(token)
+
+
+def _run_child(command: list[str], env: dict[str, str]) -> int:
+    """Run ``command`` to its end and return its exit status as a shell reports it.
+
+    SIGTERM and SIGHUP sent to kvctl are passed on to the command, and kvctl waits for it to
+    end; SIGINT is ignored while it runs, as a shell does: a terminal sends it to the command
+    as well.
+    """
+    try:
+        child = subprocess.Popen(command, env=env)  # noqa: S603 - running CMD is the point
+    except FileNotFoundError:
+        typer.echo(f"FileNotFoundError: command not found: {command[0]}", err=True)
+        return 127
+    except OSError as exc:
+        typer.echo(f"{type(exc).__name__}: cannot run {command[0]}: {exc.strerror}", err=True)
+        return 126
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        status = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - status if status < 0 else status
+
+
+class LeaseLostError(Exception):
+    """The lock ``kvctl lock run`` held expired before the command ended (exit 3)."""
+
+
+@lock_app.command(
+    "run",
+    epilog=_examples(
+        "kvctl lock run deploy -- ./deploy.sh prod",
+        "kvctl lock run nightly --lease 10 --timeout 0 -- make backup   # skip if held",
+        "kvctl lock run db-migrate -- sh -c 'migrate --fence \"$KV_FENCING_TOKEN\"'",
+    ),
+)
+def lock_run(
+    ctx: typer.Context,
+    name: LockName,
+    command: Annotated[
+        list[str], typer.Argument(metavar="-- CMD [ARGS]...", help="The command to run.")
+    ],
+    lease: LeaseOption = DEFAULT_LEASE,
+    timeout: WaitOption = None,
+) -> None:
+    """Take lock NAME, run CMD holding it, release it when CMD ends; exit with CMD's status.
+
+    CMD gets the fencing token in env KV_FENCING_TOKEN. kvctl renews the lease every third of
+    --lease while CMD runs; if kvctl is killed, the lease runs out and the next holder gets
+    the lock (CMD itself is not stopped). Exit status: CMD's (128+N if a signal N ended it);
+    1 if the lock stayed held past --timeout; 126/127 if CMD could not run; 3 on a connection
+    error, or if the lease ran out while CMD ran (another holder may have run at the same time).
+    """
+    with _session(ctx) as session:
+        lock, token = _acquire_lock(session, name, lease, timeout)
+        try:
+            status = _run_child(command, {**os.environ, "KV_FENCING_TOKEN": str(token)})
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:
+                lost = True
+            else:
+                lost = False
+        if lost:
+            raise LeaseLostError(
+                f"lock {name!r} (token {token}) was lost while the command ran: its lease ran "
+                "out; another holder may have run at the same time"
+            )
+    raise typer.Exit(status)
+
+
+@lock_app.command(
+    "acquire",
+    epilog=_examples(
+        "token=$(kvctl lock acquire deploy --lease 300) || exit 1",
+        'step-one --fence "$token"; step-two --fence "$token"',
+        'kvctl lock release deploy "$token"',
+    ),
+)
+def lock_acquire(
+    ctx: typer.Context,
+    name: LockName,
+    lease: LeaseOption = DEFAULT_LEASE,
+    timeout: WaitOption = None,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Take lock NAME and print its fencing token; the hold outlives this command.
+
+    Nothing renews the hold once kvctl exits: it lasts --lease seconds (default 30), unless
+    lock release ends it first. Waits for ever unless --timeout says; exit 1 if the lock stayed
+    held that long.
+    """
+    with _session(ctx, as_json) as session:
+        _, token = _acquire_lock(session, name, lease, timeout)
+        session.emit({"name": name, "token": token, "lease": lease}, str(token))
+
+
+@lock_app.command("release", epilog=_examples('kvctl lock release deploy "$token"'))
+def lock_release(
+    ctx: typer.Context, name: LockName, token: LockTokenArg, as_json: JsonOutOption = False
+) -> None:
+    """Release lock NAME held with fencing TOKEN (as lock acquire printed it), from any host.
+
+    Exit 1 if it is not held with that token: released already, or its lease ran out (and
+    perhaps another holder has it now).
+    """
+    with _session(ctx, as_json) as session:
+        proxy = session.existing_kind(name, ("lock",))
+        assert isinstance(proxy, LockProxy)
+        holder = next(
+            (h for h in proxy.status()["holders"] if token in h.get("tokens", [h["token"]])),
+            None,
+        )
+        if holder is None:
+            raise _NotFoundError(
+                "NotHeldError",
+                f"lock {name!r} is not held with token {token}: released already, or its "
+                f"lease ran out; kvctl lock status {shlex.quote(name)} shows who holds it",
+            )
+        # The hold belongs to the owner id of the kvctl that acquired it, which status()
+        # reports; release as that owner. kvclient's LockProxy.release() only releases the
+        # calling client's own holds.
+        proxy._call("release", [bytes.fromhex(holder["owner"])])
+        if session.json:
+            session.emit({"name": name, "released": token})
 
 
 @value_app.command("get", epilog=_examples("kvctl value get hits"))

@@ -50,6 +50,7 @@ from typer.core import TyperGroup
 
 import kvclient
 from kvclient._address import FORMS, AddressError, Target, parse_target
+from kvclient._output import plain, to_json
 from kvclient.auth import load_authkey
 from kvclient.codec import Codec, Ref
 from kvclient.connection import DEFAULT_ADDRESS
@@ -239,35 +240,6 @@ class _NotFoundError(Exception):
 
 
 # -- values in and out ---------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """Return ``value`` with bytes as base64 text, tuples as lists and proxies as names."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, dict):
-        return {_json_key(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, kvclient.Proxy):
-        # A container stored inside another one: its repr names the kind, name and server.
-        return repr(value)
-    return value
-
-
-def _json_key(key: Any) -> Any:
-    if isinstance(key, str | int | float | bool) or key is None:
-        return key  # json.dumps turns numbers, booleans and None into key strings itself
-    text = _jsonable(key)  # bytes: base64 text; a tuple: its JSON text
-    return text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
-
-
-def _to_json(value: Any) -> str:
-    return json.dumps(_jsonable(value), ensure_ascii=False)
-
-
-def _plain(value: Any) -> str:
-    return value if isinstance(value, str) else _to_json(value)
 
 
 def _parse_value(text: str, as_json: bool, hint: str = "'VALUE'") -> Any:
@@ -486,17 +458,17 @@ class _Session:
     def emit(self, value: Any, text: str | None = None) -> None:
         """Print one result: JSON in JSON mode, else ``text`` or the value as plain text."""
         if self.json:
-            typer.echo(_to_json(value))
+            typer.echo(to_json(value))
         else:
-            typer.echo(_plain(value) if text is None else text)
+            typer.echo(plain(value) if text is None else text)
 
     def emit_each(self, values: Iterable[Any]) -> None:
         """Print a sequence: one JSON array in JSON mode, else one item per line."""
         if self.json:
-            typer.echo(_to_json(list(values)))
+            typer.echo(to_json(list(values)))
         else:
             for value in values:
-                typer.echo(_plain(value))
+                typer.echo(plain(value))
 
 
 def _target(settings: _Settings) -> Target:
@@ -805,7 +777,7 @@ def keys(
         if pattern is not None:
             # Filtered here: the API has no glob, and the keys snapshot is one round trip
             # either way. Keys that are not str match by how they print.
-            found = [key for key in found if fnmatch.fnmatchcase(_plain(key), pattern)]
+            found = [key for key in found if fnmatch.fnmatchcase(plain(key), pattern)]
         session.emit_each(found)
 
 
@@ -855,7 +827,7 @@ def cas(
         if not session.existing(dict_name, kvclient.DictProxy).cas(key, old, value):
             raise _NotFoundError(
                 "CasMismatch",
-                f"{key!r} in dict {dict_name!r} is missing or does not hold {_to_json(old)}; "
+                f"{key!r} in dict {dict_name!r} is missing or does not hold {to_json(old)}; "
                 "nothing was changed",
             )
 
@@ -1292,6 +1264,7 @@ def lock_run(
 @lock_app.command(
     "acquire",
     epilog=_examples(
+        "kvctl lock acquire deploy --lease 300   # prints the fencing token",
         "token=$(kvctl lock acquire deploy --lease 300) || exit 1",
         'step-one --fence "$token"; step-two --fence "$token"',
         'kvctl lock release deploy "$token"',
@@ -1381,7 +1354,7 @@ def value_set(
         else:
             raise ValueError(
                 f"no Value named {name!r} yet, and a new one takes its type from VALUE, "
-                f"which must then be a number or true/false, not {_to_json(parsed)}"
+                f"which must then be a number or true/false, not {to_json(parsed)}"
             )
 
 
@@ -1582,7 +1555,7 @@ def stats(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
         facts = session.client.stats()
         order: list[str] = [key for key in _STATS_ORDER if key in facts]
         order += [key for key in facts if key not in _STATS_ORDER]
-        rows = [[key, _plain(facts[key])] for key in order]
+        rows = [[key, plain(facts[key])] for key in order]
         if isinstance(facts.get("uptime"), int | float):
             rows[order.index("uptime")][1] = f"{facts['uptime']:.1f} s"
         session.emit({key: facts[key] for key in order}, _table(rows))

@@ -19,7 +19,6 @@ only need a part of it, such as ``kvctl``'s fast path, do not pay for the whole 
 
 from __future__ import annotations
 
-import importlib
 import typing
 from typing import Any
 
@@ -122,7 +121,9 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'kvclient' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    from importlib import import_module  # noqa: PLC0415 - only on first use of a name
+
+    value = getattr(import_module(module), name)
     globals()[name] = value
     return value
 

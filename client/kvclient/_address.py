@@ -27,7 +27,6 @@ This module does no I/O and imports little: ``kvctl``'s fast path uses it too.
 from __future__ import annotations
 
 import os
-import re
 from typing import Final, NamedTuple
 
 __all__ = [
@@ -43,10 +42,12 @@ __all__ = [
 DEFAULT_PORT: Final = 50000
 FORMS: Final = "HOST:PORT, [IPv6]:PORT, kv://[KEY@]HOST:PORT or kvs://[KEY@]HOST:PORT"
 KEY_DIR: Final = "~/.config/kvmanager"
-_KEY_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+# Key names: [A-Za-z0-9_][A-Za-z0-9._-]*, checked without re (compiling costs kvctl ~1 ms).
+_NAME_FIRST: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_NAME_REST: Final = _NAME_FIRST | {".", "-"}
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
 _SCHEMES: Final = {"kv": False, "kvs": True}
 _LATER: Final = ("redis", "rediss", "redis-cluster", "valkey", "valkeys")
-_PERCENT: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
 class AddressError(ValueError):
@@ -113,13 +114,30 @@ def parse_host_port(address: str, *, url: bool = False) -> tuple[str, int]:
     return host or "127.0.0.1", port
 
 
+def _unquote(text: str) -> str:
+    """Decode ``%XX`` escapes (UTF-8), as ``urllib.parse.unquote`` does, without importing it."""
+    if "%" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        hexdigits = text[i + 1 : i + 3]
+        if text[i] == "%" and len(hexdigits) == 2 and _HEX.issuperset(hexdigits):
+            out.append(int(hexdigits, 16))
+            i += 3
+        else:
+            out += text[i].encode()
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
 def key_file_for(userinfo: str) -> str:
     """Return the authkey file a URL's userinfo names (a name, or a path), expanded.
 
     Raises:
         AddressError: the userinfo has a password part, or is neither a name nor a path.
     """
-    key = _PERCENT.sub(lambda m: chr(int(m.group(1), 16)), userinfo)
+    key = _unquote(userinfo)
     if "/" in key or key.startswith(("~", ".")):
         return os.path.expanduser(key)
     if ":" in key:
@@ -128,7 +146,7 @@ def key_file_for(userinfo: str) -> str:
             "(a URL shows in ps and shell history); write kv://NAME@HOST:PORT for "
             f"{KEY_DIR}/NAME.key, or kv://PATH@HOST:PORT"
         )
-    if not _KEY_NAME.fullmatch(key):
+    if not (key and key[0] in _NAME_FIRST and _NAME_REST.issuperset(key)):
         raise AddressError(
             f"{key!r} before '@' is not a key name (letters, digits, '.', '_', '-') or a path "
             "to a key file"

@@ -15,14 +15,18 @@ about 40 ms to import, which every ``kvctl`` call would otherwise pay.
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
+import sys
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from kvclient._address import DEFAULT_PORT, AddressError, parse_target
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
 from kvclient.codec import HEADER, HELLO, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
+
+if TYPE_CHECKING:
+    import ssl
+
 from kvclient.errors import (
     AuthError,
     KVConnectionError,
@@ -122,6 +126,7 @@ class Connection:
         "_applied_timeout",
         "_big",
         "_sock",
+        "_tls",
         "codec",
         "endpoint",
         "max_frame",
@@ -140,6 +145,7 @@ class Connection:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._sock: socket.socket | None = None
+        self._tls = False
         self._big: bytearray | None = None
         self._applied_timeout: float | bool | None = False
         self.endpoint = format_address(*address)
@@ -155,7 +161,7 @@ class Connection:
             if tls is not None:
                 self._start_tls(tls, address[0])
             self._handshake(authkey)
-            if not isinstance(self._sock, ssl.SSLSocket):
+            if not self._tls:
                 # Blocking mode from here on, with the call timeout in SO_RCVTIMEO/SNDTIMEO:
                 # Python's own timeouts poll() before every send and recv (two extra
                 # syscalls per call).
@@ -166,7 +172,7 @@ class Connection:
             raise
 
     def _apply_timeout(self, sock: socket.socket, seconds: float | None) -> None:
-        if isinstance(sock, ssl.SSLSocket):
+        if self._tls:
             sock.settimeout(seconds)
         else:
             whole = int(seconds or 0)
@@ -179,9 +185,12 @@ class Connection:
         self._applied_timeout = seconds
 
     def _start_tls(self, context: ssl.SSLContext, host: str) -> None:
+        import ssl  # noqa: PLC0415 - loaded by the caller's SSLContext already; see _ssl_errors
+
         assert self._sock is not None
         try:
             self._sock = context.wrap_socket(self._sock, server_hostname=host)
+            self._tls = True
         except ssl.SSLCertVerificationError as exc:
             raise TLSError(
                 f"the certificate of {self.endpoint} was refused ({exc.verify_message}); "
@@ -208,7 +217,7 @@ class Connection:
                 )
             except AuthError as exc:
                 raise AuthError(f"{self.endpoint}: {exc}") from None
-        except ssl.SSLError as exc:
+        except _ssl_errors() as exc:
             if (
                 "CERTIFICATE_REQUIRED" in str(exc).upper()
                 or "CERTIFICATE REQUIRED" in str(exc).upper()
@@ -230,11 +239,7 @@ class Connection:
             ) from None
         except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
             # Retryable: a server at its --max-connections limit does this too.
-            hint = (
-                ""
-                if isinstance(self._sock, ssl.SSLSocket)
-                else "; if it serves TLS, connect with tls=True (or KV_TLS_CA)"
-            )
+            hint = "" if self._tls else "; if it serves TLS, connect with tls=True (or KV_TLS_CA)"
             raise KVConnectionError(
                 f"{self.endpoint} closed the connection during the handshake (is it kvserve? "
                 f"at its --max-connections limit?){hint}"
@@ -380,6 +385,17 @@ class Connection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _ssl_errors() -> tuple[type[BaseException], ...]:
+    """Return ``(ssl.SSLError,)`` once ssl is loaded, else ``()``, which catches nothing.
+
+    ssl costs about 8 ms to import, which a plain-TCP ``kvctl get`` should not pay; a TLS
+    connection has loaded it (its SSLContext comes from ssl), and without one no SSLError can
+    be raised.
+    """
+    module = sys.modules.get("ssl")
+    return () if module is None else (module.SSLError,)
 
 
 def _reason(exc: BaseException) -> str:

@@ -928,9 +928,12 @@ def test_main_help_teaches_exit_codes_and_an_example() -> None:
         "    kvctl set greeting hello ",
         "    0  success\n",
         "    1  not found: missing key, container or attribute, empty list on pop,\n"
-        "       queue get timed out, cas mismatch\n",
-        "    2  usage error: unknown option, missing argument, invalid JSON under --json\n",
+        "       queue get timed out, cas mismatch, del found none of its keys,\n"
+        "       lock still held after --timeout\n",
+        "    2  usage error: unknown option, missing argument, malformed address,\n"
+        "       invalid JSON under --json\n",
         "    3  connection, auth or server error\n",
+        "kvctl lock run exits with its command's status instead",
         "[env var: KV_AUTHKEY_FILE",
         "KV_ADDRESS",
         "KV_TIMEOUT",

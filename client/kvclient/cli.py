@@ -16,10 +16,14 @@ Exit codes and errors
 =====  ==========================================================================
 0      success
 1      not found: missing key, container or attribute, empty list on pop, queue
-       get timed out, cas mismatch (the answer is "no", nothing failed)
-2      usage error (typer's own handling: bad option, bad number, invalid JSON)
+       get timed out, cas mismatch, del found none of its keys, lock still held
+       after --timeout (the answer is "no", nothing failed)
+2      usage error (typer's own handling: bad option, bad number, malformed
+       address, invalid JSON)
 3      connection, auth or server error
 =====  ==========================================================================
+
+``kvctl lock run`` exits with its command's status instead (see :func:`lock_run`).
 
 Exceptions become exit codes and the one stderr line ``ErrorName: message`` in exactly one
 place, :func:`_session`. Nothing prints a traceback: typer's pretty exceptions are off, and
@@ -108,17 +112,25 @@ lists, maps, true, false, null). A str result prints as is, anything else as JSO
 --json every result prints as JSON. bytes print as base64. In commands taking several values,
 put -- before values that start with "-": kvctl list push jobs -- -1.
 
-The authkey is read from --authkey-file, else env KV_AUTHKEY (the key itself), else the file
-named by env KV_AUTHKEY_FILE, else ~/.config/kvmanager/authkey; never from the command line.
+ADDRESS is HOST:PORT, [IPv6]:PORT, kv://[KEY@]HOST:PORT or kvs://[KEY@]HOST:PORT (TLS); KEY
+names the authkey file, ~/.config/kvmanager/KEY.key, or is a path to one. A VALUE of - is
+stdin, whole (--bytes: as bytes). Connection options may also follow the command.
+
+The authkey is read from --authkey-file or the file the address names, else env KV_AUTHKEY
+(the key itself), else the file named by env KV_AUTHKEY_FILE, else
+~/.config/kvmanager/authkey; never from the command line.
 
 Exit codes:
 
 \b
   0  success
   1  not found: missing key, container or attribute, empty list on pop,
-     queue get timed out, cas mismatch
-  2  usage error: unknown option, missing argument, invalid JSON under --json
+     queue get timed out, cas mismatch, del found none of its keys,
+     lock still held after --timeout
+  2  usage error: unknown option, missing argument, malformed address,
+     invalid JSON under --json
   3  connection, auth or server error
+kvctl lock run exits with its command's status instead (kvctl lock run -h).
 Errors print one line to stderr, "ErrorName: message", never a traceback.
 """
 )

@@ -1571,3 +1571,96 @@ def stats(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
         if isinstance(facts.get("uptime"), int | float):
             rows[order.index("uptime")][1] = f"{facts['uptime']:.1f} s"
         session.emit({key: facts[key] for key in order}, _table(rows))
+
+
+_TOP_HEADER: Final = ("clients", "containers", "keys", "ops/s", "requests/s", "log", "compactions")
+_TOP_EVERY: Final = 20  # rows between repeated headers, as redis-cli --stat does
+
+
+def _size(nbytes: Any) -> str:
+    if not isinstance(nbytes, int):
+        return "-"
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    size, unit = nbytes / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
+
+def _top_row(facts: dict[str, Any], ops_s: float, requests_s: float) -> list[str]:
+    persistence = facts.get("persistence") or {}
+    return [
+        str(facts.get("clients", "-")),
+        str(facts.get("containers", "-")),
+        str(facts.get("keys", "-")),
+        f"{ops_s:.0f}",
+        f"{requests_s:.0f}",
+        _size(persistence.get("disk_bytes")),
+        str(persistence.get("compactions", "-")),
+    ]
+
+
+@app.command(
+    "top",
+    epilog=_examples(
+        "kvctl top                          # a line a second until Ctrl-C",
+        "kvctl top --interval 5 --count 12  # a minute, every 5 s",
+        "kvctl top --json | jq .ops_per_s",
+    ),
+)
+def top(
+    ctx: typer.Context,
+    interval: Annotated[
+        float,
+        typer.Option(
+            "--interval",
+            "-i",
+            metavar="SECONDS",
+            parser=_positive_seconds,
+            help="Seconds between lines.",
+        ),
+    ] = 1.0,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", "-n", min=1, help="Stop after this many lines (default: never)."),
+    ] = None,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Print the server's load every INTERVAL seconds, one line each, like redis-cli --stat.
+
+    Columns: clients connected, containers, keys (items held), operations and requests per
+    second over the last interval (a batch is one request of many operations; these lines'
+    own stats calls count too), and for a --data-dir server the size of its files on disk and
+    the compactions so far. With --json, one JSON object a line: the stats plus ops_per_s and
+    requests_per_s. Ctrl-C ends it (exit 0).
+    """
+    with _session(ctx, as_json) as session:
+        client = session.client
+        before, then = client.stats(), time.monotonic()
+        lines = 0
+        try:
+            while count is None or lines < count:
+                time.sleep(interval)
+                facts, now = client.stats(), time.monotonic()
+                elapsed = max(now - then, 1e-9)
+                ops_s = (facts.get("ops", 0) - before.get("ops", 0)) / elapsed
+                requests_s = (facts.get("requests", 0) - before.get("requests", 0)) / elapsed
+                if session.json:
+                    rates = {"ops_per_s": round(ops_s, 1), "requests_per_s": round(requests_s, 1)}
+                    typer.echo(to_json({**facts, **rates}))
+                else:
+                    rows = [_top_row(facts, ops_s, requests_s)]
+                    if lines % _TOP_EVERY == 0:
+                        rows.insert(0, list(_TOP_HEADER))
+                    widths = [max(len(h), 10) for h in _TOP_HEADER]
+                    for row in rows:
+                        typer.echo(
+                            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                        )
+                before, then = facts, now
+                lines += 1
+        except KeyboardInterrupt:
+            pass

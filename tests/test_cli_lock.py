@@ -208,3 +208,24 @@ def test_an_acquired_lock_is_freed_when_its_lease_runs_out(kvctl: Run) -> None:
     assert again.returncode == 0
     assert again.stdout == '{"name": "l", "token": 2, "lease": 30.0}\n'
     assert time.monotonic() - started < 10
+
+
+def test_sigterm_to_kvctl_reaches_the_command_and_the_lock_is_released(
+    env: dict[str, str], kv: kvclient.Client
+) -> None:
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    holder = start(env, "lock", "run", "job", "--", PY, "-c", code)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "ready\n"
+        assert kv.lock("job").locked()
+        holder.send_signal(signal.SIGTERM)  # kvctl only, not its process group
+        assert holder.wait(timeout=20) == 42  # the command's own exit status
+        assert not kv.lock("job").locked()
+    finally:
+        kill_group(holder)

@@ -23,10 +23,6 @@ from typing import TYPE_CHECKING, Any, Final
 from kvclient._address import DEFAULT_PORT, AddressError, parse_target
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
 from kvclient.codec import HEADER, HELLO, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec, Ref
-
-if TYPE_CHECKING:
-    import ssl
-
 from kvclient.errors import (
     AuthError,
     KVConnectionError,
@@ -35,6 +31,9 @@ from kvclient.errors import (
     TLSError,
     translate_os_error,
 )
+
+if TYPE_CHECKING:
+    import ssl  # loaded only by TLS: see _ssl_errors
 
 __all__ = [
     "DEFAULT_ADDRESS",

@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         _log(f"{len(failed)} phase(s) failed")
     restart_failed = restart is not None and bool(restart.error)
+    if "startup" in (args.only or []):
+        # Asked for beside other cases: run after them, with its report of its own.
+        startup.main(args.startup_runs, args.out, not args.no_write)
     return 1 if failed or restart_failed else 0
 
 

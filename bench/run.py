@@ -25,6 +25,7 @@ from typing import Any, Final
 if not __package__:  # run as a script, `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import startup
 from bench.cases import CASES, DURABILITY, DURABILITY_SYSTEMS, Case, select_cases
 from bench.measure import (
     MachineSample,
@@ -54,7 +55,7 @@ __all__ = ["main"]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 MEMORY_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "redis")
-_GROUP_WORDS: Final = ("memory", "restart")
+_GROUP_WORDS: Final = ("memory", "restart", "startup")
 """``--only`` words that select a measurement that is not a case."""
 
 
@@ -176,6 +177,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory case")
     parser.add_argument("--no-restart", action="store_true", help="skip the restart case")
+    parser.add_argument(
+        "--startup-runs",
+        type=int,
+        default=200,
+        help="runs of each command in the startup case (default 200; quick 30)",
+    )
     parser.add_argument("--name", help="results file name suffix (default quick/full)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)"
@@ -194,6 +201,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.keys = args.keys or (100_000 if args.quick else 1_000_000)
     args.restart_keys = args.restart_keys or (100_000 if args.quick else 1_000_000)
     args.name = args.name or ("quick" if args.quick else "full")
+    if args.quick:
+        args.startup_runs = min(args.startup_runs, 30)
     systems = args.systems.split(",") if args.systems else list(DEFAULT_SYSTEMS)
     unknown = [s for s in systems if s not in ALL_SYSTEMS]
     if unknown:
@@ -312,11 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; return the process exit code (0 when every phase ran)."""
     args = _parse_args(argv)
     if args.list:
-        print("cases:", " ".join(c.name for c in CASES), "restart memory")
+        print("cases:", " ".join(c.name for c in CASES), "restart memory startup")
         print("systems:", " ".join(ALL_SYSTEMS), f"(default: {' '.join(DEFAULT_SYSTEMS)})")
         print(f"groups: {DURABILITY} (durable-* cases against {', '.join(DURABILITY_SYSTEMS)}")
         print("        and the restart case)")
         return 0
+    if args.only and set(args.only) == {"startup"}:
+        # Process start-up times only: no servers of the other cases, a report of its own.
+        return startup.main(args.startup_runs, args.out, not args.no_write)
     cases, run_restart, run_memory = _select(args)
     main_cases = [c for c in cases if c.group != DURABILITY]
     durable_cases = [c for c in cases if c.group == DURABILITY]
@@ -386,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         _log(f"{len(failed)} phase(s) failed")
     restart_failed = restart is not None and bool(restart.error)
+    if "startup" in (args.only or []):
+        # Asked for beside other cases: run after them, with its report of its own.
+        startup.main(args.startup_runs, args.out, not args.no_write)
     return 1 if failed or restart_failed else 0
 
 

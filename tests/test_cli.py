@@ -174,16 +174,30 @@ def test_dict_option_picks_the_dict(kvctl: Kvctl, kv: kvclient.Client) -> None:
 
 
 def test_del_prints_how_many_existed(kvctl: Kvctl, kv: kvclient.Client) -> None:
-    kv.dict("default").update(a=1, b=2, c=3)
+    kv.dict("default").update(a=1, b=2, c=3, d=4)
     ok(kvctl("del", "a", "b"), "2\n")
+    # Some missing: still a success, the count says how many there were.
+    ok(kvctl("del", "c", "x", "y"), "1\n")
     fails(
-        kvctl("del", "c", "x", "y"),
+        kvctl("del", "x", "y"),
+        EXIT_NOT_FOUND,
+        "KeyError: none of the 2 keys were in dict 'default'\n",
+        stdout="0\n",
+    )
+    fails(kvctl("del", "c"), EXIT_NOT_FOUND, "KeyError: no key 'c' in dict 'default'\n", "0\n")
+    assert kv.dict("default").copy() == {"d": 4}
+
+
+def test_del_strict_fails_if_any_key_was_missing(kvctl: Kvctl, kv: kvclient.Client) -> None:
+    kv.dict("default").update(a=1, b=2)
+    fails(
+        kvctl("del", "--strict", "a", "x", "y"),
         EXIT_NOT_FOUND,
         "KeyError: 2 of 3 keys were not in dict 'default'\n",
         stdout="1\n",
     )
-    fails(kvctl("del", "c"), EXIT_NOT_FOUND, "KeyError: no key 'c' in dict 'default'\n", "0\n")
-    assert kv.dict("default").copy() == {}
+    assert kv.dict("default").copy() == {"b": 2}  # the ones there are deleted all the same
+    ok(kvctl("del", "b", "--strict"), "1\n")
 
 
 def test_keys_with_and_without_a_glob(kvctl: Kvctl, kv: kvclient.Client) -> None:
@@ -426,12 +440,23 @@ def test_queue_commands(kvctl: Kvctl, kv: kvclient.Client) -> None:
     assert kv.queue("jobs").qsize() == 0
 
 
-def test_queue_get_on_an_empty_queue_exits_1(kvctl: Kvctl) -> None:
+def test_queue_get_on_an_empty_queue_exits_1(kvctl: Kvctl, kv: kvclient.Client) -> None:
     fails(
         kvctl("queue", "get", "jobs", "--no-wait"),
         EXIT_NOT_FOUND,
         "queue.Empty: queue 'jobs' is empty\n",
     )
+    assert "jobs" not in kv.names()  # --no-wait on a missing queue creates nothing
+    kv.queue("jobs")
+    fails(
+        kvctl("queue", "get", "jobs", "--no-wait"),
+        EXIT_NOT_FOUND,
+        "queue.Empty: queue 'jobs' is empty\n",
+    )
+    kv.dict("notaqueue")["k"] = 1
+    result = kvctl("queue", "get", "notaqueue", "--no-wait")
+    assert result.exit_code == EXIT_ERROR
+    assert result.stderr.startswith("KindError: 'notaqueue' is a dict, not a queue")
     started = time.monotonic()
     fails(
         kvctl("queue", "get", "jobs", "--timeout", "0.3"),
@@ -865,7 +890,11 @@ COMMANDS = [
     ["ns", "get"],
     ["ns", "set"],
     ["ns", "show"],
+    ["top"],
     ["lock", "status"],
+    ["lock", "run"],
+    ["lock", "acquire"],
+    ["lock", "release"],
     ["value", "get"],
     ["value", "set"],
     ["value", "incr"],
@@ -901,9 +930,12 @@ def test_main_help_teaches_exit_codes_and_an_example() -> None:
         "    kvctl set greeting hello ",
         "    0  success\n",
         "    1  not found: missing key, container or attribute, empty list on pop,\n"
-        "       queue get timed out, cas mismatch\n",
-        "    2  usage error: unknown option, missing argument, invalid JSON under --json\n",
+        "       queue get timed out, cas mismatch, del found none of its keys,\n"
+        "       lock still held after --timeout\n",
+        "    2  usage error: unknown option, missing argument, malformed address,\n"
+        "       invalid JSON under --json\n",
         "    3  connection, auth or server error\n",
+        "kvctl lock run exits with its command's status instead",
         "[env var: KV_AUTHKEY_FILE",
         "KV_ADDRESS",
         "KV_TIMEOUT",
@@ -1141,3 +1173,258 @@ def test_tls_options_reach_the_server(authkey: bytes, tmp_path: Path) -> None:
         srv.stop()
         srv.wait_stopped(10)
         thread.join(10)
+
+
+# -- addresses and URLs, options after the command -------------------------------------------
+
+
+def test_connection_options_after_the_command(
+    address: str, authkey: bytes, kv: kvclient.Client
+) -> None:
+    env: dict[str, str | None] = {"KV_AUTHKEY": authkey.decode()}
+    kv.dict("default")["k"] = "v"
+    ok(invoke(["get", "k", "-a", address], env), "v\n")
+    ok(invoke(["get", "k", f"--address={address}", "--timeout", "5"], env), "v\n")
+    ok(invoke(["list", "push", "jobs", "x", "--address", address], env))
+    # Later wins, as for any option given twice.
+    ok(invoke(["-a", "127.0.0.1:1", "get", "k", "-a", address], env), "v\n")
+    # After --, nothing is an option: these are values.
+    ok(invoke(["-a", address, "list", "push", "jobs", "--", "-a", "127.0.0.1:1"], env))
+    assert kv.list("jobs").copy() == ["x", "-a", "127.0.0.1:1"]
+
+
+def test_an_option_the_command_has_itself_stays_the_commands(
+    address: str, authkey: bytes, kv: kvclient.Client
+) -> None:
+    env: dict[str, str | None] = {"KV_AUTHKEY": authkey.decode()}
+    # queue get's --timeout is the wait, not the connection timeout: it must give up in 0.2 s.
+    started = time.monotonic()
+    result = invoke(["queue", "get", "jobs", "--timeout", "0.2", "-a", address], env)
+    assert time.monotonic() - started < 5
+    fails(result, EXIT_NOT_FOUND, "queue.Empty: no item came into queue 'jobs' within 0.2 s\n")
+
+
+def test_url_addresses(address: str, authkey: bytes, tmp_path: Path, kv: kvclient.Client) -> None:
+    kv.dict("default")["k"] = "v"
+    home = tmp_path / "home"
+    (home / ".config" / "kvmanager").mkdir(parents=True)
+    (home / ".config" / "kvmanager" / "prod.key").write_bytes(authkey)
+    (tmp_path / "k.key").write_bytes(authkey)
+    env: dict[str, str | None] = {"HOME": str(home)}
+    ok(invoke(["get", "k", "-a", f"kv://prod@{address}"], env), "v\n")
+    ok(invoke(["get", "k", "-a", f"kv://{tmp_path}/k.key@{address}"], env), "v\n")
+    ok(invoke(["get", "k"], {**env, "KV_ADDRESS": f"kv://prod@{address}"}), "v\n")
+    ok(invoke(["get", "k", "-a", f"kv://{address}/"], {"KV_AUTHKEY": authkey.decode()}), "v\n")
+    missing = invoke(["get", "k", "-a", f"kv://nope@{address}"], env)
+    assert missing.exit_code == EXIT_ERROR
+    assert missing.stderr.startswith("AuthError: authkey file ")
+    assert "nope.key does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("kv://db1:5/path", "no path, query or fragment"),
+        ("db1:port", "port must be a number"),
+        ("http://db1", "unknown scheme 'http://'"),
+        ("kv://u:secret@db1", "never carries a key or password"),
+    ],
+)
+def test_malformed_address_is_a_usage_error_naming_the_forms(text: str, why: str) -> None:
+    cases: list[tuple[list[str], dict[str, str | None]]] = [
+        (["get", "k", "-a", text], {}),
+        (["get", "k"], {"KV_ADDRESS": text}),
+    ]
+    for args, env in cases:
+        result = invoke(args, env)
+        assert result.exit_code == EXIT_USAGE
+        assert result.stdout == ""
+        assert why in result.stderr
+        # What to write instead: every form, or for a bad userinfo the kv:// forms with a key.
+        assert "kv://[KEY@]HOST:PORT or kvs://" in result.stderr or (
+            "write kv://NAME@HOST:PORT" in result.stderr
+        )
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss", "redis-cluster"])
+def test_cluster_urls_are_refused_as_not_supported_yet(scheme: str) -> None:
+    result = invoke(["ping", "-a", f"{scheme}://127.0.0.1:6379"])
+    assert result.exit_code == EXIT_USAGE
+    assert f"{scheme}:// addresses are for the Valkey/Redis Cluster backend, which is not " in (
+        result.stderr.replace("\n", " ")
+    )
+
+
+def test_url_key_and_authkey_file_together_is_a_usage_error(address: str, tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(b"0123456789abcdef")
+    result = invoke(["-a", f"kv://prod@{address}", "--authkey-file", str(key), "ping"])
+    assert result.exit_code == EXIT_USAGE
+    assert "give one of them" in result.stderr
+
+
+def test_kvs_url_uses_tls(authkey: bytes, tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    from kvclient.tls import server_context
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    srv = KVManager(
+        ("127.0.0.1", 0), authkey=authkey, tls=server_context(tmp_path / "server.pem")
+    ).get_server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    env: dict[str, str | None] = {"KV_AUTHKEY": authkey.decode(), "HOME": str(tmp_path / "h")}
+    try:
+        ca_opt = ["--tls-ca", str(tmp_path / "ca.pem")]
+        ok(invoke(["set", "k", "v", "-a", f"kvs://{srv.endpoint}", *ca_opt], env))
+        tls_env = {**env, "KV_TLS_CA": ca_opt[1]}
+        ok(invoke(["get", "k", "-a", f"kvs://{srv.endpoint}"], tls_env), "v\n")
+        # kv:// to the same TLS server, no CA given: plain TCP, refused.
+        plain = invoke(["--timeout", "3", "get", "k", "-a", f"kv://{srv.endpoint}"], env)
+        assert plain.exit_code == EXIT_ERROR
+    finally:
+        srv.stop()
+        srv.wait_stopped(10)
+        thread.join(10)
+
+
+# -- values from stdin -------------------------------------------------------------------------
+
+
+def stdin_kvctl(kvctl_args: list[str], data: bytes, address: str, authkey: bytes) -> Result:
+    return invoke(["-a", address, *kvctl_args], {"KV_AUTHKEY": authkey.decode()}, input=data)
+
+
+def test_set_dash_reads_stdin_whole(address: str, authkey: bytes, kv: kvclient.Client) -> None:
+    text = "line one\nline two ü\n"
+    ok(stdin_kvctl(["set", "notes", "-"], text.encode(), address, authkey))
+    assert kv.dict("default")["notes"] == text  # unchanged, trailing newline kept
+    ok(stdin_kvctl(["set", "--json", "cfg", "-"], b'{"rps": 5, "on": true}\n', address, authkey))
+    assert kv.dict("default")["cfg"] == {"rps": 5, "on": True}
+    ok(stdin_kvctl(["set", "--json", "dash", '"-"'], b"ignored", address, authkey))
+    assert kv.dict("default")["dash"] == "-"  # how to store the str "-" itself
+
+
+def test_set_bytes_is_binary_safe(address: str, authkey: bytes, kv: kvclient.Client) -> None:
+    blob = bytes(range(256)) * 4 + b"\r\n\x00"
+    ok(stdin_kvctl(["set", "--bytes", "blob", "-"], blob, address, authkey))
+    assert kv.dict("default")["blob"] == blob
+    got = stdin_kvctl(["get", "--bytes", "blob"], b"", address, authkey)
+    assert (got.exit_code, got.stdout_bytes) == (EXIT_OK, blob)
+    ok(stdin_kvctl(["set", "-b", "word", "héllo"], b"", address, authkey))
+    assert kv.dict("default")["word"] == "héllo".encode()
+    kv.dict("default")["n"] = 5
+    wrong = stdin_kvctl(["get", "--bytes", "n"], b"", address, authkey)
+    assert wrong.exit_code == EXIT_ERROR
+    assert wrong.stderr == "TypeError: 'n' holds a int, not bytes or a str; leave out --bytes\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "data", "why"),
+    [
+        (["set", "k", "-"], b"\xff\xfe not utf-8", "stdin is not UTF-8 text; add --bytes"),
+        (["set", "--json", "k", "-"], b"{not json", "is not valid JSON"),
+        (["set", "--json", "--bytes", "k", "-"], b"x", "leave out --json"),
+        (["list", "push", "jobs", "-", "-"], b"x", "give - at most once"),
+    ],
+)
+def test_bad_stdin_is_a_usage_error_and_sends_nothing(
+    address: str, authkey: bytes, kv: kvclient.Client, args: list[str], data: bytes, why: str
+) -> None:
+    result = stdin_kvctl(args, data, address, authkey)
+    assert result.exit_code == EXIT_USAGE
+    assert why in result.stderr
+    assert kv.names() == {}
+
+
+def test_list_push_and_queue_put_read_stdin(
+    address: str, authkey: bytes, kv: kvclient.Client
+) -> None:
+    ok(stdin_kvctl(["list", "push", "jobs", "a", "-", "b"], b"from stdin", address, authkey))
+    assert kv.list("jobs").copy() == ["a", "from stdin", "b"]
+    ok(stdin_kvctl(["queue", "put", "--bytes", "q", "-"], b"\x00\x01", address, authkey))
+    assert kv.queue("q").get(timeout=1) == b"\x00\x01"
+
+
+def test_set_from_a_redirected_file_in_a_real_process(
+    kvserve_proc: ServerProcess, tmp_path: Path
+) -> None:
+    blob = bytes(range(256)) * 64
+    (tmp_path / "in.bin").write_bytes(blob)
+    env = dict(kvserve_proc.env, KV_ADDRESS=kvserve_proc.address)
+    with (tmp_path / "in.bin").open("rb") as stdin:
+        done = subprocess.run(
+            [kvctl_script(), "set", "--bytes", "blob", "-"],
+            stdin=stdin,
+            env=env,
+            capture_output=True,
+            timeout=30,
+        )
+    assert (done.returncode, done.stderr) == (0, b"")
+    out = subprocess.run(
+        [kvctl_script(), "get", "--bytes", "blob"], env=env, capture_output=True, timeout=30
+    )
+    assert (out.returncode, out.stdout) == (0, blob)
+
+
+# -- top -----------------------------------------------------------------------------------
+
+
+def test_top_rates_follow_the_load(
+    kvctl: Kvctl, kv: kvclient.Client, address: str, authkey: bytes
+) -> None:
+    stop = threading.Event()
+    done: list[int] = []
+
+    def load() -> None:
+        with kvclient.connect(address, authkey) as client:
+            hits = client.dict("hits")
+            n = 0
+            while not stop.is_set():
+                hits.incr("home")
+                n += 1
+            done.append(n)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        busy = kvctl("top", "--interval", "0.3", "--count", "2", "--json")
+    finally:
+        stop.set()
+        worker.join(10)
+    assert (busy.exit_code, busy.stderr) == (EXIT_OK, "")
+    lines = [json.loads(line) for line in busy.stdout.splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert line["ops_per_s"] > 50  # thousands a second on loopback
+        assert line["keys"] == 1 and line["containers"] == 1
+        assert line["clients"] >= 2
+    assert lines[1]["ops"] - lines[0]["ops"] <= done[0] + 10  # the load's, and top's own
+    idle = kvctl("top", "-i", "0.2", "-n", "2", "--json")
+    for line in map(json.loads, idle.stdout.splitlines()):
+        assert line["ops_per_s"] < 30  # only top's own stats calls now
+
+
+def test_top_prints_a_header_then_a_row_per_interval(kvctl: Kvctl, kv: kvclient.Client) -> None:
+    kv.dict("d").update(a=1, b=2)
+    result = kvctl("top", "-i", "0.1", "-n", "2")
+    assert (result.exit_code, result.stderr) == (EXIT_OK, "")
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == [
+        "clients",
+        "containers",
+        "keys",
+        "ops/s",
+        "requests/s",
+        "log",
+        "compactions",
+    ]
+    assert len(rows) == 2
+    for row in rows:
+        clients, containers, keys, ops, requests, log, compactions = row.split()
+        assert (containers, keys, log, compactions) == ("1", "2", "-", "-")
+        assert int(clients) >= 1 and int(ops) >= 0 and int(requests) >= 0

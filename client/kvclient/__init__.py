@@ -12,38 +12,80 @@ Quick start::
 
 Only msgpack crosses the wire; see :mod:`kvclient.codec` for the format and
 :mod:`kvclient.errors` for the exceptions.
+
+Attributes are imported on first use (PEP 562), so ``import kvclient`` and the modules that
+only need a part of it, such as ``kvctl``'s fast path, do not pay for the whole client.
 """
 
 from __future__ import annotations
 
+import typing
+from typing import Any
+
 from kvclient._version import __version__
-from kvclient.client import Batch, Client, Pending, connect
-from kvclient.errors import (
-    AuthError,
-    KindError,
-    KVConnectionError,
-    KVError,
-    KVTimeoutError,
-    NoSuchContainerError,
-    ProtocolError,
-    ReadOnlyError,
-    RemoteError,
-    TLSError,
-)
-from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
-from kvclient.sync import (
-    ArrayProxy,
-    BarrierProxy,
-    BoundedSemaphoreProxy,
-    ConditionProxy,
-    EventProxy,
-    LockProxy,
-    RawArrayProxy,
-    RawValueProxy,
-    RLockProxy,
-    SemaphoreProxy,
-    ValueProxy,
-)
+
+if typing.TYPE_CHECKING:
+    from kvclient.client import Batch, Client, Pending, connect
+    from kvclient.errors import (
+        AuthError,
+        KindError,
+        KVConnectionError,
+        KVError,
+        KVTimeoutError,
+        NoSuchContainerError,
+        ProtocolError,
+        ReadOnlyError,
+        RemoteError,
+        TLSError,
+    )
+    from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
+    from kvclient.sync import (
+        ArrayProxy,
+        BarrierProxy,
+        BoundedSemaphoreProxy,
+        ConditionProxy,
+        EventProxy,
+        LockProxy,
+        RawArrayProxy,
+        RawValueProxy,
+        RLockProxy,
+        SemaphoreProxy,
+        ValueProxy,
+    )
+
+# Which module defines each public name; read by __getattr__ below.
+_WHERE: dict[str, str] = {
+    "ArrayProxy": "kvclient.sync",
+    "AuthError": "kvclient.errors",
+    "BarrierProxy": "kvclient.sync",
+    "Batch": "kvclient.client",
+    "BoundedSemaphoreProxy": "kvclient.sync",
+    "Client": "kvclient.client",
+    "ConditionProxy": "kvclient.sync",
+    "DictProxy": "kvclient.proxies",
+    "EventProxy": "kvclient.sync",
+    "KVConnectionError": "kvclient.errors",
+    "KVError": "kvclient.errors",
+    "KVTimeoutError": "kvclient.errors",
+    "KindError": "kvclient.errors",
+    "ListProxy": "kvclient.proxies",
+    "LockProxy": "kvclient.sync",
+    "NamespaceProxy": "kvclient.proxies",
+    "NoSuchContainerError": "kvclient.errors",
+    "Pending": "kvclient.client",
+    "ProtocolError": "kvclient.errors",
+    "Proxy": "kvclient.proxies",
+    "QueueProxy": "kvclient.proxies",
+    "RLockProxy": "kvclient.sync",
+    "RawArrayProxy": "kvclient.sync",
+    "RawValueProxy": "kvclient.sync",
+    "ReadOnlyError": "kvclient.errors",
+    "RemoteError": "kvclient.errors",
+    "SemaphoreProxy": "kvclient.sync",
+    "TLSError": "kvclient.errors",
+    "ValueProxy": "kvclient.sync",
+    "connect": "kvclient.client",
+}
 
 __all__ = [
     "ArrayProxy",
@@ -78,3 +120,19 @@ __all__ = [
     "__version__",
     "connect",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module defining ``name`` on first use, and keep the value here."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvclient' has no attribute {name!r}")
+    from importlib import import_module  # noqa: PLC0415 - only on first use of a name
+
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import secrets
-from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from kvclient.codec import CHALLENGE, FAILURE, HELLO, NONCE_SIZE, VERSION, WELCOME, WIRE_VERSION
 from kvclient.errors import AuthError, ProtocolError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "DEFAULT_AUTHKEY_FILE",
@@ -41,9 +42,16 @@ _CLIENT_LABEL: Final = b"kv-client"
 _SERVER_LABEL: Final = b"kv-server"
 
 
+def _path(name: str | os.PathLike[str]) -> Path:
+    # pathlib costs kvctl about 4 ms to import; a key given by value never needs it.
+    from pathlib import Path  # noqa: PLC0415
+
+    return Path(name).expanduser()
+
+
 def default_authkey_file() -> Path:
     """Return the default authkey path, ``~/.config/kvmanager/authkey``, expanded."""
-    return Path(DEFAULT_AUTHKEY_FILE).expanduser()
+    return _path(DEFAULT_AUTHKEY_FILE)
 
 
 class AuthkeySource:
@@ -85,11 +93,11 @@ def _read_key_file(path: Path) -> bytes:
 
 def _create_key_file(path: Path) -> bytes:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
+    key = os.urandom(32)
     while key.endswith((b"\r", b"\n")):
         # Readers strip a trailing newline (editors add one): a key ending in one would
         # differ from what every reader of the file gets (1 new key in 128).
-        key = secrets.token_bytes(32)
+        key = os.urandom(32)
     # O_EXCL: two servers starting at once must not each write a different key.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -113,7 +121,7 @@ def check_server_key(source: AuthkeySource) -> None:
     if len(source.key) < MIN_AUTHKEY_BYTES:
         raise AuthError(
             f"the authkey from {source.origin} is {len(source.key)} bytes; use at least "
-            f"{MIN_AUTHKEY_BYTES}, e.g. {_new_key_command(source.path or Path('authkey'))}"
+            f"{MIN_AUTHKEY_BYTES}, e.g. {_new_key_command(source.path or _path('authkey'))}"
         )
     if source.path is not None:
         mode = source.path.stat().st_mode
@@ -149,14 +157,14 @@ def load_authkey(
             raise AuthError("the authkey is empty")
         return AuthkeySource(key, "argument")
     if authkey_file is not None:
-        path = Path(authkey_file).expanduser()
+        path = _path(authkey_file)
         return AuthkeySource(_read_key_file(path), str(path), path)
     env_key = os.environ.get("KV_AUTHKEY")
     if env_key:
         return AuthkeySource(env_key.encode(), "KV_AUTHKEY")
     env_file = os.environ.get("KV_AUTHKEY_FILE")
     if env_file:
-        path = Path(env_file).expanduser()
+        path = _path(env_file)
         return AuthkeySource(_read_key_file(path), str(path), path)
     path = default_authkey_file()
     if create and not path.exists():
@@ -183,7 +191,8 @@ def client_response(key: bytes, challenge: bytes) -> tuple[bytes, bytes]:
     if not challenge.startswith(CHALLENGE) or len(challenge) != len(CHALLENGE) + NONCE_SIZE:
         raise ProtocolError("the server did not send a kvmanager challenge; is it kvserve?")
     nonce_s = challenge[len(CHALLENGE) :]
-    nonce_c = secrets.token_bytes(NONCE_SIZE)
+    # os.urandom is what secrets.token_bytes returns; secrets itself costs kvctl ~1 ms.
+    nonce_c = os.urandom(NONCE_SIZE)
     response = (
         _mac(key, _CLIENT_LABEL, nonce_s) + nonce_c + WIRE_VERSION.to_bytes(_VERSION_SIZE, "big")
     )
@@ -239,7 +248,7 @@ class ServerHandshake:
 
     def __init__(self, keys: list[bytes]) -> None:
         self.keys = keys
-        self.challenge = CHALLENGE + secrets.token_bytes(NONCE_SIZE)
+        self.challenge = CHALLENGE + os.urandom(NONCE_SIZE)
         self.ok = False
         self.got_hello = False
         self.key_index = -1

@@ -16,10 +16,14 @@ Exit codes and errors
 =====  ==========================================================================
 0      success
 1      not found: missing key, container or attribute, empty list on pop, queue
-       get timed out, cas mismatch (the answer is "no", nothing failed)
-2      usage error (typer's own handling: bad option, bad number, invalid JSON)
+       get timed out, cas mismatch, del found none of its keys, lock still held
+       after --timeout (the answer is "no", nothing failed)
+2      usage error (typer's own handling: bad option, bad number, malformed
+       address, invalid JSON)
 3      connection, auth or server error
 =====  ==========================================================================
+
+``kvctl lock run`` exits with its command's status instead (see :func:`lock_run`).
 
 Exceptions become exit codes and the one stderr line ``ErrorName: message`` in exactly one
 place, :func:`_session`. Nothing prints a traceback: typer's pretty exceptions are off, and
@@ -34,8 +38,11 @@ import datetime
 import fnmatch
 import json
 import math
+import os
 import queue
 import shlex
+import signal
+import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,14 +50,17 @@ from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 import kvclient
+from kvclient._address import FORMS, AddressError, Target, parse_target
+from kvclient._output import plain, to_json
 from kvclient.auth import load_authkey
 from kvclient.codec import Codec, Ref
-from kvclient.connection import DEFAULT_ADDRESS, parse_address
+from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.errors import KindError, NoSuchContainerError
 from kvclient.proxies import make_proxy, to_ref
-from kvclient.sync import ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
+from kvclient.sync import DEFAULT_LEASE, ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
@@ -93,7 +103,7 @@ _EPILOG = (
         "kvctl incr -d hits home            # atomic; prints the new value",
         "kvctl list push jobs build test",
         "kvctl queue get jobs --timeout 5   # wait up to 5 s for an item",
-        "kvctl -a 10.0.0.5:50000 names      # connection options go before the command",
+        "kvctl names -a kv://10.0.0.5:50000 # connection options go anywhere before --",
     )
     + """
 
@@ -102,22 +112,97 @@ lists, maps, true, false, null). A str result prints as is, anything else as JSO
 --json every result prints as JSON. bytes print as base64. In commands taking several values,
 put -- before values that start with "-": kvctl list push jobs -- -1.
 
-The authkey is read from --authkey-file, else env KV_AUTHKEY (the key itself), else the file
-named by env KV_AUTHKEY_FILE, else ~/.config/kvmanager/authkey; never from the command line.
+ADDRESS is HOST:PORT, [IPv6]:PORT, kv://[KEY@]HOST:PORT or kvs://[KEY@]HOST:PORT (TLS); KEY
+names the authkey file, ~/.config/kvmanager/KEY.key, or is a path to one. A VALUE of - is
+stdin, whole (--bytes: as bytes). Connection options may also follow the command.
+
+The authkey is read from --authkey-file or the file the address names, else env KV_AUTHKEY
+(the key itself), else the file named by env KV_AUTHKEY_FILE, else
+~/.config/kvmanager/authkey; never from the command line.
 
 Exit codes:
 
 \b
   0  success
   1  not found: missing key, container or attribute, empty list on pop,
-     queue get timed out, cas mismatch
-  2  usage error: unknown option, missing argument, invalid JSON under --json
+     queue get timed out, cas mismatch, del found none of its keys,
+     lock still held after --timeout
+  2  usage error: unknown option, missing argument, malformed address,
+     invalid JSON under --json
   3  connection, auth or server error
+kvctl lock run exits with its command's status instead (kvctl lock run -h).
 Errors print one line to stderr, "ErrorName: message", never a traceback.
 """
 )
 
+
+def _option_names(command: Any) -> tuple[set[str], set[str]]:
+    """Return every option name of a click command, and the names of those taking a value."""
+    names: set[str] = set()
+    valued: set[str] = set()
+    for param in command.params:
+        if getattr(param, "param_type_name", "") == "option":
+            names.update(param.opts, param.secondary_opts)
+            if not param.is_flag:
+                valued.update(param.opts)
+    return names, valued
+
+
+def _hoist_global_options(group: TyperGroup, ctx: Any, args: list[str]) -> list[str]:
+    """Return ``args`` with the main command's options that follow the command moved before it.
+
+    So ``kvctl get k -a host:1`` reads as ``kvctl -a host:1 get k``, as etcdctl allows. An
+    option the command has itself keeps its meaning there (``queue get --timeout`` is the wait,
+    ``--json`` is the command's), and nothing after ``--`` moves. Rejected: declaring the
+    connection options on every command, 40 commands times 8 options to keep in step.
+    """
+    global_names, global_valued = _option_names(group)
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] not in ("-", "--"):
+        i += 2 if args[i] in global_valued else 1
+    lead_end = i
+    command: Any = group
+    while i < len(args) and isinstance(command, TyperGroup):
+        command = command.get_command(ctx, args[i])
+        if command is None:
+            return args  # an unknown command: let click say so
+        i += 1
+    if command is group:
+        return args
+    own_names, own_valued = _option_names(command)
+    hoisted: list[str] = []
+    rest: list[str] = []
+    j = i
+    while j < len(args):
+        arg = args[j]
+        if arg == "--":
+            rest += args[j:]
+            break
+        name = arg.partition("=")[0] if arg.startswith("--") else arg
+        takes_value = "=" not in arg and j + 1 < len(args)
+        if name in global_names and name not in own_names:
+            hoisted.append(arg)
+            if takes_value and name in global_valued:
+                j += 1
+                hoisted.append(args[j])
+        else:
+            rest.append(arg)
+            if takes_value and name in own_valued:
+                j += 1
+                rest.append(args[j])
+        j += 1
+    return [*args[:lead_end], *hoisted, *args[lead_end:i], *rest]
+
+
+class _KvctlGroup(TyperGroup):
+    """The main command: connection options are accepted after the command too."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist_global_options(self, ctx, args))
+
+
 app = typer.Typer(
+    cls=_KvctlGroup,
     name="kvctl",
     help="Read and write a kvserve server's dicts, lists, queues and namespaces from the shell.",
     epilog=_EPILOG,
@@ -139,7 +224,7 @@ ns_app = typer.Typer(
     help="Read and set attributes of named namespaces.", no_args_is_help=True, rich_markup_mode=None
 )
 lock_app = typer.Typer(
-    help="Inspect named locks, semaphores and conditions.",
+    help="Run a command holding a lock; take, release and inspect locks and semaphores.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -169,35 +254,6 @@ class _NotFoundError(Exception):
 # -- values in and out ---------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    """Return ``value`` with bytes as base64 text, tuples as lists and proxies as names."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, dict):
-        return {_json_key(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, kvclient.Proxy):
-        # A container stored inside another one: its repr names the kind, name and server.
-        return repr(value)
-    return value
-
-
-def _json_key(key: Any) -> Any:
-    if isinstance(key, str | int | float | bool) or key is None:
-        return key  # json.dumps turns numbers, booleans and None into key strings itself
-    text = _jsonable(key)  # bytes: base64 text; a tuple: its JSON text
-    return text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
-
-
-def _to_json(value: Any) -> str:
-    return json.dumps(_jsonable(value), ensure_ascii=False)
-
-
-def _plain(value: Any) -> str:
-    return value if isinstance(value, str) else _to_json(value)
-
-
 def _parse_value(text: str, as_json: bool, hint: str = "'VALUE'") -> Any:
     """Return ``text`` itself, or the JSON value it spells when ``as_json``.
 
@@ -214,6 +270,50 @@ def _parse_value(text: str, as_json: bool, hint: str = "'VALUE'") -> Any:
             "quote a str as '\"text\"', or leave out --json to store the text as is",
             param_hint=hint,
         ) from None
+
+
+def _stdin_bytes() -> bytes:
+    return typer.get_binary_stream("stdin").read()
+
+
+def _read_value(text: str, as_json: bool, as_bytes: bool, hint: str = "'VALUE'") -> Any:
+    """Return the value a VALUE argument stands for: itself, its JSON, its bytes, or stdin's.
+
+    ``-`` reads all of stdin, unchanged (a trailing newline stays, as with ``redis-cli -x``):
+    as bytes with ``as_bytes``, else as UTF-8 text, parsed as JSON with ``as_json``.
+
+    Raises:
+        typer.BadParameter: --bytes with --json, stdin that is not UTF-8 without --bytes, or
+            invalid JSON (exit 2, nothing sent).
+    """
+    if as_bytes and as_json:
+        raise typer.BadParameter("--bytes stores bytes as they are; leave out --json")
+    if text != "-":
+        # surrogateescape: argv bytes that are not UTF-8 come back as they were typed.
+        return (
+            text.encode("utf-8", "surrogateescape")
+            if as_bytes
+            else _parse_value(text, as_json, hint)
+        )
+    raw = _stdin_bytes()
+    if as_bytes:
+        return raw
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise typer.BadParameter(
+            "stdin is not UTF-8 text; add --bytes to store it as bytes", param_hint=hint
+        ) from None
+    return _parse_value(decoded, as_json, "stdin")
+
+
+def _read_values(texts: Sequence[str], as_json: bool, as_bytes: bool) -> list[Any]:
+    """Return the values of VALUE arguments, at most one of them ``-`` (stdin)."""
+    if list(texts).count("-") > 1:
+        raise typer.BadParameter(
+            "stdin can be read once: give - at most once", param_hint="'VALUE'"
+        )
+    return [_read_value(text, as_json, as_bytes) for text in texts]
 
 
 def _shorten(text: str, limit: int = 40) -> str:
@@ -255,9 +355,9 @@ def _positive_seconds(text: str) -> float:
 
 def _check_address(value: str) -> str:
     try:
-        parse_address(value)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{exc}; write HOST:PORT, e.g. 127.0.0.1:50000") from None
+        parse_target(value)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return value
 
 
@@ -307,12 +407,14 @@ class _Session:
     def client(self) -> kvclient.Client:
         """The connected client; connects on first use."""
         if self._client is None:
-            key = load_authkey(authkey_file=self.settings.authkey_file).key
+            target = _target(self.settings)
+            key = load_authkey(authkey_file=self.settings.authkey_file or target.key_file).key
             self._client = kvclient.connect(
-                self.settings.address,
+                (target.host, target.port),
                 key,
                 self.settings.timeout,
                 call_timeout=self.settings.timeout,
+                tls=target.tls,
                 ca=self.settings.tls_ca,
                 cert=self.settings.tls_cert,
                 key=self.settings.tls_key,
@@ -368,17 +470,22 @@ class _Session:
     def emit(self, value: Any, text: str | None = None) -> None:
         """Print one result: JSON in JSON mode, else ``text`` or the value as plain text."""
         if self.json:
-            typer.echo(_to_json(value))
+            typer.echo(to_json(value))
         else:
-            typer.echo(_plain(value) if text is None else text)
+            typer.echo(plain(value) if text is None else text)
 
     def emit_each(self, values: Iterable[Any]) -> None:
         """Print a sequence: one JSON array in JSON mode, else one item per line."""
         if self.json:
-            typer.echo(_to_json(list(values)))
+            typer.echo(to_json(list(values)))
         else:
             for value in values:
-                typer.echo(_plain(value))
+                typer.echo(plain(value))
+
+
+def _target(settings: _Settings) -> Target:
+    """Return where ``settings`` point; :func:`main` checked the address already."""
+    return parse_target(settings.address)
 
 
 def _settings(ctx: typer.Context) -> _Settings:
@@ -435,6 +542,14 @@ JsonOption = Annotated[
     typer.Option("--json", "-j", help="Parse values as JSON, and print the result as JSON."),
 ]
 JsonOutOption = Annotated[bool, typer.Option("--json", "-j", help="Print the result as JSON.")]
+BytesOption = Annotated[
+    bool,
+    typer.Option(
+        "--bytes",
+        "-b",
+        help="Store VALUE as bytes: stdin's exactly with -, else the argument's UTF-8.",
+    ),
+]
 WaitOption = Annotated[
     float | None,
     typer.Option(
@@ -462,10 +577,11 @@ def main(
         typer.Option(
             "--address",
             "-a",
-            metavar="HOST:PORT",
+            metavar="ADDRESS",
             envvar="KV_ADDRESS",
             callback=_check_address,
-            help="The kvserve server to talk to.",
+            help=f"The kvserve server to talk to: {FORMS} (TLS; KEY names the authkey file "
+            "~/.config/kvmanager/KEY.key, or is a path).",
         ),
     ] = DEFAULT_ADDRESS,
     authkey_file: Annotated[
@@ -525,6 +641,12 @@ def main(
     ] = False,
 ) -> None:
     """Read and write a kvserve server's dicts, lists, queues and namespaces from the shell."""
+    if authkey_file is not None and parse_target(address).key_file is not None:
+        raise typer.BadParameter(
+            "the address names an authkey file (KEY@) and --authkey-file names one too; "
+            "give one of them",
+            param_hint="'--authkey-file'",
+        )
     ctx.obj = _Settings(address, authkey_file, timeout, as_json, tls_ca, tls_cert, tls_key)
 
 
@@ -544,24 +666,46 @@ Values = Annotated[
 ]
 
 
-@app.command("get", epilog=_examples("kvctl get greeting", "kvctl get -d sessions --json 4f2a"))
+@app.command(
+    "get",
+    epilog=_examples(
+        "kvctl get greeting", "kvctl get -d sessions --json 4f2a", "kvctl get --bytes blob > out"
+    ),
+)
 def get(
     ctx: typer.Context,
     key: Key,
     dict_name: DictOption = DEFAULT_DICT,
     as_json: JsonOutOption = False,
+    as_bytes: Annotated[
+        bool,
+        typer.Option(
+            "--bytes", "-b", help="Write a bytes (or str) value as it is, with no newline."
+        ),
+    ] = False,
 ) -> None:
     """Print the value stored under KEY.
 
     A str prints as is, anything else as JSON (bytes as base64). Exit 1 if there is no KEY.
     """
+    if as_bytes and _json_mode(ctx, as_json):
+        raise typer.BadParameter("--bytes writes the value as it is; leave out --json")
     with _session(ctx, as_json) as session:
         mapping = session.existing(dict_name, kvclient.DictProxy)
         try:
             value = mapping[key]
         except KeyError:
             raise _NotFoundError("KeyError", f"no key {key!r} in dict {dict_name!r}") from None
-        session.emit(value)
+        if not as_bytes:
+            session.emit(value)
+        elif isinstance(value, bytes | str):
+            out = typer.get_binary_stream("stdout")
+            out.write(value if isinstance(value, bytes) else value.encode())
+            out.flush()
+        else:
+            raise TypeError(
+                f"{key!r} holds a {type(value).__name__}, not bytes or a str; leave out --bytes"
+            )
 
 
 @app.command(
@@ -571,6 +715,9 @@ def get(
         "kvctl set greeting hello",
         'kvctl set --json limits \'{"rps": 50, "burst": [1, 2]}\'',
         "kvctl set --json balance -12.5",
+        "kvctl set notes - < notes.txt       # stdin, as UTF-8 text",
+        "kvctl set --bytes blob - < img.png  # stdin, as bytes (get --bytes > out.png)",
+        "kvctl set --json cfg - < cfg.json",
     ),
 )
 def set_(
@@ -579,31 +726,49 @@ def set_(
     value: Value,
     dict_name: DictOption = DEFAULT_DICT,
     as_json: JsonOption = False,
+    as_bytes: BytesOption = False,
 ) -> None:
-    """Store VALUE under KEY, creating the dict if needed."""
-    parsed = _parse_value(value, _json_mode(ctx, as_json))
+    """Store VALUE under KEY, creating the dict if needed; VALUE - reads stdin.
+
+    stdin is taken whole and unchanged, a trailing newline included. To store the str "-"
+    itself, write --json set KEY '"-"'.
+    """
+    parsed = _read_value(value, _json_mode(ctx, as_json), as_bytes)
     with _session(ctx, as_json) as session:
         session.client.dict(dict_name)[key] = parsed
 
 
-@app.command("del", epilog=_examples("kvctl del greeting", "kvctl del -d sessions 4f2a 9c1e"))
+@app.command(
+    "del",
+    epilog=_examples(
+        "kvctl del greeting", "kvctl del -d sessions 4f2a 9c1e", "kvctl del --strict a b"
+    ),
+)
 def delete(
     ctx: typer.Context,
     keys: Keys,
     dict_name: DictOption = DEFAULT_DICT,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 if any KEY did not exist, not only all.")
+    ] = False,
     as_json: JsonOutOption = False,
 ) -> None:
     """Delete the KEYs in one atomic call and print how many existed.
 
-    Exit 1 if any of them did not exist (the others are still deleted).
+    Exit 1 if none of them existed (with --strict: if any did not); the others are deleted
+    all the same.
     """
     with _session(ctx, as_json) as session:
         deleted = session.existing(dict_name, kvclient.DictProxy).delete_many(keys)
         session.emit(deleted)
         wanted = len(set(keys))
-        if deleted < wanted:
+        if deleted == 0 or (strict and deleted < wanted):
             if wanted == 1:
                 raise _NotFoundError("KeyError", f"no key {keys[0]!r} in dict {dict_name!r}")
+            if deleted == 0:
+                raise _NotFoundError(
+                    "KeyError", f"none of the {wanted} keys were in dict {dict_name!r}"
+                )
             raise _NotFoundError(
                 "KeyError", f"{wanted - deleted} of {wanted} keys were not in dict {dict_name!r}"
             )
@@ -624,7 +789,7 @@ def keys(
         if pattern is not None:
             # Filtered here: the API has no glob, and the keys snapshot is one round trip
             # either way. Keys that are not str match by how they print.
-            found = [key for key in found if fnmatch.fnmatchcase(_plain(key), pattern)]
+            found = [key for key in found if fnmatch.fnmatchcase(plain(key), pattern)]
         session.emit_each(found)
 
 
@@ -674,7 +839,7 @@ def cas(
         if not session.existing(dict_name, kvclient.DictProxy).cas(key, old, value):
             raise _NotFoundError(
                 "CasMismatch",
-                f"{key!r} in dict {dict_name!r} is missing or does not hold {_to_json(old)}; "
+                f"{key!r} in dict {dict_name!r} is missing or does not hold {to_json(old)}; "
                 "nothing was changed",
             )
 
@@ -735,11 +900,17 @@ def mset(
     epilog=_examples("kvctl list push jobs build test deploy", "kvctl list push --json n 3 -- -2"),
 )
 def list_push(
-    ctx: typer.Context, name: ListName, values: Values, as_json: JsonOption = False
+    ctx: typer.Context,
+    name: ListName,
+    values: Values,
+    as_json: JsonOption = False,
+    as_bytes: BytesOption = False,
 ) -> None:
-    """Append the VALUEs to list NAME in one atomic call, creating it if needed."""
-    json_mode = _json_mode(ctx, as_json)
-    items = [_parse_value(value, json_mode) for value in values]
+    """Append the VALUEs to list NAME in one atomic call, creating it if needed.
+
+    A VALUE - is stdin, whole.
+    """
+    items = _read_values(values, _json_mode(ctx, as_json), as_bytes)
     with _session(ctx, as_json) as session:
         session.client.list(name).extend(items)
 
@@ -827,15 +998,15 @@ def queue_put(
     timeout: WaitOption = None,
     no_wait: NoWaitOption = False,
     as_json: JsonOption = False,
+    as_bytes: BytesOption = False,
 ) -> None:
     """Put the VALUEs into queue NAME, in order, creating it (unbounded) if needed.
 
-    Only a bounded queue (made from Python) can be full: then put waits, and exits 1 if the
-    queue stays full past --timeout, or at once with --no-wait.
+    A VALUE - is stdin, whole. Only a bounded queue (made from Python) can be full: then put
+    waits, and exits 1 if the queue stays full past --timeout, or at once with --no-wait.
     """
     block, wait = _blocking(timeout, no_wait)
-    json_mode = _json_mode(ctx, as_json)
-    items = [_parse_value(value, json_mode) for value in values]
+    items = _read_values(values, _json_mode(ctx, as_json), as_bytes)
     with _session(ctx, as_json) as session:
         jobs = session.client.queue(name)
         for item in items:
@@ -863,11 +1034,16 @@ def queue_get(
 
     Waits for ever unless told otherwise; a queue that does not exist yet is created, so a
     consumer may start before its producer. Exit 1 if no item came within --timeout, or at
-    once with --no-wait.
+    once with --no-wait (which creates nothing: a missing queue is an empty one).
     """
     block, wait = _blocking(timeout, no_wait)
     with _session(ctx, as_json) as session:
-        jobs = session.client.queue(name)
+        if block:
+            jobs = session.client.queue(name)
+        elif session.client.names().get(name) is None:
+            raise _NotFoundError("queue.Empty", f"queue {name!r} is empty")
+        else:
+            jobs = session.existing(name, kvclient.QueueProxy)
         try:
             item = jobs.get(block=block, timeout=wait)
         except queue.Empty:
@@ -981,6 +1157,179 @@ def lock_status(ctx: typer.Context, name: LockName, as_json: JsonOutOption = Fal
         session.emit(result, _table(rows))
 
 
+LeaseOption = Annotated[
+    float,
+    typer.Option(
+        "--lease",
+        metavar="SECONDS",
+        parser=_positive_seconds,
+        help="Seconds the hold lasts if kvctl stops renewing it (is killed, stalls, is cut off).",
+    ),
+]
+LockTokenArg = Annotated[
+    int, typer.Argument(metavar="TOKEN", help="The fencing token lock acquire printed.")
+]
+
+
+def _acquire_lock(
+    session: _Session, name: str, lease: float, timeout: float | None
+) -> tuple[LockProxy, int]:
+    """Take lock ``name`` for this command's client; return it and its fencing token.
+
+    Raises:
+        _NotFoundError: the lock stayed held for ``timeout`` seconds (exit 1).
+    """
+    lock = session.client.lock(name, lease=lease)
+    got = lock.acquire(True, -1 if timeout is None else timeout)
+    if got is False:
+        raise _NotFoundError("LockTimeoutError", f"lock {name!r} is still held after {timeout:g} s")
+    # acquire() returns the token today; the stdlib shape returns True and leaves the token
+    # in lock.token. Read it there first, so both work.
+    token = getattr(lock, "token", None)
+    if token is None or isinstance(token, bool):
+        token = got
+    if isinstance(token, bool):
+        raise RuntimeError(f"acquired lock {name!r} but the client gave no fencing token")
+    return lock, int(token)
+
+
+def _run_child(command: list[str], env: dict[str, str]) -> int:
+    """Run ``command`` to its end and return its exit status as a shell reports it.
+
+    SIGTERM and SIGHUP sent to kvctl are passed on to the command, and kvctl waits for it to
+    end; SIGINT is ignored while it runs, as a shell does: a terminal sends it to the command
+    as well.
+    """
+    try:
+        child = subprocess.Popen(command, env=env)  # noqa: S603 - running CMD is the point
+    except FileNotFoundError:
+        typer.echo(f"FileNotFoundError: command not found: {command[0]}", err=True)
+        return 127
+    except OSError as exc:
+        typer.echo(f"{type(exc).__name__}: cannot run {command[0]}: {exc.strerror}", err=True)
+        return 126
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        status = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - status if status < 0 else status
+
+
+class LeaseLostError(Exception):
+    """The lock ``kvctl lock run`` held expired before the command ended (exit 3)."""
+
+
+@lock_app.command(
+    "run",
+    epilog=_examples(
+        "kvctl lock run deploy -- ./deploy.sh prod",
+        "kvctl lock run nightly --lease 10 --timeout 0 -- make backup   # skip if held",
+        "kvctl lock run db-migrate -- sh -c 'migrate --fence \"$KV_FENCING_TOKEN\"'",
+    ),
+)
+def lock_run(
+    ctx: typer.Context,
+    name: LockName,
+    command: Annotated[
+        list[str], typer.Argument(metavar="-- CMD [ARGS]...", help="The command to run.")
+    ],
+    lease: LeaseOption = DEFAULT_LEASE,
+    timeout: WaitOption = None,
+) -> None:
+    """Take lock NAME, run CMD holding it, release it when CMD ends; exit with CMD's status.
+
+    CMD gets the fencing token in env KV_FENCING_TOKEN. kvctl renews the lease every third of
+    --lease while CMD runs; if kvctl is killed, the lease runs out and the next holder gets
+    the lock (CMD itself is not stopped). Exit status: CMD's (128+N if a signal N ended it);
+    1 if the lock stayed held past --timeout; 126/127 if CMD could not run; 3 on a connection
+    error, or if the lease ran out while CMD ran (another holder may have run at the same time).
+    """
+    with _session(ctx) as session:
+        lock, token = _acquire_lock(session, name, lease, timeout)
+        try:
+            status = _run_child(command, {**os.environ, "KV_FENCING_TOKEN": str(token)})
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:
+                lost = True
+            else:
+                lost = False
+        if lost:
+            raise LeaseLostError(
+                f"lock {name!r} (token {token}) was lost while the command ran: its lease ran "
+                "out; another holder may have run at the same time"
+            )
+    raise typer.Exit(status)
+
+
+@lock_app.command(
+    "acquire",
+    epilog=_examples(
+        "kvctl lock acquire deploy --lease 300   # prints the fencing token",
+        "token=$(kvctl lock acquire deploy --lease 300) || exit 1",
+        'step-one --fence "$token"; step-two --fence "$token"',
+        'kvctl lock release deploy "$token"',
+    ),
+)
+def lock_acquire(
+    ctx: typer.Context,
+    name: LockName,
+    lease: LeaseOption = DEFAULT_LEASE,
+    timeout: WaitOption = None,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Take lock NAME and print its fencing token; the hold outlives this command.
+
+    Nothing renews the hold once kvctl exits: it lasts --lease seconds (default 30), unless
+    lock release ends it first. Waits for ever unless --timeout says; exit 1 if the lock stayed
+    held that long.
+    """
+    with _session(ctx, as_json) as session:
+        _, token = _acquire_lock(session, name, lease, timeout)
+        session.emit({"name": name, "token": token, "lease": lease}, str(token))
+
+
+@lock_app.command("release", epilog=_examples('kvctl lock release deploy "$token"'))
+def lock_release(
+    ctx: typer.Context, name: LockName, token: LockTokenArg, as_json: JsonOutOption = False
+) -> None:
+    """Release lock NAME held with fencing TOKEN (as lock acquire printed it), from any host.
+
+    Exit 1 if it is not held with that token: released already, or its lease ran out (and
+    perhaps another holder has it now).
+    """
+    with _session(ctx, as_json) as session:
+        proxy = session.existing_kind(name, ("lock",))
+        assert isinstance(proxy, LockProxy)
+        holder = next(
+            (h for h in proxy.status()["holders"] if token in h.get("tokens", [h["token"]])),
+            None,
+        )
+        if holder is None:
+            raise _NotFoundError(
+                "NotHeldError",
+                f"lock {name!r} is not held with token {token}: released already, or its "
+                f"lease ran out; kvctl lock status {shlex.quote(name)} shows who holds it",
+            )
+        # The hold belongs to the owner id of the kvctl that acquired it, which status()
+        # reports; release as that owner. kvclient's LockProxy.release() only releases the
+        # calling client's own holds.
+        proxy._call("release", [bytes.fromhex(holder["owner"])])
+        if session.json:
+            session.emit({"name": name, "released": token})
+
+
 @value_app.command("get", epilog=_examples("kvctl value get hits"))
 def value_get(ctx: typer.Context, name: ValueName, as_json: JsonOutOption = False) -> None:
     """Print the Value NAME.
@@ -1017,7 +1366,7 @@ def value_set(
         else:
             raise ValueError(
                 f"no Value named {name!r} yet, and a new one takes its type from VALUE, "
-                f"which must then be a number or true/false, not {_to_json(parsed)}"
+                f"which must then be a number or true/false, not {to_json(parsed)}"
             )
 
 
@@ -1218,7 +1567,100 @@ def stats(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
         facts = session.client.stats()
         order: list[str] = [key for key in _STATS_ORDER if key in facts]
         order += [key for key in facts if key not in _STATS_ORDER]
-        rows = [[key, _plain(facts[key])] for key in order]
+        rows = [[key, plain(facts[key])] for key in order]
         if isinstance(facts.get("uptime"), int | float):
             rows[order.index("uptime")][1] = f"{facts['uptime']:.1f} s"
         session.emit({key: facts[key] for key in order}, _table(rows))
+
+
+_TOP_HEADER: Final = ("clients", "containers", "keys", "ops/s", "requests/s", "log", "compactions")
+_TOP_EVERY: Final = 20  # rows between repeated headers, as redis-cli --stat does
+
+
+def _size(nbytes: Any) -> str:
+    if not isinstance(nbytes, int):
+        return "-"
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    size, unit = nbytes / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
+
+def _top_row(facts: dict[str, Any], ops_s: float, requests_s: float) -> list[str]:
+    persistence = facts.get("persistence") or {}
+    return [
+        str(facts.get("clients", "-")),
+        str(facts.get("containers", "-")),
+        str(facts.get("keys", "-")),
+        f"{ops_s:.0f}",
+        f"{requests_s:.0f}",
+        _size(persistence.get("disk_bytes")),
+        str(persistence.get("compactions", "-")),
+    ]
+
+
+@app.command(
+    "top",
+    epilog=_examples(
+        "kvctl top                          # a line a second until Ctrl-C",
+        "kvctl top --interval 5 --count 12  # a minute, every 5 s",
+        "kvctl top --json | jq .ops_per_s",
+    ),
+)
+def top(
+    ctx: typer.Context,
+    interval: Annotated[
+        float,
+        typer.Option(
+            "--interval",
+            "-i",
+            metavar="SECONDS",
+            parser=_positive_seconds,
+            help="Seconds between lines.",
+        ),
+    ] = 1.0,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", "-n", min=1, help="Stop after this many lines (default: never)."),
+    ] = None,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Print the server's load every INTERVAL seconds, one line each, like redis-cli --stat.
+
+    Columns: clients connected, containers, keys (items held), operations and requests per
+    second over the last interval (a batch is one request of many operations; these lines'
+    own stats calls count too), and for a --data-dir server the size of its files on disk and
+    the compactions so far. With --json, one JSON object a line: the stats plus ops_per_s and
+    requests_per_s. Ctrl-C ends it (exit 0).
+    """
+    with _session(ctx, as_json) as session:
+        client = session.client
+        before, then = client.stats(), time.monotonic()
+        lines = 0
+        try:
+            while count is None or lines < count:
+                time.sleep(interval)
+                facts, now = client.stats(), time.monotonic()
+                elapsed = max(now - then, 1e-9)
+                ops_s = (facts.get("ops", 0) - before.get("ops", 0)) / elapsed
+                requests_s = (facts.get("requests", 0) - before.get("requests", 0)) / elapsed
+                if session.json:
+                    rates = {"ops_per_s": round(ops_s, 1), "requests_per_s": round(requests_s, 1)}
+                    typer.echo(to_json({**facts, **rates}))
+                else:
+                    rows = [_top_row(facts, ops_s, requests_s)]
+                    if lines % _TOP_EVERY == 0:
+                        rows.insert(0, list(_TOP_HEADER))
+                    widths = [max(len(h), 10) for h in _TOP_HEADER]
+                    for row in rows:
+                        typer.echo(
+                            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                        )
+                before, then = facts, now
+                lines += 1
+        except KeyboardInterrupt:
+            pass

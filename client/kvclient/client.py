@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from kvclient._address import parse_target
 from kvclient.auth import MIN_AUTHKEY_BYTES, load_authkey
 from kvclient.codec import Ref
 from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
@@ -61,10 +62,12 @@ def connect(
     """Connect to a kvserve server and return a :class:`Client` (a context manager).
 
     Args:
-        address: ``"host:port"`` (IPv6: ``"[::1]:50000"``) or ``(host, port)``; default env
-            ``KV_ADDRESS``, else ``127.0.0.1:50000``.
-        authkey: the key itself; default env ``KV_AUTHKEY``, then the file named by env
-            ``KV_AUTHKEY_FILE``, then ``~/.config/kvmanager/authkey``.
+        address: ``"host:port"`` (IPv6: ``"[::1]:50000"``), ``(host, port)``, or a URL:
+            ``kv://[KEY@]host:port``, or ``kvs://...`` for TLS (see :mod:`kvclient._address`:
+            ``KEY`` names the authkey file, ``~/.config/kvmanager/KEY.key`` or a path);
+            default env ``KV_ADDRESS``, else ``127.0.0.1:50000``.
+        authkey: the key itself; default: the file the URL names, then env ``KV_AUTHKEY``,
+            then the file named by env ``KV_AUTHKEY_FILE``, then ``~/.config/kvmanager/authkey``.
         timeout: seconds allowed for connecting and the handshake (default 10).
         call_timeout: seconds allowed for each call's reply (default 30; blocking queue
             operations wait as long as their own timeout asks). None waits forever.
@@ -79,13 +82,28 @@ def connect(
         key: its private key (env ``KV_TLS_KEY``; default: inside ``cert``).
 
     Raises:
+        ValueError: the address is malformed (the message lists the accepted forms), or says
+            ``kvs://`` with ``tls=False``, or names a key file as well as ``authkey``.
         KVConnectionError: the server is unreachable.
         AuthError: the authkey was rejected, is shorter than 16 bytes, or none could be found.
         ProtocolError: the peer is not kvserve or speaks another wire version.
         TLSError: TLS failed: a certificate was refused, or only one side speaks TLS.
     """
+    address = address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS
+    target = parse_target(address)
+    if target.tls:
+        if tls is False:
+            raise ValueError(f"{address!r} asks for TLS (kvs://), and tls=False refuses it")
+        if tls is None:
+            tls = True
+    if target.key_file is not None:
+        if authkey is not None:
+            raise ValueError(
+                "the address names an authkey file and authkey= is given too; give one of them"
+            )
+        authkey = load_authkey(authkey_file=target.key_file).key
     return Client(
-        address,
+        (target.host, target.port),
         authkey,
         timeout,
         call_timeout=call_timeout,

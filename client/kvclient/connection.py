@@ -5,20 +5,22 @@ thread, as stdlib proxies do). Every socket error is translated here, through
 :func:`kvclient.errors.translate_os_error`, and any failure or interrupt in the middle of a call
 closes the connection: a late reply can then never be read as the answer to a later call.
 
-This module also registers the ``"msgpack"`` serializer with ``multiprocessing.managers``
-(``listener_client["msgpack"]``), so a stdlib ``BaseManager(serializer="msgpack")`` can talk to
-kvserve over the same wire.
+:func:`register_stdlib_serializer` registers the ``"msgpack"`` serializer with
+``multiprocessing.managers`` (``listener_client["msgpack"]``), so a stdlib
+``BaseManager(serializer="msgpack")`` can talk to kvserve over the same wire; ``KVManager``
+calls it. It is an explicit call, not an import side effect: ``multiprocessing.managers`` costs
+about 40 ms to import, which every ``kvctl`` call would otherwise pay.
 """
 
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
+import sys
 from collections.abc import Callable
-from multiprocessing import managers
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from kvclient._address import DEFAULT_PORT, AddressError, parse_target
 from kvclient.auth import client_response, client_verify_welcome, load_authkey
 from kvclient.codec import (
     HEADER,
@@ -38,16 +40,19 @@ from kvclient.errors import (
     translate_os_error,
 )
 
+if TYPE_CHECKING:
+    import ssl  # loaded only by TLS: see _ssl_errors
+
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_PORT",
     "Connection",
     "format_address",
     "parse_address",
+    "register_stdlib_serializer",
     "tune_socket",
 ]
 
-DEFAULT_PORT: Final = 50000
 DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
 _RECV_CHUNK: Final = 64 * 1024
 _CONCAT_LIMIT: Final = 64 * 1024
@@ -56,33 +61,22 @@ _MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    """Parse ``"host:port"``, ``"[v6]:port"``, ``"host"`` or a ``(host, port)`` tuple.
+    """Parse ``"host:port"``, ``"[v6]:port"``, ``"host"``, ``kv://host:port`` or a tuple.
+
+    The forms are those of :mod:`kvclient._address`; a URL that asks for TLS (``kvs://``) or
+    names a key file is for :func:`kvclient.connect`, which applies both.
 
     Raises:
-        ValueError: the port is not a number in 0..65535.
+        ValueError: the address is malformed (the message lists the accepted forms), or is a
+            URL carrying TLS or a key file.
     """
-    if isinstance(address, tuple):
-        host, port = address
-        return str(host), int(port)
-    text = address.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if not sep:
-            raise ValueError(f"invalid address {address!r}: missing ']'")
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    elif ":" in text:  # a bare IPv6 address
-        host, port_text = text, ""
-    else:
-        host, port_text = text, ""
-    try:
-        port = int(port_text) if port_text else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"invalid address {address!r}: port must be a number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"invalid address {address!r}: port out of range")
-    return host or "127.0.0.1", port
+    target = parse_target(address)
+    if target.tls or target.key_file is not None:
+        raise AddressError(
+            f"{address!r} asks for TLS or names a key file; pass it to kvclient.connect(), "
+            "which applies them"
+        )
+    return target.host, target.port
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -141,6 +135,7 @@ class Connection:
         "_applied_timeout",
         "_big",
         "_sock",
+        "_tls",
         "codec",
         "endpoint",
         "max_frame",
@@ -159,6 +154,7 @@ class Connection:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._sock: socket.socket | None = None
+        self._tls = False
         self._big: bytearray | None = None
         self._applied_timeout: float | bool | None = False
         self.endpoint = format_address(*address)
@@ -174,7 +170,7 @@ class Connection:
             if tls is not None:
                 self._start_tls(tls, address[0])
             self._handshake(authkey)
-            if not isinstance(self._sock, ssl.SSLSocket):
+            if not self._tls:
                 # Blocking mode from here on, with the call timeout in SO_RCVTIMEO/SNDTIMEO:
                 # Python's own timeouts poll() before every send and recv (two extra
                 # syscalls per call).
@@ -190,7 +186,7 @@ class Connection:
             # comes at once, so waiting without a socket timeout is safe, and it keeps the
             # server's clear ValueError instead of an OverflowError from the socket layer.
             seconds = None
-        if isinstance(sock, ssl.SSLSocket):
+        if self._tls:
             sock.settimeout(seconds)
         else:
             whole = int(seconds or 0)
@@ -203,9 +199,12 @@ class Connection:
         self._applied_timeout = seconds
 
     def _start_tls(self, context: ssl.SSLContext, host: str) -> None:
+        import ssl  # noqa: PLC0415 - loaded by the caller's SSLContext already; see _ssl_errors
+
         assert self._sock is not None
         try:
             self._sock = context.wrap_socket(self._sock, server_hostname=host)
+            self._tls = True
         except ssl.SSLCertVerificationError as exc:
             raise TLSError(
                 f"the certificate of {self.endpoint} was refused ({exc.verify_message}); "
@@ -232,7 +231,7 @@ class Connection:
                 )
             except AuthError as exc:
                 raise AuthError(f"{self.endpoint}: {exc}") from None
-        except ssl.SSLError as exc:
+        except _ssl_errors() as exc:
             if (
                 "CERTIFICATE_REQUIRED" in str(exc).upper()
                 or "CERTIFICATE REQUIRED" in str(exc).upper()
@@ -254,11 +253,7 @@ class Connection:
             ) from None
         except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
             # Retryable: a server at its --max-connections limit does this too.
-            hint = (
-                ""
-                if isinstance(self._sock, ssl.SSLSocket)
-                else "; if it serves TLS, connect with tls=True (or KV_TLS_CA)"
-            )
+            hint = "" if self._tls else "; if it serves TLS, connect with tls=True (or KV_TLS_CA)"
             raise KVConnectionError(
                 f"{self.endpoint} closed the connection during the handshake (is it kvserve? "
                 f"at its --max-connections limit?){hint}"
@@ -406,6 +401,17 @@ class Connection:
         self.close()
 
 
+def _ssl_errors() -> tuple[type[BaseException], ...]:
+    """Return ``(ssl.SSLError,)`` once ssl is loaded, else ``()``, which catches nothing.
+
+    ssl costs about 8 ms to import, which a plain-TCP ``kvctl get`` should not pay; a TLS
+    connection has loaded it (its SSLContext comes from ssl), and without one no SSLError can
+    be raised.
+    """
+    module = sys.modules.get("ssl")
+    return () if module is None else (module.SSLError,)
+
+
 def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
 
@@ -424,4 +430,8 @@ class _StdlibListener:
         raise KVError("serve kvmanager with kvserve.KVManager, not the stdlib Server")
 
 
-managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[attr-defined]
+def register_stdlib_serializer() -> None:
+    """Register ``"msgpack"`` in ``multiprocessing.managers.listener_client`` (idempotent)."""
+    from multiprocessing import managers  # noqa: PLC0415 - 40 ms; only stdlib-manager users pay
+
+    managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from kvclient.auth import AuthkeySource, check_server_key, load_authkey
-from kvclient.connection import parse_address
+from kvclient.connection import parse_address, register_stdlib_serializer
 from kvserve.containers import KINDS
 from kvserve.server import Server
 from kvserve.sync import SYNC_KINDS
@@ -66,6 +66,7 @@ class KVManager(managers.BaseManager):
         shutdown_timeout: float = 1.0,
         **server_options: Any,
     ) -> None:
+        register_stdlib_serializer()  # BaseManager.__init__ looks the serializer up
         source = (
             load_authkey(create=True)
             if authkey is None

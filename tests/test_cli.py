@@ -22,6 +22,7 @@ from typer.testing import CliRunner, Result
 
 import kvclient
 from kvclient.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, app
+from kvclient.codec import Codec
 from kvserve import KVManager
 from tests.conftest import ServerProcess, read_listening_line, start_kvserve
 
@@ -1428,3 +1429,18 @@ def test_top_prints_a_header_then_a_row_per_interval(kvctl: Kvctl, kv: kvclient.
         clients, containers, keys, ops, requests, log, compactions = row.split()
         assert (containers, keys, log, compactions) == ("1", "2", "-", "-")
         assert int(clients) >= 1 and int(ops) >= 0 and int(requests) >= 0
+
+
+def test_dump_to_a_file_is_atomic(kvctl: Kvctl, kv: kvclient.Client, tmp_path: Path) -> None:
+    kv.dict("d")["k"] = (1, b"x")
+    target = tmp_path / "backup.msgpack"
+    result = kvctl("dump", "-o", str(target))
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert Codec().unpack(target.read_bytes())["containers"][0][2] == {"k": (1, b"x")}
+    assert [p.name for p in tmp_path.iterdir()] == ["backup.msgpack"]  # no temporary left
+    # A failing dump leaves no file at all (a shell redirection leaves an empty one).
+    missing = tmp_path / "no-such-dir" / "backup.msgpack"
+    failed = kvctl("dump", "-o", str(missing))
+    assert failed.exit_code == EXIT_USAGE
+    assert "cannot write" in failed.stderr
+    assert not missing.parent.exists()

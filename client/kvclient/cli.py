@@ -1478,20 +1478,55 @@ def _check_format(value: str) -> str:
 @app.command(
     "dump",
     epilog=_examples(
-        "kvctl dump > backup.msgpack", "kvctl dump --format json | jq '.containers[][0]'"
+        "kvctl dump -o backup.msgpack",
+        "kvctl dump > backup.msgpack",
+        "kvctl dump --format json | jq '.containers[][0]'",
     ),
 )
-def dump(ctx: typer.Context, fmt: FormatOption = "msgpack") -> None:
-    """Write a consistent copy of every container to stdout (see restore)."""
+def dump(
+    ctx: typer.Context,
+    fmt: FormatOption = "msgpack",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write to FILE, atomically: it appears, complete, only once the dump succeeded "
+            "(a shell redirection leaves an empty file behind when it fails).",
+        ),
+    ] = None,
+) -> None:
+    """Write a consistent copy of every container to stdout or FILE (see restore)."""
     _check_format(fmt)
     with _session(ctx) as session:
         data = session.client.dump()
         if fmt == "json":
-            typer.echo(json.dumps(_to_tagged_json(data), ensure_ascii=False))
+            encoded = (json.dumps(_to_tagged_json(data), ensure_ascii=False) + "\n").encode()
         else:
-            out = typer.get_binary_stream("stdout")
-            out.write(Codec(to_ref=to_ref).pack(data))
-            out.flush()
+            encoded = Codec(to_ref=to_ref).pack(data)
+    # Outside the session: a file error is the user's (exit 2), not the server's.
+    if output is None:
+        out = typer.get_binary_stream("stdout")
+        out.write(encoded)
+        out.flush()
+        return
+    _write_atomically(output, encoded)
+    typer.echo(f"wrote {len(encoded)} bytes to {output}", err=True)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file beside it, fsynced, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise typer.BadParameter(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @app.command(

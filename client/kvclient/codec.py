@@ -165,7 +165,7 @@ _SCAN_LIMIT: Final = 4096  # above this, walk the decoded value instead of scann
 
 
 class _BigintSeen(Exception):
-    """Raised by the fast decoder at the first bigint: decode again with checked maps."""
+    """Raised by the fast decoder at the first bigint or tuple: decode again, maps checked."""
 
 
 def _may_be_deep(data: Any, limit: int) -> bool:
@@ -325,6 +325,9 @@ class Codec:
             Clients cannot send exceptions, so a stored value is never one.
         decode_depth: deepest nesting :meth:`unpack` accepts (the server decodes requests
             with ``MAX_DEPTH``; everything else defaults to ``STORED_DEPTH``).
+        decode_exceptions: rebuild exception exts (replies); the server decodes requests with
+            False, so a client cannot store an exception as a value (snapshots could not
+            write it back).
         encode_depth: deepest nesting :meth:`pack` writes (clients: ``MAX_DEPTH``, so a
             request the server would refuse fails before it is sent); None: no check.
     """
@@ -333,6 +336,7 @@ class Codec:
         "_bigint_packed",
         "_checked_maps",
         "_decode_depth",
+        "_decode_exceptions",
         "_depth",
         "_encode_depth",
         "_encode_exceptions",
@@ -349,9 +353,11 @@ class Codec:
         encode_exceptions: bool = False,
         decode_depth: int = STORED_DEPTH,
         encode_depth: int | None = None,
+        decode_exceptions: bool = True,
     ) -> None:
         self._encode_exceptions = encode_exceptions
         self._decode_depth = decode_depth
+        self._decode_exceptions = decode_exceptions
         self._encode_depth = encode_depth
         self._checked_maps = False
         self._bigint_packed = False
@@ -451,6 +457,8 @@ class Codec:
 
     def _decode_ext(self, code: int, data: bytes) -> Any:
         if code == EXT_TUPLE:
+            if not self._checked_maps:
+                raise _BigintSeen  # a tuple may be a map key: its hash is not randomized
             return tuple(self._unpack_raw(data))
         if code == EXT_REF:
             kind, name = self._unpack_raw(data)
@@ -458,6 +466,8 @@ class Codec:
                 raise ValueError("malformed ref ext")
             return self._make_ref(Ref(kind, name))
         if code == EXT_EXCEPTION:
+            if not self._decode_exceptions:
+                raise ValueError("exceptions are not values: a request cannot carry one")
             name, args = self._unpack_raw(data)
             if not isinstance(name, str) or not isinstance(args, list):
                 raise ValueError("malformed exception ext")
@@ -518,7 +528,28 @@ def _check_keys(obj: Any) -> None:
             stack.extend(item)
 
 
+_COLLISIONS_ALLOWED: Final = 16
+
+
 def _checked_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """Build a decoded map whose keys may have been chosen to collide; refuse if they do.
+
+    Ints, floats and tuples hash without randomization, and CPython's tuple hash can be
+    inverted: keys sharing one hash make each insert O(n). Keys are counted by hash before the
+    dict is built (a dict of ints, which hash to themselves, so this count cannot collide).
+    """
     for key, _ in pairs:
         check_key(key)
+    if len(pairs) > _COLLISIONS_ALLOWED:
+        seen: dict[int, int] = {}
+        for key, _ in pairs:
+            if type(key) is not str and type(key) is not bytes:
+                code = hash(key)
+                count = seen.get(code, 0) + 1
+                if count > _COLLISIONS_ALLOWED:
+                    raise TypeError(
+                        f"map keys collide in the hash table ({count}+ keys of one hash); "
+                        "refused: such keys are chosen to stall the server"
+                    )
+                seen[code] = count
     return dict(pairs)

@@ -142,7 +142,7 @@ class _Conn:
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
-        self.codec = Codec(encode_exceptions=True, decode_depth=MAX_DEPTH)
+        self.codec = Codec(encode_exceptions=True, decode_depth=MAX_DEPTH, decode_exceptions=False)
         self.parked: _Waiter | None = None
         self.close_after_flush = False
         self.closed = False

@@ -154,6 +154,7 @@ _LOCK: Final = "LOCK"
 # Looking for a valid record after a version-1 length that runs past the end costs a CRC per
 # candidate; past this many bytes of CRC work, give up and call it damage (the safe answer).
 _V1_SCAN_BUDGET: Final = 64 * 1024 * 1024
+_V1_SCAN_SPAN: Final = 1024 * 1024  # and it tries at most this many offsets (~0.5 s)
 _RETRY_FIRST: Final = 10.0  # seconds before the first automatic retry of a failed compaction
 _RETRY_MAX: Final = 3600.0
 
@@ -222,6 +223,8 @@ def _zero_from(data: bytes, pos: int) -> bool:
 def _v1_record_after(data: bytes, pos: int) -> bool:
     """True when a valid version-1 record starts anywhere after ``pos`` (bounded work)."""
     end = len(data)
+    if end - pos > _V1_SCAN_SPAN:
+        return True  # too far to search: cannot prove the tail torn, so call it damage
     budget = _V1_SCAN_BUDGET
     for at in range(pos + 1, end - _RECORD_HEADER_V1.size + 1):
         size, crc = _RECORD_HEADER_V1.unpack_from(data, at)
@@ -265,6 +268,8 @@ def _read_records(data: bytes, magic: bytes, path: Path) -> Iterator[tuple[int, 
             (head_crc,) = struct.unpack_from(">I", data, pos + 8)
             if zlib.crc32(data[pos : pos + 8]) != head_crc:
                 raise _Damage(pos, "record header CRC mismatch", torn_tail=_zero_from(data, pos))
+        if size == 0:  # never written (a payload is at least one msgpack byte); v1 zeros parse
+            raise _Damage(pos, "zero-length record", torn_tail=_zero_from(data, pos))
         start = pos + head_size
         if start + size > end:
             torn = version != 1 or not _v1_record_after(data, pos)
@@ -453,14 +458,21 @@ class Persistence:
 
     def _tighten_modes(self) -> None:
         """Make the directory 0700 and every file in it 0600 (older versions made 0644 files)."""
+        # A directory someone else owns (a mount point) cannot be chmodded: say so, go on.
         mode = stat.S_IMODE(self.dir.stat().st_mode)
         if mode & 0o077:
-            log.warning("data directory %s was mode %04o; making it 0700", self.dir, mode)
-            os.chmod(self.dir, mode & 0o700)
+            try:
+                os.chmod(self.dir, mode & 0o700)
+                log.warning("data directory %s was mode %04o; made it 0700", self.dir, mode)
+            except OSError as exc:
+                log.warning("data directory %s is mode %04o and stays so: %s", self.dir, mode, exc)
         for path in self.dir.iterdir():
             info = path.lstat()
             if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077:
-                os.chmod(path, stat.S_IMODE(info.st_mode) & 0o600)
+                try:
+                    os.chmod(path, stat.S_IMODE(info.st_mode) & 0o600)
+                except OSError as exc:
+                    log.warning("%s is readable by others and stays so: %s", path, exc)
 
     def _take_lock(self) -> None:
         path = self.dir / _LOCK
@@ -549,11 +561,14 @@ class Persistence:
                         )
                     trailer = True
                     continue
-                name, kind, state = record[:3]
-                if len(record) == 4 and record[3] > 0:
-                    built[-1][1].extend_state(state)  # the next part of the same container
-                else:
-                    built.append((name, store.kind_class(kind).from_state(state)))
+                try:
+                    name, kind, state = record[:3]
+                    if len(record) == 4 and record[3] > 0:
+                        built[-1][1].extend_state(state)  # the next part of the same container
+                    else:
+                        built.append((name, store.kind_class(kind).from_state(state)))
+                except Exception as exc:  # CRC-clean but not a container: still damage
+                    raise _Damage(offset, f"bad container record ({exc!r:.80})", False) from None
                 records += 1
             if version >= 2 and not trailer:
                 raise _Damage(len(data), "the snapshot ends without its trailer", False)
@@ -592,6 +607,8 @@ class Persistence:
         try:
             for offset, payload in _read_records(data, _LOG_MAGIC, path):
                 record = self._decode(payload, offset)
+                if not (type(record) is list and 4 <= len(record) <= 5):
+                    raise _Damage(offset, "not a logged call", torn_tail=False)
                 kind, value = apply_record(store, record)
                 report.log_records += 1
                 if on_answer is not None and len(record) == 5:
@@ -664,7 +681,13 @@ class Persistence:
 
     def append_encoded(self, payload: bytes | memoryview) -> None:
         """Queue one applied mutation given as its msgpack encoding (a request as received)."""
-        self._buffer += _frame_encoded(payload)
+        # Header and payload go into the buffer separately: framing first would copy the
+        # payload once more, and requests logged this way can be megabytes.
+        size, crc = len(payload), zlib.crc32(payload)
+        self._buffer += _RECORD_HEADER.pack(
+            size, crc, zlib.crc32(_RECORD_HEADER_V1.pack(size, crc))
+        )
+        self._buffer += payload
 
     @property
     def pending(self) -> bool:

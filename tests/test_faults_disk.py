@@ -9,12 +9,16 @@ those tests skip, saying why, elsewhere.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import secrets
+import shutil
 import signal
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -25,6 +29,9 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kvclient
 from kvclient.errors import KVError
@@ -635,3 +642,254 @@ def test_data_dir_files_an_older_version_left_readable_are_made_private(disk: Kv
     assert stat.S_IMODE(segment.stat().st_mode) == 0o600
     assert stat.S_IMODE(disk.data_dir.stat().st_mode) == 0o700
     assert "made it 0700" in disk.stderr
+
+
+# -- 7. Random requests, restarts and damage, against a model of the containers -------------
+
+_KEYS = st.sampled_from(["a", "b", "c", "d", "e"])
+_LEAVES = (
+    st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+    | st.booleans()
+    | st.none()
+)
+_VALUES = st.recursive(
+    _LEAVES, lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner), max_leaves=4
+)
+_NUMBERS = st.integers(-1000, 1000) | st.floats(-1e6, 1e6, allow_nan=False)
+State = dict[str, Any]
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) is not bool and isinstance(value, int | float)
+
+
+class DiskModel(RuleBasedStateMachine):
+    """A kvserve with --data-dir and a plain-Python model that must agree after every restart.
+
+    ``base`` is the model as of the start of the newest log segment and ``ops`` the mutations
+    since, so a repair that keeps "everything before the damage" can be checked to have kept a
+    prefix of them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="kvserve-model-"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
+        authkey = secrets.token_hex(16).encode()
+        env.update(HOME=str(self.tmp / "home"), KV_AUTHKEY=authkey.decode())
+        self.server = Kvserve(env, self.tmp / "data", authkey, extra=["--fsync", "no"])
+        self.model: State = {"d": {}, "l": [], "ns": {}}
+        self.kv: kvclient.Client | None = None
+        self.server.start()
+        self._connect()
+        self._new_segment()
+
+    def _connect(self) -> None:
+        self.kv = self.server.client()
+        self.d = self.kv.dict("d")
+        self.lst = self.kv.list("l")
+        self.ns = self.kv.namespace("ns")
+
+    def _new_segment(self) -> None:
+        self.base = copy.deepcopy(self.model)
+        self.ops: list[tuple[str, Any, Any]] = []
+
+    def _mutated(self, op: str, a: Any = None, b: Any = None) -> None:
+        _apply(self.model, op, a, b)
+        self.ops.append((op, a, b))
+
+    def teardown(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
+        if self.server.proc is not None and self.server.proc.poll() is None:
+            self.server.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _read(self) -> State:
+        assert self.kv is not None
+        return {"d": self.d.copy(), "l": self.lst.copy(), "ns": self.ns.to_dict()}
+
+    def _down(self, how: str) -> None:
+        assert self.kv is not None
+        self.kv.close()
+        self.kv = None
+        if how == "stop":
+            assert self.server.stop() == 0
+        else:
+            self.server.kill()
+
+    def _up(self, *more: str) -> None:
+        self.server.start(*more)
+        self._connect()
+
+    def _newest_segment(self) -> Path:
+        return log_files(self.server.data_dir)[-1]
+
+    # valid and invalid requests
+
+    @rule(key=_KEYS, value=_VALUES)
+    def set_key(self, key: str, value: Any) -> None:
+        self.d[key] = value
+        self._mutated("d_set", key, value)
+
+    @rule(key=_KEYS)
+    def delete_key(self, key: str) -> None:
+        if key in self.model["d"]:
+            del self.d[key]
+            self._mutated("d_del", key)
+        else:
+            with pytest.raises(KeyError):
+                del self.d[key]
+
+    @rule(key=_KEYS)
+    def get_key(self, key: str) -> None:
+        if key in self.model["d"]:
+            assert self.d[key] == self.model["d"][key]
+        else:
+            with pytest.raises(KeyError):
+                self.d[key]
+
+    @rule(key=_KEYS, by=_NUMBERS)
+    def incr_key(self, key: str, by: float) -> None:
+        current = self.model["d"].get(key, 0)
+        if _is_number(current):
+            assert self.d.incr(key, by) == current + by
+            self._mutated("d_incr", key, by)
+        else:
+            with pytest.raises(TypeError):
+                self.d.incr(key, by)
+
+    @rule(value=_VALUES)
+    def append(self, value: Any) -> None:
+        self.lst.append(value)
+        self._mutated("l_append", value)
+
+    @rule()
+    def pop(self) -> None:
+        if self.model["l"]:
+            assert self.lst.pop() == self.model["l"][-1]
+            self._mutated("l_pop")
+        else:
+            with pytest.raises(IndexError):
+                self.lst.pop()
+
+    @rule(attr=st.sampled_from(["x", "y"]), value=_VALUES)
+    def set_attribute(self, attr: str, value: Any) -> None:
+        setattr(self.ns, attr, value)
+        self._mutated("ns_set", attr, value)
+
+    @rule()
+    def wrong_kind(self) -> None:
+        assert self.kv is not None
+        with pytest.raises(KVError):
+            self.kv.list("d")
+
+    @rule()
+    def compact(self) -> None:
+        assert self.kv is not None
+        before = self.kv.stats()["persistence"]["compactions"]
+        assert self.kv.compact() is True
+        deadline = time.monotonic() + 10
+        while self.kv.stats()["persistence"]["compactions"] == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        self._new_segment()
+
+    # restarts and damage
+
+    @rule(how=st.sampled_from(["stop", "kill"]))
+    def restart(self, how: str) -> None:
+        self._down(how)
+        self._up()
+        self._new_segment()
+
+    @rule(tail=st.sampled_from(["header", "payload", "zeros"]), cut=st.integers(1, 11))
+    def torn_tail(self, tail: str, cut: int) -> None:
+        """A crash in the middle of appending a write that was never acknowledged."""
+        self._down("kill")
+        payload = msgpack.packb(["d", "__setitem__", ["never", "acknowledged"], None])
+        head = struct.pack(">II", len(payload), zlib.crc32(payload))
+        record = head + struct.pack(">I", zlib.crc32(head)) + payload
+        torn = {
+            "header": record[:cut],
+            "payload": record[: RECORD_HEADER + cut],
+            "zeros": bytes(cut * 100),
+        }[tail]
+        with self._newest_segment().open("ab") as fh:
+            fh.write(torn)
+        self._up()
+        self._new_segment()
+
+    @precondition(lambda self: self.ops)
+    @rule(data=st.data())
+    def damage_newest_segment(self, data: st.DataObject) -> None:
+        """A flipped bit: refuse to start; with --repair, keep a prefix of what was logged."""
+        self._down("kill")
+        segment = self._newest_segment()
+        size = segment.stat().st_size
+        flip(segment, data.draw(st.integers(FILE_HEADER, size - 1)), data.draw(st.integers(0, 7)))
+        assert f"{segment} is damaged at offset" in self.server.refuses()
+        self._up("--repair")
+        kept = self._read()
+        prefixes = [copy.deepcopy(self.base)]
+        for op in self.ops:
+            prefixes.append(copy.deepcopy(prefixes[-1]))
+            _apply(prefixes[-1], *op)
+        assert kept in prefixes, "repair kept something that is not a prefix of the log"
+        self.model = kept
+        self._down("stop")
+        self._up()  # what repair kept is on disk, not just in that run's memory
+        self._new_segment()
+
+    @rule(data=st.data())
+    def damage_elsewhere_refuses(self, data: st.DataObject) -> None:
+        """Damage in the snapshot or an older segment refuses to start, whatever the bit."""
+        self._down("stop")
+        newest = self._newest_segment()
+        files = [
+            p for p in sorted(self.server.data_dir.glob("*.kv[sl]")) if p != newest and records(p)
+        ]
+        if files:
+            target = data.draw(st.sampled_from(files))
+            original = target.read_bytes()
+            at = data.draw(st.integers(FILE_HEADER, len(original) - 1))
+            flip(target, at, data.draw(st.integers(0, 7)))
+            assert f"{target} is damaged at offset" in self.server.refuses()
+            target.write_bytes(original)
+        self._up()
+        self._new_segment()
+
+    @invariant()
+    def agrees_with_the_model(self) -> None:
+        # Checked after every step, so after every restart too.
+        if self.kv is not None:
+            assert self._read() == self.model
+
+
+def _apply(state: State, op: str, a: Any, b: Any) -> None:
+    if op == "d_set":
+        state["d"][a] = b
+    elif op == "d_del":
+        del state["d"][a]
+    elif op == "d_incr":
+        state["d"][a] = state["d"].get(a, 0) + b
+    elif op == "l_append":
+        state["l"].append(a)
+    elif op == "l_pop":
+        state["l"].pop()
+    elif op == "ns_set":
+        state["ns"][a] = b
+
+
+DiskModel.TestCase.settings = settings(
+    max_examples=12,
+    stateful_step_count=25,
+    deadline=None,
+    derandomize=True,  # the same examples on every run: CI stays deterministic
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestModelSurvivesRestartsAndDamage = pytest.mark.timeout(240)(DiskModel.TestCase)

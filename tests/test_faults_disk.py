@@ -629,6 +629,20 @@ def test_data_dir_a_missing_parent_is_created_and_every_file_is_private(disk: Kv
     assert stat.S_IMODE(disk.data_dir.stat().st_mode) == 0o700
 
 
+def test_data_dir_a_snapshot_left_half_written_by_a_crash_is_removed(disk: Kvserve) -> None:
+    disk.start()
+    with disk.client() as kv:
+        fill_keys(kv, 3)
+    disk.kill()
+    stale = disk.data_dir / "snapshot.kvs.tmp"
+    stale.write_bytes(b"KVSNAP\0\0" + bytes(100_000))  # would otherwise stay for ever
+    disk.start()
+    with disk.client() as kv:
+        assert len(kv.dict("d")) == 3
+    assert disk.stop() == 0
+    assert not stale.exists()
+
+
 def test_data_dir_files_an_older_version_left_readable_are_made_private(disk: Kvserve) -> None:
     disk.data_dir.mkdir(mode=0o755)
     os.chmod(disk.data_dir, 0o755)

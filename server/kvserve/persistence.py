@@ -85,8 +85,10 @@ any segment but the newest, any damage in a snapshot) refuses to start with a
 everything before the first damage instead: it writes a fresh snapshot of what it kept, moves the
 damaged file to ``<name>.damaged-<time>`` and later log segments to
 ``<name>.after-damage-<time>`` (the bytes are never truncated in place or deleted), and then
-starts. A power failure that leaves the last record half written, header included, shows as
-damage and needs ``repair``; it loses only what that write held.
+starts. A power failure can also leave a last record whose header reached the disk but whose
+payload did not (the file system extended the file over stale or zeroed blocks); that shows as
+damage and needs ``repair``, which then loses only that record. A ``snapshot.kvs.tmp`` left by
+a crash during compaction is never read; start-up deletes it.
 
 Compaction
 ----------
@@ -416,6 +418,10 @@ class Persistence:
         # written: moving them first and crashing would leave a directory that starts
         # cleanly without the damaged segment's good prefix.
         aside: list[tuple[Path, str]] = []
+        stale = self.dir / (_SNAPSHOT + ".tmp")
+        if stale.exists():  # a compaction cut short; the log still holds all of it
+            log.info("removing %s, left by a compaction that did not finish", stale)
+            stale.unlink()
         log_seq, snapshot_damaged = self._load_snapshot(store, report)
         if snapshot_damaged:
             aside.append((self.dir / _SNAPSHOT, "damaged"))

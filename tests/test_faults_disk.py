@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kvclient
-from kvclient.errors import KVError
+from kvclient.errors import KVError, RemoteError
 from kvserve import KVManager, Server
 from kvserve.persistence import Persistence
 from tests.conftest import read_listening_line
@@ -580,6 +580,32 @@ def test_compaction_failed_snapshot_keeps_serving_logs_once_and_loses_nothing(
         disk.start()
         with disk.client() as kv:
             assert kv.dict("d").copy() == expected
+        assert disk.stop() == 0
+
+
+def test_compaction_that_cannot_start_a_segment_is_an_error_to_its_caller_not_a_stop(
+    disk: Kvserve, tmp_path: Path
+) -> None:
+    with small_disk(tmp_path / "mnt", 256 * 1024) as mnt:
+        disk.data_dir = mnt / "data"
+        disk.start()
+        with disk.client() as kv:
+            d = kv.dict("d")
+            d["before"] = 1
+            filler = fill(mnt)  # not even a new segment's 16-byte header fits
+            with pytest.raises(RemoteError, match="No space left on device"):
+                kv.compact()
+            kv.ping()  # still serving
+            stats = kv.stats()["persistence"]
+            assert "cannot start log segment" in stats["last_error"]
+            assert stats["compaction_failures"] == 1
+            filler.unlink()
+            d["after"] = 2  # the old segment is still the one appended to
+        assert disk.stop() == 0
+        assert len(log_files(disk.data_dir)) == 1
+        disk.start()
+        with disk.client() as kv:
+            assert kv.dict("d").copy() == {"before": 1, "after": 2}
         assert disk.stop() == 0
 
 

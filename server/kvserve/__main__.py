@@ -209,7 +209,10 @@ def serve(
     reason = server.fatal_error or (persistence.failed if persistence is not None else None)
     if reason is not None:
         # Exit 0 here would tell systemd (Restart=on-failure) that stopping was intended.
-        typer.echo(f"kvserve: fatal: {reason}; stopped without acknowledging it", err=True)
+        typer.echo(
+            f"kvserve: fatal: {reason}; stopped (no write missing from the log was acknowledged)",
+            err=True,
+        )
         raise typer.Exit(1)
     log.info("stopped")
 

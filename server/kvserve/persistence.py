@@ -206,10 +206,6 @@ def _dir_error(data_dir: Path, exc: OSError) -> PersistenceError:
     )
 
 
-class _StopReplay(Exception):  # an internal signal
-    pass
-
-
 class _Damage(Exception):  # an internal signal, always converted
     def __init__(self, offset: int, reason: str, torn_tail: bool) -> None:
         super().__init__(reason)

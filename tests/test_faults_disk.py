@@ -566,6 +566,10 @@ def test_compaction_failed_snapshot_keeps_serving_logs_once_and_loses_nothing(
                 while kv.stats()["persistence"]["compaction_failures"] < attempt + 1:
                     assert time.monotonic() < deadline
                     time.sleep(0.02)
+                with disk.client() as probe:  # another connection is served at once
+                    started = time.monotonic()
+                    probe.ping()
+                    assert time.monotonic() - started < 1
                 for i in range(20):  # still acknowledged, still logged
                     d[f"after{attempt}-{i}"] = i
                     expected[f"after{attempt}-{i}"] = i

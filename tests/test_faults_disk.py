@@ -55,10 +55,11 @@ class Kvserve:
     proc: subprocess.Popen[str] | None = None
     address: str = ""
     stderr: str = ""
+    started: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def popen(self, *more: str) -> subprocess.Popen[str]:
         args = ["--port", "0", "--data-dir", str(self.data_dir), *self.extra, *more]
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "kvserve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -66,6 +67,15 @@ class Kvserve:
             env=self.env,
             umask=0o022,  # the modes kvserve gives its files must not depend on the umask
         )
+        self.started.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        """Kill every server this object started that still runs (teardown after a failure)."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
 
     def start(self, *more: str) -> Kvserve:
         self.proc = self.popen(*more)
@@ -108,8 +118,7 @@ class Kvserve:
 def disk(clean_env: dict[str, str], authkey: bytes, tmp_path: Path) -> Iterator[Kvserve]:
     server = Kvserve(dict(clean_env, KV_AUTHKEY=authkey.decode()), tmp_path / "data", authkey)
     yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
+    server.kill_all()
 
 
 @contextlib.contextmanager
@@ -727,8 +736,12 @@ class DiskModel(RuleBasedStateMachine):
         self.server = Kvserve(env, self.tmp / "data", authkey, extra=["--fsync", "no"])
         self.model: State = {"d": {}, "l": [], "ns": {}}
         self.kv: kvclient.Client | None = None
-        self.server.start()
-        self._connect()
+        try:
+            self.server.start()
+            self._connect()
+        except BaseException:
+            self.teardown()  # hypothesis only tears down a machine it finished building
+            raise
         self._new_segment()
 
     def _connect(self) -> None:
@@ -746,11 +759,12 @@ class DiskModel(RuleBasedStateMachine):
         self.ops.append((op, a, b))
 
     def teardown(self) -> None:
-        if self.kv is not None:
-            self.kv.close()
-        if self.server.proc is not None and self.server.proc.poll() is None:
-            self.server.kill()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if self.kv is not None:
+                self.kv.close()
+        finally:
+            self.server.kill_all()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _read(self) -> State:
         assert self.kv is not None

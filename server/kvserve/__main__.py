@@ -2,6 +2,11 @@
 
 It prints exactly one line to stdout, ``kvserve listening on HOST:PORT``, once it accepts
 connections (scripts and tests read the port from it); everything else goes to stderr.
+
+Exit status: 0 after SIGTERM or Ctrl-C; 1 when the server stopped on its own because it could
+not go on safely (the log could not be written or fsynced, e.g. a full disk), with the reason on
+stderr, so a supervisor's ``Restart=on-failure`` restarts it; 2 on a usage error; 3 when it
+could not start (authkey, TLS, data directory unusable, damaged or locked, address in use).
 """
 
 from __future__ import annotations
@@ -161,8 +166,9 @@ def serve(
         )
         server = manager.get_server()
     except KVError as exc:
-        _fail(exc)
+        _fail(exc)  # a PersistenceError names the data directory and the file
     except OSError as exc:
+        # Persistence translates its own OSErrors, so what is left is binding the address.
         _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc})")
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -200,6 +206,14 @@ def serve(
         )
     print(f"kvserve listening on {server.endpoint}", flush=True)
     server.serve_forever()
+    reason = server.fatal_error or (persistence.failed if persistence is not None else None)
+    if reason is not None:
+        # Exit 0 here would tell systemd (Restart=on-failure) that stopping was intended.
+        typer.echo(
+            f"kvserve: fatal: {reason}; stopped (no write missing from the log was acknowledged)",
+            err=True,
+        )
+        raise typer.Exit(1)
     log.info("stopped")
 
 

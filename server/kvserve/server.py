@@ -249,6 +249,7 @@ class Server:
         # token -> (seq, kind, value) of each client session's last answered request.
         self._sessions: dict[bytes, tuple[int, str, Any]] = {}
         self._persist = persistence
+        self.fatal_error: str | None = None  # why the loop stopped on its own; kvserve exits 1
         # With persistence, replies wait in _held until the log holds their writes.
         self._held: list[tuple[_Conn, bytes]] | None = None
         self.load_report: LoadReport | None = None
@@ -804,7 +805,9 @@ class Server:
         except OSError as exc:
             # The writes are applied in memory but not logged: acknowledging them would be a
             # lie. Fail those calls loudly and stop; a restart replays what the log holds.
-            log.critical("cannot write the log (%s); stopping without acknowledging", exc)
+            if self.fatal_error is None:
+                self.fatal_error = str(self._persist.failed or exc)
+                log.critical("%s; stopping without acknowledging", self.fatal_error)
             for conn, _ in held:
                 self._close(conn)
             self.stop()
@@ -812,7 +815,10 @@ class Server:
         for conn, payload in held:
             self._send_now(conn, payload)
         if self._persist.should_compact():
-            self._persist.compact(self.store)
+            try:
+                self._persist.compact(self.store)
+            except OSError:
+                pass  # logged and counted by Persistence; a failed log write stops us next time
 
     def _send(self, conn: _Conn, payload: bytes) -> None:
         conn.wbytes += len(payload) + 4
@@ -1197,7 +1203,9 @@ class Server:
     def _compact(self) -> bool:
         if self._persist is None:
             raise ValueError("this server keeps no data on disk (start it with --data-dir)")
-        self._persist.flush()
+        # compact() flushes first: records queued in this iteration belong to the segments
+        # the snapshot covers. If that flush fails they stay queued, this call fails, and
+        # _release_held stops the server before any of their replies is sent.
         return self._persist.compact(self.store)
 
     def _restore(self, dump: Any) -> int:
@@ -1224,6 +1232,8 @@ class Server:
                 "fsync": self._persist.fsync,
                 "disk_bytes": self._persist.disk_bytes(),
                 "compactions": self._persist.compactions,
+                "compacting": self._persist.compacting,
+                "compaction_failures": self._persist.compaction_failures,
                 "last_error": self._persist.last_error,
             },
         }

@@ -210,7 +210,11 @@ _wire = st.recursive(
         | st.lists(inner, max_size=4).map(
             lambda items: msgpack.ExtType(EXT_TUPLE, msgpack.packb(items, use_bin_type=True))
         )
-        | st.dictionaries(st.integers() | st.text(max_size=4), inner, max_size=4).map(
+        | st.dictionaries(
+            st.integers(min_value=-(2**120), max_value=2**120) | st.text(max_size=4),
+            inner,
+            max_size=4,
+        ).map(
             lambda d: {
                 (
                     msgpack.ExtType(4, k.to_bytes(16, "big", signed=True))

@@ -41,10 +41,18 @@ import msgpack
 import pytest
 
 import kvclient
-from kvclient.codec import EXT_BIGINT, EXT_TUPLE, MAX_DEPTH, Codec
+from kvclient.auth import client_response, client_verify_welcome
+from kvclient.codec import EXT_BIGINT, EXT_EXCEPTION, EXT_TUPLE, MAX_DEPTH, Codec
 from kvclient.retry import Retry
+from tests.collide import colliding_pairs
 from tests.conftest import read_listening_line, start_kvserve
-from tests.wire import authed_connection, closed_by_peer, recv_frame, send_frame
+from tests.wire import (
+    authed_connection,
+    closed_by_peer,
+    raw_connection,
+    recv_frame,
+    send_frame,
+)
 
 PROBE_SECONDS = 1.0
 pytestmark = pytest.mark.timeout(60)
@@ -730,4 +738,143 @@ def test_long_replies_above_the_request_limit_reach_the_client(target: Target) -
         copied = d.copy()
         assert len(copied) == 700 and copied["k699"] == value
         assert len(kv.dump()["containers"]) == 2
+    target.assert_serving()
+
+
+# -- from the attack report (each failed before its fix) --------------------------------------
+
+
+def test_decoding_colliding_tuple_keys_are_refused_in_linear_time(target: Target) -> None:
+    """Tuples of 64-bit ints chosen to share one hash: 1.1 MB stalled the server for 57 s."""
+    keys = colliding_pairs(60_000)
+    body = b"".join(
+        msgpack.packb(msgpack.ExtType(EXT_TUPLE, msgpack.packb(list(k)))) + b"\x00" for k in keys
+    )
+    payload = b"\x94\xc0\xa4ping\x91\xdf" + len(keys).to_bytes(4, "big") + body + b"\xc0"
+    sock = authed_connection(target.address, target.readonly_key)
+    with sock:
+        started = time.monotonic()
+        send_frame(sock, payload)
+        kind, value = Codec().unpack(recv_frame(sock))
+        assert time.monotonic() - started < PROBE_SECONDS
+        assert kind == "#ERROR" and "collide" in str(value), value
+    with target.client() as kv:  # ordinary tuple keys are keys as before
+        d = kv.dict("grid")
+        d.update({(x, y): x * y for x in range(40) for y in range(40)})
+        assert d[(3, 4)] == 12
+    target.assert_serving()
+
+
+def test_decoding_a_request_cannot_store_an_exception(make_target: Callable[..., Target]) -> None:
+    """A stored exception ext made every later snapshot fail ("cannot encode KeyError")."""
+    target = make_target(data=True)
+    with target.client() as kv:
+        kv.dict("D")
+    sock = authed_connection(target.address, target.authkey)
+    with sock:
+        boom = msgpack.ExtType(EXT_EXCEPTION, msgpack.packb(["KeyError", ["boom"]]))
+        kind, value = _request(sock, ["D", "__setitem__", ["e", boom], None])
+        assert kind == "#ERROR" and "exceptions are not values" in str(value), value
+    with target.client() as kv:
+        assert "e" not in kv.dict("D")
+        assert kv.compact() is not None
+    target.assert_serving()
+
+
+def test_memory_requests_waiting_behind_a_parked_call_run_a_slice_per_turn(
+    target: Target,
+) -> None:
+    """55 MiB of pings queued behind a parked wait were answered in one 49 s loop turn."""
+    with target.client() as kv:
+        kv.event("E")
+    sock = authed_connection(target.address, target.readonly_key)
+    with sock:
+        send_frame(sock, msgpack.packb(["E", "wait", [1.0], None]))
+        ping = msgpack.packb([None, "ping", [], None])
+        burst = (len(ping).to_bytes(4, "big") + ping) * 200_000
+        replies = [0]
+
+        def drain() -> None:
+            sock.settimeout(30)
+            while replies[0] < 200_001:
+                recv_frame(sock)
+                replies[0] += 1
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        sock.sendall(burst)
+        deadline = time.monotonic() + 20
+        worst = 0.0
+        while reader.is_alive() and time.monotonic() < deadline:
+            started = time.monotonic()
+            target.assert_serving()
+            worst = max(worst, time.monotonic() - started)
+        reader.join(20)
+        assert replies[0] == 200_001
+        assert worst < PROBE_SECONDS, f"a probe waited {worst:.2f}s"
+
+
+def test_connections_a_silent_flood_does_not_push_out_a_client_mid_handshake(
+    make_target: Callable[..., Target],
+) -> None:
+    """Connections that never say HELLO are closed first when the pending table is full.
+
+    At 6000 connects/s the oldest-first rule closed keyed clients between their HELLO and their
+    answer; here that moment is held open on purpose, while 150 silent connections arrive.
+    """
+    target = make_target()
+    host, port = target.address.rsplit(":", 1)
+    keyed = raw_connection(target.address)  # HELLO sent
+    challenge = recv_frame(keyed)
+    silent = [socket.create_connection((host, int(port))) for _ in range(150)]
+    try:
+        time.sleep(0.3)  # all accepted: the table overflowed twice
+        response, nonce = client_response(target.authkey, challenge)
+        send_frame(keyed, response)
+        client_verify_welcome(target.authkey, recv_frame(keyed), challenge, nonce)
+        assert _request(keyed, [None, "ping", [], None]) == ["#RETURN", None]
+    finally:
+        keyed.close()
+        for sock in silent:
+            sock.close()
+    target.assert_serving()
+
+
+def test_readonly_key_cannot_flush_the_retry_table_with_pings(target: Target) -> None:
+    """65,536 pings with fresh ids (any key) used to evict a keyed session's remembered answer."""
+    with target.client() as kv:
+        kv.dict("counts")
+    token = secrets.token_bytes(16)
+    keyed = authed_connection(target.address, target.authkey)
+    with keyed:
+        incr = ["counts", "incr", ["n"], None, [token, 1]]
+        assert _request(keyed, incr) == ["#RETURN", 1]
+        frames = b"".join(
+            len(p).to_bytes(4, "big") + p
+            for p in (
+                msgpack.packb([None, "ping", [], None, [i.to_bytes(8, "big"), 1]])
+                for i in range(70_000)
+            )
+        )
+        flooder = authed_connection(target.address, target.authkey)
+        with flooder:
+            reader = threading.Thread(target=lambda: [recv_frame(flooder) for _ in range(70_000)])
+            flooder.settimeout(30)
+            reader.start()
+            flooder.sendall(frames)
+            reader.join(30)
+        assert _request(keyed, incr) == ["#RETURN", 1]  # answered from memory, not run again
+    with target.client() as kv:
+        assert kv.dict("counts")["n"] == 1
+
+
+def test_errors_never_echo_a_huge_name(target: Target) -> None:
+    """A 40 MB name became a 160 MB repr in NoSuchContainerError, held per connection."""
+    sock = authed_connection(target.address, target.readonly_key)
+    with sock:
+        kind, value = _request(sock, ["x" * 5_000_000, "get", [], None])
+        assert kind == "#ERROR" and isinstance(value, kvclient.ProtocolError)
+        assert len(str(value)) < 300
+        kind, value = _request(sock, ["precious", "m" * 1_000_000, [], None])
+        assert kind == "#ERROR" and len(str(value)) < 300
     target.assert_serving()

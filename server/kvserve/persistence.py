@@ -107,6 +107,7 @@ import errno
 import fcntl
 import logging
 import os
+import reprlib
 import stat
 import struct
 import threading
@@ -305,7 +306,7 @@ def restore_state(store: Store, dump: Any) -> int:
     built: dict[str, Container] = {}
     for entry in containers:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
-            raise ValueError(f"malformed dump entry: {entry!r:.80}")
+            raise ValueError(f"malformed dump entry: {reprlib.repr(entry)}")
         name, kind, state = entry
         built[name] = store.kind_class(kind).from_state(state)
     for name, obj in built.items():

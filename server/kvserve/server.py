@@ -57,6 +57,7 @@ _ERROR: Final = "#ERROR"
 _STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
 _LOGGED_PUBLIC: Final = frozenset({"create", "drop", "restore"})
 _WRITE_PUBLIC: Final = frozenset({"drop", "restore", "compact"})
+_REMEMBERED_PUBLIC: Final = frozenset({"batch", "create", "drop", "restore", "compact"})
 _MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
 # The longest the loop sleeps in one select(): epoll takes its timeout as an int of
 # milliseconds (OverflowError past ~24.8 days), and a long sleep would hide a clock bug.
@@ -72,6 +73,12 @@ _PARTIAL_BIG: Final = 1024 * 1024
 # so a copy() or dump of a million keys does not hold every other client for its whole
 # encoding (measured by `python -m bench.stalls`).
 _SLICE_ITEMS: Final = 8192
+# Requests dispatched for one connection per loop turn: frames that waited (behind a parked
+# call, a sliced reply, or pipelined in one burst) must not hold the loop for seconds.
+_FRAMES_PER_TURN: Final = 256
+_NAME_MAX: Final = 1024  # as kvserve.store: longer names exist nowhere
+_METHOD_MAX: Final = 64
+_ACCEPTS_PER_TURN: Final = 64
 _ACCEPT_BACKOFF: Final = (0.05, 1.0)  # first and longest pause after EMFILE and friends
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -108,11 +115,13 @@ class _Conn:
     __slots__ = (
         "accounted",
         "authed",
+        "backlog",
         "busy",
         "close_after_flush",
         "closed",
         "codec",
         "handshake",
+        "hello",
         "key_index",
         "last_active",
         "parked",
@@ -139,6 +148,8 @@ class _Conn:
         self.paused = False  # not reading: too much unsent output (see _WRITE_HIGH)
         self.accounted = 0  # len(rbuf) as counted in Server._buffered
         self.busy = False  # a reply is being encoded in slices; later requests wait
+        self.backlog = False  # complete frames wait for the next turn (_FRAMES_PER_TURN)
+        self.hello = False  # sent its first handshake frame (a real client does at once)
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
@@ -483,7 +494,7 @@ class Server:
     # -- connections ---------------------------------------------------------------------
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(_ACCEPTS_PER_TURN):  # then serve the handshakes already under way
             try:
                 sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -523,7 +534,11 @@ class Server:
                 # Make room by closing the connection that has been authenticating longest:
                 # a flood of never-authenticating connections then churns through this small
                 # table, while a keyed client (one round trip) finishes before its turn comes.
-                oldest = next(iter(self._pending))
+                # Oldest silent one first: a real client sends HELLO at once, so a flood of
+                # connections that say nothing cannot push it out mid-handshake.
+                oldest = next((c for c in self._pending if not c.hello), None) or next(
+                    iter(self._pending)
+                )
                 self.refused_connections += 1
                 if self.refused_connections % 100 == 1:
                     log.warning(
@@ -646,8 +661,8 @@ class Server:
         conn.sock.close()
 
     def _on_readable(self, conn: _Conn) -> None:
-        if conn.paused:
-            return  # its replies are not being read: leave its requests in the kernel
+        if conn.paused or conn.backlog:
+            return  # replies unread, or requests already waiting: leave the rest in the kernel
         sock = conn.sock
         view = self._recv_view
         while True:
@@ -724,6 +739,7 @@ class Server:
     def _frames(self, conn: _Conn, buf: memoryview) -> int:
         """Dispatch the complete frames at the start of ``buf``; return the bytes used."""
         pos = 0
+        budget = _FRAMES_PER_TURN
         try:
             while (
                 not conn.closed
@@ -750,6 +766,11 @@ class Server:
                 end = pos + 4 + size
                 if len(buf) < end:
                     break
+                if budget == 0:
+                    conn.backlog = True
+                    self._call_later(0.0, functools.partial(self._continue, conn))
+                    break
+                budget -= 1
                 payload = buf[pos + 4 : end]
                 pos = end
                 if conn.authed:
@@ -768,7 +789,12 @@ class Server:
             self._set_events(conn)
         return pos
 
+    def _continue(self, conn: _Conn) -> None:
+        conn.backlog = False
+        self._process(conn)
+
     def _on_handshake(self, conn: _Conn, payload: bytes) -> None:
+        conn.hello = True
         hs = conn.handshake
         assert hs is not None
         reply = hs.answer(payload)
@@ -949,6 +975,20 @@ class Server:
         if type(message) is not list or not 4 <= len(message) <= 5:
             self._reply(conn, _ERROR, ProtocolError("malformed request: expected 4 or 5 elements"))
             return
+        ident, method = message[0], message[1]
+        if (ident is not None and (type(ident) is not str or len(ident) > _NAME_MAX)) or (
+            type(method) is not str or len(method) > _METHOD_MAX
+        ):
+            # Before anything echoes them in an error: a 40 MB name became a 160 MB repr.
+            self._reply(
+                conn,
+                _ERROR,
+                ProtocolError(
+                    f"malformed request: the name must be nil or a str of at most {_NAME_MAX} "
+                    f"chars, the method a str of at most {_METHOD_MAX}"
+                ),
+            )
+            return
         self.ops_served += 1
         self.requests_served += 1
         rid = None
@@ -957,9 +997,11 @@ class Server:
             if not _valid_rid(rid):
                 self._reply(conn, _ERROR, ProtocolError("malformed request id"))
                 return
-            if conn.readonly:
-                # Its calls change nothing, so retrying them is safe without an id; and it
-                # must not read, or evict from the table, other sessions' answers.
+            if conn.readonly or not self._changes_state(ident, method):
+                # Calls that change nothing are safe to retry without an id: remembering their
+                # answers would pin them (a copy() of a big list per id) and let a stream of
+                # pings evict other sessions' answers, so a retried incr ran twice. The
+                # read-only key must not read or evict other sessions' answers either.
                 rid = None
         if rid is not None:
             cached = self._sessions.get(rid[0])
@@ -985,6 +1027,14 @@ class Server:
         self._answer(conn, rid, _RETURN, result)
         if ident in self._parked:
             self._retry_parked(ident)
+
+    def _changes_state(self, ident: str | None, method: str) -> bool:
+        """Whether a call may change state (its answer is remembered for retries)."""
+        if ident is None:
+            return method in _REMEMBERED_PUBLIC
+        obj = self.store.objects.get(ident)
+        # Unknown container: the call fails; keep the id so its error is remembered too.
+        return obj is None or method in obj.mutating or method in obj.caller_methods
 
     def _answer(self, conn: _Conn, rid: list[Any] | None, kind: str, value: Any) -> None:
         if kind == _ERROR and isinstance(value, BaseException):
@@ -1140,8 +1190,8 @@ class Server:
                 "this connection authenticated with the read-only key; creating "
                 f"{name!r} would change the server"
             )
-        if type(kind) is not str:
-            raise TypeError(f"the container kind must be a str, not {type(kind).__name__}")
+        if type(kind) is not str or len(kind) > _METHOD_MAX:
+            raise TypeError("the container kind must be a str of at most 64 chars")
         result = self._create(kind, name, *rest, **options)
         if existing is None and self._persist is not None:
             record = [None, "create", [kind, name, *rest], options]

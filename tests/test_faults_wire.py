@@ -878,3 +878,100 @@ def test_errors_never_echo_a_huge_name(target: Target) -> None:
         kind, value = _request(sock, ["precious", "m" * 1_000_000, [], None])
         assert kind == "#ERROR" and len(str(value)) < 300
     target.assert_serving()
+
+
+def test_log_a_dump_of_the_deepest_values_restores(make_target: Callable[..., Target]) -> None:
+    """The documented backup path lost data: a dump of max-depth values could not be restored."""
+    target = make_target(data=True)
+    deepest: Any = "bottom"
+    for _ in range(MAX_DEPTH - 2):
+        deepest = [deepest]
+    with target.client() as kv:
+        kv.dict("D")["deep"] = deepest
+        dump = kv.dump()
+        for name in kv.names():
+            kv.drop(name)
+        assert kv.restore(dump) == 2
+        assert kv.dict("D")["deep"] == deepest
+    target.proc.kill()  # and the restore replays from the log
+    target.proc.wait(10)
+    target.restart()
+    with target.client() as kv:
+        assert kv.dict("D")["deep"] == deepest
+    target.assert_serving()
+
+
+def test_numbers_from_the_wire_fit_in_64_bits_where_they_are_kept(target: Target) -> None:
+    """A renew() with an 8 MB int made each later acquire mint and keep another 8 MB token."""
+    with target.client() as kv:
+        kv.semaphore("S")
+        kv.barrier("B", 2)
+    sock = authed_connection(target.address, target.authkey)
+    with sock:
+        huge = msgpack.ExtType(EXT_BIGINT, (1 << 4000).to_bytes(502, "big", signed=True))
+        kind, value = _request(sock, ["S", "renew", [b"me", huge], None])
+        assert kind == "#ERROR", value
+        kind, value = _request(sock, ["B", "await_trip", [huge], None])
+        assert kind == "#ERROR" and isinstance(value, ValueError | TypeError), value
+        # A barrier's remembered history is bounded at creation too (it was a colliding dict).
+        history = [[i, True] for i in range(20_000)]
+        kind, value = _request(
+            sock, [None, "create", ["barrier", "B2", 2, None, 0, 0, False, history], None]
+        )
+        assert kind == "#ERROR" and "at most" in str(value), value
+        # An array's initializer is measured before 30M items are converted one by one.
+        kind, value = _request(sock, [None, "create", ["array", "A", "b", [0] * 3_000_000], None])
+        assert kind == "#ERROR" and "at most" in str(value), value
+    target.assert_serving()
+
+
+def test_memory_a_repeated_list_is_bounded_by_bytes_not_only_items(target: Target) -> None:
+    with target.client() as kv:
+        lst = kv.list("L")
+        lst.append(b"x" * 1024 * 1024)
+        with pytest.raises(ValueError, match="bytes of values"):
+            lst *= 2_000_000
+        lst *= 100  # 100 MiB of values is fine
+        assert len(lst) == 100
+    target.assert_serving()
+
+
+def test_errors_an_oversized_batch_is_refused_and_kvclient_splits_its_own(target: Target) -> None:
+    """4M entries in one batch held every other client 4.9 s (and 1.3 GiB)."""
+    sock = authed_connection(target.address, target.readonly_key)
+    with sock:
+        started = time.monotonic()
+        entries = b"\xdd" + (4_000_000).to_bytes(4, "big") + b"\xc0" * 4_000_000
+        send_frame(sock, b"\x94\xc0\xa5batch\x91" + entries + b"\xc0")
+        kind, value = Codec().unpack(recv_frame(sock))
+        assert kind == "#ERROR" and "at most" in str(value), value
+        assert time.monotonic() - started < 2 * PROBE_SECONDS
+    with target.client() as kv:
+        with kv.batch() as batch:
+            calls = [batch.dict("precious").get("a") for _ in range(25_000)]
+        assert {call.value for call in calls} == {1}
+    target.assert_serving()
+
+
+def test_connections_read_only_clients_cannot_take_every_slot(
+    make_target: Callable[..., Target],
+) -> None:
+    target = make_target("--max-connections", "10")
+    held = []
+    served = 0
+    try:
+        for _ in range(10):
+            try:
+                sock = authed_connection(target.address, target.readonly_key)
+                held.append(sock)
+                _request(sock, [None, "ping", [], None])
+                served += 1
+            except (OSError, EOFError):
+                break
+        assert served == 5  # half of the slots; the sixth is closed after WELCOME
+        with target.client() as kv:  # a full-key client still gets in
+            kv.ping()
+    finally:
+        for sock in held:
+            sock.close()
+    target.assert_serving()

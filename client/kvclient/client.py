@@ -23,7 +23,7 @@ from typing import Any
 
 from kvclient._address import parse_target
 from kvclient.auth import MIN_AUTHKEY_BYTES, load_authkey
-from kvclient.codec import Ref
+from kvclient.codec import MAX_BATCH, STORED_DEPTH, Codec, Ref
 from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
 from kvclient.errors import AuthError, KVConnectionError, KVError
 from kvclient.proxies import (
@@ -375,7 +375,10 @@ class Client(SyncMixin):
         Raises:
             ValueError: the server is not empty, or ``dump`` is not a kvmanager dump.
         """
-        return int(self._call(None, "restore", [dump]))
+        # Sent encoded: a request holding the dump would nest its deepest values beyond
+        # MAX_DEPTH (the server decodes the blob with the depth stored data may have).
+        blob = Codec(to_ref=to_ref, encode_depth=STORED_DEPTH).pack(dump)
+        return int(self._call(None, "restore", [blob]))
 
     def batch(self) -> Batch:
         """Return a :class:`Batch` (a context manager): calls on any containers, one frame."""
@@ -519,10 +522,18 @@ class Batch:
         return self.bind(self._client.queue(name, maxsize))
 
     def send(self) -> builtins.list[Any]:
-        """Send every recorded call in one frame; return the results (exceptions as values)."""
+        """Send the recorded calls; return the results (exceptions as values).
+
+        Calls go in frames of at most ``MAX_BATCH`` (10,000), one after another: the server
+        refuses larger ones so that one batch cannot hold its loop for seconds. A batch was
+        never atomic, so this changes nothing a caller can see.
+        """
         if self.results is not None:
             return self.results
-        replies = self._client._call(None, "batch", [self._calls]) if self._calls else []
+        replies: builtins.list[Any] = []
+        for start in range(0, len(self._calls), MAX_BATCH):
+            chunk = self._calls[start : start + MAX_BATCH]
+            replies.extend(self._client._call(None, "batch", [chunk]))
         # A value is never an exception (clients cannot encode one), so errors need no tag.
         self.results = [value for _kind, value in replies]
         return self.results

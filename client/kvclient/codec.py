@@ -45,8 +45,8 @@ Request: ``[ident, method, args, kwds]`` as in ``multiprocessing.managers``:
 
 Reply: ``[kind, value]`` with ``kind`` one of ``"#RETURN"`` (value is the result) or
 ``"#ERROR"`` (value is an exception ext). A ``batch`` request carries
-``[[ident, method, args, kwds], ...]`` as its only argument and returns an array of
-``[kind, value]`` pairs, one per call, in order.
+``[[ident, method, args, kwds], ...]`` (at most ``MAX_BATCH``, 10,000) as its only argument and
+returns an array of ``[kind, value]`` pairs, one per call, in order.
 
 Values
 ------
@@ -115,6 +115,7 @@ __all__ = [
     "FAILURE",
     "HEADER",
     "HELLO",
+    "MAX_BATCH",
     "MAX_DEPTH",
     "MAX_EXT_DEPTH",
     "MAX_FRAME_DEFAULT",
@@ -151,6 +152,7 @@ EXT_REF: Final = 2
 EXT_EXCEPTION: Final = 3
 EXT_BIGINT: Final = 4
 MAX_EXT_DEPTH: Final = 100
+MAX_BATCH: Final = 10_000
 MAX_DEPTH: Final = 128
 STORED_DEPTH: Final = MAX_DEPTH + 16
 _INT64_MIN: Final = -(2**63)

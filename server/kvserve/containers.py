@@ -26,6 +26,7 @@ from kvclient.codec import check_key
 
 __all__ = [
     "KINDS",
+    "MAX_REPEAT_BYTES",
     "MAX_REPEAT_ITEMS",
     "MAX_TIMEOUT",
     "Container",
@@ -39,6 +40,14 @@ __all__ = [
 
 _MISSING: Any = object()
 MAX_REPEAT_ITEMS = 1 << 24
+MAX_REPEAT_BYTES = 1 << 30  # the largest reply a client accepts (kvclient.codec)
+
+
+def _payload_bytes(items: list[Any]) -> int:
+    """Roughly the encoded size of ``items``: str and bytes by length, anything else 16."""
+    return sum(len(x) if type(x) is str or type(x) is bytes else 16 for x in items)
+
+
 """Most items ``l *= n`` may leave in a list (16 Mi)."""
 
 
@@ -457,6 +466,10 @@ class KVList(Container):
             raise TypeError(f"can't multiply sequence by non-int of type {type(n).__name__!r}")
         if n > 1 and len(self.data) * n > MAX_REPEAT_ITEMS:
             raise ValueError(f"l *= {n} would hold more than {MAX_REPEAT_ITEMS} items")
+        if n > 1 and _payload_bytes(self.data) * n > MAX_REPEAT_BYTES:
+            # The repeats share their items, but every copy, compare, dump and snapshot pays
+            # for each: a 1 MiB item times 2M made count() take 46 s and a snapshot terabytes.
+            raise ValueError(f"l *= {n} would hold more than {MAX_REPEAT_BYTES} bytes of values")
         self.data *= n
 
     def insert(self, index: int, value: Any) -> None:

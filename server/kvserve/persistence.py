@@ -119,7 +119,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from kvclient.codec import Codec
-from kvclient.errors import KVError, RemoteError
+from kvclient.errors import KVError, ProtocolError, RemoteError
 from kvserve.containers import Container
 from kvserve.store import Store
 
@@ -293,9 +293,18 @@ def dump_state(store: Store) -> dict[str, Any]:
 def restore_state(store: Store, dump: Any) -> int:
     """Load a :func:`dump_state` copy into an empty store; return the number of containers.
 
+    ``dump`` is the dump itself or its msgpack encoding (as kvclient sends it).
+
     Raises:
         ValueError: the store is not empty, or the dump is malformed or of another format.
     """
+    if type(dump) is bytes:
+        # Sent encoded (kvclient does): decoded here with the depth stored data may have,
+        # since a request of the dump itself would wrap its deepest values past MAX_DEPTH.
+        try:
+            dump = Codec(decode_exceptions=False).unpack(dump)
+        except ProtocolError as exc:
+            raise ValueError(f"not a kvmanager dump ({exc})") from None
     if not isinstance(dump, dict) or dump.get("format") != DUMP_FORMAT:
         raise ValueError(f"not a kvmanager dump of format version {DUMP_FORMAT}")
     if store.objects:

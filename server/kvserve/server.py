@@ -33,7 +33,14 @@ import msgpack
 
 from kvclient._version import __version__
 from kvclient.auth import ServerHandshake
-from kvclient.codec import HEADER, MAX_DEPTH, MAX_FRAME_DEFAULT, MAX_HANDSHAKE_FRAME, Codec
+from kvclient.codec import (
+    HEADER,
+    MAX_BATCH,
+    MAX_DEPTH,
+    MAX_FRAME_DEFAULT,
+    MAX_HANDSHAKE_FRAME,
+    Codec,
+)
 from kvclient.connection import format_address, tune_socket
 from kvclient.errors import (
     KVConnectionError,
@@ -246,6 +253,7 @@ class Server:
         self.max_buffered = max(max_buffered, 2 * max_frame)
         self._pending: dict[_Conn, None] = {}  # still authenticating, oldest first
         self._authed = 0
+        self._readonly_authed = 0
         self._buffered = 0  # sum of every connection's len(rbuf)
         self._accept_backoff = 0.0  # > 0 while accepting is paused (EMFILE and friends)
         self._accept_errors = 0
@@ -636,6 +644,7 @@ class Server:
         self._conns.discard(conn)
         if conn.authed:
             self._authed -= 1
+            self._readonly_authed -= conn.readonly
         else:
             self._pending.pop(conn, None)
         self._buffered -= conn.accounted
@@ -804,6 +813,19 @@ class Server:
         conn.handshake = None
         if hs.ok:
             del self._pending[conn]
+            readonly = hs.key_index == 1
+            if readonly and self._readonly_authed >= max(1, self.max_connections // 2):
+                # Half the slots at most: 1024 idle read-only connections locked every
+                # full-key client out.
+                self.refused_connections += 1
+                log.warning(
+                    "closing %s: read-only connections may use half of --max-connections (%d)",
+                    conn.peer,
+                    self.max_connections,
+                )
+                conn.close_after_flush = True
+                self._flush(conn)
+                return
             if self._authed >= self.max_connections:  # others finished authenticating first
                 self.refused_connections += 1
                 log.warning("closing %s: --max-connections (%d) reached", conn.peer, self._authed)
@@ -811,6 +833,7 @@ class Server:
                 self._flush(conn)
                 return
             self._authed += 1
+            self._readonly_authed += readonly
             conn.last_active = time.monotonic()
             conn.authed = True
             conn.key_index = hs.key_index
@@ -1201,6 +1224,9 @@ class Server:
     def _batch(self, args: list[Any], rid: list[Any] | None, conn: _Conn) -> list[list[Any]]:
         if len(args) != 1 or type(args[0]) is not list:
             raise ProtocolError("malformed batch: expected one array of requests")
+        if len(args[0]) > MAX_BATCH:
+            # One batch runs in one loop turn: 4M entries held every other client 4.9 s.
+            raise ProtocolError(f"a batch holds at most {MAX_BATCH} calls (kvclient splits them)")
         results: list[list[Any]] = []
         touched: set[str] = set()
         for index, message in enumerate(args[0]):

@@ -131,6 +131,10 @@ def _check_bool(value: Any, what: str) -> bool:
 def _check_int(value: Any, what: str) -> int:
     if type(value) is not int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        # Tokens, counts and generations are kept and compared: an 8 MB int accepted once
+        # made every later acquire mint and keep another.
+        raise ValueError(f"{what} must fit in 64 bits")
     return value
 
 
@@ -901,9 +905,12 @@ class KVBarrier(Container):
         self._generation = _check_int(generation, "generation")
         self._count = _check_int(count, "count")
         self._broken = _check_bool(broken, "broken")
+        entries = list(history)
+        if len(entries) > _HISTORY:
+            raise ValueError(f"a barrier remembers at most {_HISTORY} generations")
         self._history: dict[int, bool] = {
             _check_int(gen, "generation"): _check_bool(tripped, "tripped")
-            for gen, tripped in history
+            for gen, tripped in entries
         }
 
     def state(self) -> list[Any]:
@@ -1212,6 +1219,8 @@ class KVArray(Container):
             self._check_length(size_or_initializer)
             self._items: list[Any] = [_ZERO[typecode]] * size_or_initializer
         else:
+            if hasattr(size_or_initializer, "__len__"):
+                self._check_length(len(size_or_initializer))  # before converting 30M items
             self._items = self._coerce_all(size_or_initializer)
             self._check_length(len(self._items))
 
@@ -1310,8 +1319,11 @@ class KVArray(Container):
             ValueError: ``values`` has another length than the slice.
         """
         where = self._slice(start, stop, step)
+        wanted = len(range(*where.indices(len(self._items))))
+        if hasattr(values, "__len__") and len(values) != wanted:
+            raise ValueError("Can only assign sequence of same size")  # before converting
         items = self._coerce_all(values)
-        if len(items) != len(range(*where.indices(len(self._items)))):
+        if len(items) != wanted:
             raise ValueError("Can only assign sequence of same size")
         self._items[where] = items
 

@@ -342,10 +342,11 @@ class Server:
             self._shutdown()
 
     def _handle(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        accept = False
         for key, mask in events:
             conn = key.data
             if conn is None:
-                self._accept()
+                accept = True  # after the others: handshakes under way come before new ones
             elif conn is self._wake_r:
                 self._drain_wakeups()
             elif conn.tls_pending:
@@ -361,6 +362,8 @@ class Server:
                     # never the server.
                     log.exception("internal error serving %s; closing that connection", conn.peer)
                     self._close(conn)
+        if accept:
+            self._accept()
 
     def _gather_commit_group(self) -> None:
         """Under ``--fsync always``, wait a moment for writers missing from this group.

@@ -976,3 +976,37 @@ def test_connections_read_only_clients_cannot_take_every_slot(
         for sock in held:
             sock.close()
     target.assert_serving()
+
+
+def test_memory_replies_nobody_reads_share_one_budget(authkey: bytes) -> None:
+    """Each client is held to 1 MiB plus one reply; many large unread replies add up too."""
+    from kvserve import KVManager
+
+    srv = KVManager(
+        ("127.0.0.1", 0), authkey=authkey, max_frame=4 * 1024 * 1024, max_unsent=16 * 1024 * 1024
+    ).get_server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with kvclient.connect(srv.endpoint, authkey) as kv:
+            big = kv.dict("big")
+            for i in range(4):
+                big[f"v{i}"] = b"x" * 3_000_000
+            request = msgpack.packb(["big", "copy", [], None])
+            frame = len(request).to_bytes(4, "big") + request
+            readers = []
+            for _ in range(12):  # 12 x 12 MB replies, of which the kernel takes a few MB each
+                sock = authed_connection(srv.endpoint, authkey)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(frame)
+                readers.append(sock)
+            time.sleep(1.0)
+            still_open = kv.stats()["clients"] - 1
+            for sock in readers:
+                sock.close()
+            assert still_open <= 8, f"{still_open} of 12 non-reading clients are still open"
+            assert kv.dict("big")["v0"] == b"x" * 3_000_000  # a reading client is served
+    finally:
+        srv.stop()
+        assert srv.wait_stopped(10)
+        thread.join(10)

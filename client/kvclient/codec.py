@@ -164,7 +164,8 @@ _UINT64_END: Final = 2**64
 _CONTAINER_CODES: Final = bytes(
     [*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF, 0xC7, 0xC8, 0xC9, *range(0xD4, 0xD9)]
 )
-_SCAN_LIMIT: Final = 4096
+_SCAN_LIMIT: Final = 64 * 1024  # above this, walk the decoded value instead of scanning bytes
+_NESTING: Final = frozenset({list, tuple, dict})
 _GC_PAUSE_BYTES: Final = 256 * 1024  # above this, walk the decoded value instead of scanning bytes
 
 
@@ -177,7 +178,7 @@ def _may_be_deep(data: Any, limit: int) -> bool:
     if size <= limit:
         return False
     if size > _SCAN_LIMIT:
-        return True
+        return True  # the walk then decides; it is quick for a few large strings
     raw = bytes(data)
     return size - len(raw.translate(None, _CONTAINER_CODES)) > limit
 
@@ -197,6 +198,12 @@ def too_deep(obj: Any, limit: int) -> bool:
         inner = depth + 1
         children = item.values() if type(item) is dict else item
         if type(item) is dict:
+            keys_nest = not _NESTING.isdisjoint(map(type, item))
+        else:
+            keys_nest = False
+        if not keys_nest and _NESTING.isdisjoint(map(type, children)):
+            continue  # flat: checked at C speed, no Python step per item
+        if keys_nest:
             for key in item:
                 if type(key) is tuple and key:
                     if inner > limit:
@@ -332,7 +339,8 @@ class Codec:
         encode_exceptions: allow exceptions to be encoded (the server, for error replies).
             Clients cannot send exceptions, so a stored value is never one.
         decode_depth: deepest nesting :meth:`unpack` accepts (the server decodes requests
-            with ``MAX_DEPTH``; everything else defaults to ``STORED_DEPTH``).
+            with ``MAX_DEPTH``; everything else defaults to ``STORED_DEPTH``); None: no check
+            (a client reading replies: what the server stores it checked on the way in).
         decode_exceptions: rebuild exception exts (replies); the server decodes requests with
             False, so a client cannot store an exception as a value (snapshots could not
             write it back).
@@ -359,7 +367,7 @@ class Codec:
         to_ref: Callable[[Any], Ref | None] | None = None,
         *,
         encode_exceptions: bool = False,
-        decode_depth: int = STORED_DEPTH,
+        decode_depth: int | None = STORED_DEPTH,
         encode_depth: int | None = None,
         decode_exceptions: bool = True,
     ) -> None:
@@ -528,7 +536,7 @@ class Codec:
             ) as exc:
                 raise ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})") from None
             limit = self._decode_depth
-            if _may_be_deep(data, limit) and too_deep(obj, limit):
+            if limit is not None and _may_be_deep(data, limit) and too_deep(obj, limit):
                 raise ProtocolError(f"undecodable message: nested deeper than {limit} levels")
         finally:
             self._checked_maps = False

@@ -160,7 +160,7 @@ class Connection:
         self.endpoint = format_address(*address)
         self.timeout = timeout
         self.max_frame = max_frame
-        self.codec = Codec(make_ref, to_ref, encode_depth=MAX_DEPTH)
+        self.codec = Codec(make_ref, to_ref, encode_depth=MAX_DEPTH, decode_depth=None)
         try:
             self._sock = socket.create_connection(address, timeout)
         except OSError as exc:

@@ -39,6 +39,7 @@ from kvclient.codec import (
     MAX_DEPTH,
     MAX_FRAME_DEFAULT,
     MAX_HANDSHAKE_FRAME,
+    MAX_REPLY_FRAME,
     Codec,
 )
 from kvclient.connection import format_address, tune_socket
@@ -212,6 +213,9 @@ class Server:
         max_buffered: bytes of unfinished requests held for all connections together
             (default 256 MiB, at least 2 x ``max_frame``); a connection whose partial request
             grows past 1 MiB while the total is above this is closed.
+        max_unsent: bytes of replies waiting for all clients together (default 1 GiB, at
+            least 4 x ``max_frame``); a client with more than 1 MiB waiting whose new reply
+            goes over it is closed.
         idle_timeout: close authenticated connections silent this long, seconds (default
             None: never). Connections waiting in a queue call are not idle.
         backlog: listen backlog.
@@ -235,6 +239,7 @@ class Server:
         idle_timeout: float | None = None,
         max_pending: int = 64,
         max_buffered: int = 256 * 1024 * 1024,
+        max_unsent: int = 1024 * 1024 * 1024,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -249,12 +254,16 @@ class Server:
             self.keys.append(bytes(readonly_authkey))
         self.tls = tls
         self.max_connections = max_connections
+        if max_pending < 1 or max_connections < 1:
+            raise ValueError("max_pending and max_connections must be at least 1")
         self.max_pending = max_pending
         self.max_buffered = max(max_buffered, 2 * max_frame)
         self._pending: dict[_Conn, None] = {}  # still authenticating, oldest first
         self._authed = 0
         self._readonly_authed = 0
         self._buffered = 0  # sum of every connection's len(rbuf)
+        self._unsent = 0  # sum of every connection's wbytes
+        self.max_unsent = max(max_unsent, 4 * max_frame)
         self._accept_backoff = 0.0  # > 0 while accepting is paused (EMFILE and friends)
         self._accept_errors = 0
         self.idle_timeout = idle_timeout
@@ -652,6 +661,8 @@ class Server:
             self._pending.pop(conn, None)
         self._buffered -= conn.accounted
         conn.accounted = 0
+        self._unsent -= conn.wbytes
+        conn.wbytes = 0
         conn.rbuf = bytearray()
         conn.wqueue.clear()
         waiter = conn.parked
@@ -673,7 +684,7 @@ class Server:
         conn.sock.close()
 
     def _on_readable(self, conn: _Conn) -> None:
-        if conn.paused or conn.backlog:
+        if conn.paused or conn.backlog or conn.busy:
             return  # replies unread, or requests already waiting: leave the rest in the kernel
         sock = conn.sock
         view = self._recv_view
@@ -873,7 +884,34 @@ class Server:
                 pass  # logged and counted by Persistence; a failed log write stops us next time
 
     def _send(self, conn: _Conn, payload: bytes) -> None:
-        conn.wbytes += len(payload) + 4
+        if len(payload) > MAX_REPLY_FRAME:
+            # No client accepts it (and beyond 4 GiB no frame can say its length).
+            payload = conn.codec.pack(
+                [
+                    _ERROR,
+                    ValueError(
+                        f"the reply would be {len(payload)} bytes, over the {MAX_REPLY_FRAME}-byte "
+                        "limit of a reply; read it in parts (get_many, slices)"
+                    ),
+                ]
+            )
+        size = len(payload) + 4
+        conn.wbytes += size
+        self._unsent += size
+        if self._unsent > self.max_unsent and conn.wbytes > _WRITE_HIGH:
+            # Backpressure bounds each connection to 1 MiB plus one reply, but a reply may be
+            # a 100 MB copy(): many clients asking and never reading would add up without a
+            # limit. Over the shared budget, the client that asked for this one is closed.
+            log.warning(
+                "closing %s: %d bytes of replies wait for clients that do not read them, over "
+                "the %d-byte budget",
+                conn.peer,
+                self._unsent,
+                self.max_unsent,
+            )
+            # Not here: _send runs inside dispatch and parked-call retries, which must not see
+            # a connection vanish under them. The reply is freed with the connection.
+            self._call_later(0.0, functools.partial(self._close, conn))
         if self._held is not None:
             self._held.append((conn, payload))
             return
@@ -917,7 +955,9 @@ class Server:
                 except OSError:
                     self._close(conn)
                     return
-                conn.wbytes = max(0, conn.wbytes - sent)
+                written = min(sent, conn.wbytes)
+                conn.wbytes -= written
+                self._unsent -= written
                 while sent:
                     first = queue[0]
                     if sent >= len(first):
@@ -979,6 +1019,14 @@ class Server:
             payload = b"".join(parts)
         except TypeError as exc:
             payload = conn.codec.pack([_ERROR, RemoteError("TypeError", str(exc))])
+        except Exception:
+            # From a timer, not dispatch: nothing else would close it, and a busy connection
+            # is never read again.
+            log.exception("internal error encoding a reply for %s; closing it", conn.peer)
+            parts.clear()
+            conn.busy = False
+            self._close(conn)
+            return
         else:
             self._call_later(0.0, functools.partial(self._next_slice, conn, slices, parts))
             return
@@ -1408,6 +1456,7 @@ class Server:
 
 
 _SLICEABLE: Final = (list, dict)
+_NESTING: Final = frozenset({list, dict})
 _HEADER_PACKER: Final = msgpack.Packer()
 
 
@@ -1423,7 +1472,10 @@ def _larger_than(value: list[Any] | dict[Any, Any], limit: int) -> bool:
         budget -= len(item)
         if budget < 0:
             return True
-        for child in item.values() if type(item) is dict else item:
+        children = item.values() if type(item) is dict else item
+        if _NESTING.isdisjoint(map(type, children)):
+            continue  # flat: checked at C speed
+        for child in children:
             if type(child) is list or type(child) is dict:
                 stack.append(child)
     return False

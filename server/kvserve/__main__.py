@@ -114,11 +114,28 @@ def serve(
         typer.Option(help="A second key: its clients can read everything and change nothing."),
     ] = None,
     max_connections: Annotated[
-        int, typer.Option(help="Connections beyond this are refused at once.", min=1)
+        int,
+        typer.Option(
+            help="Authenticated connections beyond this are refused at once (read-only ones may "
+            "take half).",
+            min=1,
+        ),
     ] = 1024,
+    max_pending: Annotated[
+        int,
+        typer.Option(
+            help="Connections still authenticating, at most; the oldest silent one is closed to "
+            "admit a new one.",
+            min=1,
+        ),
+    ] = 64,
     idle_timeout: Annotated[
         float | None,
-        typer.Option(help="Close connections silent this many seconds (default: never).", min=1),
+        typer.Option(
+            help="Close connections that sent no complete request this many seconds "
+            "(default: never).",
+            min=1,
+        ),
     ] = None,
     repair: Annotated[
         bool,
@@ -162,6 +179,7 @@ def serve(
             tls=tls,
             readonly_authkey=readonly_key,
             max_connections=max_connections,
+            max_pending=max_pending,
             idle_timeout=idle_timeout,
         )
         server = manager.get_server()

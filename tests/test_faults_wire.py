@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,17 @@ def _request(sock: Any, message: list[Any], codec: Codec | None = None) -> list[
     send_frame(sock, msgpack.packb(message, use_bin_type=True))
     reply: list[Any] = codec.unpack(recv_frame(sock))
     return reply
+
+
+def _pipeline_all(sock: socket.socket, messages: Iterable[list[Any]]) -> None:
+    """Send every message in one write and read every reply (in a thread, so neither blocks)."""
+    frames = [msgpack.packb(m, use_bin_type=True) for m in messages]
+    sock.settimeout(30)
+    reader = threading.Thread(target=lambda: [recv_frame(sock) for _ in frames])
+    reader.start()
+    sock.sendall(b"".join(len(f).to_bytes(4, "big") + f for f in frames))
+    reader.join(30)
+    assert not reader.is_alive(), "not every reply came back"
 
 
 # -- numbers from the wire ------------------------------------------------------------------
@@ -392,30 +403,38 @@ def test_memory_a_client_that_never_reads_its_replies_is_bounded(target: Target)
 
 
 @pytest.fixture
-def small_server(authkey: bytes) -> Iterator[kvclient.Client]:
-    """An in-process server with small limits, for attacks that would otherwise take GBs."""
+def small_server(authkey: bytes) -> Iterator[Callable[..., kvclient.Client]]:
+    """Start in-process servers with small limits (attacks that would otherwise take GBs).
+
+    Call it with the limits a test is about, so no other limit (an idle timeout, say) can be
+    what makes the test pass; it returns a client of that server.
+    """
     from kvserve import KVManager
 
-    srv = KVManager(
-        ("127.0.0.1", 0),
-        authkey=authkey,
-        max_frame=4 * 1024 * 1024,
-        max_buffered=8 * 1024 * 1024,
-        idle_timeout=1.0,
-    ).get_server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    with kvclient.connect(srv.endpoint, authkey) as kv:  # retries: the idle timeout is 1 s
-        yield kv
-    srv.stop()
-    assert srv.wait_stopped(10)
-    thread.join(10)
+    started: list[tuple[Any, threading.Thread, kvclient.Client]] = []
+
+    def start(**limits: Any) -> kvclient.Client:
+        srv = KVManager(
+            ("127.0.0.1", 0), authkey=authkey, max_frame=4 * 1024 * 1024, **limits
+        ).get_server()
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        kv = kvclient.connect(srv.endpoint, authkey)  # retries: an idle timeout may close it
+        started.append((srv, thread, kv))
+        return kv
+
+    yield start
+    for srv, thread, kv in started:
+        kv.close()
+        srv.stop()
+        assert srv.wait_stopped(10)
+        thread.join(10)
 
 
 def test_memory_partial_requests_share_one_budget(
-    small_server: kvclient.Client, authkey: bytes
+    small_server: Callable[..., kvclient.Client], authkey: bytes
 ) -> None:
-    kv = small_server
+    kv = small_server(max_buffered=8 * 1024 * 1024)
     kv.dict("d")["k"] = 1
     attackers = [authed_connection(kv.endpoint, authkey) for _ in range(6)]
     chunk = b"\0" * (3 * 1024 * 1024)  # of a 4 MiB frame that never completes
@@ -435,10 +454,14 @@ def test_memory_partial_requests_share_one_budget(
     assert len(kv.dict("d")["big"]) == 3 * 1024 * 1024
 
 
-def test_memory_a_trickle_of_bytes_is_idle(small_server: kvclient.Client, authkey: bytes) -> None:
+def test_memory_a_trickle_of_bytes_is_idle(
+    small_server: Callable[..., kvclient.Client], authkey: bytes
+) -> None:
     """One byte every 0.3 s used to keep a connection open for ever past --idle-timeout."""
-    sock = authed_connection(small_server.endpoint, authkey)
+    kv = small_server(idle_timeout=1.0)
+    sock = authed_connection(kv.endpoint, authkey)
     with sock:
+        sock.send((1000).to_bytes(4, "big"))  # a request that never completes
         started = time.monotonic()
         closed = False
         for _ in range(20):
@@ -448,9 +471,12 @@ def test_memory_a_trickle_of_bytes_is_idle(small_server: kvclient.Client, authke
                 closed = True
                 break
             time.sleep(0.3)
-        assert closed or closed_by_peer(sock, timeout=0.1)
+            if closed_by_peer(sock, timeout=0.01):
+                closed = True
+                break
+        assert closed, "the trickling connection was never closed"
         assert time.monotonic() - started < 4.0
-    small_server.ping()
+    kv.ping()
 
 
 # -- connections ----------------------------------------------------------------------------
@@ -598,22 +624,13 @@ def test_readonly_key_cannot_evict_other_sessions_retry_state(target: Target) ->
         # 70,000 read-only "sessions", more than the 65,536 answers the server remembers.
         ro = authed_connection(target.address, target.readonly_key)
         with ro:
-            frames = b"".join(
-                len(p).to_bytes(4, "big") + p
-                for p in (
-                    msgpack.packb(
-                        ["precious", "__len__", [], None, [i.to_bytes(8, "big"), 1]],
-                        use_bin_type=True,
-                    )
+            _pipeline_all(
+                ro,
+                (
+                    ["precious", "__len__", [], None, [i.to_bytes(8, "big"), 1]]
                     for i in range(70_000)
-                )
+                ),
             )
-            ro.settimeout(30)
-            reader = threading.Thread(target=lambda: [recv_frame(ro) for _ in range(70_000)])
-            reader.start()
-            ro.sendall(frames)
-            reader.join(30)
-            assert not reader.is_alive()
         # The keyed client's retry of its incr is answered from memory, not applied again.
         assert _request(keyed, incr) == ["#RETURN", 1]
     with target.client() as kv:
@@ -850,20 +867,12 @@ def test_readonly_key_cannot_flush_the_retry_table_with_pings(target: Target) ->
     with keyed:
         incr = ["counts", "incr", ["n"], None, [token, 1]]
         assert _request(keyed, incr) == ["#RETURN", 1]
-        frames = b"".join(
-            len(p).to_bytes(4, "big") + p
-            for p in (
-                msgpack.packb([None, "ping", [], None, [i.to_bytes(8, "big"), 1]])
-                for i in range(70_000)
-            )
-        )
         flooder = authed_connection(target.address, target.authkey)
         with flooder:
-            reader = threading.Thread(target=lambda: [recv_frame(flooder) for _ in range(70_000)])
-            flooder.settimeout(30)
-            reader.start()
-            flooder.sendall(frames)
-            reader.join(30)
+            _pipeline_all(
+                flooder,
+                ([None, "ping", [], None, [i.to_bytes(8, "big"), 1]] for i in range(70_000)),
+            )
         assert _request(keyed, incr) == ["#RETURN", 1]  # answered from memory, not run again
     with target.client() as kv:
         assert kv.dict("counts")["n"] == 1
@@ -978,35 +987,25 @@ def test_connections_read_only_clients_cannot_take_every_slot(
     target.assert_serving()
 
 
-def test_memory_replies_nobody_reads_share_one_budget(authkey: bytes) -> None:
+def test_memory_replies_nobody_reads_share_one_budget(
+    small_server: Callable[..., kvclient.Client], authkey: bytes
+) -> None:
     """Each client is held to 1 MiB plus one reply; many large unread replies add up too."""
-    from kvserve import KVManager
-
-    srv = KVManager(
-        ("127.0.0.1", 0), authkey=authkey, max_frame=4 * 1024 * 1024, max_unsent=16 * 1024 * 1024
-    ).get_server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with kvclient.connect(srv.endpoint, authkey) as kv:
-            big = kv.dict("big")
-            for i in range(4):
-                big[f"v{i}"] = b"x" * 3_000_000
-            request = msgpack.packb(["big", "copy", [], None])
-            frame = len(request).to_bytes(4, "big") + request
-            readers = []
-            for _ in range(12):  # 12 x 12 MB replies, of which the kernel takes a few MB each
-                sock = authed_connection(srv.endpoint, authkey)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                sock.sendall(frame)
-                readers.append(sock)
-            time.sleep(1.0)
-            still_open = kv.stats()["clients"] - 1
-            for sock in readers:
-                sock.close()
-            assert still_open <= 8, f"{still_open} of 12 non-reading clients are still open"
-            assert kv.dict("big")["v0"] == b"x" * 3_000_000  # a reading client is served
-    finally:
-        srv.stop()
-        assert srv.wait_stopped(10)
-        thread.join(10)
+    kv = small_server(max_unsent=16 * 1024 * 1024)
+    big = kv.dict("big")
+    for i in range(4):
+        big[f"v{i}"] = b"x" * 3_000_000
+    request = msgpack.packb(["big", "copy", [], None])
+    frame = len(request).to_bytes(4, "big") + request
+    readers = []
+    for _ in range(12):  # 12 x 12 MB replies, of which the kernel takes a few MB each
+        sock = authed_connection(kv.endpoint, authkey)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(frame)
+        readers.append(sock)
+    time.sleep(1.0)
+    still_open = kv.stats()["clients"] - 1
+    for sock in readers:
+        sock.close()
+    assert still_open <= 8, f"{still_open} of 12 non-reading clients are still open"
+    assert kv.dict("big")["v0"] == b"x" * 3_000_000  # a reading client is served

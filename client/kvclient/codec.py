@@ -169,7 +169,7 @@ _NESTING: Final = frozenset({list, tuple, dict})
 _GC_PAUSE_BYTES: Final = 256 * 1024  # above this, walk the decoded value instead of scanning bytes
 
 
-class _BigintSeen(Exception):
+class _NeedsCheckedMaps(Exception):
     """Raised by the fast decoder at the first bigint or tuple: decode again, maps checked."""
 
 
@@ -494,7 +494,7 @@ class Codec:
     def _decode_ext(self, code: int, data: bytes) -> Any:
         if code == EXT_TUPLE:
             if not self._checked_maps:
-                raise _BigintSeen  # a tuple may be a map key: its hash is not randomized
+                raise _NeedsCheckedMaps  # a tuple may be a map key: its hash is not randomized
             return tuple(self._unpack_raw(data))
         if code == EXT_REF:
             kind, name = self._unpack_raw(data)
@@ -510,7 +510,7 @@ class Codec:
             return _decode_exception(name, args)
         if code == EXT_BIGINT:
             if not self._checked_maps:
-                raise _BigintSeen
+                raise _NeedsCheckedMaps
             return int.from_bytes(data, "big", signed=True)
         raise ValueError(f"unknown ext type {code}")
 
@@ -541,7 +541,7 @@ class Codec:
             try:
                 try:
                     obj = self._unpack_raw(data)
-                except _BigintSeen:
+                except _NeedsCheckedMaps:
                     # Rare: build maps through a hook that refuses colliding-prone keys before
                     # they are hashed, rather than paying for the hook on every message.
                     self._depth = 0

@@ -11,9 +11,8 @@ import pytest
 import trustme
 
 import kvclient
-from kvclient._address import AddressError, Target, parse_target
-from kvclient.connection import parse_address
-from kvclient.tls import server_context
+from kvproto.address import AddressError, Target, parse_address, parse_target
+from kvproto.tls import server_context
 from kvserve import KVManager, Server
 
 HOME_KEYS = os.path.expanduser("~/.config/kvmanager")

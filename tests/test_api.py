@@ -12,7 +12,7 @@ import pytest
 
 import kvclient
 import kvserve
-from kvclient.connection import parse_address
+from kvproto.address import parse_address
 from kvserve import KVManager
 
 

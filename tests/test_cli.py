@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 import kvclient
 from kvclient.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, app
-from kvclient.codec import Codec
+from kvproto.codec import Codec
 from kvserve import KVManager
 from tests.conftest import ServerProcess, read_listening_line, start_kvserve
 
@@ -1143,7 +1143,7 @@ def test_compact_without_a_data_dir_is_a_server_error(kvctl: Kvctl) -> None:
 
 def test_tls_options_reach_the_server(authkey: bytes, tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
-    from kvclient.tls import server_context
+    from kvproto.tls import server_context
 
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
@@ -1266,7 +1266,7 @@ def test_url_key_and_authkey_file_together_is_a_usage_error(address: str, tmp_pa
 
 def test_kvs_url_uses_tls(authkey: bytes, tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
-    from kvclient.tls import server_context
+    from kvproto.tls import server_context
 
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvclient.codec import EXT_EXCEPTION, EXT_TUPLE, Codec, Ref
 from kvclient.errors import KindError, ProtocolError, RemoteError
+from kvproto.codec import EXT_EXCEPTION, EXT_TUPLE, Codec, Ref
 
 scalars = (
     st.none()
@@ -232,7 +232,7 @@ _wire = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=64), _wire.map(lambda v: msgpack.packb(v, use_bin_type=True))))
 def test_anything_the_server_decodes_it_can_encode_again(data: bytes) -> None:
-    from kvclient.codec import MAX_DEPTH
+    from kvproto.codec import MAX_DEPTH
 
     try:
         value = Codec(decode_depth=MAX_DEPTH).unpack(data)
@@ -243,7 +243,7 @@ def test_anything_the_server_decodes_it_can_encode_again(data: bytes) -> None:
 
 
 def test_nesting_at_the_limit_round_trips_and_one_more_is_refused() -> None:
-    from kvclient.codec import MAX_DEPTH
+    from kvproto.codec import MAX_DEPTH
 
     deepest: Any = None
     for index in range(MAX_DEPTH):

@@ -41,9 +41,9 @@ import msgpack
 import pytest
 
 import kvclient
-from kvclient.auth import client_response, client_verify_welcome
-from kvclient.codec import EXT_BIGINT, EXT_EXCEPTION, EXT_TUPLE, MAX_DEPTH, Codec
 from kvclient.retry import Retry
+from kvproto.codec import EXT_BIGINT, EXT_EXCEPTION, EXT_TUPLE, MAX_DEPTH, Codec
+from kvproto.handshake import client_response, client_verify_welcome
 from tests.collide import colliding_pairs
 from tests.conftest import read_listening_line, start_kvserve
 from tests.wire import (

@@ -13,8 +13,9 @@ import msgpack
 import pytest
 
 import kvclient
-from kvclient.auth import client_response, client_verify_welcome
-from kvclient.codec import HELLO
+from kvproto.codec import Codec
+from kvproto.handshake import client_response, client_verify_welcome
+from kvproto.wire import HELLO
 from kvserve import Server
 from tests.wire import authed_connection, closed_by_peer, raw_connection, recv_frame, send_frame
 
@@ -215,7 +216,7 @@ def test_valid_frame_with_wrong_message_shape_gets_an_error_reply(
     sock = authed_connection(address, authkey)
     with sock:
         send_frame(sock, msgpack.packb(message))
-        kind, value = kvclient.codec.Codec().unpack(recv_frame(sock))
+        kind, value = Codec().unpack(recv_frame(sock))
         is_batch = isinstance(message, list) and message[:2] == [None, "batch"]
         if is_batch and type(message[2][0]) is list:
             assert kind == "#RETURN"

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvclient
-from kvclient.codec import Codec
-from kvclient.tls import server_context
+from kvproto.codec import Codec
+from kvproto.tls import server_context
 from kvserve import KVDict, KVList, KVManager, KVNamespace, KVQueue, Server
 from kvserve.containers import Container
 from tests.conftest import read_listening_line, start_kvserve

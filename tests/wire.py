@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 import struct
 
-from kvclient.auth import client_response, client_verify_welcome
-from kvclient.codec import HELLO
-from kvclient.connection import parse_address
+from kvproto.address import parse_address
+from kvproto.handshake import client_response, client_verify_welcome
+from kvproto.wire import HELLO
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -22,22 +22,10 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from kvclient._version import __version__
+from kvproto._version import __version__
 
 if typing.TYPE_CHECKING:
     from kvclient.client import Batch, Client, Pending, connect
-    from kvclient.errors import (
-        AuthError,
-        KindError,
-        KVConnectionError,
-        KVError,
-        KVTimeoutError,
-        NoSuchContainerError,
-        ProtocolError,
-        ReadOnlyError,
-        RemoteError,
-        TLSError,
-    )
     from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
     from kvclient.sync import (
         ArrayProxy,
@@ -51,6 +39,18 @@ if typing.TYPE_CHECKING:
         RLockProxy,
         SemaphoreProxy,
         ValueProxy,
+    )
+    from kvproto.errors import (
+        AuthError,
+        KindError,
+        KVConnectionError,
+        KVError,
+        KVTimeoutError,
+        NoSuchContainerError,
+        ProtocolError,
+        ReadOnlyError,
+        RemoteError,
+        TLSError,
     )
 
 # Which module defines each public name; read by __getattr__ below.

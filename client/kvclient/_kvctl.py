@@ -25,7 +25,7 @@ import math
 import os
 import sys
 
-from kvclient._address import DEFAULT_PORT, AddressError, parse_target
+from kvproto.address import DEFAULT_PORT, AddressError, parse_target
 
 __all__ = ["fast_get", "main"]
 
@@ -101,9 +101,9 @@ def fast_get(argv: list[str]) -> int | None:
     if timeout is None or target.tls or (target.key_file and authkey_file):
         return None
 
-    from kvclient.auth import load_authkey  # noqa: PLC0415 - only once the call is plain
     from kvclient.connection import Connection  # noqa: PLC0415
-    from kvclient.errors import KVError  # noqa: PLC0415
+    from kvproto.authkey import load_authkey  # noqa: PLC0415 - only once the call is plain
+    from kvproto.errors import KVError  # noqa: PLC0415
 
     key, dict_name = options["key"], options.get("dict", "default")
     try:

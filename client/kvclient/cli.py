@@ -53,14 +53,14 @@ import typer
 from typer.core import TyperGroup
 
 import kvclient
-from kvclient._address import FORMS, AddressError, Target, parse_target
 from kvclient._output import plain, to_json
-from kvclient.auth import load_authkey
-from kvclient.codec import Codec, Ref
 from kvclient.connection import DEFAULT_ADDRESS
-from kvclient.errors import KindError, NoSuchContainerError
 from kvclient.proxies import make_proxy, to_ref
 from kvclient.sync import DEFAULT_LEASE, ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
+from kvproto.address import FORMS, AddressError, Target, parse_target
+from kvproto.authkey import load_authkey
+from kvproto.codec import Codec, Ref
+from kvproto.errors import KindError, NoSuchContainerError
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 

@@ -21,11 +21,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kvclient._address import parse_target
-from kvclient.auth import MIN_AUTHKEY_BYTES, load_authkey
-from kvclient.codec import MAX_BATCH, STORED_DEPTH, Codec, Ref
-from kvclient.connection import DEFAULT_ADDRESS, Connection, format_address, parse_address
-from kvclient.errors import AuthError, KVConnectionError, KVError
+from kvclient.connection import DEFAULT_ADDRESS, Connection
 from kvclient.proxies import (
     _NO_TIMEOUT_CHANGE,
     DictProxy,
@@ -40,6 +36,12 @@ from kvclient.proxies import (
 from kvclient.retry import Retry
 from kvclient.sync import SyncMixin
 from kvclient.tls import resolve_client_tls
+from kvproto.address import parse_address, parse_target
+from kvproto.authkey import MIN_AUTHKEY_BYTES, load_authkey
+from kvproto.codec import STORED_DEPTH, Codec, Ref
+from kvproto.errors import AuthError, KVConnectionError, KVError
+from kvproto.net import format_address
+from kvproto.wire import MAX_BATCH
 
 __all__ = ["Batch", "Client", "Pending", "connect"]
 

@@ -20,24 +20,27 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from kvclient._address import DEFAULT_PORT, AddressError, parse_target
-from kvclient.auth import client_response, client_verify_welcome, load_authkey
-from kvclient.codec import (
-    HEADER,
-    HELLO,
-    MAX_DEPTH,
-    MAX_HANDSHAKE_FRAME,
-    MAX_REPLY_FRAME,
-    Codec,
-    Ref,
-)
-from kvclient.errors import (
+from kvproto.address import DEFAULT_PORT, parse_address
+from kvproto.authkey import load_authkey
+from kvproto.codec import MAX_DEPTH, Codec, Ref
+from kvproto.errors import (
     AuthError,
     KVConnectionError,
     KVError,
     ProtocolError,
     TLSError,
     translate_os_error,
+)
+from kvproto.handshake import ClientHandshake
+from kvproto.net import format_address, tune_socket
+from kvproto.wire import (
+    MAX_HANDSHAKE_FRAME,
+    MAX_REPLY_FRAME,
+    FrameTooLargeError,
+    MalformedReplyError,
+    frame_parts,
+    frame_size,
+    unwrap_reply,
 )
 
 if TYPE_CHECKING:
@@ -55,59 +58,8 @@ __all__ = [
 
 DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
 _RECV_CHUNK: Final = 64 * 1024
-_CONCAT_LIMIT: Final = 64 * 1024
 
 _MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (a year)
-
-
-def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    """Parse ``"host:port"``, ``"[v6]:port"``, ``"host"``, ``kv://host:port`` or a tuple.
-
-    The forms are those of :mod:`kvclient._address`; a URL that asks for TLS (``kvs://``) or
-    names a key file is for :func:`kvclient.connect`, which applies both.
-
-    Raises:
-        ValueError: the address is malformed (the message lists the accepted forms), or is a
-            URL carrying TLS or a key file.
-    """
-    target = parse_target(address)
-    if target.tls or target.key_file is not None:
-        raise AddressError(
-            f"{address!r} asks for TLS or names a key file; pass it to kvclient.connect(), "
-            "which applies them"
-        )
-    return target.host, target.port
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Set TCP_NODELAY and dead-peer detection on a connected TCP socket (both ends use this).
-
-    Nagle's algorithm would hold a request behind the previous one's ACK (the stdlib's 40 ms
-    stall). Keepalive probes after 10 s of silence and TCP_USER_TIMEOUT on unacknowledged
-    data (Linux) turn a peer that vanished behind a cut link into an error within about 30 s,
-    even in a call that is allowed to wait for ever (a queue get with no timeout).
-    """
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in _KEEPALIVE:
-        option = getattr(socket, name, None)
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
-_KEEPALIVE: Final = (
-    ("TCP_KEEPIDLE", 10),
-    ("TCP_KEEPINTVL", 5),
-    ("TCP_KEEPCNT", 4),
-    ("TCP_USER_TIMEOUT", 30_000),  # milliseconds
-)
-
-
-def format_address(host: str, port: int) -> str:
-    """Return ``host:port``, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Connection:
@@ -220,15 +172,12 @@ class Connection:
 
     def _handshake(self, authkey: bytes) -> None:
         try:
-            # Hello first, without waiting: a TLS server refuses it at once (see codec).
-            self._send_frame(HELLO)
-            challenge = bytes(self._recv_frame(MAX_HANDSHAKE_FRAME))
-            response, nonce_c = client_response(authkey, challenge)
-            self._send_frame(response)
+            # Hello first, without waiting: a TLS server refuses it at once (see kvproto.wire).
+            handshake = ClientHandshake(authkey)
+            self._send_frame(handshake.hello)
+            self._send_frame(handshake.on_challenge(bytes(self._recv_frame(MAX_HANDSHAKE_FRAME))))
             try:
-                client_verify_welcome(
-                    authkey, bytes(self._recv_frame(MAX_HANDSHAKE_FRAME)), challenge, nonce_c
-                )
+                handshake.on_welcome(bytes(self._recv_frame(MAX_HANDSHAKE_FRAME)))
             except AuthError as exc:
                 raise AuthError(f"{self.endpoint}: {exc}") from None
         except _ssl_errors() as exc:
@@ -280,12 +229,8 @@ class Connection:
 
     def _send_frame(self, payload: bytes) -> None:
         assert self._sock is not None
-        header = HEADER.pack(len(payload))
-        if len(payload) <= _CONCAT_LIMIT:
-            self._sock.sendall(header + payload)
-        else:  # no copy of a large payload just to prepend 4 bytes
-            self._sock.sendall(header)
-            self._sock.sendall(payload)
+        for part in frame_parts(payload):  # no copy of a large payload to prepend 4 bytes
+            self._sock.sendall(part)
 
     def _recv_frame(self, limit: int) -> bytes | memoryview:
         sock = self._sock
@@ -298,16 +243,17 @@ class Connection:
             if not more:
                 raise EOFError
             data += more
-        (size,) = HEADER.unpack_from(data)
-        if size > limit:
+        try:
+            size = frame_size(data, 0, limit)
+        except FrameTooLargeError as exc:
             if limit == MAX_HANDSHAKE_FRAME:
                 raise ProtocolError(
                     f"{self.endpoint} does not speak the kvmanager protocol (its first bytes "
                     f"are {bytes(data[:8])!r}); is that address a kvserve server?"
-                )
+                ) from None
             raise ProtocolError(
-                f"{self.endpoint} sent a {size}-byte frame, over the {limit}-byte limit"
-            )
+                f"{self.endpoint} sent a {exc.size}-byte frame, over the {limit}-byte limit"
+            ) from None
         end = 4 + size
         if len(data) == end:
             return data[4:]
@@ -365,16 +311,14 @@ class Connection:
 
     def unwrap(self, reply: Any) -> Any:
         """Turn one ``[kind, value]`` reply into its value or raise its exception."""
-        if type(reply) is list and len(reply) == 2:
-            kind, value = reply
-            if kind == "#RETURN":
-                return value
-            if kind == "#ERROR" and isinstance(value, BaseException):
-                if isinstance(value, KVConnectionError):
-                    self.close()  # the server is going away; the next call reconnects
-                raise value
-        self.close()
-        raise ProtocolError(f"malformed reply from {self.endpoint}")
+        try:
+            return unwrap_reply(reply)
+        except KVConnectionError:
+            self.close()  # the server is going away; the next call reconnects
+            raise
+        except MalformedReplyError:
+            self.close()
+            raise ProtocolError(f"malformed reply from {self.endpoint}") from None
 
     # -- the multiprocessing.connection.Connection surface, for stdlib BaseManager ----------
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Mutable
 from multiprocessing import context as mp_context
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
-from kvclient.codec import Ref
+from kvproto.codec import Ref
 
 if TYPE_CHECKING:
     from kvclient.client import Client

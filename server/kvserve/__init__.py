@@ -9,7 +9,7 @@ Run it with ``kvserve --port 50000`` (see ``kvserve --help``), or embed it::
 
 from __future__ import annotations
 
-from kvclient._version import __version__
+from kvproto._version import __version__
 from kvserve.containers import KVDict, KVList, KVNamespace, KVQueue
 from kvserve.manager import KVManager
 from kvserve.server import Server

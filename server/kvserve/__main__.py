@@ -21,11 +21,11 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from kvclient._version import __version__
-from kvclient.auth import check_server_key, load_authkey
-from kvclient.codec import MAX_FRAME_DEFAULT
-from kvclient.errors import KVError
-from kvclient.tls import server_context
+from kvproto._version import __version__
+from kvproto.authkey import check_server_key, load_authkey
+from kvproto.errors import KVError
+from kvproto.tls import server_context
+from kvproto.wire import MAX_FRAME_DEFAULT
 from kvserve.manager import KVManager
 from kvserve.persistence import Persistence
 

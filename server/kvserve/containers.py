@@ -22,7 +22,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Final
 
-from kvclient.codec import check_key
+from kvproto import schema
+from kvproto.codec import check_key
 
 __all__ = [
     "KINDS",
@@ -143,6 +144,8 @@ class Container:
         mutating: those that change state (they are logged, and carry request ids).
         caller_methods: those that receive ``caller=`` (bytes identifying the client
             session: the same across reconnects of one client thread), for ownership.
+            These three are derived from :mod:`kvproto.schema` for every kind it lists
+            (every built-in kind); a kind it does not list sets them itself.
         strict_fifo: when a parked request still blocks on retry, stop retrying the ones
             parked after it (fair queues, locks); False retries every parked request
             (conditions, barriers, events, where a later waiter may proceed first).
@@ -153,6 +156,14 @@ class Container:
     mutating: ClassVar[frozenset[str]]
     caller_methods: ClassVar[frozenset[str]] = frozenset()
     strict_fifo: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if type(kind) is str and kind in schema.KINDS and "exposed" not in cls.__dict__:
+            cls.exposed = schema.exposed(kind)
+            cls.mutating = schema.mutating(kind)
+            cls.caller_methods = schema.caller_methods(kind)
 
     def __init__(self, *state: Any) -> None:
         # Subclasses take their state (as returned by `state()`) as constructor arguments.
@@ -205,34 +216,6 @@ class KVDict(Container):
     """A dict with atomic server-side compound operations."""
 
     kind = "dict"
-    mutating = frozenset(
-        {
-            "__setitem__",
-            "__delitem__",
-            "update",
-            "pop",
-            "popitem",
-            "setdefault",
-            "clear",
-            "incr",
-            "cas",
-            "set_many",
-            "delete_many",
-        }
-    )
-    exposed = mutating | frozenset(
-        {
-            "__getitem__",
-            "__contains__",
-            "__len__",
-            "get",
-            "keys",
-            "values",
-            "items",
-            "copy",
-            "get_many",
-        }
-    )
 
     def __init__(self, data: dict[Any, Any] | None = None) -> None:
         super().__init__()
@@ -370,26 +353,6 @@ class KVList(Container):
     """A list. Slices travel as ``getslice``/``setslice``/``delslice`` calls."""
 
     kind = "list"
-    mutating = frozenset(
-        {
-            "__setitem__",
-            "__delitem__",
-            "append",
-            "extend",
-            "insert",
-            "pop",
-            "remove",
-            "sort",
-            "reverse",
-            "clear",
-            "setslice",
-            "delslice",
-            "imul",
-        }
-    )
-    exposed = mutating | frozenset(
-        {"__getitem__", "__len__", "__contains__", "index", "count", "copy", "getslice"}
-    )
 
     def __init__(self, data: list[Any] | None = None) -> None:
         super().__init__()
@@ -519,8 +482,6 @@ class KVNamespace(Container):
     """A Namespace: named attributes, with an atomic ``incr``."""
 
     kind = "namespace"
-    mutating = frozenset({"setattr", "delattr", "incr", "update"})
-    exposed = mutating | frozenset({"getattr", "to_dict", "hasattr"})
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -596,8 +557,6 @@ class KVQueue(Container):
     """
 
     kind = "queue"
-    mutating = frozenset({"put", "get", "put_nowait", "get_nowait", "task_done"})
-    exposed = mutating | frozenset({"qsize", "empty", "full", "maxsize", "join", "unfinished"})
 
     def __init__(
         self, maxsize: int = 0, items: list[Any] | None = None, unfinished: int | None = None

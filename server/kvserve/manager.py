@@ -1,8 +1,8 @@
 """``KVManager``: the ``multiprocessing.managers.BaseManager`` subclass kvserve serves.
 
 It keeps the stdlib shape (a registry of typeids, ``get_server().serve_forever()``,
-``start()``, ``connect()``), and changes what is underneath: the msgpack serializer registered
-by :mod:`kvclient.connection`, get-or-create by name, a lock per container, and the
+``start()``, ``connect()``), and changes what is underneath: the ``"msgpack"`` serializer,
+get-or-create by name, a lock per container, and the
 single-threaded :class:`~kvserve.server.Server` loop.
 
 It is the *server* side only. The stdlib client path (``m.connect(); m.dict("users")``, which
@@ -19,13 +19,39 @@ from multiprocessing import ProcessError, managers
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from kvclient.auth import AuthkeySource, check_server_key, load_authkey
-from kvclient.connection import parse_address, register_stdlib_serializer
+from kvproto.address import parse_address
+from kvproto.authkey import AuthkeySource, check_server_key, load_authkey
+from kvproto.errors import KVError
 from kvserve.containers import KINDS
 from kvserve.server import Server
 from kvserve.sync import SYNC_KINDS
 
 __all__ = ["KVManager"]
+
+
+class _NoStdlibListener:
+    """``listener_client["msgpack"]``'s listener: kvserve serves with its own loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise KVError("serve kvmanager with kvserve.KVManager, not the stdlib Server")
+
+
+def _no_stdlib_client(address: Any, authkey: bytes | None = None) -> Any:
+    """``listener_client["msgpack"]``'s client, as far as the server side needs one.
+
+    ``BaseManager`` calls it only to send a stopping ``start()``-ed server a ``shutdown``
+    message, which kvserve does not take; the manager then stops the process itself
+    (``shutdown_timeout``). A stdlib client proxy talking msgpack to kvserve is
+    ``kvclient``'s business, not the server's.
+    """
+    raise KVError("KVManager has no stdlib client side; use kvclient.connect()")
+
+
+def _register_serializer() -> None:
+    # BaseManager.__init__ looks the serializer up; keep a real client if kvclient set one.
+    managers.listener_client.setdefault(  # type: ignore[attr-defined]
+        "msgpack", (_NoStdlibListener, _no_stdlib_client)
+    )
 
 
 # typeshed does not describe BaseManager's internals that a subclass overriding
@@ -66,7 +92,7 @@ class KVManager(managers.BaseManager):
         shutdown_timeout: float = 1.0,
         **server_options: Any,
     ) -> None:
-        register_stdlib_serializer()  # BaseManager.__init__ looks the serializer up
+        _register_serializer()
         source = (
             load_authkey(create=True)
             if authkey is None

@@ -118,8 +118,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from kvclient.codec import Codec
-from kvclient.errors import KVError, ProtocolError, RemoteError
+from kvproto.codec import Codec
+from kvproto.errors import KVError, ProtocolError, RemoteError
+from kvproto.wire import ERROR, RETURN
 from kvserve.containers import Container
 from kvserve.store import Store
 
@@ -140,8 +141,6 @@ FORMAT_VERSION: Final = 2  # of the files in the data directory; version 1 is st
 DUMP_FORMAT: Final = 1  # of dump_state()'s output, independent of the file format
 FsyncPolicy = Literal["always", "everysec", "no"]
 AnswerHook = Callable[[bytes, int, str, Any], None]
-_RETURN: Final = "#RETURN"
-_ERROR: Final = "#ERROR"
 _REPLY_LOST: Final = (
     "this batch was applied just before the server restarted and its reply was lost; "
     "read the data to see its effect"
@@ -626,7 +625,7 @@ class Persistence:
                 if on_answer is not None and len(record) == 5:
                     rid = record[4]
                     if len(rid) == 3:  # a call inside a batch: the batch's answer is not logged
-                        kind, value = _ERROR, RemoteError("ReplyLost", _REPLY_LOST)
+                        kind, value = ERROR, RemoteError("ReplyLost", _REPLY_LOST)
                     on_answer(rid[0], rid[1], kind, value)
         except _Damage as damage:
             if not (damage.torn_tail and last):
@@ -938,13 +937,13 @@ def apply_record(store: Store, record: Any) -> tuple[str, Any]:
         if ident is None:
             if method == "create":
                 store.create(*args, **(kwds or {}))
-                return _RETURN, [args[1], sorted(store.exposed[args[1]])]
+                return RETURN, [args[1], sorted(store.exposed[args[1]])]
             if method == "drop":
-                return _RETURN, store.drop(*args)
+                return RETURN, store.drop(*args)
             if method == "restore":
-                return _RETURN, restore_state(store, args[0])
-            return _RETURN, None
+                return RETURN, restore_state(store, args[0])
+            return RETURN, None
         obj = store.get(ident)
-        return _RETURN, getattr(obj, method)(*args, **(kwds or {}))
+        return RETURN, getattr(obj, method)(*args, **(kwds or {}))
     except Exception as exc:  # the same error the original call answered with
-        return _ERROR, exc
+        return ERROR, exc

@@ -31,24 +31,31 @@ from typing import Any, Final
 
 import msgpack
 
-from kvclient._version import __version__
-from kvclient.auth import ServerHandshake
-from kvclient.codec import (
-    HEADER,
-    MAX_BATCH,
-    MAX_DEPTH,
-    MAX_FRAME_DEFAULT,
-    MAX_HANDSHAKE_FRAME,
-    MAX_REPLY_FRAME,
-    Codec,
-)
-from kvclient.connection import format_address, tune_socket
-from kvclient.errors import (
+from kvproto import schema
+from kvproto._version import __version__
+from kvproto.codec import MAX_DEPTH, Codec
+from kvproto.errors import (
     KVConnectionError,
     NoSuchContainerError,
     ProtocolError,
     ReadOnlyError,
     RemoteError,
+)
+from kvproto.handshake import ServerHandshake
+from kvproto.net import format_address, tune_socket
+from kvproto.wire import (
+    ERROR,
+    MAX_BATCH,
+    MAX_FRAME_DEFAULT,
+    MAX_HANDSHAKE_FRAME,
+    MAX_METHOD,
+    MAX_REPLY_FRAME,
+    RETURN,
+    FrameTooLargeError,
+    check_args,
+    frame_parts,
+    frame_size,
+    parse_request,
 )
 from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
@@ -59,13 +66,14 @@ __all__ = ["Server"]
 log = logging.getLogger("kvserve")
 
 _RECV_SIZE: Final = 256 * 1024
-_CONCAT_LIMIT: Final = 64 * 1024
-_RETURN: Final = "#RETURN"
-_ERROR: Final = "#ERROR"
-_STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
-_LOGGED_PUBLIC: Final = frozenset({"create", "drop", "restore"})
-_WRITE_PUBLIC: Final = frozenset({"drop", "restore", "compact"})
-_REMEMBERED_PUBLIC: Final = frozenset({"batch", "create", "drop", "restore", "compact"})
+# Server-level calls by what the schema says of them (kvproto.schema).
+_LOGGED_PUBLIC: Final = frozenset(
+    name for name, op in schema.SERVER.items() if op.is_logged and not op.own_policy
+)
+_WRITE_PUBLIC: Final = frozenset(
+    name for name, op in schema.SERVER.items() if op.mutates and not op.own_policy
+)
+_REMEMBERED_PUBLIC: Final = frozenset(name for name, op in schema.SERVER.items() if op.mutates)
 _MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
 # The longest the loop sleeps in one select(): epoll takes its timeout as an int of
 # milliseconds (OverflowError past ~24.8 days), and a long sleep would hide a clock bug.
@@ -84,8 +92,6 @@ _SLICE_ITEMS: Final = 8192
 # Requests dispatched for one connection per loop turn: frames that waited (behind a parked
 # call, a sliced reply, or pipelined in one burst) must not hold the loop for seconds.
 _FRAMES_PER_TURN: Final = 256
-_NAME_MAX: Final = 1024  # as kvserve.store: longer names exist nowhere
-_METHOD_MAX: Final = 64
 _ACCEPTS_PER_TURN: Final = 64
 _ACCEPT_BACKOFF: Final = (0.05, 1.0)  # first and longest pause after EMFILE and friends
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -105,16 +111,6 @@ class _Timer:
 
     def cancel(self) -> None:
         self.callback = None
-
-
-def _valid_rid(rid: Any) -> bool:
-    return (
-        type(rid) is list
-        and len(rid) == 2
-        and type(rid[0]) is bytes
-        and 0 < len(rid[0]) <= 64
-        and type(rid[1]) is int
-    )
 
 
 class _Conn:
@@ -434,7 +430,7 @@ class Server:
             for waiter in self._parked.pop(name):
                 self._finish(waiter)
                 waiter.conn.parked = None
-                self._reply(waiter.conn, _ERROR, stopping)
+                self._reply(waiter.conn, ERROR, stopping)
         if self._held:
             self._release_held()
         self._drain_writes(time.monotonic() + self.shutdown_timeout)
@@ -771,21 +767,22 @@ class Server:
                 and conn.wbytes <= _WRITE_HIGH
                 and not conn.busy
             ):
-                if len(buf) - pos < 4:
-                    break
-                (size,) = HEADER.unpack_from(buf, pos)
                 limit = self.max_frame if conn.authed else MAX_HANDSHAKE_FRAME
-                if size > limit:
+                try:
+                    size = frame_size(buf, pos, limit)
+                except FrameTooLargeError as exc:
                     looks_tls = not conn.authed and bytes(buf[pos : pos + 2]) == b"\x16\x03"
                     log.warning(
                         "closing %s: %d-byte frame over the %d-byte limit%s",
                         conn.peer,
-                        size,
+                        exc.size,
                         limit,
                         " (a TLS ClientHello: this server does not use TLS)" if looks_tls else "",
                     )
                     self._close(conn)
                     return pos
+                if size < 0:
+                    break
                 end = pos + 4 + size
                 if len(buf) < end:
                     break
@@ -888,7 +885,7 @@ class Server:
             # No client accepts it (and beyond 4 GiB no frame can say its length).
             payload = conn.codec.pack(
                 [
-                    _ERROR,
+                    ERROR,
                     ValueError(
                         f"the reply would be {len(payload)} bytes, over the {MAX_REPLY_FRAME}-byte "
                         "limit of a reply; read it in parts (get_many, slices)"
@@ -920,14 +917,9 @@ class Server:
     def _send_now(self, conn: _Conn, payload: bytes) -> None:
         if conn.closed:
             return
-        header = HEADER.pack(len(payload))
         queue = conn.wqueue
         was_idle = not queue
-        if len(payload) <= _CONCAT_LIMIT:
-            queue.append(header + payload)  # one small copy beats a two-element sendmsg
-        else:
-            queue.append(header)
-            queue.append(payload)
+        queue.extend(frame_parts(payload))
         if was_idle:
             # Send now; what the kernel does not take waits for the socket to become writable.
             self._write(conn)
@@ -1006,7 +998,7 @@ class Server:
         try:
             payload = conn.codec.pack([kind, value])
         except TypeError as exc:
-            payload = conn.codec.pack([_ERROR, RemoteError("TypeError", str(exc))])
+            payload = conn.codec.pack([ERROR, RemoteError("TypeError", str(exc))])
         self._send(conn, payload)
 
     def _next_slice(self, conn: _Conn, slices: Iterator[None], parts: list[bytes]) -> None:
@@ -1018,7 +1010,7 @@ class Server:
         except StopIteration:
             payload = b"".join(parts)
         except TypeError as exc:
-            payload = conn.codec.pack([_ERROR, RemoteError("TypeError", str(exc))])
+            payload = conn.codec.pack([ERROR, RemoteError("TypeError", str(exc))])
         except Exception:
             # From a timer, not dispatch: nothing else would close it, and a busy connection
             # is never read again.
@@ -1042,41 +1034,24 @@ class Server:
             message = conn.codec.unpack(payload)
         except ProtocolError as exc:
             log.warning("closing %s: %s", conn.peer, exc)
-            self._send_now(conn, conn.codec.pack([_ERROR, exc]))
+            self._send_now(conn, conn.codec.pack([ERROR, exc]))
             conn.close_after_flush = True
             self._flush(conn)
             return
-        if type(message) is not list or not 4 <= len(message) <= 5:
-            self._reply(conn, _ERROR, ProtocolError("malformed request: expected 4 or 5 elements"))
+        try:
+            rid = parse_request(message)
+        except ProtocolError as exc:
+            self._reply(conn, ERROR, exc)
             return
         ident, method = message[0], message[1]
-        if (ident is not None and (type(ident) is not str or len(ident) > _NAME_MAX)) or (
-            type(method) is not str or len(method) > _METHOD_MAX
-        ):
-            # Before anything echoes them in an error: a 40 MB name became a 160 MB repr.
-            self._reply(
-                conn,
-                _ERROR,
-                ProtocolError(
-                    f"malformed request: the name must be nil or a str of at most {_NAME_MAX} "
-                    f"chars, the method a str of at most {_METHOD_MAX}"
-                ),
-            )
-            return
         self.ops_served += 1
         self.requests_served += 1
-        rid = None
-        if len(message) == 5:
-            rid = message.pop()
-            if not _valid_rid(rid):
-                self._reply(conn, _ERROR, ProtocolError("malformed request id"))
-                return
-            if conn.readonly or not self._changes_state(ident, method):
-                # Calls that change nothing are safe to retry without an id: remembering their
-                # answers would pin them (a copy() of a big list per id) and let a stream of
-                # pings evict other sessions' answers, so a retried incr ran twice. The
-                # read-only key must not read or evict other sessions' answers either.
-                rid = None
+        if rid is not None and (conn.readonly or not self._changes_state(ident, method)):
+            # Calls that change nothing are safe to retry without an id: remembering their
+            # answers would pin them (a copy() of a big list per id) and let a stream of
+            # pings evict other sessions' answers, so a retried incr ran twice. The
+            # read-only key must not read or evict other sessions' answers either.
+            rid = None
         if rid is not None:
             cached = self._sessions.get(rid[0])
             if cached is not None and cached[0] >= rid[1]:
@@ -1084,7 +1059,7 @@ class Server:
                 if cached[0] == rid[1]:
                     self._reply(conn, cached[1], cached[2])
                 else:
-                    self._reply(conn, _ERROR, ProtocolError("stale request id"))
+                    self._reply(conn, ERROR, ProtocolError("stale request id"))
                 return
         ident = message[0]
         try:
@@ -1096,9 +1071,9 @@ class Server:
             self._park(conn, message, wb, rid)
             return
         except Exception as exc:
-            self._answer(conn, rid, _ERROR, exc)
+            self._answer(conn, rid, ERROR, exc)
             return
-        self._answer(conn, rid, _RETURN, result)
+        self._answer(conn, rid, RETURN, result)
         if ident in self._parked:
             self._retry_parked(ident)
 
@@ -1111,7 +1086,7 @@ class Server:
         return obj is None or method in obj.mutating or method in obj.caller_methods
 
     def _answer(self, conn: _Conn, rid: list[Any] | None, kind: str, value: Any) -> None:
-        if kind == _ERROR and isinstance(value, BaseException):
+        if kind == ERROR and isinstance(value, BaseException):
             _scrub(value)
         if rid is not None:
             self.remember(rid[0], rid[1], kind, value)
@@ -1136,8 +1111,7 @@ class Server:
         obj = self.store.get(ident)
         if method not in self.store.exposed[ident]:
             raise AttributeError(f"{obj.kind} {ident!r} has no method {method!r}")
-        if type(args) not in (list, tuple) or (kwds is not None and type(kwds) is not dict):
-            raise ProtocolError("malformed request: args must be an array, kwds a map or nil")
+        check_args(args, kwds)
         if conn is not None and conn.readonly and method in obj.mutating:
             raise ReadOnlyError(
                 f"this connection authenticated with the read-only key; {method!r} on "
@@ -1225,11 +1199,10 @@ class Server:
 
     def _call_public(self, conn: _Conn, message: list[Any], rid: list[Any] | None) -> Any:
         _, method, args, kwds = message
-        if type(args) not in (list, tuple) or (kwds is not None and type(kwds) is not dict):
-            raise ProtocolError("malformed request: args must be an array, kwds a map or nil")
+        check_args(args, kwds)
         if method == "batch":
             return self._batch(args, rid, conn)
-        if method in _STDLIB_NOOPS:
+        if method in schema.STDLIB_NOOPS:
             return None
         func = self._public.get(method)
         if func is None:
@@ -1264,7 +1237,7 @@ class Server:
                 "this connection authenticated with the read-only key; creating "
                 f"{name!r} would change the server"
             )
-        if type(kind) is not str or len(kind) > _METHOD_MAX:
+        if type(kind) is not str or len(kind) > MAX_METHOD:
             raise TypeError("the container kind must be a str of at most 64 chars")
         result = self._create(kind, name, *rest, **options)
         if existing is None and self._persist is not None:
@@ -1282,21 +1255,21 @@ class Server:
         touched: set[str] = set()
         for index, message in enumerate(args[0]):
             if type(message) is not list or not 4 <= len(message) <= 5 or message[0] is None:
-                results.append([_ERROR, ProtocolError("malformed request in batch")])
+                results.append([ERROR, ProtocolError("malformed request in batch")])
                 continue
             del message[4:]  # the batch's own request id covers its calls
             sub_rid = None if rid is None else [rid[0], rid[1], index]
             try:
-                results.append([_RETURN, self._call(message, sub_rid, conn)])
+                results.append([RETURN, self._call(message, sub_rid, conn)])
                 touched.add(message[0])
             except WouldBlock as wb:  # a batch never waits
                 if wb.on_timeout is not None:
-                    results.append([_ERROR, wb.on_timeout])
+                    results.append([ERROR, wb.on_timeout])
                 else:
-                    results.append([_RETURN, wb.result])
+                    results.append([RETURN, wb.result])
             except Exception as exc:
                 _scrub(exc)
-                results.append([_ERROR, exc])
+                results.append([ERROR, exc])
         self.ops_served += len(results) - 1
         for name in touched & self._parked.keys():
             self._retry_parked(name)
@@ -1318,9 +1291,7 @@ class Server:
         for waiter in self._parked.pop(name, ()):
             self._finish(waiter)
             waiter.conn.parked = None
-            self._reply(
-                waiter.conn, _ERROR, NoSuchContainerError(f"container {name!r} was dropped")
-            )
+            self._reply(waiter.conn, ERROR, NoSuchContainerError(f"container {name!r} was dropped"))
             # Its next requests wait until the drop is logged (after this returns): run now,
             # a write to the re-created container would be logged before the drop, and a
             # restart would replay the drop over an acknowledged write.
@@ -1373,7 +1344,7 @@ class Server:
         if wb.timeout is not None and not 0 <= wb.timeout <= MAX_TIMEOUT:
             # Every kind checks its timeouts with check_timeout(); this guards the loop
             # against one that forgot (a bad timeout must never reach the timer heap).
-            self._answer(conn, rid, _ERROR, ValueError(f"bad timeout {wb.timeout!r}"))
+            self._answer(conn, rid, ERROR, ValueError(f"bad timeout {wb.timeout!r}"))
             return
         waiter = _Waiter(conn, name, message, wb, rid)
         conn.parked = waiter
@@ -1405,9 +1376,9 @@ class Server:
                 with obj.lock:
                     wb.on_expire()
         if wb.on_timeout is not None:
-            self._answer(conn, waiter.rid, _ERROR, wb.on_timeout)
+            self._answer(conn, waiter.rid, ERROR, wb.on_timeout)
         else:
-            self._answer(conn, waiter.rid, _RETURN, wb.result)
+            self._answer(conn, waiter.rid, RETURN, wb.result)
         if wb.on_expire is not None and waiter.name in self._parked:
             self._retry_parked(waiter.name)
         self._process(conn)
@@ -1441,9 +1412,9 @@ class Server:
                             break
                         continue
                     except Exception as exc:
-                        self._answer(waiter.conn, waiter.rid, _ERROR, exc)
+                        self._answer(waiter.conn, waiter.rid, ERROR, exc)
                     else:
-                        self._answer(waiter.conn, waiter.rid, _RETURN, result)
+                        self._answer(waiter.conn, waiter.rid, RETURN, result)
                 queue.remove(waiter)
                 self._finish(waiter)
                 waiter.conn.parked = None

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kvclient.errors import KindError, NoSuchContainerError
+from kvproto.errors import KindError, NoSuchContainerError
 from kvserve.containers import Container
 
 __all__ = ["Registry", "Store"]

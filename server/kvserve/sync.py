@@ -416,8 +416,6 @@ class KVLock(_Leased):
 
     kind = "lock"
     reentrant: ClassVar[bool] = False
-    mutating = frozenset({"acquire", "release", "renew"})
-    exposed = mutating | frozenset({"locked", "status"})
 
     def state(self) -> list[Any]:
         """Return ``[last_token, holds]``."""
@@ -493,8 +491,6 @@ class KVSemaphore(_Leased):
 
     kind = "semaphore"
     bounded: ClassVar[bool] = False
-    mutating = frozenset({"acquire", "release", "renew"})
-    exposed = mutating | frozenset({"locked", "status", "get_value"})
 
     def __init__(
         self,
@@ -638,10 +634,6 @@ class KVCondition(_Leased):
 
     kind = "condition"
     strict_fifo = False
-    mutating = frozenset(
-        {"acquire", "release", "renew", "wait_begin", "wait_end", "reacquire", "notify"}
-    )
-    exposed = mutating | frozenset({"locked", "status"})
 
     def __init__(
         self, last_token: int = 0, holds: Iterable[Any] = (), waiters: Iterable[Any] = ()
@@ -824,8 +816,6 @@ class KVEvent(Container):
 
     kind = "event"
     strict_fifo = False
-    mutating = frozenset({"set", "clear"})
-    exposed = mutating | frozenset({"is_set", "wait"})
 
     def __init__(self, flag: bool = False) -> None:
         super().__init__()
@@ -884,8 +874,6 @@ class KVBarrier(Container):
 
     kind = "barrier"
     strict_fifo = False
-    mutating = frozenset({"arrive", "timed_out", "abort", "reset"})
-    exposed = mutating | frozenset({"await_trip", "info"})
 
     def __init__(
         self,
@@ -1115,8 +1103,6 @@ class KVValue(Container):
     """
 
     kind = "value"
-    mutating = frozenset({"set", "incr"})
-    exposed = mutating | frozenset({"get", "typecode"})
 
     def __init__(self, typecode_or_default: Any, value: Any = None) -> None:
         super().__init__()
@@ -1207,8 +1193,6 @@ class KVArray(Container):
     """
 
     kind = "array"
-    mutating = frozenset({"__setitem__", "setslice"})
-    exposed = mutating | frozenset({"__getitem__", "__len__", "getslice", "tolist", "typecode"})
 
     def __init__(self, typecode: str, size_or_initializer: Any) -> None:
         super().__init__()

@@ -35,6 +35,7 @@ __all__ = [
     "AddressError",
     "Target",
     "key_file_for",
+    "parse_address",
     "parse_host_port",
     "parse_target",
 ]
@@ -191,3 +192,22 @@ def parse_target(address: str | tuple[str, int]) -> Target:
     host, port = parse_host_port(authority, url=True)
     key_file = key_file_for(userinfo) if at else None
     return Target(host, port, _SCHEMES[scheme] or None, key_file)
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """Parse ``"host:port"``, ``"[v6]:port"``, ``"host"``, ``kv://host:port`` or a tuple.
+
+    A URL that asks for TLS (``kvs://``) or names a key file is for ``kvclient.connect()``,
+    which applies both.
+
+    Raises:
+        AddressError: the address is malformed (the message lists the accepted forms), or is a
+            URL carrying TLS or a key file.
+    """
+    target = parse_target(address)
+    if target.tls or target.key_file is not None:
+        raise AddressError(
+            f"{address!r} asks for TLS or names a key file; pass it to kvclient.connect(), "
+            "which applies them"
+        )
+    return target.host, target.port

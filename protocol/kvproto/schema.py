@@ -1,0 +1,176 @@
+"""What every operation is: the one table client and server derive their behaviour from.
+
+For each container kind, and for the server-level calls (``ident`` nil), the operations the
+wire accepts and, for each, an :class:`Op` saying:
+
+- whether it **mutates**: the server logs it (with ``--data-dir``), refuses it on a
+  read-only-key connection and remembers its answer under its request id; a client sends it
+  with a request id, so a retry after a lost connection is answered instead of applied twice.
+  A call that does not mutate is retried freely and sent without one.
+- whether it **blocks**: it may park on the server until another call wakes it or its wait
+  runs out. ``wait_arg`` is the position of the wait (seconds, None for ever) in its args and
+  ``block_arg`` that of a ``block`` flag that turns the wait off: a client waits for the
+  reply that long plus its call timeout.
+- **caller**: the server passes ``caller=`` (the session token) to the method.
+
+The server builds each kind's exposed, mutating and read-only sets from here
+(:func:`exposed`, :func:`mutating`); clients decide request ids and reply timeouts from here
+(:func:`op`). Neither keeps a list of method names of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+__all__ = [
+    "KINDS",
+    "SERVER",
+    "STDLIB_NOOPS",
+    "Op",
+    "caller_methods",
+    "exposed",
+    "mutating",
+    "op",
+    "register_kind",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """What one operation is (see the module docstring).
+
+    Attributes:
+        mutates: may change state (logged, refused read-only, request id remembered).
+        blocks: may park on the server.
+        wait_arg: position in args of the wait in seconds (None waits for ever), if it blocks.
+        block_arg: position in args of the ``block`` flag (False: answer at once), if any.
+        caller: the server passes ``caller=`` to it.
+        logged: the request is appended to the log as it is (default: ``mutates``).
+            Server-level calls differ: ``compact`` changes nothing a replay needs.
+        own_policy: the call applies the read-only rule and the logging itself
+            (``create`` attaches freely and logs only what it creates; ``batch`` checks and
+            logs each of its calls).
+    """
+
+    mutates: bool = False
+    blocks: bool = False
+    wait_arg: int | None = None
+    block_arg: int | None = None
+    caller: bool = False
+    logged: bool | None = None
+    own_policy: bool = False
+
+    @property
+    def is_logged(self) -> bool:
+        """Whether the request itself goes into the log."""
+        return self.mutates if self.logged is None else self.logged
+
+
+_READ: Final = Op()
+_WRITE: Final = Op(mutates=True)
+
+
+def _ops(read: str = "", write: str = "", **special: Op) -> Mapping[str, Op]:
+    table = dict.fromkeys(read.split(), _READ)
+    table.update(dict.fromkeys(write.split(), _WRITE))
+    table.update(special)
+    return MappingProxyType(table)
+
+
+# Leased primitives: acquire [owner, blocking, timeout, lease, wait_id] waits unless blocking
+# is False; release, renew and the rest answer at once.
+_ACQUIRE: Final = Op(mutates=True, blocks=True, wait_arg=2, block_arg=1)
+_LOCK: Final = _ops("locked status", "release renew", acquire=_ACQUIRE)
+_SEMAPHORE: Final = _ops("locked status get_value", "release renew", acquire=_ACQUIRE)
+
+KINDS: dict[str, Mapping[str, Op]] = {
+    "dict": _ops(
+        "__contains__ __getitem__ __len__ copy get get_many items keys values",
+        "__delitem__ __setitem__ cas clear delete_many incr pop popitem set_many setdefault update",
+    ),
+    "list": _ops(
+        "__contains__ __getitem__ __len__ copy count getslice index",
+        "__delitem__ __setitem__ append clear delslice extend imul insert pop remove reverse "
+        "setslice sort",
+    ),
+    "namespace": _ops("getattr hasattr to_dict", "delattr incr setattr update"),
+    "queue": _ops(
+        "empty full maxsize qsize unfinished",
+        "get_nowait put_nowait task_done",
+        # put [item, block, timeout], get [block, timeout]: they consume or add an item.
+        put=Op(mutates=True, blocks=True, wait_arg=2, block_arg=1),
+        get=Op(mutates=True, blocks=True, wait_arg=1, block_arg=0),
+        # join []: waits for ever until every task is done, and changes nothing.
+        join=Op(blocks=True),
+    ),
+    "lock": _LOCK,
+    "rlock": _LOCK,
+    "semaphore": _SEMAPHORE,
+    "bounded_semaphore": _SEMAPHORE,
+    "event": _ops("is_set", "clear set", wait=Op(blocks=True, wait_arg=0)),
+    "condition": _ops(
+        "locked status",
+        "notify release renew wait_begin",
+        acquire=_ACQUIRE,
+        # wait_end [owner, wait_id, count, timeout, lease]; reacquire waits for the lock.
+        wait_end=Op(mutates=True, blocks=True, wait_arg=3),
+        reacquire=Op(mutates=True, blocks=True),
+    ),
+    "barrier": _ops("info", "abort arrive reset timed_out", await_trip=Op(blocks=True, wait_arg=1)),
+    "value": _ops("get typecode", "incr set"),
+    "array": _ops("__getitem__ __len__ getslice tolist typecode", "__setitem__ setslice"),
+}
+"""Operations of each container kind, by kind name then method name."""
+
+SERVER: Final[Mapping[str, Op]] = _ops(
+    "describe dump get_methods names number_of_objects ping stats",
+    "drop restore",
+    compact=Op(mutates=True, logged=False),
+    create=Op(mutates=True, own_policy=True),
+    batch=Op(mutates=True, own_policy=True),
+)
+"""Server-level operations (requests whose ``ident`` is nil)."""
+
+STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
+"""Server-level calls a stdlib ``BaseManager`` client makes, answered None and ignored."""
+
+
+def register_kind(kind: str, ops: Mapping[str, Op]) -> None:
+    """Add (or replace) the operations of a container kind beyond the built-in ones."""
+    KINDS[kind] = MappingProxyType(dict(ops))
+
+
+def op(kind: str | None, method: str) -> Op | None:
+    """Return what ``method`` is on ``kind`` (None: a server-level call), or None if unknown."""
+    table = SERVER if kind is None else KINDS.get(kind)
+    return None if table is None else table.get(method)
+
+
+def exposed(kind: str) -> frozenset[str]:
+    """Return the methods the wire may call on ``kind``.
+
+    Raises:
+        KeyError: no such kind.
+    """
+    return frozenset(KINDS[kind])
+
+
+def mutating(kind: str) -> frozenset[str]:
+    """Return the methods of ``kind`` that mutate (see the module docstring).
+
+    Raises:
+        KeyError: no such kind.
+    """
+    return frozenset(name for name, o in KINDS[kind].items() if o.mutates)
+
+
+def caller_methods(kind: str) -> frozenset[str]:
+    """Return the methods of ``kind`` the server passes ``caller=`` to.
+
+    Raises:
+        KeyError: no such kind.
+    """
+    return frozenset(name for name, o in KINDS[kind].items() if o.caller)

@@ -25,7 +25,7 @@ from typing import Any, Final
 if not __package__:  # run as a script, `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import startup
+from bench import cpu, startup
 from bench.cases import CASES, DURABILITY, DURABILITY_SYSTEMS, Case, select_cases
 from bench.measure import (
     MachineSample,
@@ -55,7 +55,7 @@ __all__ = ["main"]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 MEMORY_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "redis")
-_GROUP_WORDS: Final = ("memory", "restart", "startup")
+_GROUP_WORDS: Final = ("memory", "restart", "startup", "cpu")
 """``--only`` words that select a measurement that is not a case."""
 
 
@@ -169,7 +169,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         metavar="CASE",
         help="run only cases whose name contains CASE (repeatable; 'memory', 'restart', and "
-        "'durability' for the durability cases and the restart)",
+        "'durability' for the durability cases and the restart; 'cpu', alone, for "
+        "python -m bench.cpu)",
     )
     parser.add_argument(
         "--systems",
@@ -196,6 +197,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--list", action="store_true", help="list the cases and systems, exit")
     args = parser.parse_args(argv)
+    args.rounds_given = args.rounds  # --only cpu has its own default
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (0.5 if args.quick else 2.0)
     args.keys = args.keys or (100_000 if args.quick else 1_000_000)
@@ -208,6 +210,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(ALL_SYSTEMS)}")
     args.systems = systems
+    if args.only and "cpu" in args.only and set(args.only) != {"cpu"}:
+        # With --tree the main cases would run the other tree's kvserve in this process, and
+        # bench.cpu would then compare that tree with itself.
+        parser.error("--only cpu runs alone (python -m bench.cpu has more options)")
     if args.rounds < 1 or args.rounds > 20 or not 0.1 <= args.duration <= 60:
         parser.error("--rounds must be 1..20 and --duration 0.1..60 s")
     if not 1 <= args.keys <= 10_000_000 or not 1 <= args.restart_keys <= 10_000_000:
@@ -321,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; return the process exit code (0 when every phase ran)."""
     args = _parse_args(argv)
     if args.list:
-        print("cases:", " ".join(c.name for c in CASES), "restart memory startup")
+        print("cases:", " ".join(c.name for c in CASES), "restart memory startup cpu")
         print("systems:", " ".join(ALL_SYSTEMS), f"(default: {' '.join(DEFAULT_SYSTEMS)})")
         print(f"groups: {DURABILITY} (durable-* cases against {', '.join(DURABILITY_SYSTEMS)}")
         print("        and the restart case)")
@@ -329,6 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and set(args.only) == {"startup"}:
         # Process start-up times only: no servers of the other cases, a report of its own.
         return startup.main(args.startup_runs, args.out, not args.no_write)
+    if args.only and set(args.only) == {"cpu"}:
+        # CPU per op, pinned (bench/cpu.py): its own systems and report. There --tree is run
+        # beside this tree's kvserve, not instead of it.
+        cpu_argv = ["--out", str(args.out)]
+        cpu_argv += ["--rounds", str(args.rounds_given)] if args.rounds_given else []
+        cpu_argv += ["--tree", str(args.tree)] if args.tree else []
+        cpu_argv += ["--no-write"] if args.no_write else []
+        return cpu.main(cpu_argv)
     cases, run_restart, run_memory = _select(args)
     main_cases = [c for c in cases if c.group != DURABILITY]
     durable_cases = [c for c in cases if c.group == DURABILITY]

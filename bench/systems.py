@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -167,8 +167,14 @@ def _split_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def start_server(system: str) -> Server:
+def start_server(system: str, path: Sequence[str] = ()) -> Server:
     """Start a fresh server for ``system`` and wait until it accepts connections.
+
+    Args:
+        system: one of :data:`ALL_SYSTEMS`.
+        path: directories put first on the server's ``PYTHONPATH``, before this tree's; for
+            example another tree's ``server`` and ``client`` directories, to run its kvserve
+            beside this one's (default: none, the installed kvserve).
 
     Raises:
         SkipSystemError: the system is not installed here (redis-server, redis-py).
@@ -201,7 +207,7 @@ def start_server(system: str) -> Server:
         raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS)}")
     # bench.* must be importable by the server whatever the caller's cwd.
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
+        p for p in (*path, str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
     )
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env, cwd=workdir

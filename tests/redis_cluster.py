@@ -1,0 +1,271 @@
+"""A real Valkey/Redis Cluster of ``redis-server`` processes on loopback, for tests and by hand.
+
+The cluster backend (issue 16) is tested against the real engine, never a fake: this starts
+``masters`` masters with ``replicas`` replicas each (default 3 + 3), each its own
+``redis-server`` process on 127.0.0.1 with its own directory, joins them with
+``redis-cli --cluster create``, and waits until ``cluster_state:ok`` and every replica is
+attached. Every wait is bounded; :meth:`Cluster.stop` kills every process it started.
+
+By hand::
+
+    python -m tests.redis_cluster            # start, print the seed address, wait for Ctrl-C
+
+Ports are chosen free (the port and its cluster bus port, port + 10000), so parallel runs and
+other services on the machine do not collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+__all__ = ["Cluster", "ClusterError", "available", "free_port_pair", "running_cluster"]
+
+_BUS_OFFSET: Final = 10000
+_START_TIMEOUT: Final = 30.0
+_NODE_TIMEOUT_MS: Final = 2000
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started or did not become healthy in time."""
+
+
+def available() -> str | None:
+    """Return None if redis-server and redis-cli are on PATH, else why not."""
+    missing = [name for name in ("redis-server", "redis-cli") if shutil.which(name) is None]
+    if missing:
+        return f"{' and '.join(missing)} not on PATH (apt-get install redis-server)"
+    return None
+
+
+def free_port_pair(taken: set[int]) -> int:
+    """Return a free loopback port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port in taken or port + _BUS_OFFSET > 65535 or port + _BUS_OFFSET in taken:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + _BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise ClusterError("no free port pair (port and port + 10000) found in 200 tries")
+
+
+@dataclass
+class Node:
+    """One redis-server process of the cluster."""
+
+    port: int
+    directory: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    def cli(self, *args: str, timeout: float = 10.0) -> str:
+        """Run ``redis-cli -p PORT ARGS...`` and return its output."""
+        out = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return out.stdout
+
+
+@dataclass
+class Cluster:
+    """A running cluster; use :func:`running_cluster` or :meth:`start` / :meth:`stop`."""
+
+    masters: int = 3
+    replicas: int = 1
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kv-cluster-")))
+    nodes: list[Node] = field(default_factory=list)
+    _owns_base: bool = True
+
+    @property
+    def seeds(self) -> list[str]:
+        """Every node's ``host:port``, masters first as created."""
+        return [node.address for node in self.nodes]
+
+    def start(self) -> Cluster:
+        """Start the processes, create the cluster, wait until it is healthy.
+
+        Raises:
+            ClusterError: a process died, or the cluster was not healthy within 30 s (the
+                message carries the last state seen and the nodes' logs' tails).
+        """
+        reason = available()
+        if reason is not None:
+            raise ClusterError(reason)
+        taken: set[int] = set()
+        try:
+            for _ in range(self.masters * (1 + self.replicas)):
+                port = free_port_pair(taken)
+                taken.update({port, port + _BUS_OFFSET})
+                node = Node(port, self.base / str(port))
+                node.directory.mkdir(parents=True)
+                node.proc = subprocess.Popen(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(_NODE_TIMEOUT_MS),
+                        "--dir",
+                        str(node.directory),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--logfile",
+                        "redis.log",
+                        "--daemonize",
+                        "no",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,  # a Ctrl-C of the test run is not theirs to get
+                )
+                self.nodes.append(node)
+            deadline = time.monotonic() + _START_TIMEOUT
+            self._wait(
+                lambda: all(n.cli("ping").strip() == "PONG" for n in self.nodes), deadline, "ping"
+            )
+            create = subprocess.run(
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *self.seeds,
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=_START_TIMEOUT,
+                check=False,
+            )
+            if create.returncode != 0:
+                raise ClusterError(f"redis-cli --cluster create failed: {create.stdout[-2000:]}")
+            self._wait(self.healthy, deadline, "cluster_state:ok with every replica attached")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, check: Callable[[], bool], deadline: float, what: str) -> None:
+        while time.monotonic() < deadline:
+            for node in self.nodes:
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise ClusterError(
+                        f"redis-server on port {node.port} exited ({node.proc.returncode}): "
+                        f"{self._log_tail(node)}"
+                    )
+            if check():
+                return
+            time.sleep(0.1)
+        tails = "; ".join(f"{n.port}: {self._log_tail(n)}" for n in self.nodes)
+        raise ClusterError(f"timed out waiting for {what}; logs: {tails}")
+
+    @staticmethod
+    def _log_tail(node: Node) -> str:
+        try:
+            return (node.directory / "redis.log").read_text()[-300:].replace("\n", " | ")
+        except OSError:
+            return "(no log)"
+
+    def healthy(self) -> bool:
+        """Whether every node says ``cluster_state:ok`` and the expected replicas are attached."""
+        for node in self.nodes:
+            if "cluster_state:ok" not in node.cli("cluster", "info"):
+                return False
+        masters = replicas = 0
+        for line in self.nodes[0].cli("cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 8 or fields[7] != "connected":
+                continue
+            flags = fields[2].split(",")
+            if "fail" in flags or "fail?" in flags:
+                return False
+            if "master" in flags:
+                masters += 1
+            elif "slave" in flags and fields[3] != "-":
+                replicas += 1
+        if masters != self.masters or replicas != self.masters * self.replicas:
+            return False
+        # Attached is not synced: a failover before the first sync would lose everything.
+        return all(
+            "master_link_status:up" in node.cli("info", "replication")
+            for node in self.nodes
+            if "role:slave" in node.cli("info", "replication")
+        )
+
+    def kill(self, node: Node, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one node (failover tests)."""
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(sig)
+            node.proc.wait(10)
+
+    def stop(self) -> None:
+        """Kill every node and remove the directory. Safe to call more than once."""
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.kill()
+        for node in self.nodes:
+            if node.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.proc.wait(10)
+        if self._owns_base:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster(masters: int = 3, replicas: int = 1) -> Iterator[Cluster]:
+    """Start a cluster for the ``with`` block, stop it after."""
+    cluster = Cluster(masters, replicas).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def main() -> int:
+    """Start a cluster, print its seeds, and keep it up until interrupted."""
+    started = time.monotonic()
+    with running_cluster() as cluster:
+        print(f"cluster up in {time.monotonic() - started:.1f}s: {','.join(cluster.seeds)}")
+        print(f"redis-cluster://{cluster.seeds[0]}  (Ctrl-C stops it)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

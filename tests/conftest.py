@@ -1,4 +1,8 @@
-"""Fixtures: real kvserve servers on port 0 (in a thread, or as a subprocess) and clients."""
+"""Fixtures: real kvserve servers on port 0 (in a thread, or as a subprocess) and clients.
+
+`kv` is parametrized over the implementations in `tests/backends.py`: every test that takes
+`kv` and no kvserve-only fixture runs once per implementation and is marked `conformance`.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,64 @@ import pytest
 
 import kvclient
 from kvserve import KVManager, Server
+from tests import backends
+from tests.backends import Implementation
+
+pytest_plugins = ["pytester"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    known = ", ".join(impl.id for impl in backends.IMPLEMENTATIONS)
+    parser.addoption(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run the conformance tests against only this implementation (repeatable): {known}",
+    )
+
+
+def _selected(config: pytest.Config) -> list[Implementation]:
+    registry = backends.by_id()
+    names: list[str] = config.getoption("backend")
+    unknown = sorted(set(names) - registry.keys())
+    if unknown:
+        raise pytest.UsageError(
+            f"--backend {', '.join(unknown)}: unknown; known: {', '.join(registry)}"
+        )
+    return [impl for impl in registry.values() if not names or impl.id in names]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, beside the hook that applies it, rather than in pyproject.toml.
+    config.addinivalue_line(
+        "markers",
+        "conformance: runs once per implementation in tests/backends.py; set automatically"
+        " on every test that takes `kv` and no kvserve-only fixture",
+    )
+    _selected(config)  # an unknown --backend is a usage error before anything is collected
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    closure = set(metafunc.fixturenames)
+    if "implementation" not in closure or closure & backends.KVSERVE_ONLY_FIXTURES:
+        return
+    ids = [impl.id for impl in _selected(metafunc.config)]
+    metafunc.parametrize("implementation", ids, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    registry = backends.by_id()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        impl_id = callspec.params.get("implementation") if callspec is not None else None
+        if impl_id is None:
+            continue
+        impl = registry[impl_id]
+        item.add_marker(pytest.mark.conformance)
+        reason = impl.difference(item.nodeid)
+        if reason is not None:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=f"{impl.id}: {reason}"))
 
 
 @pytest.fixture
@@ -40,8 +102,25 @@ def address(server: Server) -> str:
 
 
 @pytest.fixture
-def kv(address: str, authkey: bytes) -> Iterator[kvclient.Client]:
-    with kvclient.connect(address, authkey) as client:
+def implementation(request: pytest.FixtureRequest) -> Implementation:
+    """The implementation `kv` talks to: each one in turn for a conformance test, else kvserve."""
+    impl = backends.by_id()[getattr(request, "param", backends.DEFAULT_ID)]
+    outcome = backends.unavailable_outcome(impl)
+    if outcome is not None:
+        verdict, message = outcome
+        if verdict == "fail":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return impl
+
+
+@pytest.fixture
+def kv(
+    request: pytest.FixtureRequest, implementation: Implementation, authkey: bytes
+) -> Iterator[kvclient.Client]:
+    """A client of `implementation`, on a store of its own; closed after the test."""
+    target = implementation.start(request)
+    with implementation.connect(target, authkey) as client:
         yield client
 
 

@@ -5,11 +5,8 @@ thread, as stdlib proxies do). Every socket error is translated here, through
 :func:`kvclient.errors.translate_os_error`, and any failure or interrupt in the middle of a call
 closes the connection: a late reply can then never be read as the answer to a later call.
 
-:func:`register_stdlib_serializer` registers the ``"msgpack"`` serializer with
-``multiprocessing.managers`` (``listener_client["msgpack"]``), so a stdlib
-``BaseManager(serializer="msgpack")`` can talk to kvserve over the same wire; ``KVManager``
-calls it. It is an explicit call, not an import side effect: ``multiprocessing.managers`` costs
-about 40 ms to import, which every ``kvctl`` call would otherwise pay.
+A connection also has the ``send``/``recv`` surface of ``multiprocessing.connection``, which
+:mod:`kvclient.stdlib` gives a stdlib ``BaseManager`` to talk to kvserve over.
 """
 
 from __future__ import annotations
@@ -21,12 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from kvproto.address import DEFAULT_PORT, parse_address
-from kvproto.authkey import load_authkey
 from kvproto.codec import MAX_DEPTH, Codec, Ref
 from kvproto.errors import (
     AuthError,
     KVConnectionError,
-    KVError,
     ProtocolError,
     TLSError,
     translate_os_error,
@@ -36,6 +31,7 @@ from kvproto.net import format_address, tune_socket
 from kvproto.wire import (
     MAX_HANDSHAKE_FRAME,
     MAX_REPLY_FRAME,
+    RETURN,
     FrameTooLargeError,
     MalformedReplyError,
     frame_parts,
@@ -52,7 +48,6 @@ __all__ = [
     "Connection",
     "format_address",
     "parse_address",
-    "register_stdlib_serializer",
     "tune_socket",
 ]
 
@@ -307,6 +302,9 @@ class Connection:
             # and reading it later would pair it with the wrong call.
             self.close()
             raise
+        # The common answer inline (a value), without the two calls of unwrap().
+        if type(reply) is list and len(reply) == 2 and reply[0] == RETURN:
+            return reply[1]
         return self.unwrap(reply)
 
     def unwrap(self, reply: Any) -> Any:
@@ -358,24 +356,3 @@ def _ssl_errors() -> tuple[type[BaseException], ...]:
 
 def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
-
-
-def _stdlib_client(address: Any, authkey: bytes | None = None) -> Connection:
-    key = load_authkey(bytes(authkey) if authkey else None).key
-    conn = Connection(parse_address(address), key)
-    conn.timeout = None  # stdlib proxies have no call timeout; keep their semantics
-    return conn
-
-
-class _StdlibListener:
-    """Placeholder so ``listener_client["msgpack"]`` is a pair; kvserve has its own loop."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise KVError("serve kvmanager with kvserve.KVManager, not the stdlib Server")
-
-
-def register_stdlib_serializer() -> None:
-    """Register ``"msgpack"`` in ``multiprocessing.managers.listener_client`` (idempotent)."""
-    from multiprocessing import managers  # noqa: PLC0415 - 40 ms; only stdlib-manager users pay
-
-    managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[attr-defined]

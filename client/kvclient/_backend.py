@@ -160,7 +160,11 @@ class SocketBackend:
         """
         # The hot path: a plain read on a thread that has its connection is two dict
         # lookups, a list and Connection.call.
-        session: _Session | None = getattr(self._local, "session", None)
+        session: _Session | None
+        try:
+            session = self._local.session
+        except AttributeError:  # this thread's first call
+            session = None
         try:
             op = _PLANS[kind][method]
         except KeyError:
@@ -182,7 +186,8 @@ class SocketBackend:
             else:
                 message = [ident, method, args, kwds]
         conn = None if session is None else session.conn
-        if conn is not None and not conn.closed:
+        # conn._sock rather than the conn.closed property: one Python call less per call.
+        if conn is not None and conn._sock is not None:
             try:
                 return conn.call(message, timeout)
             except KVConnectionError as exc:

@@ -29,6 +29,7 @@ from kvproto.errors import (
 from kvproto.handshake import ClientHandshake
 from kvproto.net import format_address, tune_socket
 from kvproto.wire import (
+    HEADER,
     MAX_HANDSHAKE_FRAME,
     MAX_REPLY_FRAME,
     RETURN,
@@ -53,6 +54,9 @@ __all__ = [
 
 DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
 _RECV_CHUNK: Final = 64 * 1024
+# Requests up to this size are sent as header + payload joined, as kvproto.wire.frame_parts
+# sends them (a copy cheaper than a second send), but inline; larger ones go through it.
+_INLINE_SEND: Final = 64 * 1024
 
 _MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (a year)
 
@@ -292,7 +296,12 @@ class Connection:
             wanted = self.timeout if timeout is False else timeout
             if wanted != self._applied_timeout:
                 self._apply_timeout(sock, wanted)
-            self._send_frame(payload)
+            size = len(payload)
+            if size <= _INLINE_SEND:
+                # The common small request as one sendall, without _send_frame's two calls.
+                sock.sendall(HEADER.pack(size) + payload)
+            else:
+                self._send_frame(payload)
             reply = self.codec.unpack(self._recv_frame(self.max_frame))
         except (OSError, EOFError) as exc:
             self.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
+from kvclient._leases import LeaseKeeper
 from kvproto import schema
 from kvproto.schema import Op
 
@@ -112,6 +113,10 @@ class Runner(Protocol):
     @property
     def records_calls(self) -> bool:
         """True for a runner that records calls instead of making them (a batch)."""
+
+    @property
+    def leases(self) -> LeaseKeeper | None:
+        """The keeper of this runner's owner ids and leases; None where nothing can be held."""
 
     def call(
         self,

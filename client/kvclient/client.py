@@ -632,6 +632,7 @@ class Batch:
     # Proxies bound to a batch ask nothing of the server while recording (a Pending has no
     # value yet), and refuse what needs several calls or a lease.
     records_calls = True
+    leases = None
 
     def __init__(self, client: Client) -> None:
         self._client = client

@@ -137,8 +137,8 @@ class _LeasedProxy(_SyncProxy):
         return self._token
 
     def _keeper(self) -> LeaseKeeper:
-        leases: LeaseKeeper | None = getattr(self._client, "leases", None)
-        if leases is None or self._client.records_calls:
+        leases = self._client.leases
+        if leases is None:
             raise TypeError(f"a {self._kind} cannot be used in a batch; use it on the client")
         return leases
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner, Result
 
 import kvclient
 from kvclient.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, app
+from kvclient.proxies import to_ref
 from kvproto.codec import Codec
 from kvserve import KVManager
 from tests.conftest import ServerProcess, read_listening_line, start_kvserve
@@ -1110,7 +1111,9 @@ def test_dump_then_restore_into_an_empty_server(
 
 def _refs_plain(value: Any) -> Any:
     if isinstance(value, kvclient.Proxy):
-        return ("ref", value._kind, value._name)
+        ref = to_ref(value)
+        assert ref is not None
+        return ("ref", ref.kind, ref.name)
     if isinstance(value, list):
         return [_refs_plain(v) for v in value]
     if isinstance(value, tuple):
@@ -1120,10 +1123,12 @@ def _refs_plain(value: Any) -> Any:
     return value
 
 
-def test_restore_refuses_what_is_not_a_dump(kvctl: Kvctl, kv: kvclient.Client) -> None:
+def test_restore_refuses_what_is_not_a_dump(
+    kvctl: Kvctl, kv: kvclient.Client, authkey: bytes
+) -> None:
     result = invoke(
         ["--address", kvctl_address(kv), "restore", "--format", "json"],
-        {"KV_AUTHKEY": kv._authkey.decode()},
+        {"KV_AUTHKEY": authkey.decode()},
         input=b"{not json",
     )
     assert result.exit_code == EXIT_USAGE

@@ -195,9 +195,9 @@ def test_initial_contents_are_applied_only_when_created(kv: kvclient.Client) -> 
     outer[0].append(9)  # proxies given as contents stay references
     assert inner.copy() == [1, 9]
     with pytest.raises(TypeError, match="attribute name must be str"):
-        kv._create("namespace", "bad", {1: 2})
+        kv.call(None, None, "create", ["namespace", "bad", {1: 2}])
     with pytest.raises(TypeError, match="must be a map"):
-        kv._create("dict", "bad", [1, 2])
+        kv.call(None, None, "create", ["dict", "bad", [1, 2]])
     assert "bad" not in kv.names()
 
 
@@ -442,9 +442,9 @@ def test_unsupported_value_type_is_a_type_error_and_nothing_is_stored(kv: kvclie
 def test_unknown_method_is_attribute_error(kv: kvclient.Client) -> None:
     d = kv.dict("d")
     with pytest.raises(AttributeError, match="has no method '__class__'"):
-        d._call("__class__", [])
+        kv.call("dict", d.name, "__class__", [])
     with pytest.raises(AttributeError, match="has no method 'data'"):
-        d._call("data", [])
+        kv.call("dict", d.name, "data", [])
 
 
 def test_errors_from_the_server_carry_no_traceback(kv: kvclient.Client) -> None:

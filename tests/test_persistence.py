@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import kvclient
+from kvclient.proxies import to_ref
 from kvserve import KVManager, Server
 from kvserve.persistence import Persistence, PersistenceError
 from tests.conftest import read_listening_line, start_kvserve
@@ -91,7 +92,9 @@ def _fill_every_kind(kv: kvclient.Client) -> None:
 def _plain(value: Any) -> Any:
     """Proxies as (kind, name): a proxy's identity includes the server address, which changes."""
     if isinstance(value, kvclient.Proxy):
-        return ("proxy", value._kind, value._name)
+        ref = to_ref(value)
+        assert ref is not None
+        return ("proxy", ref.kind, ref.name)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value

@@ -60,9 +60,6 @@ def _module_graph() -> dict[str, set[str]]:
     return graph
 
 
-@pytest.mark.xfail(
-    strict=True, reason="kvclient.client <-> proxies/sync import each other: being untangled"
-)
 def test_the_import_graph_has_no_cycle() -> None:
     graph = _module_graph()
     # Lazy imports inside functions count too: a cycle through one is still a cycle.

@@ -338,7 +338,7 @@ def test_readonly_key_reads_everything_and_changes_nothing(authkey: bytes) -> No
             for kind, calls in MUTATING_CALLS.items():
                 for method, args in calls:
                     with pytest.raises(kvclient.ReadOnlyError):
-                        ro._call(kind, method, args)
+                        ro.call(kind, kind, method, args)
             with pytest.raises(PermissionError):
                 ro.dict("brand-new")  # creating is a change
             with pytest.raises(kvclient.ReadOnlyError):
@@ -466,7 +466,7 @@ def fuzz_target() -> Iterator[tuple[Server, bytes]]:
     with kvclient.connect(srv.endpoint, key) as kv:
         kv.dict("SENTINEL")["k"] = [1, 2, 3]
         for kind in ("dict", "list", "namespace", "queue"):
-            kv._create(kind, kind[0])
+            kv.call(None, None, "create", [kind, kind[0]])
     yield srv, key
     _stop(srv, thread)
 

@@ -149,9 +149,9 @@ def test_renewals_keep_a_lock_past_its_lease_and_stop_when_released(
     assert kv2.lock("renewed").acquire(timeout=2.0) is False  # 2.5 leases
     assert time.monotonic() - started >= 1.9
     assert lock.locked()
-    assert kv._sync is not None and kv._sync.thread is not None
+    assert kv.leases.renewing
     lock.release()
-    _wait_until(lambda: kv._sync is not None and kv._sync.thread is None, 5)
+    _wait_until(lambda: not kv.leases.renewing, 5)
     again = kv2.lock("renewed")
     assert again.acquire(blocking=False) is True
     assert again.token == 2
@@ -607,11 +607,11 @@ def test_bad_use_raises_the_stdlib_error_and_the_server_keeps_serving(
     with pytest.raises(ValueError, match="semaphore initial value must be >= 0"):
         kv.semaphore("neg", -1)
     with pytest.raises(ValueError, match="semaphore initial value must be >= 0"):
-        kv._create("semaphore", "neg", -1)  # the server checks too
+        kv.call(None, None, "create", ["semaphore", "neg", -1])  # the server checks too
     with pytest.raises(ValueError, match="parties must be >= 1"):
         kv.barrier("zero", 0)
     with pytest.raises(ValueError, match="parties must be >= 1"):
-        kv._create("barrier", "zero", 0)
+        kv.call(None, None, "create", ["barrier", "zero", 0])
     with pytest.raises(IndexError):
         kv.array("small", "i", 2)[2]
     with pytest.raises(ValueError):
@@ -625,7 +625,7 @@ def test_bad_use_raises_the_stdlib_error_and_the_server_keeps_serving(
     ]
     for args, error in malformed:
         with pytest.raises(error):
-            kv._call("bad", "acquire", args)
+            kv.call("lock", "bad", "acquire", args)
     assert "bad" in kv2.names()
     kv2.ping()
     assert kv2.lock("bad").acquire(blocking=False) is True

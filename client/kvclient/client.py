@@ -1,4 +1,4 @@
-"""The Python client: :func:`connect`, :class:`Client`, and proxies that behave like local types.
+r"""The Python client: :func:`connect`, :class:`Client`, and proxies that behave like local types.
 
 A :class:`Client` holds one connection per thread (opened on first use in that thread), so it is
 safe to share between threads. After ``fork`` the child drops the parent's connections and opens
@@ -7,23 +7,30 @@ its own; a proxy pickled to a spawned child process rebuilds its client there.
 Proxies are cheap handles (a client and a container name). Every method is one round trip and
 runs under the container's lock on the server. Iteration fetches a snapshot in one round trip
 (stdlib iterator proxies pay one round trip per item).
+
+This module owns the front end: :func:`connect`, the :class:`Client` methods that name
+containers and primitives, and :class:`Batch`. Both are :class:`~kvclient._runner.Runner`\ s
+for proxies. The calls themselves are made by :class:`~kvclient._backend.SocketBackend`
+(connections, request ids, retries), the leases kept by
+:class:`~kvclient._leases.LeaseKeeper`, and multi-step flows (:mod:`kvclient._flows`) driven
+by :func:`~kvclient._runner.run_sync`.
 """
 
 from __future__ import annotations
 
 import builtins
 import os
-import secrets
 import ssl
-import threading
-import time
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from multiprocessing import context as mp_context
+from typing import Any, Literal, TypeVar, overload
 
-from kvclient.connection import DEFAULT_ADDRESS, Connection
+from kvclient._backend import SocketBackend
+from kvclient._leases import LeaseKeeper
+from kvclient._runner import DERIVED, Flow, run_sync
+from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.proxies import (
-    _NO_TIMEOUT_CHANGE,
     DictProxy,
     ListProxy,
     NamespaceProxy,
@@ -34,12 +41,27 @@ from kvclient.proxies import (
     to_ref,
 )
 from kvclient.retry import Retry
-from kvclient.sync import SyncMixin
+from kvclient.sync import (
+    DEFAULT_LEASE,
+    ArrayProxy,
+    BarrierProxy,
+    BoundedSemaphoreProxy,
+    ConditionProxy,
+    EventProxy,
+    LockProxy,
+    RawArrayProxy,
+    RawValueProxy,
+    RLockProxy,
+    SemaphoreProxy,
+    ValueProxy,
+    check_lease,
+    check_lock_arg,
+)
 from kvclient.tls import resolve_client_tls
 from kvproto.address import parse_address, parse_target
 from kvproto.authkey import MIN_AUTHKEY_BYTES, load_authkey
 from kvproto.codec import STORED_DEPTH, Codec, Ref
-from kvproto.errors import AuthError, KVConnectionError, KVError
+from kvproto.errors import AuthError
 from kvproto.net import format_address
 from kvproto.wire import MAX_BATCH
 
@@ -47,6 +69,8 @@ __all__ = ["Batch", "Client", "Pending", "connect"]
 
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 _DEFAULT_RETRY: Any = object()
+_T = TypeVar("_T")
+_S = TypeVar("_S", bound=SemaphoreProxy)
 
 
 def connect(
@@ -117,11 +141,28 @@ def connect(
     )
 
 
-class Client(SyncMixin):
+class Client:
     """A connection (one per thread) to one kvserve server. Use :func:`connect` to make one.
 
     Args: as :func:`connect`.
+
+    Attributes:
+        call: the low-level call every proxy makes, ``call(kind, name, method, args)``:
+            ``kind`` and ``name`` are the container's (both None for a server-level call such
+            as ``"names"``). Whether it carries a request id (safe to retry) and how long its
+            reply may take come from :mod:`kvproto.schema`. Raises what the server raised
+            (``AttributeError`` for a method the kind does not have).
+        leases: the :class:`~kvclient._leases.LeaseKeeper` holding this client's owner ids
+            and renewing its Lock, Semaphore, RLock and Condition holds.
+
+    Raises (the primitive methods, ``lock`` to ``array``):
+        KindError: the name exists as another kind.
+        ValueError: it exists with other creation arguments (a Semaphore's value, a
+            Barrier's parties, a Value's or an Array's typecode).
     """
+
+    # Proxies on a client make their calls (a Batch's only record them).
+    records_calls = False
 
     def __init__(
         self,
@@ -148,14 +189,50 @@ class Client(SyncMixin):
                 f"are at least {MIN_AUTHKEY_BYTES}"
             )
         self._authkey = source.key
-        self.timeout = timeout
-        self.call_timeout = call_timeout
-        self.retry = Retry() if retry is _DEFAULT_RETRY else retry
-        self._local = threading.local()
-        self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._closed = False
-        self._conn()  # fail now, not at the first call, when the server is unreachable
+        self._backend = SocketBackend(
+            self.address,
+            source.key,
+            timeout,
+            call_timeout,
+            Retry() if retry is _DEFAULT_RETRY else retry,
+            self.tls,
+            make_ref=self._make_ref,
+            to_ref=to_ref,
+        )
+        # The backend's own bound method, not a method forwarding to it: one Python call
+        # less on every proxy call.
+        self.call = self._backend.call
+        self.leases = LeaseKeeper(self._backend.call, self.endpoint)
+        self._backend.connection()  # fail now, not at the first call, if it is unreachable
         _CLIENTS.add(self)
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds allowed for connecting and the handshake."""
+        return self._backend.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._backend.timeout = value
+
+    @property
+    def call_timeout(self) -> float | None:
+        """Seconds allowed for each call's reply (connections opened from now on)."""
+        return self._backend.call_timeout
+
+    @call_timeout.setter
+    def call_timeout(self, value: float | None) -> None:
+        self._backend.call_timeout = value
+
+    @property
+    def retry(self) -> Retry | None:
+        """What to do when a call's connection fails (None: never retry)."""
+        return self._backend.retry
+
+    @retry.setter
+    def retry(self, value: Retry | None) -> None:
+        self._backend.retry = value
 
     def __repr__(self) -> str:
         return f"<kvclient.Client {self.endpoint}{' closed' if self._closed else ''}>"
@@ -169,96 +246,25 @@ class Client(SyncMixin):
     def close(self) -> None:
         """Close every connection this client opened, in all threads."""
         self._closed = True
-        self._close_sync()  # stop renewing leases now, not one interval later
-        for conn in list(self._conns):
-            conn.close()
+        self.leases.close()  # stop renewing leases now, not one interval later
+        self._backend.close()
 
-    def _reset_after_fork(self) -> None:
-        # The parent's sockets are shared with the parent; using them here would interleave
-        # both processes' frames on one stream (gh-101320). Forget them; do not close them
-        # (closing is harmless to the parent, but shutdown() would not be).
-        self._local = threading.local()
-        self._conns = weakref.WeakSet()
+    # -- the Runner protocol, for proxies --------------------------------------------------
 
-    # -- the call path -------------------------------------------------------------------
+    def run(self, flow: Flow[_T]) -> _T:
+        """Run a multi-step flow (see :mod:`kvclient._flows`) to its end; return its result."""
+        return run_sync(self, flow)
 
-    def _session(self) -> _Session:
-        session: _Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = _Session()
-        return session
+    def rebuild_info(self) -> tuple[Callable[..., Client], tuple[Any, ...]]:
+        """Return ``(factory, args)`` rebuilding this client in another process (pickling).
 
-    def _conn(self) -> Connection:
-        session = self._session()
-        conn = session.conn
-        if conn is None or conn.closed:
-            if self._closed:
-                raise KVError(f"client for {self.endpoint} is closed")
-            conn = Connection(
-                self.address,
-                self._authkey,
-                self.timeout,
-                make_ref=self._make_ref,
-                to_ref=to_ref,
-                tls=self.tls,
-            )
-            conn.timeout = self.call_timeout
-            session.conn = conn
-            self._conns.add(conn)
-        return conn
-
-    def _call(
-        self,
-        ident: str | None,
-        method: str,
-        args: list[Any],
-        kwds: dict[str, Any] | None = None,
-        timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
-        changes: bool = False,
-    ) -> Any:
-        session: _Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._session()
-        if not changes and method in _READ_ONLY:
-            message = [ident, method, args, kwds]
-        else:
-            # A request id makes the call safe to retry: the server answers a repeated id
-            # with the first answer instead of applying the call again.
-            session.seq += 1
-            message = [ident, method, args, kwds, [session.token, session.seq]]
-        conn = session.conn
-        if conn is not None and not conn.closed:
-            try:
-                return conn.call(message, timeout)
-            except KVConnectionError as exc:
-                if self.retry is None or self.retry.retries == 0:
-                    raise
-                return self._retry_call(message, timeout, exc)
-        return self._retry_call(message, timeout, None)
-
-    def _retry_call(
-        self, message: list[Any], timeout: float | bool | None, error: KVConnectionError | None
-    ) -> Any:
-        """(Re)connect and send ``message`` until it is answered or the retries run out."""
-        retries = 0 if self.retry is None else self.retry.retries
-        attempts = 0
-        while True:
-            if error is not None:
-                if attempts >= retries:
-                    if attempts == 0:
-                        raise error
-                    raise KVConnectionError(
-                        f"gave up on {self.endpoint} after {attempts + 1} attempts: {error}"
-                    ) from error
-                attempts += 1
-                assert self.retry is not None
-                time.sleep(self.retry.backoff.compute(attempts))
-            try:
-                return self._conn().call(message, timeout)
-            except AuthError:
-                raise  # a restarted server with another key: retrying cannot help
-            except KVConnectionError as exc:
-                error = exc
+        As the stdlib does with AuthenticationString, the key travels only to a child process
+        being spawned, never into a pickle that could be stored or sent anywhere; elsewhere
+        the rebuilt proxy finds a live client with the same address, or loads the key itself.
+        """
+        spawning = mp_context.get_spawning_popen() is not None
+        authkey = self._authkey if spawning else None
+        return (_rebuild_client, (self.address, authkey, self.timeout, self.call_timeout))
 
     def _make_ref(self, ref: Ref) -> Proxy:
         return make_proxy(self, ref.kind, ref.name)
@@ -266,7 +272,7 @@ class Client(SyncMixin):
     # -- containers ----------------------------------------------------------------------
 
     def _create(self, kind: str, name: str, *args: Any) -> None:
-        self._call(None, "create", [kind, name, *args])
+        self.call(None, None, "create", [kind, name, *args])
 
     def dict(
         self,
@@ -346,17 +352,17 @@ class Client(SyncMixin):
 
     def names(self) -> builtins.dict[str, str]:
         """Return ``{name: kind}`` for every container on the server."""
-        result: builtins.dict[str, str] = self._call(None, "names", [])
+        result: builtins.dict[str, str] = self.call(None, None, "names", [])
         return result
 
     def describe(self) -> builtins.dict[str, builtins.dict[str, Any]]:
         """Return ``{name: {"kind": kind, "size": items held}}`` for every container."""
-        result: builtins.dict[str, builtins.dict[str, Any]] = self._call(None, "describe", [])
+        result: builtins.dict[str, builtins.dict[str, Any]] = self.call(None, None, "describe", [])
         return result
 
     def drop(self, name: str) -> bool:
         """Delete a container and its contents; return whether it existed."""
-        return bool(self._call(None, "drop", [name]))
+        return bool(self.call(None, None, "drop", [name]))
 
     def compact(self) -> bool:
         """Ask a persistent server to compact its log now; False if one is already running.
@@ -364,11 +370,11 @@ class Client(SyncMixin):
         Raises:
             ValueError: the server keeps no data on disk.
         """
-        return bool(self._call(None, "compact", []))
+        return bool(self.call(None, None, "compact", []))
 
     def dump(self) -> builtins.dict[str, Any]:
         """Return a consistent point-in-time copy of every container (see :meth:`restore`)."""
-        result: builtins.dict[str, Any] = self._call(None, "dump", [])
+        result: builtins.dict[str, Any] = self.call(None, None, "dump", [])
         return result
 
     def restore(self, dump: builtins.dict[str, Any]) -> int:
@@ -380,7 +386,7 @@ class Client(SyncMixin):
         # Sent encoded: a request holding the dump would nest its deepest values beyond
         # MAX_DEPTH (the server decodes the blob with the depth stored data may have).
         blob = Codec(to_ref=to_ref, encode_depth=STORED_DEPTH).pack(dump)
-        return int(self._call(None, "restore", [blob]))
+        return int(self.call(None, None, "restore", [blob]))
 
     def batch(self) -> Batch:
         """Return a :class:`Batch` (a context manager): calls on any containers, one frame."""
@@ -388,12 +394,180 @@ class Client(SyncMixin):
 
     def ping(self) -> None:
         """Make one round trip; raises if the server does not answer."""
-        self._call(None, "ping", [])
+        self.call(None, None, "ping", [])
 
     def stats(self) -> builtins.dict[str, Any]:
         """Return server facts: version, uptime (s), clients, containers, keys, ops."""
-        result: builtins.dict[str, Any] = self._call(None, "stats", [])
+        result: builtins.dict[str, Any] = self.call(None, None, "stats", [])
         return result
+
+    # -- synchronization primitives ------------------------------------------------------
+
+    @property
+    def owner_id(self) -> str:
+        """The id (hex) this client holds Locks and Semaphores under, as ``status()`` shows it.
+
+        RLocks and Conditions are held under it plus 8 hex digits per thread.
+        """
+        return self.leases.owner_id
+
+    def lock(self, name: str, lease: float = DEFAULT_LEASE) -> LockProxy:
+        """Return a proxy to the Lock called ``name``, creating it if needed.
+
+        Args:
+            name: the lock's name.
+            lease: seconds a hold lasts if this client stops renewing it (dies, stalls or is
+                cut off); default 30.
+        """
+        lease = check_lease(lease)
+        self._create("lock", name)
+        return LockProxy(self, name, lease=lease)
+
+    def rlock(self, name: str, lease: float = DEFAULT_LEASE) -> RLockProxy:
+        """Return a proxy to the RLock called ``name``, creating it if needed (as :meth:`lock`)."""
+        lease = check_lease(lease)
+        self._create("rlock", name)
+        return RLockProxy(self, name, lease=lease)
+
+    def semaphore(
+        self, name: str, value: int | None = None, lease: float = DEFAULT_LEASE
+    ) -> SemaphoreProxy:
+        """Return a proxy to the Semaphore called ``name``, creating it if needed.
+
+        Args:
+            name: the semaphore's name.
+            value: slots, fixed at creation (default 1). None accepts an existing semaphore
+                whatever its value.
+            lease: seconds a slot lasts if this client stops renewing it; default 30.
+
+        Raises:
+            ValueError: ``value`` is negative, or differs from the existing semaphore's.
+        """
+        return self._semaphore(SemaphoreProxy, name, value, lease)
+
+    def bounded_semaphore(
+        self, name: str, value: int | None = None, lease: float = DEFAULT_LEASE
+    ) -> BoundedSemaphoreProxy:
+        """Return a proxy to the BoundedSemaphore called ``name`` (as :meth:`semaphore`)."""
+        return self._semaphore(BoundedSemaphoreProxy, name, value, lease)
+
+    def _semaphore(self, cls: type[_S], name: str, value: int | None, lease: float) -> _S:
+        lease = check_lease(lease)
+        if value is not None and value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        self._create(cls._proxy_kind, name, *(() if value is None else (value,)))
+        return cls(self, name, lease=lease)
+
+    def event(self, name: str) -> EventProxy:
+        """Return a proxy to the Event called ``name``, creating it (clear) if needed."""
+        self._create("event", name)
+        return EventProxy(self, name)
+
+    def condition(self, name: str, lease: float = DEFAULT_LEASE) -> ConditionProxy:
+        """Return a proxy to the Condition called ``name``, creating it if needed.
+
+        The condition has its own RLock (a Condition over another named lock cannot be
+        atomic on the server). ``lease`` applies to its lock and to its waiters.
+        """
+        lease = check_lease(lease)
+        self._create("condition", name)
+        return ConditionProxy(self, name, lease=lease)
+
+    def barrier(self, name: str, parties: int, timeout: float | None = None) -> BarrierProxy:
+        """Return a proxy to the Barrier called ``name``, creating it if needed.
+
+        Args:
+            name: the barrier's name.
+            parties: parties that must wait to pass, fixed at creation.
+            timeout: default ``wait`` timeout in seconds, set at creation; None waits for ever.
+
+        Raises:
+            ValueError: ``parties`` < 1, or differs from the existing barrier's.
+        """
+        if parties < 1:
+            raise ValueError("parties must be >= 1")
+        self._create("barrier", name, parties, timeout)
+        return BarrierProxy(self, name)
+
+    @overload
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: Literal[False]
+    ) -> RawValueProxy: ...
+
+    @overload
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: object = True
+    ) -> ValueProxy: ...
+
+    def value(
+        self, name: str, typecode_or_default: Any, value: Any = None, *, lock: Any = True
+    ) -> ValueProxy | RawValueProxy:
+        """Return a proxy to the Value called ``name``, creating it if needed.
+
+        Args:
+            name: the value's name.
+            typecode_or_default: a typecode as ``multiprocessing.Value`` takes it (``"i"``,
+                ``"d"``, ``"c"``, ...; see ``kvserve.sync.TYPECODES``), or a default value whose
+                type picks one: int ``q``, float ``d``, bool ``?``, 1-byte bytes ``c``
+                (``kv.value("hits", 0)``).
+            value: the initial value with a typecode (default zero).
+            lock: as ``multiprocessing.Value`` takes it: True or None (default), a
+                :class:`ValueProxy` whose ``get_lock()`` is the RLock ``"<name>.lock"``; a
+                lock (a kvclient lock proxy), which ``get_lock()`` then returns; False, a
+                :class:`RawValueProxy` without ``get_lock``/``get_obj``. The lock given is
+                kept by the proxy (and copies pickled to child processes), not by the server.
+
+        Returns:
+            A :class:`ValueProxy`, or a :class:`RawValueProxy` for ``lock=False``.
+
+        Raises:
+            ValueError: an unknown typecode, or an existing Value of an incompatible one.
+            TypeError: a value the typecode cannot hold.
+            AttributeError: ``lock`` is not a bool, None or something with ``acquire``.
+        """
+        lock = check_lock_arg(lock)
+        args = [typecode_or_default] if value is None else [typecode_or_default, value]
+        self._create("value", name, *args)
+        if lock is False:
+            return RawValueProxy(self, name)
+        return ValueProxy(self, name, lock=lock)
+
+    @overload
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: Literal[False]
+    ) -> RawArrayProxy: ...
+
+    @overload
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: object = True
+    ) -> ArrayProxy: ...
+
+    def array(
+        self, name: str, typecode: str, size_or_initializer: Any, *, lock: Any = True
+    ) -> ArrayProxy | RawArrayProxy:
+        """Return a proxy to the Array called ``name``, creating it if needed.
+
+        Args:
+            name: the array's name.
+            typecode: as ``multiprocessing.Array`` takes it (``"i"``, ``"d"``, ``"c"``, ...).
+            size_or_initializer: the length (items start at zero), or the items (any
+                iterable: ``range(10)`` too).
+            lock: as for :meth:`value`: an :class:`ArrayProxy`, or a :class:`RawArrayProxy`
+                for ``lock=False``.
+
+        Raises:
+            ValueError: an unknown typecode, a negative or too large length, or an existing
+                Array of another typecode or length.
+            AttributeError: ``lock`` is not a bool, None or something with ``acquire``.
+        """
+        lock = check_lock_arg(lock)
+        items = size_or_initializer
+        if not isinstance(items, int | bytes | str | list | tuple):
+            items = list(items)
+        self._create("array", name, typecode, items)
+        if lock is False:
+            return RawArrayProxy(self, name)
+        return ArrayProxy(self, name, lock=lock)
 
 
 class Pending:
@@ -456,8 +630,9 @@ class Batch:
     """
 
     # Proxies bound to a batch ask nothing of the server while recording (a Pending has no
-    # value yet).
+    # value yet), and refuse what needs several calls or a lease.
     records_calls = True
+    leases = None
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -489,19 +664,37 @@ class Batch:
         if exc_type is None:
             self.send()
 
-    def _call(
+    def call(
         self,
+        kind: str | None,
         ident: str | None,
         method: str,
         args: builtins.list[Any],
         kwds: builtins.dict[str, Any] | None = None,
-        timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
-        changes: bool = False,
+        timeout: float | bool | None = DERIVED,
     ) -> Pending:
+        """Record one call (as :attr:`Client.call` makes it); return its :class:`Pending`.
+
+        Raises:
+            RuntimeError: the batch was already sent.
+        """
         if self.results is not None:
             raise RuntimeError("this batch was already sent; start a new one")
         self._calls.append([ident, method, args, kwds])
         return Pending(self, len(self._calls) - 1)
+
+    def run(self, flow: Flow[_T]) -> _T:
+        """Refuse: an operation of several calls cannot be recorded in one frame.
+
+        Raises:
+            TypeError: always (use the primitive on the client).
+        """
+        flow.close()
+        raise TypeError("a batch records single calls; use this operation on the client")
+
+    def rebuild_info(self) -> tuple[Callable[..., Client], tuple[Any, ...]]:
+        """A proxy bound to a batch pickles as a proxy on the batch's client."""
+        return self._client.rebuild_info()
 
     def bind(self, proxy: P) -> P:
         """Return a copy of ``proxy`` whose calls are recorded in this batch."""
@@ -535,69 +728,24 @@ class Batch:
         replies: builtins.list[Any] = []
         for start in range(0, len(self._calls), MAX_BATCH):
             chunk = self._calls[start : start + MAX_BATCH]
-            replies.extend(self._client._call(None, "batch", [chunk]))
+            replies.extend(self._client.call(None, None, "batch", [chunk]))
         # A value is never an exception (clients cannot encode one), so errors need no tag.
         self.results = [value for _kind, value in replies]
         return self.results
 
 
-class _Session:
-    """One thread's connection and request-id sequence (kept across reconnects)."""
-
-    __slots__ = ("conn", "seq", "token")
-
-    def __init__(self) -> None:
-        self.conn: Connection | None = None
-        self.token = secrets.token_bytes(16)
-        self.seq = 0
-
-
-# Calls that change nothing: retried freely and sent without a request id. Names shared by
-# kinds (a queue's get changes it, a dict's does not) pass `changes=True` from the proxy.
-_READ_ONLY: frozenset[str] = frozenset(
-    {
-        "__getitem__",
-        "__contains__",
-        "__len__",
-        "get",
-        "keys",
-        "values",
-        "items",
-        "copy",
-        "get_many",
-        "getslice",
-        "index",
-        "count",
-        "getattr",
-        "hasattr",
-        "to_dict",
-        "qsize",
-        "empty",
-        "full",
-        "maxsize",
-        "create",
-        "names",
-        "describe",
-        "ping",
-        "stats",
-        "dump",
-        # synchronization primitives (kvclient.sync)
-        "locked",
-        "is_set",
-        "status",
-        "get_value",
-        "info",
-        "typecode",
-        "tolist",
-        "join",
-        "unfinished",
-    }
-)
-
-
-def _after_fork_in_child() -> None:
+def _rebuild_client(
+    address: tuple[str, int],
+    authkey: bytes | None,
+    timeout: float | None,
+    call_timeout: float | None,
+) -> Client:
+    """Return a live client of this process for ``address`` (and ``authkey``), or a new one."""
     for client in list(_CLIENTS):
-        client._reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+        if (
+            client.address == address
+            and not client._closed
+            and (authkey is None or client._authkey == authkey)
+        ):
+            return client
+    return Client(address, authkey, timeout, call_timeout=call_timeout)

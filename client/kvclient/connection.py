@@ -5,11 +5,8 @@ thread, as stdlib proxies do). Every socket error is translated here, through
 :func:`kvclient.errors.translate_os_error`, and any failure or interrupt in the middle of a call
 closes the connection: a late reply can then never be read as the answer to a later call.
 
-:func:`register_stdlib_serializer` registers the ``"msgpack"`` serializer with
-``multiprocessing.managers`` (``listener_client["msgpack"]``), so a stdlib
-``BaseManager(serializer="msgpack")`` can talk to kvserve over the same wire; ``KVManager``
-calls it. It is an explicit call, not an import side effect: ``multiprocessing.managers`` costs
-about 40 ms to import, which every ``kvctl`` call would otherwise pay.
+A connection also has the ``send``/``recv`` surface of ``multiprocessing.connection``, which
+:mod:`kvclient.stdlib` gives a stdlib ``BaseManager`` to talk to kvserve over.
 """
 
 from __future__ import annotations
@@ -21,12 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from kvproto.address import DEFAULT_PORT, parse_address
-from kvproto.authkey import load_authkey
 from kvproto.codec import MAX_DEPTH, Codec, Ref
 from kvproto.errors import (
     AuthError,
     KVConnectionError,
-    KVError,
     ProtocolError,
     TLSError,
     translate_os_error,
@@ -34,8 +29,10 @@ from kvproto.errors import (
 from kvproto.handshake import ClientHandshake
 from kvproto.net import format_address, tune_socket
 from kvproto.wire import (
+    HEADER,
     MAX_HANDSHAKE_FRAME,
     MAX_REPLY_FRAME,
+    RETURN,
     FrameTooLargeError,
     MalformedReplyError,
     frame_parts,
@@ -52,12 +49,14 @@ __all__ = [
     "Connection",
     "format_address",
     "parse_address",
-    "register_stdlib_serializer",
     "tune_socket",
 ]
 
 DEFAULT_ADDRESS: Final = f"127.0.0.1:{DEFAULT_PORT}"
 _RECV_CHUNK: Final = 64 * 1024
+# Requests up to this size are sent as header + payload joined, as kvproto.wire.frame_parts
+# sends them (a copy cheaper than a second send), but inline; larger ones go through it.
+_INLINE_SEND: Final = 64 * 1024
 
 _MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (a year)
 
@@ -297,7 +296,12 @@ class Connection:
             wanted = self.timeout if timeout is False else timeout
             if wanted != self._applied_timeout:
                 self._apply_timeout(sock, wanted)
-            self._send_frame(payload)
+            size = len(payload)
+            if size <= _INLINE_SEND:
+                # The common small request as one sendall, without _send_frame's two calls.
+                sock.sendall(HEADER.pack(size) + payload)
+            else:
+                self._send_frame(payload)
             reply = self.codec.unpack(self._recv_frame(self.max_frame))
         except (OSError, EOFError) as exc:
             self.close()
@@ -307,6 +311,9 @@ class Connection:
             # and reading it later would pair it with the wrong call.
             self.close()
             raise
+        # The common answer inline (a value), without the two calls of unwrap().
+        if type(reply) is list and len(reply) == 2 and reply[0] == RETURN:
+            return reply[1]
         return self.unwrap(reply)
 
     def unwrap(self, reply: Any) -> Any:
@@ -358,24 +365,3 @@ def _ssl_errors() -> tuple[type[BaseException], ...]:
 
 def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
-
-
-def _stdlib_client(address: Any, authkey: bytes | None = None) -> Connection:
-    key = load_authkey(bytes(authkey) if authkey else None).key
-    conn = Connection(parse_address(address), key)
-    conn.timeout = None  # stdlib proxies have no call timeout; keep their semantics
-    return conn
-
-
-class _StdlibListener:
-    """Placeholder so ``listener_client["msgpack"]`` is a pair; kvserve has its own loop."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise KVError("serve kvmanager with kvserve.KVManager, not the stdlib Server")
-
-
-def register_stdlib_serializer() -> None:
-    """Register ``"msgpack"`` in ``multiprocessing.managers.listener_client`` (idempotent)."""
-    from multiprocessing import managers  # noqa: PLC0415 - 40 ms; only stdlib-manager users pay
-
-    managers.listener_client["msgpack"] = (_StdlibListener, _stdlib_client)  # type: ignore[attr-defined]

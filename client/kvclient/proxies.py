@@ -1,25 +1,24 @@
 """Proxies: local-looking handles on named containers. Every method is one call.
 
-A proxy is a caller (a :class:`~kvclient.client.Client`, or a
-:class:`~kvclient.client.Batch` that records calls) and a container name. Kinds beyond the four
-containers (the synchronization primitives) register their proxy class with
+A proxy is a runner (:class:`kvclient._runner.Runner`: a :class:`~kvclient.client.Client`, or a
+:class:`~kvclient.client.Batch` that records calls), a kind and a container name; it knows
+nothing of sockets, retries or request ids. Each call carries the proxy's kind, from which the
+runner derives the rest (:mod:`kvproto.schema`). A proxy pickles as what its runner says
+rebuilds it (:meth:`~kvclient._runner.Runner.rebuild_info`) plus its kind and name. Kinds
+beyond the four containers (the synchronization primitives) register their proxy class with
 :func:`register_proxy_type`, so a reference to them read back from the server becomes a
 working proxy too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, MutableSequence
-from multiprocessing import context as mp_context
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, MutableSequence
+from typing import Any, ClassVar, TypeVar, cast
 
+from kvclient._runner import Runner
 from kvproto.codec import Ref
 
-if TYPE_CHECKING:
-    from kvclient.client import Client
-
 __all__ = [
-    "Caller",
     "DictProxy",
     "ListProxy",
     "NamespaceProxy",
@@ -45,34 +44,7 @@ _STDLIB_TYPEIDS: dict[str, str] = {
     "value": "Value",
     "array": "Array",
 }
-_NO_TIMEOUT_CHANGE: Any = False
 P = TypeVar("P", bound="Proxy")
-
-
-class Caller(Protocol):
-    """What a proxy calls through: a Client, or a Batch recording calls."""
-
-    @property
-    def endpoint(self) -> str:
-        """``host:port`` of the server."""
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """``(host, port)`` of the server."""
-
-    @property
-    def call_timeout(self) -> float | None:
-        """Seconds allowed for a reply."""
-
-    def _call(
-        self,
-        ident: str | None,
-        method: str,
-        args: list[Any],
-        kwds: dict[str, Any] | None = None,
-        timeout: float | bool | None = _NO_TIMEOUT_CHANGE,
-        changes: bool = False,
-    ) -> Any: ...
 
 
 class Proxy:
@@ -84,13 +56,13 @@ class Proxy:
     """
 
     __slots__ = ("_client", "_kind", "_name")
-    _client: Caller
+    _client: Runner
     _name: str
     _kind: str
     # Underscored, like every attribute here: NamespaceProxy forwards all other names.
     _proxy_kind: ClassVar[str] = ""
 
-    def __init__(self, client: Caller, name: str, kind: str | None = None) -> None:
+    def __init__(self, client: Runner, name: str, kind: str | None = None) -> None:
         object.__setattr__(self, "_client", client)
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_kind", kind or self._proxy_kind)
@@ -121,24 +93,13 @@ class Proxy:
         return hash((self._kind, self._name, self._client.address))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        client = cast("Client", self._client)
-        # As the stdlib does with AuthenticationString: the key travels only to a child
-        # process being spawned, never into a pickle that could be stored or sent anywhere.
-        spawning = mp_context.get_spawning_popen() is not None
-        return (
-            _rebuild_proxy,
-            (
-                self._kind,
-                self._name,
-                client.address,
-                client._authkey if spawning else None,
-                client.timeout,
-                client.call_timeout,
-            ),
-        )
+        # The runner says what rebuilds it (a Batch: its client); the authkey travels only
+        # to a child process being spawned (see Client.rebuild_info).
+        factory, args = self._client.rebuild_info()
+        return (_rebuild_proxy, (self._kind, self._name, factory, args))
 
     def _call(self, method: str, args: list[Any], kwds: dict[str, Any] | None = None) -> Any:
-        return self._client._call(self._name, method, args, kwds)
+        return self._client.call(self._kind, self._name, method, args, kwds)
 
 
 class _NamedProxy(Proxy):
@@ -159,13 +120,13 @@ class DictProxy(_NamedProxy):
     _proxy_kind = "dict"
 
     def __getitem__(self, key: Any) -> Any:
-        return self._client._call(self._name, "__getitem__", [key])
+        return self._client.call(self._kind, self._name, "__getitem__", [key])
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._client._call(self._name, "__setitem__", [key, value])
+        self._client.call(self._kind, self._name, "__setitem__", [key, value])
 
     def __delitem__(self, key: Any) -> None:
-        self._client._call(self._name, "__delitem__", [key])
+        self._client.call(self._kind, self._name, "__delitem__", [key])
 
     def __contains__(self, key: object) -> bool:
         return cast(bool, self._call("__contains__", [key]))
@@ -182,7 +143,7 @@ class DictProxy(_NamedProxy):
 
     def get(self, key: Any, default: Any = None) -> Any:
         """Return ``d[key]``, or ``default`` when missing."""
-        return self._client._call(self._name, "get", [key, default])
+        return self._client.call(self._kind, self._name, "get", [key, default])
 
     def keys(self) -> list[Any]:
         """Return a snapshot list of the keys."""
@@ -234,7 +195,7 @@ class DictProxy(_NamedProxy):
         Raises:
             TypeError: the stored value or ``by`` is not a number.
         """
-        return self._client._call(self._name, "incr", [key, by, default])
+        return self._client.call(self._kind, self._name, "incr", [key, by, default])
 
     def cas(self, key: Any, expected: Any, new: Any) -> bool:
         """Atomically set ``d[key] = new`` if it equals ``expected``; return whether it did.
@@ -329,7 +290,7 @@ class ListProxy(_NamedProxy):
 
     def append(self, value: Any) -> None:
         """Append one item."""
-        self._client._call(self._name, "append", [value])
+        self._client.call(self._kind, self._name, "append", [value])
 
     def extend(self, values: Iterable[Any]) -> None:
         """Append every item of ``values``, atomically."""
@@ -432,35 +393,25 @@ class QueueProxy(_NamedProxy):
     __slots__ = ("_bounded",)
     _proxy_kind = "queue"
 
-    def _blocking_timeout(self, block: bool, timeout: float | None) -> float | bool | None:
-        # The server answers by `timeout`; the call timeout is grace for the network on top.
-        if not block:
-            return False  # the connection's usual call timeout
-        grace = self._client.call_timeout
-        return None if timeout is None or grace is None else timeout + grace
-
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``item``; when full, wait up to ``timeout`` (None: for ever) or raise Full."""
-        # A put on an unbounded queue never waits, so it gets the usual call timeout; only a
-        # bounded queue's put may wait for ever. maxsize is fixed at creation: ask once. In a
-        # batch nothing waits, and the question would only be recorded.
+        # A put on an unbounded queue never waits, so it gets the usual call timeout rather
+        # than the schema's "for ever"; only a bounded queue's put may wait for ever. maxsize
+        # is fixed at creation: ask once. In a batch nothing waits, and the question would
+        # only be recorded.
+        client = self._client
         bounded: bool | None = getattr(self, "_bounded", None)
-        if bounded is None and block and timeout is None and not _in_batch(self._client):
+        if bounded is None and block and timeout is None and not client.records_calls:
             bounded = self.maxsize > 0
             object.__setattr__(self, "_bounded", bounded)
-        reply_timeout = self._blocking_timeout(block and bounded is not False, timeout)
-        self._client._call(self._name, "put", [item, block, timeout], None, reply_timeout)
+        if bounded is False:
+            client.call(self._kind, self._name, "put", [item, block, timeout], None, False)
+        else:
+            client.call(self._kind, self._name, "put", [item, block, timeout])
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Get the oldest item; when empty, wait up to ``timeout`` (None: ever) or raise Empty."""
-        return self._client._call(
-            self._name,
-            "get",
-            [block, timeout],
-            None,
-            self._blocking_timeout(block, timeout),
-            changes=True,
-        )
+        return self._client.call(self._kind, self._name, "get", [block, timeout])
 
     def put_nowait(self, item: Any) -> None:
         """``put(item, block=False)``."""
@@ -500,7 +451,7 @@ class QueueProxy(_NamedProxy):
         either side; it waits for ever, as ``queue.Queue.join`` does. In a batch it does not
         wait: unfinished tasks give ``ValueError``.
         """
-        self._client._call(self._name, "join", [], None, None)
+        self._client.call(self._kind, self._name, "join", [])
 
     def unfinished_tasks(self) -> int:
         """Return how many items put have not had their :meth:`task_done` yet."""
@@ -510,10 +461,6 @@ class QueueProxy(_NamedProxy):
     def maxsize(self) -> int:
         """The bound fixed at creation (0: unbounded)."""
         return cast(int, self._call("maxsize", []))
-
-
-def _in_batch(caller: Caller) -> bool:
-    return bool(getattr(caller, "records_calls", False))
 
 
 # As Python 3.14 does for the stdlib's DictProxy and ListProxy (gh-126435): code checking
@@ -531,7 +478,7 @@ def register_proxy_type(kind: str, cls: type[Proxy]) -> None:
     _PROXY_TYPES[kind] = cls
 
 
-def make_proxy(caller: Caller, kind: str, name: str) -> Proxy:
+def make_proxy(caller: Runner, kind: str, name: str) -> Proxy:
     """Return the proxy for container ``name`` of ``kind``."""
     return _PROXY_TYPES.get(kind, Proxy)(caller, name, kind)
 
@@ -542,22 +489,6 @@ def to_ref(obj: Any) -> Ref | None:
 
 
 def _rebuild_proxy(
-    kind: str,
-    name: str,
-    address: tuple[str, int],
-    authkey: bytes | None,
-    timeout: float | None,
-    call_timeout: float | None,
+    kind: str, name: str, factory: Callable[..., Runner], args: tuple[Any, ...]
 ) -> Proxy:
-    from kvclient.client import _CLIENTS, Client  # noqa: PLC0415 - client imports this module
-
-    for client in list(_CLIENTS):
-        if (
-            client.address == address
-            and not client._closed
-            and (authkey is None or client._authkey == authkey)
-        ):
-            break
-    else:
-        client = Client(address, authkey, timeout, call_timeout=call_timeout)
-    return make_proxy(client, kind, name)
+    return make_proxy(factory(*args), kind, name)

@@ -135,12 +135,6 @@ class _Timers:
             heapq.heapify(self.heap)
             self._cancelled = 0
 
-    def timeout(self) -> float | None:
-        """Seconds until the next timer is due (None: no timer)."""
-        if not self.heap:
-            return None
-        return min(_MAX_SLEEP, max(0.0, self.heap[0].at - time.monotonic()))
-
     def run_due(self) -> None:
         """Run every timer that is due."""
         now = time.monotonic()
@@ -391,8 +385,12 @@ class Server:
         held = self._held
         try:
             while not self._stop.is_set():
-                self._handle(sel.select(timers.timeout()))
+                # Inline, not a method of _Timers: this runs once per request served.
+                timeout = None
                 if timers.heap:
+                    timeout = min(_MAX_SLEEP, max(0.0, timers.heap[0].at - time.monotonic()))
+                self._handle(sel.select(timeout))
+                if timers.heap and timers.heap[0].at <= time.monotonic():
                     timers.run_due()
                 if held:
                     held.gather(self._poll)

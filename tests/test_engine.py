@@ -139,6 +139,10 @@ def test_repeated_request_id_is_answered_not_applied(engine: Engine) -> None:
     kind, exc = reply(engine, session, ["d", "incr", ["n"], None, [b"token-1", 6]])
     assert kind == ERROR and "stale" in str(exc)
     assert reply(engine, session, ["d", "incr", ["n"], None, [b"token-1", 8]]) == (RETURN, 2)
+    for bad in ([b"", 9], [b"token-1"], [b"token-1", "9"], "token-1"):
+        kind, exc = reply(engine, session, ["d", "incr", ["n"], None, bad])
+        assert kind == ERROR and "malformed request id" in str(exc)
+    assert engine.store.objects["d"].state() == {"n": 2}
     # Reads are not remembered: their ids are dropped.
     reply(engine, session, ["d", "get", ["n"], None, [b"token-2", 1]])
     assert b"token-2" not in engine.sessions

@@ -40,6 +40,7 @@ from kvproto.wire import (
     RETURN,
     check_args,
     parse_request,
+    valid_rid,
 )
 from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
@@ -181,17 +182,18 @@ class Engine:
 
         Every failure of the call is in the reply; an exception from here is a bug.
         """
-        # The common request (no id, a str name and method) is checked inline; the rest, and
-        # every malformed one, goes through parse_request, which says what is wrong.
+        # The common request (a str name and method) is checked inline, as parse_request
+        # would; the rest, and every malformed one, goes through it, which says what is wrong.
         if (
             type(message) is list
-            and len(message) == 4
+            and 4 <= len(message) <= 5
             and type(ident := message[0]) is str
             and len(ident) <= MAX_NAME
             and type(method := message[1]) is str
             and len(method) <= MAX_METHOD
+            and (len(message) == 4 or valid_rid(message[4]))
         ):
-            rid = None
+            rid = message.pop() if len(message) == 5 else None
         else:
             try:
                 rid = parse_request(message)

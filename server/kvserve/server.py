@@ -5,11 +5,18 @@ threads convoy on the GIL (the stdlib manager drops to a bimodal 22k-48k GET/s a
 two cores, where a single epoll thread holds ~68k). A single loop also makes slowloris cheap
 to survive: an unauthenticated connection costs a buffer and a timer, never a thread.
 
-Per connection, the loop reads whatever is available, cuts it into frames (see
-:mod:`kvclient.codec`), runs the handshake, then dispatches requests in order. A request that
-would block (``Queue.get`` on an empty queue) is *parked* on its queue with its deadline; the
-connection's later frames wait behind it, other connections carry on. After every mutating call
-on a queue with parked requests, those are retried in FIFO order.
+This module owns the I/O: the listener and accept (with its limits and backoff), TLS, the
+handshake, receive buffers and framing (see :mod:`kvproto.wire`), replies (sent at once when
+nothing is queued, else queued; large ones encoded a slice per loop turn), backpressure and
+the server-wide buffer budgets, timers, idle and handshake deadlines, and the connection
+counts in ``stats``. What a decoded request does is the engine's (:mod:`kvserve.engine`):
+dispatch, the read-only policy, request-id memory, parking, leases, the log. The loop must not
+know which operations exist; the engine must not know that sockets do. With a data directory,
+replies wait for the log (:mod:`kvserve.durability`).
+
+Per connection, the loop reads whatever is available, cuts it into frames, runs the handshake,
+then hands requests to the engine in order. A request the engine parks (``Queue.get`` on an
+empty queue) holds the connection's later frames behind it; other connections carry on.
 """
 
 from __future__ import annotations
@@ -31,34 +38,23 @@ from typing import Any, Final
 
 import msgpack
 
-from kvproto import schema
-from kvproto._version import __version__
 from kvproto.codec import MAX_DEPTH, Codec
-from kvproto.errors import (
-    KVConnectionError,
-    NoSuchContainerError,
-    ProtocolError,
-    ReadOnlyError,
-    RemoteError,
-)
+from kvproto.errors import KVConnectionError, ProtocolError, RemoteError
 from kvproto.handshake import ServerHandshake
 from kvproto.net import format_address, tune_socket
 from kvproto.wire import (
     ERROR,
-    MAX_BATCH,
+    HEADER,
     MAX_FRAME_DEFAULT,
     MAX_HANDSHAKE_FRAME,
-    MAX_METHOD,
     MAX_REPLY_FRAME,
-    RETURN,
     FrameTooLargeError,
-    check_args,
     frame_parts,
     frame_size,
-    parse_request,
 )
-from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
-from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
+from kvserve.durability import HeldReplies
+from kvserve.engine import Engine, Waiter
+from kvserve.persistence import LoadReport, Persistence
 from kvserve.store import Registry, Store
 
 __all__ = ["Server"]
@@ -66,15 +62,6 @@ __all__ = ["Server"]
 log = logging.getLogger("kvserve")
 
 _RECV_SIZE: Final = 256 * 1024
-# Server-level calls by what the schema says of them (kvproto.schema).
-_LOGGED_PUBLIC: Final = frozenset(
-    name for name, op in schema.SERVER.items() if op.is_logged and not op.own_policy
-)
-_WRITE_PUBLIC: Final = frozenset(
-    name for name, op in schema.SERVER.items() if op.mutates and not op.own_policy
-)
-_REMEMBERED_PUBLIC: Final = frozenset(name for name, op in schema.SERVER.items() if op.mutates)
-_MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
 # The longest the loop sleeps in one select(): epoll takes its timeout as an int of
 # milliseconds (OverflowError past ~24.8 days), and a long sleep would hide a clock bug.
 # Timers further away simply take several sleeps.
@@ -95,14 +82,18 @@ _FRAMES_PER_TURN: Final = 256
 _ACCEPTS_PER_TURN: Final = 64
 _ACCEPT_BACKOFF: Final = (0.05, 1.0)  # first and longest pause after EMFILE and friends
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Replies up to this size are sent with one send() of header + payload when nothing is queued
+# (the same size below which frame_parts joins them).
+_DIRECT_SEND: Final = 64 * 1024
 
 
 class _Timer:
     """One scheduled callback; :meth:`cancel` makes it a no-op and frees what it holds."""
 
-    __slots__ = ("at", "callback")
+    __slots__ = ("at", "callback", "timers")
 
-    def __init__(self, at: float, callback: Callable[[], None]) -> None:
+    def __init__(self, timers: _Timers, at: float, callback: Callable[[], None]) -> None:
+        self.timers = timers
         self.at = at
         self.callback: Callable[[], None] | None = callback
 
@@ -110,17 +101,68 @@ class _Timer:
         return self.at < other.at
 
     def cancel(self) -> None:
-        self.callback = None
+        if self.callback is not None:
+            self.callback = None
+            self.timers.cancelled()
+
+
+class _Timers:
+    """The loop's timer heap; the engine's :class:`~kvserve.engine.Scheduler`."""
+
+    def __init__(self) -> None:
+        self.heap: list[_Timer] = []
+        self._cancelled = 0
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
+        """Run ``callback`` from the loop after ``delay`` seconds; return its cancellable timer.
+
+        Delays come from validated arguments (see :func:`kvserve.containers.check_timeout`);
+        a non-finite one here is a bug, refused before it can freeze the heap's order (nan)
+        or the loop's sleep (inf).
+        """
+        if not math.isfinite(delay):
+            raise ValueError(f"timer delay must be finite, not {delay!r}")
+        timer = _Timer(self, time.monotonic() + max(0.0, delay), callback)
+        heapq.heappush(self.heap, timer)
+        return timer
+
+    def cancelled(self) -> None:
+        self._cancelled += 1
+        # Cancelled timers stay in the heap until they come due; rebuild it when they are
+        # the majority, so a stream of answered long-timeout waits cannot grow it.
+        if self._cancelled > 64 and self._cancelled * 2 > len(self.heap):
+            self.heap = [t for t in self.heap if t.callback is not None]
+            heapq.heapify(self.heap)
+            self._cancelled = 0
+
+    def run_due(self) -> None:
+        """Run every timer that is due."""
+        now = time.monotonic()
+        timers = self.heap
+        while timers and timers[0].at <= now:
+            timer = heapq.heappop(timers)
+            callback = timer.callback
+            if callback is None:
+                self._cancelled = max(0, self._cancelled - 1)
+                continue
+            timer.callback = None
+            try:
+                callback()
+            except Exception:
+                # A failing timer must cost that timer, never the loop.
+                log.exception("internal error in a timer callback")
+            timers = self.heap  # a cancel() may have rebuilt it
 
 
 class _Conn:
-    """State of one client connection."""
+    """State of one client connection; the engine's :class:`~kvserve.engine.Session`."""
 
     __slots__ = (
         "accounted",
         "authed",
         "backlog",
         "busy",
+        "caller",
         "close_after_flush",
         "closed",
         "codec",
@@ -133,15 +175,18 @@ class _Conn:
         "peer",
         "rbuf",
         "readonly",
+        "server",
         "sock",
         "tls_pending",
         "wbytes",
         "wqueue",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, keys: list[bytes]) -> None:
+    def __init__(self, server: Server, sock: socket.socket, peer: str, keys: list[bytes]) -> None:
+        self.server = server
         self.sock = sock
         self.peer = peer
+        self.caller = b"conn:%d" % id(self)
         self.tls_pending = False
         self.readonly = False
         self.last_active = time.monotonic()
@@ -158,31 +203,17 @@ class _Conn:
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
         self.codec = Codec(encode_exceptions=True, decode_depth=MAX_DEPTH, decode_exceptions=False)
-        self.parked: _Waiter | None = None
+        self.parked: Waiter | None = None
         self.close_after_flush = False
         self.closed = False
 
+    def late_reply(self, kind: str, value: Any) -> None:
+        """Send the answer to this connection's parked call."""
+        self.server._reply(self, kind, value)
 
-class _Waiter:
-    """A parked request: who asked, what, and until when."""
-
-    __slots__ = ("blocked", "conn", "done", "message", "name", "rid", "timer")
-
-    def __init__(
-        self,
-        conn: _Conn,
-        name: str,
-        message: list[Any],
-        blocked: WouldBlock,
-        rid: list[Any] | None,
-    ) -> None:
-        self.conn = conn
-        self.name = name
-        self.message = message
-        self.blocked = blocked
-        self.rid = rid
-        self.done = False
-        self.timer: _Timer | None = None
+    def resume(self) -> None:
+        """Handle the frames that waited behind the parked call."""
+        self.server._process(self)
 
 
 class Server:
@@ -242,7 +273,6 @@ class Server:
         if not authkey:
             raise ValueError("an authkey is required")
         self.registry = registry
-        self.store = Store(registry)
         self.keys = [bytes(authkey)]
         if readonly_authkey:
             if bytes(readonly_authkey) == self.keys[0]:
@@ -267,19 +297,15 @@ class Server:
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
-        self.started = time.time()
-        self.ops_served = 0  # operations, counting each call of a batch
-        self.requests_served = 0  # request frames
-        # token -> (seq, kind, value) of each client session's last answered request.
-        self._sessions: dict[bytes, tuple[int, str, Any]] = {}
         self._persist = persistence
         self.fatal_error: str | None = None  # why the loop stopped on its own; kvserve exits 1
+        self._timers = _Timers()
+        self.engine = Engine(registry, self._timers, persistence)  # opens (loads) persistence
+        self.engine.connection_stats = self._connection_stats
         # With persistence, replies wait in _held until the log holds their writes.
-        self._held: list[tuple[_Conn, bytes]] | None = None
-        self.load_report: LoadReport | None = None
+        self._held: HeldReplies[_Conn] | None = None
         if persistence is not None:
-            self.load_report = persistence.open(self.store, self.remember)
-            self._held = []
+            self._held = HeldReplies(persistence, self.engine.store)
         host, port = address
         try:
             self._listener = _bind(host or "127.0.0.1", port, backlog)
@@ -295,25 +321,48 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._conns: set[_Conn] = set()
-        self._parked: dict[str, collections.deque[_Waiter]] = {}
-        self._deadlines: dict[str, _Timer] = {}  # container name -> its next expire() timer
-        self._last_group = 0  # writers in the last group commit (--fsync always)
-        self._timers: list[_Timer] = []
-        self._cancelled_timers = 0
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._public: dict[str, Callable[..., Any]] = {
-            "create": self._create,
-            "names": self.store.names,
-            "describe": self.store.describe,
-            "drop": self._drop,
-            "ping": lambda: None,
-            "stats": self.stats,
-            "get_methods": self._get_methods,
-            "number_of_objects": lambda: len(self.store.objects),
-            "compact": self._compact,
-            "dump": lambda: dump_state(self.store),
-            "restore": self._restore,
+
+    # What the engine owns, under the names the server always had.
+
+    @property
+    def store(self) -> Store:
+        """The containers served."""
+        return self.engine.store
+
+    @property
+    def load_report(self) -> LoadReport | None:
+        """What was loaded from the data directory at start-up (None without one)."""
+        return self.engine.load_report
+
+    @property
+    def started(self) -> float:
+        """When the server was built, ``time.time()``."""
+        return self.engine.started
+
+    @property
+    def ops_served(self) -> int:
+        """Operations answered, each call of a batch counted."""
+        return self.engine.ops_served
+
+    @property
+    def requests_served(self) -> int:
+        """Request frames answered."""
+        return self.engine.requests_served
+
+    def remember(self, token: bytes, seq: int, kind: str, value: Any) -> None:
+        """Record the answer to request ``seq`` of session ``token`` (for retries)."""
+        self.engine.remember(token, seq, kind, value)
+
+    def stats(self) -> dict[str, Any]:
+        """Return server facts for ``kvctl stats``."""
+        return self.engine.stats()
+
+    def _connection_stats(self) -> dict[str, Any]:
+        return {
+            "clients": sum(1 for c in self._conns if c.authed),
+            "refused_connections": self.refused_connections,
         }
 
     @property
@@ -331,17 +380,20 @@ class Server:
         sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
         if self.idle_timeout:
             self._call_later(self.idle_timeout / 2, self._sweep_idle)
-        self._schedule_deadlines()  # leases restored from disk run out on time too
+        self.engine.start()  # leases restored from disk run out on time too
+        timers = self._timers
+        held = self._held
         try:
             while not self._stop.is_set():
+                # Inline, not a method of _Timers: this runs once per request served.
                 timeout = None
-                if self._timers:
-                    timeout = min(_MAX_SLEEP, max(0.0, self._timers[0].at - time.monotonic()))
+                if timers.heap:
+                    timeout = min(_MAX_SLEEP, max(0.0, timers.heap[0].at - time.monotonic()))
                 self._handle(sel.select(timeout))
-                if self._timers:
-                    self._run_timers()
-                if self._held:
-                    self._gather_commit_group()
+                if timers.heap and timers.heap[0].at <= time.monotonic():
+                    timers.run_due()
+                if held:
+                    held.gather(self._poll)
                     self._release_held()
         finally:
             self._shutdown()
@@ -370,31 +422,8 @@ class Server:
         if accept:
             self._accept()
 
-    def _gather_commit_group(self) -> None:
-        """Under ``--fsync always``, wait a moment for writers missing from this group.
-
-        Group commit shares one fsync among the writes handled in one loop iteration. Clients
-        do not arrive in lockstep, so a group often closes one straggler short (4 writers
-        split 3 + 1, two fsyncs). Like PostgreSQL's commit_delay, wait up to half the last
-        fsync (at most 2 ms) when the previous group was larger than this one; a single writer
-        never waits.
-        """
-        persist = self._persist
-        assert persist is not None and self._held is not None
-        if persist.fsync != "always":
-            return
-        group = len({id(conn) for conn, _ in self._held})
-        if group >= self._last_group:
-            self._last_group = group
-            return
-        deadline = time.monotonic() + min(0.002, persist.last_sync_seconds / 2)
-        while group < self._last_group:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._handle(self._selector.select(left))
-            group = len({id(conn) for conn, _ in self._held})
-        self._last_group = group
+    def _poll(self, timeout: float) -> None:
+        self._handle(self._selector.select(timeout))
 
     def stop(self) -> None:
         """Ask the loop to stop; safe from any thread and from signal handlers."""
@@ -425,12 +454,7 @@ class Server:
         except (KeyError, ValueError):
             pass
         self._listener.close()
-        stopping = KVConnectionError(f"kvserve at {self.endpoint} is shutting down")
-        for name in list(self._parked):
-            for waiter in self._parked.pop(name):
-                self._finish(waiter)
-                waiter.conn.parked = None
-                self._reply(waiter.conn, ERROR, stopping)
+        self.engine.stop_waiters(KVConnectionError(f"kvserve at {self.endpoint} is shutting down"))
         if self._held:
             self._release_held()
         self._drain_writes(time.monotonic() + self.shutdown_timeout)
@@ -467,45 +491,7 @@ class Server:
     # -- timers --------------------------------------------------------------------------
 
     def _call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
-        """Run ``callback`` from the loop after ``delay`` seconds; return its cancellable timer.
-
-        Delays come from validated arguments (see :func:`kvserve.containers.check_timeout`);
-        a non-finite one here is a bug, refused before it can freeze the heap's order (nan)
-        or the loop's sleep (inf).
-        """
-        if not math.isfinite(delay):
-            raise ValueError(f"timer delay must be finite, not {delay!r}")
-        timer = _Timer(time.monotonic() + max(0.0, delay), callback)
-        heapq.heappush(self._timers, timer)
-        return timer
-
-    def _cancel_timer(self, timer: _Timer | None) -> None:
-        if timer is None or timer.callback is None:
-            return
-        timer.cancel()
-        self._cancelled_timers += 1
-        # Cancelled timers stay in the heap until they come due; rebuild it when they are
-        # the majority, so a stream of answered long-timeout waits cannot grow it.
-        if self._cancelled_timers > 64 and self._cancelled_timers * 2 > len(self._timers):
-            self._timers = [t for t in self._timers if t.callback is not None]
-            heapq.heapify(self._timers)
-            self._cancelled_timers = 0
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        timers = self._timers
-        while timers and timers[0].at <= now:
-            timer = heapq.heappop(timers)
-            callback = timer.callback
-            if callback is None:
-                self._cancelled_timers = max(0, self._cancelled_timers - 1)
-                continue
-            timer.callback = None
-            try:
-                callback()
-            except Exception:
-                # A failing timer must cost that timer, never the loop.
-                log.exception("internal error in a timer callback")
+        return self._timers.call_later(delay, callback)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -565,7 +551,7 @@ class Server:
                         self.refused_connections,
                     )
                 self._close(oldest)
-            conn = _Conn(sock, peer, self.keys)
+            conn = _Conn(self, sock, peer, self.keys)
             self._conns.add(conn)
             self._pending[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
@@ -661,18 +647,8 @@ class Server:
         conn.wbytes = 0
         conn.rbuf = bytearray()
         conn.wqueue.clear()
-        waiter = conn.parked
-        if waiter is not None:
-            # A dead client's parked get must not swallow the next item.
-            self._finish(waiter)
-            queue = self._parked.get(waiter.name)
-            if queue is not None:
-                try:
-                    queue.remove(waiter)
-                except ValueError:
-                    pass
-                if not queue:
-                    del self._parked[waiter.name]
+        if conn.parked is not None:
+            self.engine.withdraw(conn)  # a dead client's parked get must not take an item
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -700,7 +676,30 @@ class Server:
             if not n:
                 self._close(conn)
                 return
-            self._process(conn, view[:n])
+            if (
+                n > 4
+                and conn.authed
+                and not conn.rbuf
+                and conn.parked is None
+                and not (conn.busy or conn.backlog or conn.close_after_flush)
+                and conn.wbytes <= _WRITE_HIGH
+                and HEADER.unpack_from(view)[0] == n - 4
+                and n - 4 <= self.max_frame
+            ):
+                # Exactly one whole request, the common case (a client waiting for each
+                # reply): the same checks as _frames, without buffering or the frame loop.
+                try:
+                    self._on_request(conn, view[4:n])
+                except Exception:
+                    log.exception("internal error serving %s; closing that connection", conn.peer)
+                    self._close(conn)
+                    return
+                conn.last_active = time.monotonic()
+                if conn.wbytes > _WRITE_HIGH and not conn.paused and not conn.closed:
+                    conn.paused = True
+                    self._set_events(conn)
+            else:
+                self._process(conn, view[:n])
             # TLS may hold decrypted bytes that select() cannot see; plain sockets are
             # level-triggered, so one recv per event is enough.
             if conn.closed or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
@@ -731,7 +730,7 @@ class Server:
                     del conn.rbuf[:used]
                 except BufferError:
                     # Something still holds a view of a frame (a bug elsewhere, since
-                    # _scrub): copy the tail instead of failing the whole loop.
+                    # engine.scrub): copy the tail instead of failing the whole loop.
                     log.warning("a frame view outlived its request on %s", conn.peer)
                     conn.rbuf = conn.rbuf[used:]
         if conn.closed:
@@ -858,29 +857,43 @@ class Server:
 
     def _release_held(self) -> None:
         """Make the log hold every applied write, then release the replies that wait on it."""
-        assert self._persist is not None and self._held is not None
-        held, self._held = self._held, []
-        try:
-            self._persist.flush()
-        except OSError as exc:
-            # The writes are applied in memory but not logged: acknowledging them would be a
-            # lie. Fail those calls loudly and stop; a restart replays what the log holds.
-            if self.fatal_error is None:
-                self.fatal_error = str(self._persist.failed or exc)
-                log.critical("%s; stopping without acknowledging", self.fatal_error)
-            for conn, _ in held:
-                self._close(conn)
-            self.stop()
-            return
-        for conn, payload in held:
-            self._send_now(conn, payload)
-        if self._persist.should_compact():
-            try:
-                self._persist.compact(self.store)
-            except OSError:
-                pass  # logged and counted by Persistence; a failed log write stops us next time
+        assert self._held is not None
+        self._held.release(self._send_now, self._log_failed)
+
+    def _log_failed(self, conns: list[_Conn], reason: str) -> None:
+        if self.fatal_error is None:
+            self.fatal_error = reason
+            log.critical("%s; stopping without acknowledging", self.fatal_error)
+        for conn in conns:
+            self._close(conn)
+        self.stop()
 
     def _send(self, conn: _Conn, payload: bytes) -> None:
+        if (
+            self._held is None
+            and not conn.wqueue
+            and len(payload) <= _DIRECT_SEND
+            and not conn.paused
+            and not conn.closed
+        ):
+            # The common reply: nothing waits before it, so it goes out in one send() with
+            # no queueing or accounting (a small reply cannot reach the budgets below).
+            # Only what the kernel does not take is queued, as _send_now would.
+            data = HEADER.pack(len(payload)) + payload
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent < len(data):
+                rest = memoryview(data)[sent:]
+                conn.wbytes += len(rest)
+                self._unsent += len(rest)
+                conn.wqueue.append(rest)
+                self._set_events(conn)
+            return
         if len(payload) > MAX_REPLY_FRAME:
             # No client accepts it (and beyond 4 GiB no frame can say its length).
             payload = conn.codec.pack(
@@ -910,7 +923,7 @@ class Server:
             # a connection vanish under them. The reply is freed with the connection.
             self._call_later(0.0, functools.partial(self._close, conn))
         if self._held is not None:
-            self._held.append((conn, payload))
+            self._held.hold(conn, payload)
             return
         self._send_now(conn, payload)
 
@@ -1038,392 +1051,9 @@ class Server:
             conn.close_after_flush = True
             self._flush(conn)
             return
-        try:
-            rid = parse_request(message)
-        except ProtocolError as exc:
-            self._reply(conn, ERROR, exc)
-            return
-        ident, method = message[0], message[1]
-        self.ops_served += 1
-        self.requests_served += 1
-        if rid is not None and (conn.readonly or not self._changes_state(ident, method)):
-            # Calls that change nothing are safe to retry without an id: remembering their
-            # answers would pin them (a copy() of a big list per id) and let a stream of
-            # pings evict other sessions' answers, so a retried incr ran twice. The
-            # read-only key must not read or evict other sessions' answers either.
-            rid = None
-        if rid is not None:
-            cached = self._sessions.get(rid[0])
-            if cached is not None and cached[0] >= rid[1]:
-                # A retry of a call that was already applied: answer it, do not apply again.
-                if cached[0] == rid[1]:
-                    self._reply(conn, cached[1], cached[2])
-                else:
-                    self._reply(conn, ERROR, ProtocolError("stale request id"))
-                return
-        ident = message[0]
-        try:
-            if ident is None:
-                result = self._call_public(conn, message, rid)
-            else:
-                result = self._call(message, rid, conn, payload)
-        except WouldBlock as wb:
-            self._park(conn, message, wb, rid)
-            return
-        except Exception as exc:
-            self._answer(conn, rid, ERROR, exc)
-            return
-        self._answer(conn, rid, RETURN, result)
-        if ident in self._parked:
-            self._retry_parked(ident)
-
-    def _changes_state(self, ident: str | None, method: str) -> bool:
-        """Whether a call may change state (its answer is remembered for retries)."""
-        if ident is None:
-            return method in _REMEMBERED_PUBLIC
-        obj = self.store.objects.get(ident)
-        # Unknown container: the call fails; keep the id so its error is remembered too.
-        return obj is None or method in obj.mutating or method in obj.caller_methods
-
-    def _answer(self, conn: _Conn, rid: list[Any] | None, kind: str, value: Any) -> None:
-        if kind == ERROR and isinstance(value, BaseException):
-            _scrub(value)
-        if rid is not None:
-            self.remember(rid[0], rid[1], kind, value)
-        self._reply(conn, kind, value)
-
-    def remember(self, token: bytes, seq: int, kind: str, value: Any) -> None:
-        """Record the answer to request ``seq`` of session ``token`` (for retries)."""
-        sessions = self._sessions
-        sessions.pop(token, None)  # re-insert: the dict's order is least recently used first
-        sessions[token] = (seq, kind, value)
-        if len(sessions) > _MAX_SESSIONS:
-            del sessions[next(iter(sessions))]
-
-    def _call(
-        self,
-        message: list[Any],
-        rid: list[Any] | None = None,
-        conn: _Conn | None = None,
-        raw: bytes | memoryview | None = None,
-    ) -> Any:
-        ident, method, args, kwds = message
-        obj = self.store.get(ident)
-        if method not in self.store.exposed[ident]:
-            raise AttributeError(f"{obj.kind} {ident!r} has no method {method!r}")
-        check_args(args, kwds)
-        if conn is not None and conn.readonly and method in obj.mutating:
-            raise ReadOnlyError(
-                f"this connection authenticated with the read-only key; {method!r} on "
-                f"{ident!r} would change it"
-            )
-        if method in obj.caller_methods:
-            # The session token when the call has a request id (stable across reconnects),
-            # else the connection. Put into the message, so the log replays the same owner
-            # (and a parked call, retried, finds it there already).
-            caller = rid[0] if rid is not None else b"conn:%d" % id(conn)
-            if kwds and kwds.get("caller", caller) != caller:
-                raise ProtocolError("'caller' is set by the server, not the client")
-            kwds = message[3] = {**(kwds or {}), "caller": caller}
-        failed: Exception | None = None
-        with obj.lock:
-            try:
-                result = (
-                    getattr(obj, method)(*args, **kwds) if kwds else getattr(obj, method)(*args)
-                )
-            except WouldBlock:
-                if obj.journal:
-                    self._log_journal(ident, obj)
-                raise  # not applied: it is logged when a retry completes it
-            except Exception as exc:
-                # A mutating call may raise halfway (delete_many(["a", ["x"]]) deletes "a",
-                # then fails on the list; sort() of mixed types leaves the list reordered).
-                # It is logged all the same: replay raises the same way at the same point,
-                # so memory and the log never disagree. (Validating everything first would
-                # have to be done, and kept right, in every method.)
-                failed = exc
-            if obj.journal:
-                self._log_journal(ident, obj)
-        if method in obj.mutating:
-            if self._persist is not None:
-                if raw is not None and method not in obj.caller_methods:
-                    # The frame as received is already the record, [name, method, args,
-                    # kwds(, rid)]: log its bytes rather than pack the same list again.
-                    self._persist.append_encoded(raw)
-                else:
-                    self._persist.append(message if rid is None else [*message, rid])
-            if type(obj).next_deadline is not Container.next_deadline:
-                self._schedule_deadline(ident, obj)
-        if failed is not None:
-            raise failed
-        return result
-
-    def _log_journal(self, name: str, obj: Container) -> None:
-        entries, obj.journal = obj.journal, []
-        if self._persist is not None:
-            for method, args in entries:
-                self._persist.append([name, method, args, None])
-
-    def _schedule_deadlines(self) -> None:
-        """Ask every container that uses timers when it next needs one (start-up, restore)."""
-        for name, obj in list(self.store.objects.items()):
-            if type(obj).next_deadline is not Container.next_deadline:
-                self._schedule_deadline(name, obj)
-
-    def _schedule_deadline(self, name: str, obj: Container) -> None:
-        with obj.lock:
-            at = obj.next_deadline()
-        if at is None:
-            return
-        scheduled = self._deadlines.get(name)
-        if scheduled is not None:
-            if scheduled.at <= at:
-                return  # an earlier timer will run and reschedule
-            self._cancel_timer(scheduled)  # superseded: do not let them pile up
-        self._deadlines[name] = self._call_later(
-            at - time.monotonic(), lambda: self._on_deadline(name)
-        )
-
-    def _on_deadline(self, name: str) -> None:
-        del self._deadlines[name]
-        obj = self.store.objects.get(name)
-        if obj is None:
-            return
-        with obj.lock:
-            obj.expire(time.monotonic())
-            if obj.journal:
-                self._log_journal(name, obj)
-        if name in self._parked:
-            self._retry_parked(name)
-        self._schedule_deadline(name, obj)
-
-    def _call_public(self, conn: _Conn, message: list[Any], rid: list[Any] | None) -> Any:
-        _, method, args, kwds = message
-        check_args(args, kwds)
-        if method == "batch":
-            return self._batch(args, rid, conn)
-        if method in schema.STDLIB_NOOPS:
-            return None
-        func = self._public.get(method)
-        if func is None:
-            raise AttributeError(f"kvserve has no function {method!r}")
-        if method == "create":
-            return self._create_request(conn, message, rid)
-        if conn.readonly and method in _WRITE_PUBLIC:
-            raise ReadOnlyError(
-                "this connection authenticated with the read-only key; "
-                f"{method!r} would change the server"
-            )
-        result = func(*args, **(kwds or {}))
-        if self._persist is not None and method in _LOGGED_PUBLIC:
-            self._persist.append(message if rid is None else [*message, rid])
-        return result
-
-    def _create_request(self, conn: _Conn, message: list[Any], rid: list[Any] | None) -> Any:
-        """Attach to a container, creating it first if needed (and allowed).
-
-        The kind and name are taken the way Python binds ``create(kind, name, *args,
-        **kwds)``, positional or keyword, so no spelling of the request skips a check. Only a
-        call that creates something is logged: attaching changes nothing.
-        """
-        _, _, args, kwds = message
-        rest = list(args)
-        options = dict(kwds or {})
-        kind = rest.pop(0) if rest else options.pop("kind", None)
-        name = rest.pop(0) if rest else options.pop("name", None)
-        existing = self.store.objects.get(name) if type(name) is str else None
-        if existing is None and conn.readonly:
-            raise ReadOnlyError(
-                "this connection authenticated with the read-only key; creating "
-                f"{name!r} would change the server"
-            )
-        if type(kind) is not str or len(kind) > MAX_METHOD:
-            raise TypeError("the container kind must be a str of at most 64 chars")
-        result = self._create(kind, name, *rest, **options)
-        if existing is None and self._persist is not None:
-            record = [None, "create", [kind, name, *rest], options]
-            self._persist.append(record if rid is None else [*record, rid])
-        return result
-
-    def _batch(self, args: list[Any], rid: list[Any] | None, conn: _Conn) -> list[list[Any]]:
-        if len(args) != 1 or type(args[0]) is not list:
-            raise ProtocolError("malformed batch: expected one array of requests")
-        if len(args[0]) > MAX_BATCH:
-            # One batch runs in one loop turn: 4M entries held every other client 4.9 s.
-            raise ProtocolError(f"a batch holds at most {MAX_BATCH} calls (kvclient splits them)")
-        results: list[list[Any]] = []
-        touched: set[str] = set()
-        for index, message in enumerate(args[0]):
-            if type(message) is not list or not 4 <= len(message) <= 5 or message[0] is None:
-                results.append([ERROR, ProtocolError("malformed request in batch")])
-                continue
-            del message[4:]  # the batch's own request id covers its calls
-            sub_rid = None if rid is None else [rid[0], rid[1], index]
-            try:
-                results.append([RETURN, self._call(message, sub_rid, conn)])
-                touched.add(message[0])
-            except WouldBlock as wb:  # a batch never waits
-                if wb.on_timeout is not None:
-                    results.append([ERROR, wb.on_timeout])
-                else:
-                    results.append([RETURN, wb.result])
-            except Exception as exc:
-                _scrub(exc)
-                results.append([ERROR, exc])
-        self.ops_served += len(results) - 1
-        for name in touched & self._parked.keys():
-            self._retry_parked(name)
-        return results
-
-    # -- server-level functions ----------------------------------------------------------
-
-    def _create(self, kind: str, name: str, *args: Any, **kwds: Any) -> list[Any]:
-        self.store.create(kind, name, *args, **kwds)
-        return [name, sorted(self.store.exposed[name])]
-
-    def _get_methods(self, token: Any) -> list[str]:
-        name = token[-1] if isinstance(token, list | tuple) else token
-        self.store.get(name)
-        return sorted(self.store.exposed[name])
-
-    def _drop(self, name: str) -> bool:
-        existed = self.store.drop(name)
-        for waiter in self._parked.pop(name, ()):
-            self._finish(waiter)
-            waiter.conn.parked = None
-            self._reply(waiter.conn, ERROR, NoSuchContainerError(f"container {name!r} was dropped"))
-            # Its next requests wait until the drop is logged (after this returns): run now,
-            # a write to the re-created container would be logged before the drop, and a
-            # restart would replay the drop over an acknowledged write.
-            self._call_later(0.0, functools.partial(self._process, waiter.conn))
-        return existed
-
-    def _compact(self) -> bool:
-        if self._persist is None:
-            raise ValueError("this server keeps no data on disk (start it with --data-dir)")
-        # compact() flushes first: records queued in this iteration belong to the segments
-        # the snapshot covers. If that flush fails they stay queued, this call fails, and
-        # _release_held stops the server before any of their replies is sent.
-        return self._persist.compact(self.store)
-
-    def _restore(self, dump: Any) -> int:
-        count = restore_state(self.store, dump)
-        self._schedule_deadlines()
-        return count
-
-    def stats(self) -> dict[str, Any]:
-        """Return server facts for ``kvctl stats``."""
-        objects = list(self.store.objects.values())
-        return {
-            "version": __version__,
-            "uptime": round(time.time() - self.started, 3),
-            "clients": sum(1 for c in self._conns if c.authed),
-            "containers": len(objects),
-            "keys": sum(obj.size() for obj in objects),
-            "refused_connections": self.refused_connections,
-            "ops": self.ops_served,
-            "requests": self.requests_served,
-            "persistence": None
-            if self._persist is None
-            else {
-                "data_dir": str(self._persist.dir),
-                "fsync": self._persist.fsync,
-                "disk_bytes": self._persist.disk_bytes(),
-                "compactions": self._persist.compactions,
-                "compacting": self._persist.compacting,
-                "compaction_failures": self._persist.compaction_failures,
-                "last_error": self._persist.last_error,
-            },
-        }
-
-    # -- parking -------------------------------------------------------------------------
-
-    def _park(self, conn: _Conn, message: list[Any], wb: WouldBlock, rid: list[Any] | None) -> None:
-        name = message[0]
-        _scrub(wb)
-        if wb.timeout is not None and not 0 <= wb.timeout <= MAX_TIMEOUT:
-            # Every kind checks its timeouts with check_timeout(); this guards the loop
-            # against one that forgot (a bad timeout must never reach the timer heap).
-            self._answer(conn, rid, ERROR, ValueError(f"bad timeout {wb.timeout!r}"))
-            return
-        waiter = _Waiter(conn, name, message, wb, rid)
-        conn.parked = waiter
-        self._parked.setdefault(name, collections.deque()).append(waiter)
-        if wb.timeout is not None:
-            waiter.timer = self._call_later(wb.timeout, lambda: self._expire(waiter))
-
-    def _finish(self, waiter: _Waiter) -> None:
-        """Mark a parked call answered or withdrawn, and cancel its timeout."""
-        waiter.done = True
-        self._cancel_timer(waiter.timer)
-        waiter.timer = None
-
-    def _expire(self, waiter: _Waiter) -> None:
-        if waiter.done:
-            return
-        self._finish(waiter)
-        queue = self._parked.get(waiter.name)
-        if queue is not None:
-            queue.remove(waiter)
-            if not queue:
-                del self._parked[waiter.name]
-        conn = waiter.conn
-        conn.parked = None
-        wb = waiter.blocked
-        if wb.on_expire is not None:
-            obj = self.store.objects.get(waiter.name)
-            if obj is not None:
-                with obj.lock:
-                    wb.on_expire()
-        if wb.on_timeout is not None:
-            self._answer(conn, waiter.rid, ERROR, wb.on_timeout)
-        else:
-            self._answer(conn, waiter.rid, RETURN, wb.result)
-        if wb.on_expire is not None and waiter.name in self._parked:
-            self._retry_parked(waiter.name)
-        self._process(conn)
-
-    def _retry_parked(self, name: str) -> None:
-        """Retry the requests parked on ``name`` in arrival order, answering those that finish.
-
-        A container with ``strict_fifo`` stops at the first request that still blocks, so no
-        later one overtakes it; the others retry every parked request. Answered requests may
-        change the container again (a get frees room for a put), so this loops until a whole
-        pass answers nothing.
-        """
-        queue = self._parked.get(name)
-        obj = self.store.objects.get(name)
-        strict = obj.strict_fifo if obj is not None else True
-        resumed: list[_Conn] = []
-        progress = True
-        while queue and progress:
-            progress = False
-            for waiter in list(queue):
-                cached = self._sessions.get(waiter.rid[0]) if waiter.rid else None
-                if cached is not None and waiter.rid is not None and cached[0] == waiter.rid[1]:
-                    # The same request parked twice (a retry arrived before the server saw
-                    # the first connection die): the first was answered; repeat that answer.
-                    self._reply(waiter.conn, cached[1], cached[2])
-                else:
-                    try:
-                        result = self._call(waiter.message, waiter.rid, waiter.conn)
-                    except WouldBlock as again:
-                        if strict and again.in_line:
-                            break
-                        continue
-                    except Exception as exc:
-                        self._answer(waiter.conn, waiter.rid, ERROR, exc)
-                    else:
-                        self._answer(waiter.conn, waiter.rid, RETURN, result)
-                queue.remove(waiter)
-                self._finish(waiter)
-                waiter.conn.parked = None
-                resumed.append(waiter.conn)
-                progress = True
-        if queue is not None and not queue:
-            self._parked.pop(name, None)
-        for conn in resumed:
-            self._process(conn)
+        reply = self.engine.handle(conn, message, payload)
+        if reply is not None:
+            self._reply(conn, reply[0], reply[1])
 
 
 _SLICEABLE: Final = (list, dict)
@@ -1521,18 +1151,6 @@ def _encode_item(codec: Codec, item: Any, out: list[bytes], budget: list[int]) -
     if budget[0] <= 0:
         budget[0] = _SLICE_ITEMS
         yield
-
-
-def _scrub(exc: BaseException) -> None:
-    """Drop the traceback and chained exceptions of an exception the server keeps.
-
-    Answers are remembered for retries and parked calls keep their WouldBlock: a traceback
-    would keep every frame's locals alive with them, among them views of the connection's
-    receive buffer (which then cannot be resized: BufferError) and whole request payloads.
-    """
-    exc.__traceback__ = None
-    exc.__context__ = None
-    exc.__cause__ = None
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:

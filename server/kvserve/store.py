@@ -7,18 +7,58 @@ Kinds come from the manager's registry (``typeid -> callable, exposed``), so
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from kvproto import schema
 from kvproto.errors import KindError, NoSuchContainerError
 from kvserve.containers import Container
 
-__all__ = ["Registry", "Store"]
+__all__ = ["Method", "MethodTable", "Registry", "Store", "method_table"]
 
 # typeid -> (callable, exposed, method_to_typeid, proxytype), as BaseManager._registry holds it.
 Registry = dict[str, tuple[Callable[..., Any] | None, Any, Any, Any]]
 
 _NAME_MAX = 1024
+
+Method = tuple[Callable[..., Any] | None, schema.Op]
+"""One callable method: its function (called as ``function(obj, *args)``; None: looked up on
+the instance at call time) and what the schema says it is."""
+MethodTable = Mapping[str, Method]
+"""What the wire may call on one container: method name -> :data:`Method`."""
+
+
+_TABLES: dict[tuple[type[Container], frozenset[str]], MethodTable] = {}
+
+
+def method_table(cls: type[Container], exposed: frozenset[str]) -> MethodTable:
+    """Return the table of ``exposed`` methods of ``cls``, built once per class and exposure.
+
+    Each entry's :class:`~kvproto.schema.Op` is the schema's when the class agrees with it
+    (every built-in kind), else one made from the class's own ``mutating`` and
+    ``caller_methods`` (a kind registered without a schema entry): the server's behaviour
+    follows the same sets it always did, looked up once here instead of per call.
+    """
+    cached = _TABLES.get((cls, exposed))
+    if cached is not None:
+        return cached
+    table: dict[str, Method] = {}
+    kind = getattr(cls, "kind", None)
+    mutating: frozenset[str] = getattr(cls, "mutating", frozenset())
+    callers: frozenset[str] = getattr(cls, "caller_methods", frozenset())
+    for name in exposed:
+        op = schema.op(kind, name) if type(kind) is str and kind in schema.KINDS else None
+        mutates, caller = name in mutating, name in callers
+        if op is None or op.mutates != mutates or op.caller != caller:
+            op = schema.Op(mutates=mutates, caller=caller)
+        function = next((b.__dict__[name] for b in cls.__mro__ if name in b.__dict__), None)
+        # Plain functions are called unbound; anything else (a staticmethod, a callable
+        # attribute, a name the class lacks) goes through getattr at call time, as before.
+        table[name] = (function if type(function) is types.FunctionType else None, op)
+    # A plain dict, not a read-only proxy: it is looked up on every call. Nothing writes it.
+    _TABLES[(cls, exposed)] = table
+    return table
 
 
 class Store:
@@ -37,6 +77,8 @@ class Store:
             self._factories[typeid] = (factory, names)
         self.objects: dict[str, Container] = {}
         self.exposed: dict[str, frozenset[str]] = {}
+        # name -> the method table of its container (see method_table), kept with `exposed`.
+        self.methods: dict[str, MethodTable] = {}
         # Guards the name table itself; each container has its own lock for its contents.
         self.lock = threading.Lock()
 
@@ -74,6 +116,7 @@ class Store:
             obj = factory(*args, **kwds)
             self.objects[name] = obj
             self.exposed[name] = exposed
+            self.methods[name] = method_table(type(obj), exposed)
             return obj  # type: ignore[no-any-return]
 
     def kind_class(self, kind: str) -> type[Container]:
@@ -94,8 +137,10 @@ class Store:
         """Put a ready-made container under ``name`` (start-up, restore), replacing any."""
         factory_exposed = self._factories.get(obj.kind)
         with self.lock:
+            exposed = factory_exposed[1] if factory_exposed else obj.exposed
             self.objects[name] = obj
-            self.exposed[name] = factory_exposed[1] if factory_exposed else obj.exposed
+            self.exposed[name] = exposed
+            self.methods[name] = method_table(type(obj), exposed)
 
     def get(self, name: str) -> Container:
         """Return an existing container.
@@ -125,4 +170,5 @@ class Store:
         """Delete a container; return whether it existed."""
         with self.lock:
             self.exposed.pop(name, None)
+            self.methods.pop(name, None)
             return self.objects.pop(name, None) is not None

@@ -36,11 +36,9 @@ from kvproto.wire import (
     ERROR,
     MAX_BATCH,
     MAX_METHOD,
-    MAX_NAME,
     RETURN,
     check_args,
     parse_request,
-    valid_rid,
 )
 from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
@@ -182,24 +180,11 @@ class Engine:
 
         Every failure of the call is in the reply; an exception from here is a bug.
         """
-        # The common request (a str name and method) is checked inline, as parse_request
-        # would; the rest, and every malformed one, goes through it, which says what is wrong.
-        if (
-            type(message) is list
-            and 4 <= len(message) <= 5
-            and type(ident := message[0]) is str
-            and len(ident) <= MAX_NAME
-            and type(method := message[1]) is str
-            and len(method) <= MAX_METHOD
-            and (len(message) == 4 or valid_rid(message[4]))
-        ):
-            rid = message.pop() if len(message) == 5 else None
-        else:
-            try:
-                rid = parse_request(message)
-            except ProtocolError as exc:
-                return ERROR, exc
-            ident, method = message[0], message[1]
+        try:
+            rid = parse_request(message)
+        except ProtocolError as exc:
+            return ERROR, exc
+        ident, method = message[0], message[1]
         self.ops_served += 1
         self.requests_served += 1
         if ident is None:
@@ -222,12 +207,9 @@ class Engine:
                 # twice. The read-only key must not read or evict other sessions' answers.
                 rid = None
             else:
-                cached = self.sessions.get(rid[0])
-                if cached is not None and cached[0] >= rid[1]:
-                    # A retry of a call that was already applied: answer it, not again.
-                    if cached[0] == rid[1]:
-                        return cached[1], cached[2]
-                    return ERROR, ProtocolError("stale request id")
+                cached = self._answered(rid)
+                if cached is not None:
+                    return cached
         try:
             if entry is None:
                 self._lookup(ident, method)  # raises what is missing
@@ -253,11 +235,9 @@ class Engine:
         if rid is not None and (session.readonly or method not in _REMEMBERED_PUBLIC):
             rid = None  # as for container calls (see handle)
         if rid is not None:
-            cached = self.sessions.get(rid[0])
-            if cached is not None and cached[0] >= rid[1]:
-                if cached[0] == rid[1]:
-                    return cached[1], cached[2]
-                return ERROR, ProtocolError("stale request id")
+            cached = self._answered(rid)
+            if cached is not None:
+                return cached
         try:
             result = self._call_public(session, message, rid)
         except WouldBlock as wb:  # no server-level call blocks; kept for symmetry with calls
@@ -270,6 +250,16 @@ class Engine:
         if rid is not None:
             self.remember(rid[0], rid[1], RETURN, result)
         return RETURN, result
+
+    def _answered(self, rid: list[Any]) -> tuple[str, Any] | None:
+        """Return the reply to give a request id seen before: its first answer, or stale."""
+        cached = self.sessions.get(rid[0])
+        if cached is None or cached[0] < rid[1]:
+            return None
+        if cached[0] == rid[1]:
+            # A retry of a call that was already applied: answer it, do not apply it again.
+            return cached[1], cached[2]
+        return ERROR, ProtocolError("stale request id")
 
     def remember(self, token: bytes, seq: int, kind: str, value: Any) -> None:
         """Record the answer to request ``seq`` of session ``token`` (for retries)."""

@@ -10,7 +10,7 @@ Quick start::
         jobs = kv.queue("jobs")
         jobs.put({"id": 1})
 
-Only msgpack crosses the wire; see :mod:`kvclient.codec` for the format and
+Only msgpack crosses the wire; see :mod:`kvproto.wire` for the format and
 :mod:`kvclient.errors` for the exceptions.
 
 Attributes are imported on first use (PEP 562), so ``import kvclient`` and the modules that

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kvclient._runner import _PLANS, DERIVED, plan, reply_timeout
+from kvclient._runner import DERIVED, PLANS, plan, reply_timeout
 from kvclient.connection import Connection
 from kvclient.retry import Retry
 from kvproto.codec import Ref
@@ -166,7 +166,7 @@ class SocketBackend:
         except AttributeError:  # this thread's first call
             session = None
         try:
-            op = _PLANS[kind][method]
+            op = PLANS[kind][method]
         except KeyError:
             op = plan(kind, method)
         if op is None:
@@ -176,7 +176,7 @@ class SocketBackend:
         else:
             if timeout is DERIVED:
                 timeout = reply_timeout(op, args, self.call_timeout)
-            if op.mutates:
+            if op.needs_id:
                 if session is None:
                     session = self._local.session = _Session()
                 # A request id makes the call safe to retry: the server answers a repeated
@@ -186,8 +186,7 @@ class SocketBackend:
             else:
                 message = [ident, method, args, kwds]
         conn = None if session is None else session.conn
-        # conn._sock rather than the conn.closed property: one Python call less per call.
-        if conn is not None and conn._sock is not None:
+        if conn is not None and not conn.closed:
             try:
                 return conn.call(message, timeout)
             except KVConnectionError as exc:

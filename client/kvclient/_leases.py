@@ -22,6 +22,8 @@ import time
 import weakref
 from typing import Any, Protocol
 
+from kvproto.wire import RETURN
+
 __all__ = ["LeaseKeeper"]
 
 log = logging.getLogger("kvclient")
@@ -168,7 +170,7 @@ class LeaseKeeper:
                     )
                 continue
             for (key, version, _), (kind, value) in zip(batch, replies, strict=True):
-                if kind == "#RETURN" and value:
+                if kind == RETURN and value:
                     continue
                 # 0: the server says this owner holds nothing there (released, or its lease
                 # ran out); an error: the container was dropped or replaced.

@@ -28,6 +28,7 @@ from kvproto.schema import Op
 
 __all__ = [
     "DERIVED",
+    "PLANS",
     "Call",
     "Flow",
     "Runner",
@@ -46,19 +47,20 @@ DERIVED: Final[Any] = object()
 _UNKNOWN: Final = Op(mutates=True)
 # kind -> method -> None for a plain read (no request id, the usual reply timeout), else its
 # Op. Filled on first use of each (kind, method) from kvproto.schema.
-_PLANS: dict[str | None, dict[str, Op | None]] = {}
+PLANS: dict[str | None, dict[str, Op | None]] = {}
 
 
 def plan(kind: str | None, method: str) -> Op | None:
     """Return what a runner must know of ``method`` on ``kind``: None for a plain read.
 
-    A plain read neither mutates nor blocks: it goes without a request id and with the usual
-    reply timeout. Anything else is returned as its :class:`~kvproto.schema.Op`; a method the
-    schema does not know counts as mutating. Cached: the hot path is ``_PLANS[kind][method]``.
+    A plain read neither needs a request id (it does not mutate, or mutates idempotently,
+    as get-or-create does) nor blocks: it goes without an id and with the usual reply
+    timeout. Anything else is returned as its :class:`~kvproto.schema.Op`; a method the
+    schema does not know counts as mutating. Cached: the hot path is ``PLANS[kind][method]``.
     """
     op = schema.op(kind, method) or _UNKNOWN
-    found = None if not (op.mutates or op.blocks) else op
-    _PLANS.setdefault(kind, {})[method] = found
+    found = None if not (op.needs_id or op.blocks) else op
+    PLANS.setdefault(kind, {})[method] = found
     return found
 
 

@@ -89,7 +89,7 @@ def connect(
 
     Args:
         address: ``"host:port"`` (IPv6: ``"[::1]:50000"``), ``(host, port)``, or a URL:
-            ``kv://[KEY@]host:port``, or ``kvs://...`` for TLS (see :mod:`kvclient._address`:
+            ``kv://[KEY@]host:port``, or ``kvs://...`` for TLS (see :mod:`kvproto.address`:
             ``KEY`` names the authkey file, ``~/.config/kvmanager/KEY.key`` or a path);
             default env ``KV_ADDRESS``, else ``127.0.0.1:50000``.
         authkey: the key itself; default: the file the URL names, then env ``KV_AUTHKEY``,

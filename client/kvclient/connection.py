@@ -87,6 +87,7 @@ class Connection:
         "_big",
         "_sock",
         "_tls",
+        "closed",
         "codec",
         "endpoint",
         "max_frame",
@@ -105,6 +106,9 @@ class Connection:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._sock: socket.socket | None = None
+        # True once the connection is closed; it cannot be reopened. An attribute, not a
+        # property over _sock: the client checks it on every call.
+        self.closed = False
         self._tls = False
         self._big: bytearray | None = None
         self._applied_timeout: float | bool | None = False
@@ -209,17 +213,13 @@ class Connection:
         except OSError as exc:
             raise translate_os_error(exc, self.endpoint, "connect to") from exc
 
-    @property
-    def closed(self) -> bool:
-        """True once the connection is closed; it cannot be reopened."""
-        return self._sock is None
-
     def __del__(self) -> None:
         # A thread's connection dies with the thread's locals; close it rather than leak it.
         self.close()
 
     def close(self) -> None:
         """Close the socket. Safe to call more than once."""
+        self.closed = True
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()

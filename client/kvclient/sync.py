@@ -51,6 +51,7 @@ from kvclient import _flows
 from kvclient._leases import LeaseKeeper
 from kvclient._runner import Runner
 from kvclient.proxies import Proxy, register_proxy_type
+from kvproto.limits import check_lease
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -71,22 +72,7 @@ __all__ = [
 
 DEFAULT_LEASE: Final = 30.0
 """Seconds a hold lasts without renewal, unless ``lease=`` says otherwise."""
-_MAX_LEASE: Final = 86400.0
 _T = TypeVar("_T")
-
-
-def check_lease(lease: float) -> float:
-    """Return ``lease`` as a float, checked.
-
-    Raises:
-        TypeError: it is not a number.
-        ValueError: it is not more than 0 and at most a day.
-    """
-    if type(lease) is bool or not isinstance(lease, int | float):
-        raise TypeError(f"lease must be a number of seconds, not {type(lease).__name__}")
-    if not 0 < lease <= _MAX_LEASE:
-        raise ValueError(f"lease must be more than 0 and at most {_MAX_LEASE:g} seconds")
-    return float(lease)
 
 
 # -- proxies -----------------------------------------------------------------------------------

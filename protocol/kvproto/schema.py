@@ -53,6 +53,9 @@ class Op(NamedTuple):
         own_policy: the call applies the read-only rule and the logging itself
             (``create`` attaches freely and logs only what it creates; ``batch`` checks and
             logs each of its calls).
+        idempotent: applying it twice is applying it once (get-or-create), so a client
+            retries it freely and sends it without a request id: an id would take one of the
+            server's remembered answers and could evict another client's pending retry.
     """
 
     mutates: bool = False
@@ -62,11 +65,17 @@ class Op(NamedTuple):
     caller: bool = False
     logged: bool | None = None
     own_policy: bool = False
+    idempotent: bool = False
 
     @property
     def is_logged(self) -> bool:
         """Whether the request itself goes into the log."""
         return self.mutates if self.logged is None else self.logged
+
+    @property
+    def needs_id(self) -> bool:
+        """Whether a client sends it with a request id (it mutates, and not idempotently)."""
+        return self.mutates and not self.idempotent
 
 
 _READ: Final = Op()
@@ -129,7 +138,7 @@ SERVER: Final[Mapping[str, Op]] = _ops(
     "describe dump get_methods names number_of_objects ping stats",
     "drop restore",
     compact=Op(mutates=True, logged=False),
-    create=Op(mutates=True, own_policy=True),
+    create=Op(mutates=True, own_policy=True, idempotent=True),
     batch=Op(mutates=True, own_policy=True),
 )
 """Server-level operations (requests whose ``ident`` is nil)."""
@@ -139,7 +148,10 @@ STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection
 
 
 def register_kind(kind: str, ops: Mapping[str, Op]) -> None:
-    """Add (or replace) the operations of a container kind beyond the built-in ones."""
+    """Add (or replace) the operations of a container kind beyond the built-in ones.
+
+    Register before the first call on that kind: clients and servers cache what they derive.
+    """
     KINDS[kind] = MappingProxyType(dict(ops))
 
 

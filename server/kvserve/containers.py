@@ -20,10 +20,12 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar
 
 from kvproto import schema
 from kvproto.codec import check_key
+from kvproto.limits import MAX_TIMEOUT, check_timeout
+from kvproto.wire import MAX_REPLY_FRAME
 
 __all__ = [
     "KINDS",
@@ -41,7 +43,7 @@ __all__ = [
 
 _MISSING: Any = object()
 MAX_REPEAT_ITEMS = 1 << 24
-MAX_REPEAT_BYTES = 1 << 30  # the largest reply a client accepts (kvclient.codec)
+MAX_REPEAT_BYTES = MAX_REPLY_FRAME  # the largest reply a client accepts
 
 
 def _payload_bytes(items: list[Any]) -> int:
@@ -98,36 +100,6 @@ def _uninterned(mapping: dict[Any, Any]) -> dict[Any, Any]:
     are unique, so interning them shares nothing.
     """
     return {(k.encode().decode() if type(k) is str else k): v for k, v in mapping.items()}
-
-
-MAX_TIMEOUT: Final = 366 * 86400.0
-"""Longest wait a call may ask for, seconds (a year); None waits for ever."""
-
-
-def check_timeout(timeout: Any) -> float | None:
-    """Return a wire timeout as seconds, or None (wait for ever).
-
-    Every timeout that reaches the server from a client goes through here before it is used:
-    ``inf``, ``nan``, a negative number or one beyond :data:`MAX_TIMEOUT` would otherwise
-    reach the loop's timer heap and ``select()`` (an ``OverflowError`` that stopped the
-    server, or a ``nan`` that froze every timer).
-
-    Raises:
-        TypeError: not None and not a number (bool included).
-        ValueError: negative, not finite, or above :data:`MAX_TIMEOUT`.
-    """
-    if timeout is None:
-        return None
-    if type(timeout) is bool or not isinstance(timeout, int | float):
-        raise TypeError(
-            f"timeout must be None or a number of seconds, not {type(timeout).__name__}"
-        )
-    if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
-        raise ValueError(
-            f"'timeout' must be a non-negative number of seconds, at most {MAX_TIMEOUT:.0f}, "
-            f"or None to wait for ever (got {timeout!r})"
-        )
-    return float(timeout)
 
 
 def _check_number(value: Any, what: str) -> None:

@@ -410,7 +410,7 @@ class Engine:
                 f"{name!r} would change the server"
             )
         if type(kind) is not str or len(kind) > MAX_METHOD:
-            raise TypeError("the container kind must be a str of at most 64 chars")
+            raise TypeError(f"the container kind must be a str of at most {MAX_METHOD} chars")
         result = self._create(kind, name, *rest, **options)
         if existing is None and self.persist is not None:
             record = [None, "create", [kind, name, *rest], options]

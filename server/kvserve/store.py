@@ -13,6 +13,7 @@ from typing import Any
 
 from kvproto import schema
 from kvproto.errors import KindError, NoSuchContainerError
+from kvproto.wire import MAX_NAME
 from kvserve.containers import Container
 
 __all__ = ["Method", "MethodTable", "Registry", "Store", "method_table"]
@@ -20,7 +21,7 @@ __all__ = ["Method", "MethodTable", "Registry", "Store", "method_table"]
 # typeid -> (callable, exposed, method_to_typeid, proxytype), as BaseManager._registry holds it.
 Registry = dict[str, tuple[Callable[..., Any] | None, Any, Any, Any]]
 
-_NAME_MAX = 1024
+_NAME_MAX = MAX_NAME
 
 Method = tuple[Callable[..., Any] | None, schema.Op]
 """One callable method: its function (called as ``function(obj, *args)``; None: looked up on

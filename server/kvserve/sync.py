@@ -60,6 +60,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, Final
 
+from kvproto.limits import MAX_LEASE, check_lease
 from kvserve.containers import Container, WouldBlock, check_timeout
 
 __all__ = [
@@ -78,8 +79,6 @@ __all__ = [
     "KVValue",
 ]
 
-MAX_LEASE: Final = 86400.0
-"""Longest lease accepted, seconds (one day)."""
 MAX_ARRAY_LENGTH: Final = 1 << 20
 """Most items an Array may hold: a length is a few bytes on the wire but a list on the server,
 and ``tolist()`` of the largest array still fits in one frame."""
@@ -110,12 +109,7 @@ def _is_number(value: Any) -> bool:
     return type(value) is not bool and isinstance(value, int | float)
 
 
-def _check_lease(lease: Any) -> float:
-    if not _is_number(lease):
-        raise TypeError(f"lease must be a number of seconds, not {type(lease).__name__}")
-    if not 0 < lease <= MAX_LEASE:
-        raise ValueError(f"lease must be more than 0 and at most {MAX_LEASE:g} seconds")
-    return float(lease)
+_check_lease = check_lease
 
 
 def _check_timeout(timeout: Any) -> float | None:

@@ -1,4 +1,4 @@
-"""Review probe (issue 14): attaching to a container must not cost another client its retry memory.
+"""Attaching to a container must not cost another client its retry memory.
 
 kvclient used to send ``create`` (get-or-create, idempotent) without a request id; since the
 runner derives request ids from kvproto.schema, where ``create`` mutates, every attach carries
@@ -16,19 +16,15 @@ import secrets
 import pytest
 
 import kvclient
+import kvserve.engine
 import kvserve.server
 from kvclient.connection import Connection
-
-try:
-    import kvserve.engine as _memory_module  # 8c79159 and later
-except ImportError:  # 54d8055: the memory lived in the loop
-    _memory_module = kvserve.server  # type: ignore[assignment]
 
 
 def test_attaching_clients_do_not_evict_a_pending_retry(
     server: kvserve.server.Server, authkey: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_memory_module, "_MAX_SESSIONS", 4)
+    monkeypatch.setattr(kvserve.engine, "_MAX_SESSIONS", 4)
     address = server.endpoint
     with kvclient.connect(address, authkey) as kv:
         kv.dict("d")

@@ -1,6 +1,7 @@
 """Process bodies for tests/test_sync.py: importable cheaply (no pytest) by forkserver children.
 
-Each body connects its own client, reports what it saw into containers on the server, and
+Each body gets the test's `kv_target` (tests/targets.py), connects its own client through the
+implementation under test, reports what it saw into containers on the server, and
 closes its client; the test process reads the reports.
 """
 

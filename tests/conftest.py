@@ -124,6 +124,35 @@ def kv(
         yield client
 
 
+# -- More clients of `kv`'s implementation, here or in worker processes (tests/targets.py) ----
+from tests.targets import ClientFactory, Target  # noqa: E402  (kept in this one block)
+
+
+@pytest.fixture
+def kv_target(
+    request: pytest.FixtureRequest, implementation: Implementation, authkey: bytes
+) -> Target:
+    """Where `kv`'s implementation and store are reached: give it to worker processes.
+
+    `start` reaches what it starts through `request.getfixturevalue`, cached for the test, so
+    this is the store `kv` uses (tests/test_conformance_meta.py checks it).
+    """
+    return Target(implementation.id, implementation.start(request), authkey)
+
+
+@pytest.fixture
+def kv_factory(kv_target: Target) -> Iterator[ClientFactory]:
+    """`kv_factory()` opens another client of `kv`'s store (another owner); closed after."""
+    with ClientFactory(kv_target) as factory:
+        yield factory
+
+
+@pytest.fixture
+def kv2(kv_factory: ClientFactory) -> kvclient.Client:
+    """A second client of `kv`'s implementation and store: another owner."""
+    return kv_factory()
+
+
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen[str]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import kvclient
+from tests.targets import Target
 
 
-def task_worker(address: str, authkey: bytes, name: str) -> None:
+def task_worker(target: Target, name: str) -> None:
     """Take items from queue ``name`` until None; count each, then call ``task_done``.
 
     The count goes to dict ``"<name>-done"`` before ``task_done``, so a ``join()`` that
     returns early is seen as a count short of the items put.
     """
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         jobs, done = kv.queue(name), kv.dict(f"{name}-done")
         while (item := jobs.get(timeout=30)) is not None:
             done.incr("count")

@@ -1,6 +1,7 @@
 """Process bodies for tests/test_sync.py: importable cheaply (no pytest) by forkserver children.
 
-Each body connects its own client, reports what it saw into containers on the server, and
+Each body gets the test's `kv_target` (tests/targets.py), connects its own client through the
+implementation under test, reports what it saw into containers on the server, and
 closes its client; the test process reads the reports.
 """
 
@@ -9,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 
-import kvclient
+from tests.targets import Target
 
 
-def mutex_worker(address: str, authkey: bytes, cycles: int) -> None:
+def mutex_worker(target: Target, cycles: int) -> None:
     """Read-modify-write a shared key ``cycles`` times, each under the lock "m"."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         lock, shared = kv.lock("m"), kv.dict("shared")
         for _ in range(cycles):
             with lock:
@@ -22,22 +23,22 @@ def mutex_worker(address: str, authkey: bytes, cycles: int) -> None:
                 shared["total"] = value + 1
 
 
-def hold_until_killed(address: str, authkey: bytes, name: str, lease: float) -> None:
+def hold_until_killed(target: Target, name: str, lease: float) -> None:
     """Take lock ``name``, report the token in queue "<name>-tokens", then wait to be killed."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         lock = kv.lock(name, lease=lease)
         assert lock.acquire() is True
         kv.queue(f"{name}-tokens").put(lock.token)
         time.sleep(60)
 
 
-def hold_stall_release(address: str, authkey: bytes, name: str, lease: float) -> None:
+def hold_stall_release(target: Target, name: str, lease: float) -> None:
     """Take lock ``name``, report the token, wait for event "<name>-resume", then release.
 
     The test stops this process (SIGSTOP) while it holds the lock, so its lease runs out; the
     outcome of the late release goes to queue "<name>-outcome".
     """
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         lock = kv.lock(name, lease=lease)
         assert lock.acquire() is True
         outcome = kv.queue(f"{name}-outcome")
@@ -51,15 +52,15 @@ def hold_stall_release(address: str, authkey: bytes, name: str, lease: float) ->
             outcome.put("released")
 
 
-def take_slot_and_exit(address: str, authkey: bytes, name: str) -> None:
+def take_slot_and_exit(target: Target, name: str) -> None:
     """Take a slot of BoundedSemaphore ``name`` and exit without releasing it."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         assert kv.bounded_semaphore(name).acquire(blocking=False) is True
 
 
-def semaphore_worker(address: str, authkey: bytes, rounds: int) -> None:
+def semaphore_worker(target: Target, rounds: int) -> None:
     """Hold a slot of Semaphore(2) ``rounds`` times; report the most holders seen at once."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         slots, stats = kv.semaphore("pool", 2), kv.dict("pool-stats")
         peak = 0
         for _ in range(rounds):
@@ -70,16 +71,16 @@ def semaphore_worker(address: str, authkey: bytes, rounds: int) -> None:
         kv.list("pool-peaks").append(peak)
 
 
-def event_waiter(address: str, authkey: bytes) -> None:
+def event_waiter(target: Target) -> None:
     """Say "ready", wait for event "go" and report what ``wait`` returned."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         kv.dict("ev").incr("ready")
         kv.list("ev-got").append(kv.event("go").wait(20))
 
 
-def barrier_worker(address: str, authkey: bytes, name: str, parties: int, timeout: float) -> None:
+def barrier_worker(target: Target, name: str, parties: int, timeout: float) -> None:
     """Wait at barrier ``name``; report [index or "broken", arrived, left] in list "<name>-out"."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         barrier = kv.barrier(name, parties)
         arrived = time.time()
         try:
@@ -89,9 +90,9 @@ def barrier_worker(address: str, authkey: bytes, name: str, parties: int, timeou
         kv.list(f"{name}-out").append([index, arrived, time.time()])
 
 
-def condition_consumer(address: str, authkey: bytes) -> None:
+def condition_consumer(target: Target) -> None:
     """Under condition "c", wait for an item in list "c-items", take it into list "c-got"."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         cond, items = kv.condition("c"), kv.list("c-items")
         with cond:
             kv.dict("c-ready").incr("n")  # under the lock: the producer enters after wait()
@@ -99,34 +100,34 @@ def condition_consumer(address: str, authkey: bytes) -> None:
                 kv.list("c-got").append(items.pop(0))
 
 
-def value_incr_worker(address: str, authkey: bytes, times: int) -> None:
+def value_incr_worker(target: Target, times: int) -> None:
     """Add 1 to Value "hits" ``times`` times with the one-call ``incr``."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         hits = kv.value("hits", 0)
         for _ in range(times):
             hits.incr()
 
 
-def value_locked_worker(address: str, authkey: bytes, times: int) -> None:
+def value_locked_worker(target: Target, times: int) -> None:
     """Add 1 to Value "classic" ``times`` times the multiprocessing way, under get_lock()."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         value = kv.value("classic", "i")
         for _ in range(times):
             with value.get_lock():
                 value.value += 1
 
 
-def array_writer(address: str, authkey: bytes) -> None:
+def array_writer(target: Target) -> None:
     """Write the first half of Array "arr", then set event "arr-written"."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         arr = kv.array("arr", "i", 10)
         arr[0:5] = [1, 2, 3, 4, 5]
         kv.event("arr-written").set()
 
 
-def array_reader(address: str, authkey: bytes) -> None:
+def array_reader(target: Target) -> None:
     """Once "arr-written" is set, read the first half and write it, times 10, reversed after it."""
-    with kvclient.connect(address, authkey) as kv:
+    with target.connect() as kv:
         arr = kv.array("arr", "i", 10)
         if not kv.event("arr-written").wait(20):
             raise AssertionError("the writer never wrote")

@@ -14,6 +14,7 @@ import kvclient
 import kvserve
 from kvproto.address import parse_address
 from kvserve import KVManager
+from tests.targets import Target
 
 
 @pytest.mark.parametrize("module", [kvclient, kvserve])
@@ -122,11 +123,13 @@ def test_kvmanager_start_runs_a_server_process(authkey: bytes) -> None:
         manager.shutdown()
 
 
-def test_client_close_and_context_manager(address: str, authkey: bytes) -> None:
-    with kvclient.connect(address, authkey) as kv:
-        d = kv.dict("d")
-    with pytest.raises(kvclient.KVError, match="closed"):
+def test_client_close_and_context_manager(kv: kvclient.Client, kv_target: Target) -> None:
+    with kv_target.connect() as other:
+        d = other.dict("d")
         d["x"] = 1
+    with pytest.raises(kvclient.KVError, match="closed"):
+        d["x"] = 2
+    assert kv.dict("d")["x"] == 1  # closing one client closes only its own connections
 
 
 def test_repr_names_container_and_server(kv: kvclient.Client) -> None:

@@ -8,14 +8,18 @@ xfail are shown to behave, without a second real backend on this machine.
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import pickle  # to check that a Target travels to a worker; never used on the wire
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import kvclient
 from tests import backends
 from tests.backends import Implementation
+from tests.targets import ClientFactory, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,3 +246,38 @@ def test_backend_option_selects_implementations(inner: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(
         ["*--backend nope: unknown; known: kvserve-sync, absent, kvserve-again"]
     )
+
+
+def _child_reports(target: Target) -> None:
+    with target.connect() as kv:
+        kv.dict("meta")["child"] = [kv.dict("meta")["x"], kv.owner_id]
+
+
+def test_more_clients_and_worker_processes_reach_the_store_kv_uses(
+    request: pytest.FixtureRequest,
+    implementation: Implementation,
+    kv: kvclient.Client,
+    kv2: kvclient.Client,
+    kv_factory: ClientFactory,
+    kv_target: Target,
+) -> None:
+    # `start` again within the test reaches what it started, not a second, empty store.
+    assert implementation.start(request) == kv_target.address
+    assert kv_target.implementation == implementation.id
+    kv.dict("meta")["x"] = 1
+    third = kv_factory()
+    assert (kv2.dict("meta")["x"], third.dict("meta")["x"]) == (1, 1)
+    owners = {kv.owner_id, kv2.owner_id, third.owner_id}
+    assert len(owners) == 3  # each client is another owner
+    assert pickle.loads(pickle.dumps(kv_target)) == kv_target
+    child = mp.get_context("spawn").Process(target=_child_reports, args=(kv_target,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    seen, child_owner = kv.dict("meta")["child"]
+    assert seen == 1 and child_owner not in owners
+    with ClientFactory(kv_target) as factory:
+        d = factory().dict("meta")
+        assert d["x"] == 1
+    with pytest.raises(kvclient.KVError, match="closed"):
+        d["x"] = 2  # the factory closed what it opened

@@ -17,7 +17,7 @@ from kvclient import KindError, NoSuchContainerError
 from kvserve import KVManager, KVQueue, Server
 from kvserve.persistence import Persistence
 from tests import parity_workers
-from tests.conftest import ServerProcess
+from tests.targets import Target
 
 
 def test_dict_mapping_interface(kv: kvclient.Client) -> None:
@@ -256,33 +256,30 @@ def test_queue_interface(kv: kvclient.Client) -> None:
         q.get(timeout=-1)
 
 
-def test_queue_task_done_and_join_across_processes(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
+def test_queue_task_done_and_join_across_processes(kv: kvclient.Client, kv_target: Target) -> None:
     ctx = multiprocessing.get_context("forkserver")
     workers = [
-        ctx.Process(target=parity_workers.task_worker, args=(address, key, "jobs"))
-        for _ in range(4)
+        ctx.Process(target=parity_workers.task_worker, args=(kv_target, "jobs")) for _ in range(4)
     ]
     for p in workers:
         p.start()
     try:
-        with kvclient.connect(address, key) as kv:
-            jobs = kv.queue("jobs")
-            for i in range(1, 201):
-                jobs.put(i)
-            jobs.join()  # parked on the server until the 200th task_done
-            done = kv.dict("jobs-done")
-            # Every task_done follows its item's count, so an early return would show here.
-            assert done.copy() == {"count": 200, "sum": 200 * 201 // 2}
-            assert jobs.unfinished_tasks() == 0
-            for _ in workers:
-                jobs.put(None)
-            jobs.join()
-            for p in workers:
-                p.join(20)
-                assert p.exitcode == 0
-            with pytest.raises(ValueError, match="task_done\\(\\) called too many times"):
-                jobs.task_done()
+        jobs = kv.queue("jobs")
+        for i in range(1, 201):
+            jobs.put(i)
+        jobs.join()  # parked on the server until the 200th task_done
+        done = kv.dict("jobs-done")
+        # Every task_done follows its item's count, so an early return would show here.
+        assert done.copy() == {"count": 200, "sum": 200 * 201 // 2}
+        assert jobs.unfinished_tasks() == 0
+        for _ in workers:
+            jobs.put(None)
+        jobs.join()
+        for p in workers:
+            p.join(20)
+            assert p.exitcode == 0
+        with pytest.raises(ValueError, match="task_done\\(\\) called too many times"):
+            jobs.task_done()
     finally:
         for p in workers:
             p.kill()
@@ -290,7 +287,7 @@ def test_queue_task_done_and_join_across_processes(kvserve_proc: ServerProcess) 
 
 
 def test_a_parked_join_does_not_hold_up_the_gets_parked_after_it(
-    kv: kvclient.Client, address: str, authkey: bytes
+    kv: kvclient.Client, kv2: kvclient.Client
 ) -> None:
     q = kv.queue("line")
     q.put("first")
@@ -305,18 +302,17 @@ def test_a_parked_join_does_not_hold_up_the_gets_parked_after_it(
     joiner.start()
     time.sleep(0.2)  # the join parks first
     got: list[Any] = []
-    with kvclient.connect(address, authkey) as other:
-        getter = threading.Thread(target=lambda: got.append(other.queue("line").get(timeout=10)))
-        getter.start()
-        time.sleep(0.2)  # then a get, behind it
-        q.put("second")  # the join still waits (2 unfinished); the get must not
-        getter.join(10)
-        assert got == ["second"]
-        assert not joined.is_set()
-        q.task_done()
-        q.task_done()
-        joiner.join(10)
-        assert joined.is_set()
+    getter = threading.Thread(target=lambda: got.append(kv2.queue("line").get(timeout=10)))
+    getter.start()
+    time.sleep(0.2)  # then a get, behind it
+    q.put("second")  # the join still waits (2 unfinished); the get must not
+    getter.join(10)
+    assert got == ["second"]
+    assert not joined.is_set()
+    q.task_done()
+    q.task_done()
+    joiner.join(10)
+    assert joined.is_set()
     with kv.batch() as b:
         b.bind(q).put("third")
         b.bind(q).join()  # a batch never waits: the unfinished task is an error
@@ -369,11 +365,10 @@ def test_queue_maxsize_is_fixed_at_creation(kv: kvclient.Client) -> None:
         kv.queue("fixed", maxsize=5)
 
 
-def test_get_or_create_by_name(kv: kvclient.Client, address: str, authkey: bytes) -> None:
+def test_get_or_create_by_name(kv: kvclient.Client, kv2: kvclient.Client) -> None:
     kv.dict("shared")["x"] = 1
-    with kvclient.connect(address, authkey) as other:
-        assert other.dict("shared")["x"] == 1
-        assert other.dict("shared") == kv.dict("shared")
+    assert kv2.dict("shared")["x"] == 1
+    assert kv2.dict("shared") == kv.dict("shared")
 
 
 def test_name_taken_by_another_kind_is_a_clear_error(kv: kvclient.Client) -> None:

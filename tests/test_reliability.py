@@ -189,28 +189,25 @@ def test_a_timed_out_call_never_hands_its_reply_to_the_next_call(
         assert d["a"] == "A"
 
 
-def test_interrupt_mid_call_discards_the_connection(
-    kvserve_proc: ServerProcess,
-) -> None:
-    with kvclient.connect(kvserve_proc.address, kvserve_proc.authkey, retry=None) as kv:
-        q = kv.queue("q")
-        d = kv.dict("d")
-        d["k"] = "value"
-        fired = threading.Event()
+def test_interrupt_mid_call_discards_the_connection(kv: kvclient.Client) -> None:
+    q = kv.queue("q")
+    d = kv.dict("d")
+    d["k"] = "value"
+    fired = threading.Event()
 
-        def interrupt() -> None:
-            time.sleep(0.3)
-            fired.set()
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+    def interrupt() -> None:
+        time.sleep(0.3)
+        fired.set()
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
-        threading.Thread(target=interrupt).start()
-        with pytest.raises(KeyboardInterrupt):
-            q.get(timeout=30)  # blocked when Ctrl-C arrives
-        assert fired.is_set()
-        q2 = kv.queue("q")
-        q2.put("item")  # the abandoned get must not take this item...
-        assert d["k"] == "value"  # ...nor answer this call
-        assert q2.get(timeout=5) == "item"
+    threading.Thread(target=interrupt).start()
+    with pytest.raises(KeyboardInterrupt):
+        q.get(timeout=30)  # blocked when Ctrl-C arrives
+    assert fired.is_set()
+    q2 = kv.queue("q")
+    q2.put("item")  # the abandoned get must not take this item...
+    assert d["k"] == "value"  # ...nor answer this call
+    assert q2.get(timeout=5) == "item"
 
 
 def test_sigterm_wakes_blocked_getters_with_a_clear_error(kvserve_proc: ServerProcess) -> None:

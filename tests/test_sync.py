@@ -1,7 +1,8 @@
 """Synchronization primitives: threading semantics, crash-safe leases, fencing tokens.
 
-Multi-process tests run real client processes (bodies in tests/sync_workers.py) against a real
-`kvserve` subprocess and check exact totals; the rest use the in-thread server.
+Multi-process tests run real client processes (bodies in tests/sync_workers.py) against the
+store `kv` uses (`kv_target`) and check exact totals. Conformance tests, except the ones about
+kvserve's own dump, restore and restarts at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,13 @@ from kvserve.containers import Container
 from kvserve.persistence import Persistence
 from kvserve.sync import MAX_ARRAY_LENGTH, SYNC_KINDS, KVBarrier, KVCondition, KVLock
 from tests import sync_workers
-from tests.conftest import ServerProcess
+from tests.targets import ClientFactory, Target
 
 # forkserver: one clean interpreter is started, then the children fork from it cheaply.
 FORKSERVER = mp.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(["kvclient", "tests.workers", "tests.sync_workers"])
+FORKSERVER.set_forkserver_preload(
+    ["kvclient", "tests.workers", "tests.sync_workers", "tests.backends"]
+)
 
 
 def _run_all(procs: list[Any], timeout: float = 30) -> None:
@@ -56,84 +59,75 @@ def _has_waiters(lock: kvclient.LockProxy, count: int) -> bool:
     return bool(lock.status()["waiters"] == count)
 
 
-@pytest.fixture
-def kv2(address: str, authkey: bytes) -> Iterator[kvclient.Client]:
-    """A second client: another owner."""
-    with kvclient.connect(address, authkey) as client:
-        yield client
-
-
 # -- Lock: mutual exclusion, leases, fencing ----------------------------------------------------
 
 
-def test_lock_gives_mutual_exclusion_across_processes(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
+def test_lock_gives_mutual_exclusion_across_processes(
+    kv: kvclient.Client, kv_target: Target
+) -> None:
     n_procs, cycles = 4, 200
-    with kvclient.connect(address, key) as kv:
-        kv.dict("shared")["total"] = 0
-        _run_all([_spawn(sync_workers.mutex_worker, address, key, cycles) for _ in range(n_procs)])
-        # Unlocked, d[k] = d[k] + 1 from 4 processes loses updates (test_concurrency shows it).
-        assert kv.dict("shared")["total"] == n_procs * cycles
-        status = kv.lock("m").status()
-        assert status["last_token"] == n_procs * cycles
-        assert (status["locked"], status["waiters"]) == (False, 0)
+    kv.dict("shared")["total"] = 0
+    _run_all([_spawn(sync_workers.mutex_worker, kv_target, cycles) for _ in range(n_procs)])
+    # Unlocked, d[k] = d[k] + 1 from 4 processes loses updates (test_concurrency shows it).
+    assert kv.dict("shared")["total"] == n_procs * cycles
+    status = kv.lock("m").status()
+    assert status["last_token"] == n_procs * cycles
+    assert (status["locked"], status["waiters"]) == (False, 0)
 
 
-def test_a_killed_holder_loses_the_lock_after_its_lease(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    holder = _spawn(sync_workers.hold_until_killed, address, key, "k", 1.0)
+def test_a_killed_holder_loses_the_lock_after_its_lease(
+    kv: kvclient.Client, kv_target: Target
+) -> None:
+    holder = _spawn(sync_workers.hold_until_killed, kv_target, "k", 1.0)
     holder.start()
     try:
-        with kvclient.connect(address, key) as kv:
-            first = kv.queue("k-tokens").get(timeout=20)
-            lock = kv.lock("k", lease=1.0)
-            assert lock.acquire(blocking=False) is False
-            time.sleep(1.5)  # longer than the lease: the holder's renewals keep it
-            assert lock.acquire(blocking=False) is False
-            killed = time.monotonic()
-            holder.kill()
-            assert lock.acquire(timeout=10) is True
-            waited = time.monotonic() - killed
-            token = lock.token
-            assert token is not None and token > first
-            # Released by the lease (at most 1 s after the last renewal), not at once.
-            assert 0.2 < waited < 2.5, waited
-            lock.release()
+        first = kv.queue("k-tokens").get(timeout=20)
+        lock = kv.lock("k", lease=1.0)
+        assert lock.acquire(blocking=False) is False
+        time.sleep(1.5)  # longer than the lease: the holder's renewals keep it
+        assert lock.acquire(blocking=False) is False
+        killed = time.monotonic()
+        holder.kill()
+        assert lock.acquire(timeout=10) is True
+        waited = time.monotonic() - killed
+        token = lock.token
+        assert token is not None and token > first
+        # Released by the lease (at most 1 s after the last renewal), not at once.
+        assert 0.2 < waited < 2.5, waited
+        lock.release()
     finally:
         holder.kill()
         holder.join(10)
 
 
 def test_a_stalled_holder_is_fenced_off_and_its_late_release_fails(
-    kvserve_proc: ServerProcess,
+    kv: kvclient.Client, kv_target: Target
 ) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    holder = _spawn(sync_workers.hold_stall_release, address, key, "s", 1.0)
+    holder = _spawn(sync_workers.hold_stall_release, kv_target, "s", 1.0)
     holder.start()
     try:
-        with kvclient.connect(address, key) as kv:
-            outcome = kv.queue("s-outcome")
-            stale = outcome.get(timeout=20)
-            os.kill(holder.pid, signal.SIGSTOP)  # a GC pause, a swapped-out VM...
-            try:
-                lock = kv.lock("s")
-                assert lock.acquire(timeout=10) is True
-                token = lock.token
-                assert token is not None and token > stale
-                # The fencing pattern: the resource refuses tokens older than the newest seen.
-                newest = max(stale, token)
-                assert [t >= newest for t in (stale, token)] == [False, True]
-                kv.event("s-resume").set()
-            finally:
-                os.kill(holder.pid, signal.SIGCONT)
-            late = outcome.get(timeout=20)
-            assert late.startswith("RuntimeError: cannot release lock: this client's lease on it")
-            holder.join(10)
-            assert holder.exitcode == 0
-            # The late release changed nothing: the lock is still ours.
-            holders = lock.status()["holders"]
-            assert [(h["owner"], h["token"]) for h in holders] == [(kv.owner_id, token)]
-            lock.release()
+        outcome = kv.queue("s-outcome")
+        stale = outcome.get(timeout=20)
+        os.kill(holder.pid, signal.SIGSTOP)  # a GC pause, a swapped-out VM...
+        try:
+            lock = kv.lock("s")
+            assert lock.acquire(timeout=10) is True
+            token = lock.token
+            assert token is not None and token > stale
+            # The fencing pattern: the resource refuses tokens older than the newest seen.
+            newest = max(stale, token)
+            assert [t >= newest for t in (stale, token)] == [False, True]
+            kv.event("s-resume").set()
+        finally:
+            os.kill(holder.pid, signal.SIGCONT)
+        late = outcome.get(timeout=20)
+        assert late.startswith("RuntimeError: cannot release lock: this client's lease on it")
+        holder.join(10)
+        assert holder.exitcode == 0
+        # The late release changed nothing: the lock is still ours.
+        holders = lock.status()["holders"]
+        assert [(h["owner"], h["token"]) for h in holders] == [(kv.owner_id, token)]
+        lock.release()
     finally:
         holder.kill()
         holder.join(10)
@@ -180,35 +174,31 @@ def test_lock_acquire_timeouts_and_arguments_follow_threading(
 
 
 def test_lock_waiters_are_served_in_fifo_order_without_stalling_others(
-    kv: kvclient.Client, address: str, authkey: bytes
+    kv: kvclient.Client, kv_factory: ClientFactory
 ) -> None:
     order: list[int] = []
-    clients = [kvclient.connect(address, authkey) for _ in range(3)]
+    clients = [kv_factory() for _ in range(3)]
     lock = kv.lock("fifo")
     lock.acquire()
-    try:
-        threads = []
-        for i, client in enumerate(clients):
+    threads = []
+    for i, client in enumerate(clients):
 
-            def take(i: int = i, client: kvclient.Client = client) -> None:
-                waiter = client.lock("fifo")
-                with waiter:
-                    order.append(i)
+        def take(i: int = i, client: kvclient.Client = client) -> None:
+            waiter = client.lock("fifo")
+            with waiter:
+                order.append(i)
 
-            t = threading.Thread(target=take)
-            t.start()
-            threads.append(t)
-            _wait_until(functools.partial(_has_waiters, lock, i + 1))  # parked in this order
-        other = kv.dict("busy")  # served while three clients wait
-        for i in range(100):
-            other[i] = i
-        assert len(other) == 100
-        lock.release()
-        for t in threads:
-            t.join(10)
-    finally:
-        for client in clients:
-            client.close()
+        t = threading.Thread(target=take)
+        t.start()
+        threads.append(t)
+        _wait_until(functools.partial(_has_waiters, lock, i + 1))  # parked in this order
+    other = kv.dict("busy")  # served while three clients wait
+    for i in range(100):
+        other[i] = i
+    assert len(other) == 100
+    lock.release()
+    for t in threads:
+        t.join(10)
     assert order == [0, 1, 2]
     assert lock.status()["last_token"] == 4
 
@@ -288,15 +278,15 @@ def test_rlock_is_reentrant_and_owned_by_a_thread(
 # -- Semaphore -------------------------------------------------------------------------------
 
 
-def test_semaphore_never_admits_more_holders_than_its_value(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    _run_all([_spawn(sync_workers.semaphore_worker, address, key, 8) for _ in range(6)])
-    with kvclient.connect(address, key) as kv:
-        peaks = kv.list("pool-peaks").copy()
-        assert len(peaks) == 6
-        assert max(peaks) == 2  # two at once (it is not a lock), never three
-        assert kv.semaphore("pool").get_value() == 2
-        assert kv.semaphore("pool").status()["last_token"] == 6 * 8
+def test_semaphore_never_admits_more_holders_than_its_value(
+    kv: kvclient.Client, kv_target: Target
+) -> None:
+    _run_all([_spawn(sync_workers.semaphore_worker, kv_target, 8) for _ in range(6)])
+    peaks = kv.list("pool-peaks").copy()
+    assert len(peaks) == 6
+    assert max(peaks) == 2  # two at once (it is not a lock), never three
+    assert kv.semaphore("pool").get_value() == 2
+    assert kv.semaphore("pool").status()["last_token"] == 6 * 8
 
 
 def test_semaphore_release_rules(kv: kvclient.Client, kv2: kvclient.Client) -> None:
@@ -323,87 +313,81 @@ def test_semaphore_release_rules(kv: kvclient.Client, kv2: kvclient.Client) -> N
 
 
 def test_a_bounded_semaphore_slot_left_by_a_dead_child_does_not_fail_the_parents_release(
-    kvserve_proc: ServerProcess,
+    kv: kvclient.Client, kv_target: Target
 ) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    with kvclient.connect(address, key) as kv:
-        sem = kv.bounded_semaphore("left", 2)
-        assert sem.acquire() is True  # the parent's own slot
-        child = _spawn(sync_workers.take_slot_and_exit, address, key, "left")
-        child.start()
-        child.join(20)
-        assert child.exitcode == 0
-        assert sem.get_value() == 0  # the dead child's slot is held until its lease ends
-        # As with multiprocessing.BoundedSemaphore: a release is legitimate while fewer than
-        # the initial value are free. The parent's second release gives back the child's slot.
+    sem = kv.bounded_semaphore("left", 2)
+    assert sem.acquire() is True  # the parent's own slot
+    child = _spawn(sync_workers.take_slot_and_exit, kv_target, "left")
+    child.start()
+    child.join(20)
+    assert child.exitcode == 0
+    assert sem.get_value() == 0  # the dead child's slot is held until its lease ends
+    # As with multiprocessing.BoundedSemaphore: a release is legitimate while fewer than
+    # the initial value are free. The parent's second release gives back the child's slot.
+    sem.release()
+    sem.release()
+    assert sem.get_value() == 2
+    assert sem.status()["holders"] == []
+    with pytest.raises(ValueError, match="Semaphore released too many times"):
         sem.release()
-        sem.release()
-        assert sem.get_value() == 2
-        assert sem.status()["holders"] == []
-        with pytest.raises(ValueError, match="Semaphore released too many times"):
-            sem.release()
-        assert sem.get_value() == 2
+    assert sem.get_value() == 2
 
 
 # -- Event, Barrier, Condition ------------------------------------------------------------------
 
 
-def test_event_set_wakes_waiters_in_other_processes(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    waiters = [_spawn(sync_workers.event_waiter, address, key) for _ in range(3)]
-    with kvclient.connect(address, key) as kv:
-        event = kv.event("go")
-        assert event.wait(0.1) is False
-        for p in waiters:
-            p.start()
-        _wait_until(lambda: kv.dict("ev").get("ready") == 3)
-        time.sleep(0.2)  # let them park
-        assert kv.list("ev-got").copy() == []
-        event.set()
-        for p in waiters:
-            p.join(20)
-            assert p.exitcode == 0
-        assert kv.list("ev-got").copy() == [True, True, True]
-        assert event.is_set()
-        event.clear()
-        assert not event.is_set()
+def test_event_set_wakes_waiters_in_other_processes(kv: kvclient.Client, kv_target: Target) -> None:
+    waiters = [_spawn(sync_workers.event_waiter, kv_target) for _ in range(3)]
+    event = kv.event("go")
+    assert event.wait(0.1) is False
+    for p in waiters:
+        p.start()
+    _wait_until(lambda: kv.dict("ev").get("ready") == 3)
+    time.sleep(0.2)  # let them park
+    assert kv.list("ev-got").copy() == []
+    event.set()
+    for p in waiters:
+        p.join(20)
+        assert p.exitcode == 0
+    assert kv.list("ev-got").copy() == [True, True, True]
+    assert event.is_set()
+    event.clear()
+    assert not event.is_set()
 
 
-def test_barrier_releases_three_processes_together(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    procs = [_spawn(sync_workers.barrier_worker, address, key, "b3", 3, 20.0) for _ in range(3)]
+def test_barrier_releases_three_processes_together(kv: kvclient.Client, kv_target: Target) -> None:
+    procs = [_spawn(sync_workers.barrier_worker, kv_target, "b3", 3, 20.0) for _ in range(3)]
     for p in procs[:2]:
         p.start()
-    with kvclient.connect(address, key) as kv:
-        barrier = kv.barrier("b3", 3)
-        _wait_until(lambda: barrier.n_waiting == 2)
-        time.sleep(0.3)  # the first two wait while the third is not there
-        procs[2].start()
-        for p in procs:
-            p.join(20)
-            assert p.exitcode == 0
-        out = kv.list("b3-out").copy()
-        indexes = sorted(index for index, _, _ in out)
-        assert indexes == [0, 1, 2]
-        last_arrival = max(arrived for _, arrived, _ in out)
-        left = [left for _, _, left in out]
-        assert min(left) >= last_arrival  # nobody left before the third arrived
-        assert max(left) - min(left) < 1.0
-        assert (barrier.parties, barrier.n_waiting, barrier.broken) == (3, 0, False)
+    barrier = kv.barrier("b3", 3)
+    _wait_until(lambda: barrier.n_waiting == 2)
+    time.sleep(0.3)  # the first two wait while the third is not there
+    procs[2].start()
+    for p in procs:
+        p.join(20)
+        assert p.exitcode == 0
+    out = kv.list("b3-out").copy()
+    indexes = sorted(index for index, _, _ in out)
+    assert indexes == [0, 1, 2]
+    last_arrival = max(arrived for _, arrived, _ in out)
+    left = [left for _, _, left in out]
+    assert min(left) >= last_arrival  # nobody left before the third arrived
+    assert max(left) - min(left) < 1.0
+    assert (barrier.parties, barrier.n_waiting, barrier.broken) == (3, 0, False)
 
 
-def test_barrier_timeout_breaks_it_for_every_waiting_process(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    procs = [_spawn(sync_workers.barrier_worker, address, key, "b2", 3, 0.5) for _ in range(2)]
+def test_barrier_timeout_breaks_it_for_every_waiting_process(
+    kv: kvclient.Client, kv_target: Target
+) -> None:
+    procs = [_spawn(sync_workers.barrier_worker, kv_target, "b2", 3, 0.5) for _ in range(2)]
     _run_all(procs)
-    with kvclient.connect(address, key) as kv:
-        assert [index for index, _, _ in kv.list("b2-out").copy()] == ["broken", "broken"]
-        barrier = kv.barrier("b2", 3)
-        assert barrier.broken
-        with pytest.raises(threading.BrokenBarrierError):
-            barrier.wait(5)  # broken until reset
-        barrier.reset()
-        assert not barrier.broken
+    assert [index for index, _, _ in kv.list("b2-out").copy()] == ["broken", "broken"]
+    barrier = kv.barrier("b2", 3)
+    assert barrier.broken
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait(5)  # broken until reset
+    barrier.reset()
+    assert not barrier.broken
 
 
 def test_barrier_abort_and_reset(kv: kvclient.Client, kv2: kvclient.Client) -> None:
@@ -434,27 +418,25 @@ def test_barrier_abort_and_reset(kv: kvclient.Client, kv2: kvclient.Client) -> N
         kv.barrier("ab", 3)
 
 
-def test_condition_wait_and_notify_across_processes(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    consumers = [_spawn(sync_workers.condition_consumer, address, key) for _ in range(2)]
-    with kvclient.connect(address, key) as kv:
-        for p in consumers:
-            p.start()
-        cond, items, got = kv.condition("c"), kv.list("c-items"), kv.list("c-got")
-        _wait_until(lambda: kv.dict("c-ready").get("n") == 2)
-        with cond:  # both consumers are waiting now: they said so holding this lock
-            assert cond.status()["waiters"] == 2
-            items.append("first")
-            cond.notify()
-        _wait_until(lambda: len(got) == 1)
-        with cond:
-            items.append("second")
-            cond.notify_all()
-        for p in consumers:
-            p.join(20)
-            assert p.exitcode == 0
-        assert sorted(got.copy()) == ["first", "second"]
-        assert items.copy() == []
+def test_condition_wait_and_notify_across_processes(kv: kvclient.Client, kv_target: Target) -> None:
+    consumers = [_spawn(sync_workers.condition_consumer, kv_target) for _ in range(2)]
+    for p in consumers:
+        p.start()
+    cond, items, got = kv.condition("c"), kv.list("c-items"), kv.list("c-got")
+    _wait_until(lambda: kv.dict("c-ready").get("n") == 2)
+    with cond:  # both consumers are waiting now: they said so holding this lock
+        assert cond.status()["waiters"] == 2
+        items.append("first")
+        cond.notify()
+    _wait_until(lambda: len(got) == 1)
+    with cond:
+        items.append("second")
+        cond.notify_all()
+    for p in consumers:
+        p.join(20)
+        assert p.exitcode == 0
+    assert sorted(got.copy()) == ["first", "second"]
+    assert items.copy() == []
 
 
 def test_condition_rules(kv: kvclient.Client) -> None:
@@ -482,14 +464,12 @@ def test_condition_rules(kv: kvclient.Client) -> None:
 # -- Value and Array -------------------------------------------------------------------------
 
 
-def test_value_incr_from_four_processes_is_exact(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
-    procs = [_spawn(sync_workers.value_incr_worker, address, key, 250) for _ in range(4)]
-    procs += [_spawn(sync_workers.value_locked_worker, address, key, 50) for _ in range(2)]
+def test_value_incr_from_four_processes_is_exact(kv: kvclient.Client, kv_target: Target) -> None:
+    procs = [_spawn(sync_workers.value_incr_worker, kv_target, 250) for _ in range(4)]
+    procs += [_spawn(sync_workers.value_locked_worker, kv_target, 50) for _ in range(2)]
     _run_all(procs)
-    with kvclient.connect(address, key) as kv:
-        assert kv.value("hits", 0).value == 1000
-        assert kv.value("classic", "i").value == 100  # `v.value += 1` under get_lock()
+    assert kv.value("hits", 0).value == 1000
+    assert kv.value("classic", "i").value == 100  # `v.value += 1` under get_lock()
 
 
 def test_value_types_follow_ctypes(kv: kvclient.Client) -> None:
@@ -584,16 +564,14 @@ def test_array_indexes_and_slices(kv: kvclient.Client) -> None:
     assert arr.get_lock().name == "a.lock"
 
 
-def test_array_slices_from_two_processes(kvserve_proc: ServerProcess) -> None:
-    address, key = kvserve_proc.address, kvserve_proc.authkey
+def test_array_slices_from_two_processes(kv: kvclient.Client, kv_target: Target) -> None:
     _run_all(
         [
-            _spawn(sync_workers.array_reader, address, key),
-            _spawn(sync_workers.array_writer, address, key),
+            _spawn(sync_workers.array_reader, kv_target),
+            _spawn(sync_workers.array_writer, kv_target),
         ]
     )
-    with kvclient.connect(address, key) as kv:
-        assert kv.array("arr", "i", 10).tolist() == [1, 2, 3, 4, 5, 50, 40, 30, 20, 10]
+    assert kv.array("arr", "i", 10).tolist() == [1, 2, 3, 4, 5, 50, 40, 30, 20, 10]
 
 
 # -- bad use, persistence, proxies -------------------------------------------------------------

@@ -161,6 +161,19 @@ class _LeasedProxy(_SyncProxy):
         result: dict[str, Any] = self._call("status", [])
         return result
 
+    def release(self) -> None:
+        """Release this proxy's hold (each primitive says whose hold that is)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> int:
+        """Acquire, waiting as long as it takes; return the fencing token."""
+        token = self._acquire(True, None)
+        assert token is not False  # a wait without timeout returns only once acquired
+        return token
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
 
 class LockProxy(_LeasedProxy):
     """A ``threading.Lock`` shared by every client, released by the server if its holder dies.
@@ -199,14 +212,6 @@ class LockProxy(_LeasedProxy):
     def locked(self) -> bool:
         """Return whether any client holds it."""
         return bool(self._call("locked", []))
-
-    def __enter__(self) -> int:
-        token = self._acquire(True, None)
-        assert token is not False  # a wait without timeout returns only once acquired
-        return token
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
 
 
 class RLockProxy(LockProxy):
@@ -263,14 +268,6 @@ class SemaphoreProxy(_LeasedProxy):
         """Return the number of free slots."""
         return int(self._call("get_value", []))
 
-    def __enter__(self) -> int:
-        token = self._acquire(True, None)
-        assert token is not False
-        return token
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
 
 class BoundedSemaphoreProxy(SemaphoreProxy):
     """A ``threading.BoundedSemaphore``: releasing above the initial value is a ValueError.
@@ -308,14 +305,6 @@ class ConditionProxy(_LeasedProxy):
             RuntimeError: this thread does not hold it.
         """
         self._release([])
-
-    def __enter__(self) -> int:
-        token = self._acquire(True, None)
-        assert token is not False
-        return token
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, wait for a notify, take the lock back; False if timed out.

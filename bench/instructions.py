@@ -11,7 +11,8 @@ one kind (GET or SET of a 100-char str), and exits; the server is then stopped w
 Callgrind's total for the whole process is taken at ``n = N1`` and at ``n = N2`` (two fresh
 runs), and ``(total(N2) - total(N1)) / (N2 - N1)`` is the instruction count of one op: start-up,
 imports, connecting, warm-up and shutdown are the same in both runs and cancel. Every process
-runs with ``PYTHONHASHSEED=0``, so dict and set layouts, and with them the counts, repeat.
+runs with ``PYTHONHASHSEED=0``, so dict and set layouts repeat (kvserve's server counts still vary
+by up to ~2% of a run; bench/README.md).
 
 Systems, in one invocation, as in :mod:`bench.cpu`: ``kvserve`` (this tree), ``kvserve-NAME``
 (``--tree DIR``: its kvserve, kvclient and, when it has one, kvproto), ``raw``

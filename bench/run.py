@@ -25,7 +25,7 @@ from typing import Any, Final
 if not __package__:  # run as a script, `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cpu, startup
+from bench import cpu, instructions, startup
 from bench.cases import CASES, DURABILITY, DURABILITY_SYSTEMS, Case, select_cases
 from bench.measure import (
     MachineSample,
@@ -55,7 +55,7 @@ __all__ = ["main"]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 MEMORY_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "redis")
-_GROUP_WORDS: Final = ("memory", "restart", "startup", "cpu")
+_GROUP_WORDS: Final = ("memory", "restart", "startup", "cpu", "instructions")
 """``--only`` words that select a measurement that is not a case."""
 
 
@@ -170,7 +170,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="CASE",
         help="run only cases whose name contains CASE (repeatable; 'memory', 'restart', and "
         "'durability' for the durability cases and the restart; 'cpu', alone, for "
-        "python -m bench.cpu)",
+        "python -m bench.cpu; 'instructions', alone, for python -m bench.instructions)",
     )
     parser.add_argument(
         "--systems",
@@ -214,6 +214,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         # With --tree the main cases would run the other tree's kvserve in this process, and
         # bench.cpu would then compare that tree with itself.
         parser.error("--only cpu runs alone (python -m bench.cpu has more options)")
+    if args.only and "instructions" in args.only and set(args.only) != {"instructions"}:
+        parser.error(
+            "--only instructions runs alone (python -m bench.instructions has more options)"
+        )
     if args.rounds < 1 or args.rounds > 20 or not 0.1 <= args.duration <= 60:
         parser.error("--rounds must be 1..20 and --duration 0.1..60 s")
     if not 1 <= args.keys <= 10_000_000 or not 1 <= args.restart_keys <= 10_000_000:
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; return the process exit code (0 when every phase ran)."""
     args = _parse_args(argv)
     if args.list:
-        print("cases:", " ".join(c.name for c in CASES), "restart memory startup cpu")
+        print("cases:", " ".join(c.name for c in CASES), "restart memory startup cpu instructions")
         print("systems:", " ".join(ALL_SYSTEMS), f"(default: {' '.join(DEFAULT_SYSTEMS)})")
         print(f"groups: {DURABILITY} (durable-* cases against {', '.join(DURABILITY_SYSTEMS)}")
         print("        and the restart case)")
@@ -343,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         cpu_argv += ["--tree", str(args.tree)] if args.tree else []
         cpu_argv += ["--no-write"] if args.no_write else []
         return cpu.main(cpu_argv)
+    if args.only and set(args.only) == {"instructions"}:
+        # Instructions per op under callgrind (bench/instructions.py), the same way as cpu.
+        instr_argv = ["--out", str(args.out)]
+        instr_argv += ["--rounds", str(args.rounds_given)] if args.rounds_given else []
+        instr_argv += ["--tree", str(args.tree)] if args.tree else []
+        instr_argv += ["--no-write"] if args.no_write else []
+        return instructions.main(instr_argv)
     cases, run_restart, run_memory = _select(args)
     main_cases = [c for c in cases if c.group != DURABILITY]
     durable_cases = [c for c in cases if c.group == DURABILITY]

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -167,7 +167,12 @@ def _split_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def start_server(system: str, path: Sequence[str] = ()) -> Server:
+def start_server(
+    system: str,
+    path: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
+    env_extra: Mapping[str, str] | None = None,
+) -> Server:
     """Start a fresh server for ``system`` and wait until it accepts connections.
 
     Args:
@@ -175,6 +180,9 @@ def start_server(system: str, path: Sequence[str] = ()) -> Server:
         path: directories put first on the server's ``PYTHONPATH``, before this tree's; for
             example another tree's ``server`` and ``client`` directories, to run its kvserve
             beside this one's (default: none, the installed kvserve).
+        wrapper: a command the Python server runs under (``valgrind --tool=callgrind ...``,
+            for :mod:`bench.instructions`); not for redis-server.
+        env_extra: variables added to the server's environment (``PYTHONHASHSEED``).
 
     Raises:
         SkipSystemError: the system is not installed here (redis-server, redis-py).
@@ -209,8 +217,14 @@ def start_server(system: str, path: Sequence[str] = ()) -> Server:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (*path, str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
     )
+    env.update(env_extra or {})
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env, cwd=workdir
+        [*wrapper, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=env,
+        cwd=workdir,
     )
     try:
         host, port = _split_address(_read_listening_line(proc, prefix, workdir))

@@ -1466,7 +1466,7 @@ def compact(
             "--timeout",
             metavar="SECONDS",
             parser=_positive_seconds,
-            help="With --wait: give up waiting after this long (exit 1; it goes on).",
+            help="With --wait: give up waiting after this long (exit 3; it goes on).",
         ),
     ] = 600.0,
     as_json: JsonOutOption = False,
@@ -1475,7 +1475,7 @@ def compact(
 
     Prints "started", or "running" when a compaction is already under way. With --wait,
     waits for it (or for the one running) to finish and prints how long it took and the
-    size of the data files before and after; exit 1 if it failed, with the server's reason.
+    size of the data files before and after; exit 3 if it failed, with the server's reason.
     """
     with _session(ctx, as_json) as session:
         client = session.client

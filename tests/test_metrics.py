@@ -383,3 +383,30 @@ def test_kvctl_compact_wait_without_data_dir_fails(kvserve_env: dict[str, str]) 
         assert "--data-dir" in result.stderr and "Traceback" not in result.stderr
     finally:
         assert _stop(proc) == 0
+
+
+def test_the_grafana_dashboard_uses_only_series_kvserve_serves(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    import re
+
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "deploy" / "grafana-kvserve.json").read_text()
+    )
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bkvserve_[a-z_]+", expr)}
+    assert len(used) >= 15
+    srv = _serve(
+        authkey, metrics=("127.0.0.1", 0), persistence=Persistence(tmp_path / "data", "always")
+    )
+    try:
+        with kvclient.connect(srv.endpoint, authkey) as kv:
+            kv.dict("d")["x"] = 1
+            with pytest.raises(KeyError):
+                kv.dict("d")["y"]
+        assert srv.metrics_endpoint is not None
+        served = {name for name, _ in scrape(srv.metrics_endpoint)}
+    finally:
+        srv.stop()
+        assert srv.wait_stopped(10)
+    assert used - served == set()

@@ -880,6 +880,7 @@ COMMANDS = [
     ["ping"],
     ["stats"],
     ["compact"],
+    ["slowlog"],
     ["dump"],
     ["restore"],
     ["list", "push"],

@@ -135,7 +135,7 @@ KINDS: dict[str, Mapping[str, Op]] = {
 """Operations of each container kind, by kind name then method name."""
 
 SERVER: Final[Mapping[str, Op]] = _ops(
-    "describe dump get_methods names number_of_objects ping stats",
+    "describe dump get_methods names number_of_objects ping slowlog stats",
     "drop restore",
     compact=Op(mutates=True, logged=False),
     create=Op(mutates=True, own_policy=True, idempotent=True),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
-import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, NoReturn
@@ -22,10 +21,14 @@ from typing import Annotated, NoReturn
 import typer
 
 from kvproto._version import __version__
+from kvproto.address import AddressError, parse_host_port
 from kvproto.authkey import check_server_key, load_authkey
 from kvproto.errors import KVError
+from kvproto.net import format_address
 from kvproto.tls import server_context
 from kvproto.wire import MAX_FRAME_DEFAULT
+from kvserve._logging import FORMATS
+from kvserve._logging import setup as setup_logging
 from kvserve.manager import KVManager
 from kvserve.persistence import Persistence
 
@@ -51,7 +54,9 @@ _EPILOG = (
     "  kvserve --port 50000                  # this host only (127.0.0.1)\n"
     "  kvserve --host 0.0.0.0 --port 50000   # other hosts too: copy the authkey file to them\n"
     "  kvserve --data-dir /var/lib/kvserve   # keep every container across restarts\n"
-    "  kvserve --host 0.0.0.0 --tls-cert server.pem --tls-key server.key --tls-ca ca.pem\n\n"
+    "  kvserve --host 0.0.0.0 --tls-cert server.pem --tls-key server.key --tls-ca ca.pem\n"
+    "  kvserve --metrics-port 9464 --slow-ms 10   # Prometheus on 127.0.0.1:9464/metrics\n"
+    "  kvserve --log-format json                 # one JSON object per log line\n\n"
     "The authkey comes from --authkey-file, else env KV_AUTHKEY, else "
     "~/.config/kvmanager/authkey, which the first start creates (32 random bytes, mode 0600)."
 )
@@ -141,6 +146,44 @@ def serve(
         bool,
         typer.Option(help="Start despite damaged data files, keeping what precedes the damage."),
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT",
+            help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off).",
+            min=0,
+            max=65535,
+            show_default=False,
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            metavar="HOST:PORT",
+            help="Serve them on this address instead, e.g. 0.0.0.0:9464 for a remote "
+            "Prometheus (no authkey protects it; it shows no names, keys or values).",
+            show_default=False,
+        ),
+    ] = None,
+    slow_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="Log requests taking this many milliseconds or more (kind, operation, "
+            "container, duration; never values) and keep the last 128 for `kvctl slowlog` "
+            "(default: off).",
+            metavar="MS",
+            min=0,
+            show_default=False,
+        ),
+    ] = None,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            metavar="text|json",
+            help="text (for people) or json (one object a line, for log pipelines).",
+        ),
+    ] = "text",
 ) -> None:
     """Serve named, lock-guarded dicts, lists, Namespaces and Queues until Ctrl-C or SIGTERM.
 
@@ -149,10 +192,11 @@ def serve(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s kvserve %(levelname)s %(message)s"
-    )
+    if log_format not in FORMATS:
+        raise typer.BadParameter("must be text or json", param_hint="--log-format")
+    setup_logging(level, log_format)
     log = logging.getLogger("kvserve")
+    metrics_address = _metrics_address(metrics_port, metrics)
     if fsync not in ("always", "everysec", "no"):
         raise typer.BadParameter("must be always, everysec or no", param_hint="--fsync")
     if (tls_key is not None or tls_ca is not None) and tls_cert is None:
@@ -181,6 +225,8 @@ def serve(
             max_connections=max_connections,
             max_pending=max_pending,
             idle_timeout=idle_timeout,
+            metrics=metrics_address,
+            slow_ms=slow_ms,
         )
         server = manager.get_server()
     except KVError as exc:
@@ -203,6 +249,16 @@ def serve(
         )
     elif tls is not None:
         log.info("TLS on%s", " with client certificates required" if tls_ca else "")
+    if server.metrics_address is not None:
+        log.info("metrics on %s", server.metrics_endpoint)
+        if not _is_loopback(server.metrics_address[0]):
+            log.warning(
+                "metrics on %s are readable by anyone who can reach it (no authkey; they show "
+                "counts and sizes, never names or values)",
+                format_address(*server.metrics_address),
+            )
+    if slow_ms is not None:
+        log.info("logging requests of %g ms or more (kvctl slowlog shows the last 128)", slow_ms)
     if source.created:
         log.info("created a new authkey in %s (mode 0600); copy it to client hosts", source.origin)
     report = server.load_report
@@ -233,6 +289,31 @@ def serve(
         )
         raise typer.Exit(1)
     log.info("stopped")
+
+
+def _metrics_address(port: int | None, address: str | None) -> tuple[str, int] | None:
+    """Return where to serve metrics from ``--metrics-port``/``--metrics``, None: nowhere."""
+    if port is not None and address is not None:
+        raise typer.BadParameter(
+            "give --metrics-port PORT or --metrics HOST:PORT, not both", param_hint="--metrics"
+        )
+    if port is not None:
+        return ("127.0.0.1", port)
+    if address is None:
+        return None
+    text = address.strip()
+    if text.isdigit():
+        text = ":" + text  # a bare port: loopback, as with --metrics-port
+    port_text = text.rpartition(":")[2]
+    if ":" not in text or not (port_text.isascii() and port_text.isdigit()) or text.endswith("]"):
+        raise typer.BadParameter(
+            f"{address!r} is not HOST:PORT (e.g. 127.0.0.1:9464, 0.0.0.0:9464, [::1]:9464)",
+            param_hint="--metrics",
+        )
+    try:
+        return parse_host_port(text)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--metrics") from None
 
 
 def _is_loopback(host: str) -> bool:

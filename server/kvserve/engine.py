@@ -41,6 +41,7 @@ from kvproto.wire import (
     parse_request,
 )
 from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
+from kvserve.counters import Counters
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import MethodTable, Registry, Store
 
@@ -122,6 +123,9 @@ class Engine:
         registry: the manager's typeid registry (what kinds exist).
         scheduler: the loop's timers.
         persistence: keep the data on disk (opened here, which loads it); None: memory only.
+        counters: where the loop and the engine count requests, errors, bytes and lease
+            expiries, and keep the slow-request log (``kvctl slowlog``); None: new ones
+            with no slow-request log.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class Engine:
         registry: Registry,
         scheduler: Scheduler,
         persistence: Persistence | None = None,
+        counters: Counters | None = None,
     ) -> None:
         self.store = Store(registry)
         self.scheduler = scheduler
@@ -136,6 +141,7 @@ class Engine:
         self.started = time.time()
         self.ops_served = 0  # operations, counting each call of a batch
         self.requests_served = 0  # request frames
+        self.counters = Counters() if counters is None else counters
         # Facts about connections for stats(), from the loop: {"clients": n, ...}.
         self.connection_stats: Callable[[], dict[str, Any]] = dict
         # token -> (seq, kind, value) of each client session's last answered request.
@@ -153,6 +159,7 @@ class Engine:
             "drop": self._drop,
             "ping": lambda: None,
             "stats": self.stats,
+            "slowlog": self.counters.read_slowlog,
             "get_methods": self._get_methods,
             "number_of_objects": lambda: len(self.store.objects),
             "compact": self._compact,
@@ -365,6 +372,8 @@ class Engine:
 
     def _log_journal(self, name: str, obj: Container) -> None:
         entries, obj.journal = obj.journal, []
+        # Every journaled change is a lease running out (evict, evict_waiter) so far.
+        self.counters.lease_expiries += sum(1 for e in entries if e[0].startswith("evict"))
         if self.persist is not None:
             for method, args in entries:
                 self.persist.append([name, method, args, None])

@@ -122,6 +122,7 @@ from kvproto.codec import Codec
 from kvproto.errors import KVError, ProtocolError, RemoteError
 from kvproto.wire import ERROR, RETURN
 from kvserve.containers import Container
+from kvserve.counters import Histogram
 from kvserve.store import Store
 
 __all__ = [
@@ -376,6 +377,7 @@ class Persistence:
         self.last_error: str | None = None
         self.failed: str | None = None  # why the log can no longer be written (sticky)
         self.last_sync_seconds = 0.0  # duration of the last fdatasync under "always"
+        self.fsync_times = Histogram()  # every fdatasync of the log, for the metrics
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -726,6 +728,7 @@ class Persistence:
                 started = time.monotonic()
                 os.fdatasync(self._fd)
                 self.last_sync_seconds = time.monotonic() - started
+                self.fsync_times.observe(self.last_sync_seconds)
         except OSError as exc:
             view.release()
             self._fail(f"cannot write the log {self._segment_path()}: {exc}")
@@ -756,8 +759,10 @@ class Persistence:
                 continue
             self._dirty = False
             with self._fd_lock:
+                started = time.monotonic()
                 try:
                     os.fdatasync(self._fd)
+                    self.fsync_times.observe(time.monotonic() - started)
                 except OSError as exc:
                     # Fatal at the next flush: the kernel may have dropped the dirty pages.
                     if self.failed is None:

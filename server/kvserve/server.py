@@ -34,12 +34,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
 from kvproto.codec import MAX_DEPTH, Codec
-from kvproto.errors import KVConnectionError, ProtocolError, RemoteError
+from kvproto.errors import KVConnectionError, KVError, ProtocolError, RemoteError
 from kvproto.handshake import ServerHandshake
 from kvproto.net import format_address, tune_socket
 from kvproto.wire import (
@@ -52,12 +52,16 @@ from kvproto.wire import (
     frame_parts,
     frame_size,
 )
+from kvserve.counters import Counters
 from kvserve.durability import HeldReplies
 from kvserve.engine import Engine, Waiter
 from kvserve.persistence import LoadReport, Persistence
 from kvserve.store import Registry, Store
 
-__all__ = ["Server"]
+if TYPE_CHECKING:
+    from kvserve.metrics import MetricsServer
+
+__all__ = ["MetricsError", "Server"]
 
 log = logging.getLogger("kvserve")
 
@@ -85,6 +89,10 @@ _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 # Replies up to this size are sent with one send() of header + payload when nothing is queued
 # (the same size below which frame_parts joins them).
 _DIRECT_SEND: Final = 64 * 1024
+
+
+class MetricsError(KVError):
+    """The metrics endpoint could not be started (its address is in use, say)."""
 
 
 class _Timer:
@@ -209,6 +217,8 @@ class _Conn:
 
     def late_reply(self, kind: str, value: Any) -> None:
         """Send the answer to this connection's parked call."""
+        if kind == ERROR:
+            self.server.counters.error(value)
         self.server._reply(self, kind, value)
 
     def resume(self) -> None:
@@ -246,6 +256,11 @@ class Server:
         idle_timeout: close authenticated connections silent this long, seconds (default
             None: never). Connections waiting in a queue call are not idle.
         backlog: listen backlog.
+        metrics: serve Prometheus metrics over HTTP on this ``(host, port)`` (see
+            :mod:`kvserve.metrics`; port 0 picks one, :attr:`metrics_address` says which);
+            None (default): no metrics endpoint.
+        slow_ms: log requests taking this many milliseconds or more, and keep the newest
+            for ``kvctl slowlog`` (default None: no slow-request log).
     """
 
     def __init__(
@@ -267,6 +282,8 @@ class Server:
         max_pending: int = 64,
         max_buffered: int = 256 * 1024 * 1024,
         max_unsent: int = 1024 * 1024 * 1024,
+        metrics: tuple[str, int] | None = None,
+        slow_ms: float | None = None,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -300,7 +317,11 @@ class Server:
         self._persist = persistence
         self.fatal_error: str | None = None  # why the loop stopped on its own; kvserve exits 1
         self._timers = _Timers()
-        self.engine = Engine(registry, self._timers, persistence)  # opens (loads) persistence
+        self.counters = Counters(slow_ms, _log_slow)
+        if metrics is not None or slow_ms is not None:
+            self._on_request = self._on_request_timed  # type: ignore[method-assign]
+        # Opens (loads) the persistence.
+        self.engine = Engine(registry, self._timers, persistence, self.counters)
         self.engine.connection_stats = self._connection_stats
         # With persistence, replies wait in _held until the log holds their writes.
         self._held: HeldReplies[_Conn] | None = None
@@ -315,6 +336,26 @@ class Server:
             raise
         bound = self._listener.getsockname()
         self.address: tuple[str, int] = (bound[0], bound[1])
+        self._metrics: MetricsServer | None = None
+        self.metrics_address: tuple[str, int] | None = None  # where /metrics is served
+        if metrics is not None:
+            try:
+                # Imported only when asked for: prometheus_client costs ~100 ms to import.
+                from kvserve.metrics import MetricsServer  # noqa: PLC0415
+
+                self._metrics = MetricsServer(self, *metrics)
+            except BaseException as exc:
+                self._listener.close()
+                if persistence is not None:
+                    persistence.close()
+                if isinstance(exc, OSError):
+                    where = format_address(*metrics)
+                    raise MetricsError(
+                        f"cannot serve metrics on {where} ({exc.strerror or exc}); "
+                        "pick another --metrics-port"
+                    ) from None
+                raise
+            self.metrics_address = self._metrics.address
         self._selector = selectors.DefaultSelector()
         self._recv_view = memoryview(bytearray(_RECV_SIZE))
         self._wake_r, self._wake_w = socket.socketpair()
@@ -358,6 +399,21 @@ class Server:
     def stats(self) -> dict[str, Any]:
         """Return server facts for ``kvctl stats``."""
         return self.engine.stats()
+
+    def connection_counts(self) -> dict[str, int]:
+        """Return connections now: ``authenticated``, ``readonly`` (of those), ``pending``."""
+        return {
+            "authenticated": self._authed,
+            "readonly": self._readonly_authed,
+            "pending": len(self._pending),
+        }
+
+    @property
+    def metrics_endpoint(self) -> str | None:
+        """``http://host:port/metrics`` when metrics are served, else None."""
+        if self.metrics_address is None:
+            return None
+        return f"http://{format_address(*self.metrics_address)}/metrics"
 
     def _connection_stats(self) -> dict[str, Any]:
         return {
@@ -454,6 +510,8 @@ class Server:
         except (KeyError, ValueError):
             pass
         self._listener.close()
+        if self._metrics is not None:
+            self._metrics.close()
         self.engine.stop_waiters(KVConnectionError(f"kvserve at {self.endpoint} is shutting down"))
         if self._held:
             self._release_held()
@@ -676,6 +734,7 @@ class Server:
             if not n:
                 self._close(conn)
                 return
+            self.counters.bytes_in += n
             if (
                 n > 4
                 and conn.authed
@@ -887,6 +946,7 @@ class Server:
             except OSError:
                 self._close(conn)
                 return
+            self.counters.bytes_out += sent
             if sent < len(data):
                 rest = memoryview(data)[sent:]
                 conn.wbytes += len(rest)
@@ -960,6 +1020,7 @@ class Server:
                 except OSError:
                     self._close(conn)
                     return
+                self.counters.bytes_out += sent
                 written = min(sent, conn.wbytes)
                 conn.wbytes -= written
                 self._unsent -= written
@@ -1046,14 +1107,53 @@ class Server:
         try:
             message = conn.codec.unpack(payload)
         except ProtocolError as exc:
-            log.warning("closing %s: %s", conn.peer, exc)
-            self._send_now(conn, conn.codec.pack([ERROR, exc]))
-            conn.close_after_flush = True
-            self._flush(conn)
+            self._undecodable(conn, exc)
             return
         reply = self.engine.handle(conn, message, payload)
         if reply is not None:
             self._reply(conn, reply[0], reply[1])
+            if reply[0] == ERROR:
+                self.counters.error(reply[1])
+
+    def _on_request_timed(self, conn: _Conn, payload: bytes | memoryview) -> None:
+        """:meth:`_on_request`, timed and counted by kind and operation (metrics, slow log).
+
+        A method of its own, chosen once in ``__init__``: a server without metrics or a
+        slow-request log pays nothing for them, not even a test per request.
+        """
+        started = time.perf_counter()
+        try:
+            message = conn.codec.unpack(payload)
+        except ProtocolError as exc:
+            self._undecodable(conn, exc)
+            return
+        reply = self.engine.handle(conn, message, payload)
+        if reply is not None:
+            self._reply(conn, reply[0], reply[1])
+            if reply[0] == ERROR:
+                self.counters.error(reply[1])
+        # Plain numbers (kvserve.counters), read when something scrapes them.
+        self.counters.request(self.engine.store.objects, message, time.perf_counter() - started)
+
+    def _undecodable(self, conn: _Conn, exc: ProtocolError) -> None:
+        log.warning("closing %s: %s", conn.peer, exc)
+        self.counters.error(exc)
+        self._send_now(conn, conn.codec.pack([ERROR, exc]))
+        conn.close_after_flush = True
+        self._flush(conn)
+
+
+def _log_slow(entry: dict[str, Any]) -> None:
+    """Log one slow request: what it was and how long it took, never its values."""
+    where = "" if entry["name"] is None else f" on {entry['name']!r}"
+    log.warning(
+        "slow request: %s.%s%s took %.1f ms",
+        entry["kind"],
+        entry["op"],
+        where,
+        entry["ms"],
+        extra={"slow_request": entry},
+    )
 
 
 _SLICEABLE: Final = (list, dict)

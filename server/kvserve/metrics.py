@@ -1,0 +1,255 @@
+"""The Prometheus endpoint (``kvserve --metrics``): series read from the server at scrape time.
+
+The serving loop counts in plain numbers (:mod:`kvserve.counters`); :class:`ServerCollector`
+reads them, and the server's gauges (connections, parked calls, containers, log size), only
+when something scrapes ``/metrics``. Each server has a registry of its own, never
+``prometheus_client``'s global one, so several servers in one process (tests, embedding) each
+expose their own numbers. ``prometheus_client``'s HTTP server answers from a thread of its own,
+so a scrape never waits for the loop, and the loop never waits for a scrape.
+
+The series (all prefixed ``kvserve_``):
+
+=======================================  =========  =====================================
+``requests_total{kind,op}``              counter    requests handled (a batch is one)
+``request_duration_seconds{kind,op}``    histogram  arrival to reply handed to the socket
+``operations_total``                     counter    calls, each call of a batch counted
+``errors_total{type}``                   counter    errors answered, by exception type
+``connections{state}``                   gauge      ``authenticated``, ``readonly`` (of
+                                                    those), ``pending`` (authenticating)
+``connections_refused_total``            counter    over ``--max-connections``/pending
+``parked_calls``                         gauge      blocked calls waiting (Queue.get, ...)
+``containers{kind}``, ``items{kind}``    gauge      containers, and what they hold
+``received_bytes_total``                 counter    from clients
+``sent_bytes_total``                     counter    to clients
+``lease_expiries_total``                 counter    holds released by their lease
+``slow_requests_total``                  counter    requests over ``--slow-ms``
+``log_bytes``                            gauge      snapshot + log on disk (``--data-dir``)
+``fsync_duration_seconds``               histogram  fdatasync of the log (``--data-dir``)
+``compactions_total``                    counter    snapshots written (``--data-dir``)
+``compaction_failures``                  gauge      failures in a row (``--data-dir``)
+``compacting``                           gauge      1 while a compaction runs
+``uptime_seconds``, ``build_info``       gauge      since start; ``version`` label
+=======================================  =========  =====================================
+
+Labels carry kinds, operations and exception type names only: never container names, keys
+or values (a name is data, and one label value per name would grow without bound).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from kvproto._version import __version__
+from kvserve.counters import LATENCY_BOUNDS, Histogram
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from kvserve.engine import Engine
+
+__all__ = ["MetricsServer", "Observed", "ServerCollector"]
+
+
+class Observed(Protocol):
+    """What the collector reads of a server (:class:`kvserve.server.Server` is one).
+
+    Not the class itself: the server imports this module, and this module must not import
+    the server back.
+    """
+
+    engine: Engine
+    refused_connections: int
+
+    def connection_counts(self) -> dict[str, int]:
+        """Return connections now: ``authenticated``, ``readonly``, ``pending``."""
+
+
+_LE = [*(repr(bound) for bound in LATENCY_BOUNDS), "+Inf"]
+
+
+def _buckets(hist: Histogram) -> list[tuple[str, float]]:
+    """Return the cumulative ``(le, count)`` pairs of a histogram, +Inf last."""
+    running = 0
+    out = []
+    for le, count in zip(_LE, list(hist.counts), strict=True):
+        running += count
+        out.append((le, float(running)))
+    return out
+
+
+class ServerCollector(Collector):
+    """Read one server's numbers at scrape time (runs on the metrics HTTP thread).
+
+    Args:
+        server: the server to report on.
+    """
+
+    def __init__(self, server: Observed) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every series (see the module docstring)."""
+        server = self.server
+        engine = server.engine
+        counters = engine.counters
+        requests = CounterMetricFamily(
+            "kvserve_requests",
+            "Requests handled, by container kind and operation.",
+            labels=["kind", "op"],
+        )
+        durations = HistogramMetricFamily(
+            "kvserve_request_duration_seconds",
+            "Seconds from a request's arrival to its reply's hand-off to the socket.",
+            labels=["kind", "op"],
+        )
+        # Copied first: the loop may add a pair while this runs on another thread.
+        for (kind, op), hist in sorted(list(counters.requests.items())):
+            buckets = _buckets(hist)
+            requests.add_metric([kind, op], buckets[-1][1])
+            durations.add_metric([kind, op], buckets, hist.total)
+        yield requests
+        yield durations
+        yield CounterMetricFamily(
+            "kvserve_operations",
+            "Operations served, each call of a batch counted.",
+            value=engine.ops_served,
+        )
+        errors = CounterMetricFamily(
+            "kvserve_errors", "Errors answered to clients, by exception type.", labels=["type"]
+        )
+        for name, count in sorted(list(counters.errors.items())):
+            errors.add_metric([name], count)
+        yield errors
+        connections = GaugeMetricFamily(
+            "kvserve_connections",
+            "Client connections: authenticated (readonly: of those, with the read-only key), "
+            "pending (still authenticating).",
+            labels=["state"],
+        )
+        facts = server.connection_counts()
+        for state in ("authenticated", "readonly", "pending"):
+            connections.add_metric([state], facts[state])
+        yield connections
+        yield CounterMetricFamily(
+            "kvserve_connections_refused",
+            "Connections closed for --max-connections or --max-pending.",
+            value=server.refused_connections,
+        )
+        yield GaugeMetricFamily(
+            "kvserve_parked_calls",
+            "Blocked calls waiting on the server (Queue.get, Lock.acquire, Event.wait, ...).",
+            value=sum(len(queue) for queue in list(engine.parked.values())),
+        )
+        containers = GaugeMetricFamily(
+            "kvserve_containers", "Containers, by kind.", labels=["kind"]
+        )
+        items = GaugeMetricFamily(
+            "kvserve_items",
+            "Items held (keys, elements, attributes, holders), by container kind.",
+            labels=["kind"],
+        )
+        by_kind: dict[str, list[int]] = {}
+        for obj in list(engine.store.objects.values()):
+            tally = by_kind.setdefault(obj.kind, [0, 0])
+            tally[0] += 1
+            tally[1] += obj.size()
+        for kind, (count, size) in sorted(by_kind.items()):
+            containers.add_metric([kind], count)
+            items.add_metric([kind], size)
+        yield containers
+        yield items
+        yield CounterMetricFamily(
+            "kvserve_received_bytes", "Bytes received from clients.", value=counters.bytes_in
+        )
+        yield CounterMetricFamily(
+            "kvserve_sent_bytes", "Bytes sent to clients.", value=counters.bytes_out
+        )
+        yield CounterMetricFamily(
+            "kvserve_lease_expiries",
+            "Lock, semaphore and condition holds released because their lease ran out.",
+            value=counters.lease_expiries,
+        )
+        yield CounterMetricFamily(
+            "kvserve_slow_requests",
+            "Requests that took --slow-ms or longer.",
+            value=counters.slow_requests,
+        )
+        yield from self._persistence()
+        yield GaugeMetricFamily(
+            "kvserve_uptime_seconds",
+            "Seconds since the server started.",
+            value=time.time() - engine.started,
+        )
+        yield InfoMetricFamily("kvserve_build", "The kvserve version.", {"version": __version__})
+
+    def _persistence(self) -> Iterator[Metric]:
+        persist = self.server.engine.persist
+        if persist is None:
+            return
+        try:
+            disk = persist.disk_bytes()
+        except OSError:  # the directory went away; the loop reports that on its own
+            disk = 0
+        yield GaugeMetricFamily(
+            "kvserve_log_bytes", "Bytes of the snapshot and log files on disk.", value=disk
+        )
+        fsyncs = HistogramMetricFamily(
+            "kvserve_fsync_duration_seconds", "Seconds each fdatasync of the log took."
+        )
+        fsyncs.add_metric([], _buckets(persist.fsync_times), persist.fsync_times.total)
+        yield fsyncs
+        yield CounterMetricFamily(
+            "kvserve_compactions", "Snapshots written by compaction.", value=persist.compactions
+        )
+        yield GaugeMetricFamily(
+            "kvserve_compaction_failures",
+            "Compactions that failed in a row (0 after one succeeds).",
+            value=persist.compaction_failures,
+        )
+        yield GaugeMetricFamily(
+            "kvserve_compacting",
+            "1 while a compaction is being written.",
+            value=1 if persist.compacting else 0,
+        )
+
+
+class MetricsServer:
+    """``/metrics`` of one server over HTTP, from ``prometheus_client``'s server in a thread.
+
+    Args:
+        server: the kvserve server to report on.
+        host: address to bind (default loopback: the endpoint has no authentication).
+        port: TCP port; 0 picks a free one (see :attr:`address`).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+
+    def __init__(self, server: Observed, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ServerCollector(server))
+        httpd: WSGIServer
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._httpd = httpd
+        self._thread: threading.Thread = thread
+        bound: Any = httpd.server_address
+        self.address: tuple[str, int] = (str(bound[0]), int(bound[1]))
+
+    def close(self) -> None:
+        """Stop answering and release the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)

@@ -200,9 +200,15 @@ def test_interrupt_mid_call_discards_the_connection(kv: kvclient.Client) -> None
         fired.set()
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
-    threading.Thread(target=interrupt).start()
-    with pytest.raises(KeyboardInterrupt):
-        q.get(timeout=30)  # blocked when Ctrl-C arrives
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: install the default handler, or Ctrl-C never arrives and the get times out.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt).start()
+        with pytest.raises(KeyboardInterrupt):
+            q.get(timeout=30)  # blocked when Ctrl-C arrives
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert fired.is_set()
     q2 = kv.queue("q")
     q2.put("item")  # the abandoned get must not take this item...

@@ -90,12 +90,29 @@ def kvclient_connect(address: str, authkey: bytes) -> kvclient.Client:
     return kvclient.connect(address, authkey)
 
 
+def kvclient_aio_connect(address: str, authkey: bytes) -> kvclient.Client:
+    """Connect the asyncio client (kvclient.aio) behind a sync-shaped adapter.
+
+    Each call the suite makes is made by the asyncio client on a loop in a thread (see
+    `tests/aio_adapter.py`): the same scenarios, not copies of them.
+    """
+    from tests.aio_adapter import connect  # only when this backend runs
+
+    return connect(address, authkey)
+
+
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation(
         id="kvserve-sync",
         # The `server` fixture: a real kvserve on port 0 in a thread of the test process.
         start=kvserve_in_thread,
         connect=kvclient_connect,
+    ),
+    Implementation(
+        id="kvserve-asyncio",
+        start=kvserve_in_thread,
+        connect=kvclient_aio_connect,
+        expected_differences={},
     ),
 )
 

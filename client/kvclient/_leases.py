@@ -74,7 +74,8 @@ class LeaseKeeper:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._tracked: dict[tuple[str, bytes], _Tracked] = {}
-        self._thread: threading.Thread | None = None
+        # The renewal thread (an asyncio keeper's: its task), None while nothing is held.
+        self._thread: object | None = None
         self._wake = threading.Event()
 
     @property
@@ -108,14 +109,17 @@ class LeaseKeeper:
             # A release racing with this acquire must not untrack what was just acquired.
             tracked.version += 1
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._renew_loop,
-                    name=f"kvclient-renew {self.endpoint}",
-                    daemon=True,
-                )
-                self._thread.start()
+                self._thread = self._start_renewer()
             else:
                 self._wake.set()  # a shorter lease may need an earlier renewal
+
+    def _start_renewer(self) -> object:
+        """Start renewing (a daemon thread; kvclient.aio's keeper starts a task instead)."""
+        thread = threading.Thread(
+            target=self._renew_loop, name=f"kvclient-renew {self.endpoint}", daemon=True
+        )
+        thread.start()
+        return thread
 
     def version(self, key: tuple[str, bytes]) -> int:
         """Return the version of ``key``'s tracking, to pass to :meth:`untrack` later."""
@@ -142,39 +146,64 @@ class LeaseKeeper:
         # thread does not exist in the child anyway.
         lock, wake = self._lock, self._wake
         while True:
-            batch: list[tuple[tuple[str, bytes], int, int]] = []
-            with lock:
-                if self._closed or not self._tracked or self._lock is not lock:
-                    if self._lock is lock:
-                        self._thread = None
-                    return
-                interval = min(t.lease for t in self._tracked.values()) / 3
-                due = last + interval - time.monotonic()
-                if due <= 0:
-                    batch = [(key, t.version, t.token) for key, t in self._tracked.items()]
+            step = self._next_round(lock, last)
+            if step is None:
+                return
+            due, batch = step
             if due > 0:
                 wake.wait(due)
                 wake.clear()
                 continue
             last = time.monotonic()
-            calls = [[name, "renew", [owner, token], None] for (name, owner), _, token in batch]
+            calls = self._renewals(batch)
             try:
                 replies = self._call(None, None, "batch", [calls])
             except Exception as exc:
                 # Closed: noticed at the top of the loop. Unreachable after the client's own
                 # retries: the next round tries again, and the server keeps the holds until
                 # their leases run out.
-                if not self._closed:
-                    log.warning(
-                        "could not renew %d lease(s) at %s: %s", len(calls), self.endpoint, exc
-                    )
+                self._failed(len(calls), exc)
                 continue
-            for (key, version, _), (kind, value) in zip(batch, replies, strict=True):
-                if kind == RETURN and value:
-                    continue
-                # 0: the server says this owner holds nothing there (released, or its lease
-                # ran out); an error: the container was dropped or replaced.
-                self.untrack(key, version)
+            self._settle(batch, replies)
+
+    # The steps of one renewal round, shared by the thread above and the asyncio task of
+    # kvclient.aio (which awaits its call and its sleep instead of blocking on them).
+
+    def _next_round(
+        self, lock: threading.Lock, last: float
+    ) -> tuple[float, list[tuple[tuple[str, bytes], int, int]]] | None:
+        """Return (seconds until the round is due, what to renew then), or None to stop."""
+        batch: list[tuple[tuple[str, bytes], int, int]] = []
+        with lock:
+            if self._closed or not self._tracked or self._lock is not lock:
+                if self._lock is lock:
+                    self._thread = None
+                    self._stopped()
+                return None
+            interval = min(t.lease for t in self._tracked.values()) / 3
+            due = last + interval - time.monotonic()
+            if due <= 0:
+                batch = [(key, t.version, t.token) for key, t in self._tracked.items()]
+        return due, batch
+
+    def _stopped(self) -> None:
+        """Hook: the renewer is exiting (nothing is held, or the keeper closed)."""
+
+    @staticmethod
+    def _renewals(batch: list[tuple[tuple[str, bytes], int, int]]) -> list[list[Any]]:
+        return [[name, "renew", [owner, token], None] for (name, owner), _, token in batch]
+
+    def _failed(self, count: int, exc: Exception) -> None:
+        if not self._closed:
+            log.warning("could not renew %d lease(s) at %s: %s", count, self.endpoint, exc)
+
+    def _settle(self, batch: list[tuple[tuple[str, bytes], int, int]], replies: list[Any]) -> None:
+        for (key, version, _), (kind, value) in zip(batch, replies, strict=True):
+            if kind == RETURN and value:
+                continue
+            # 0: the server says this owner holds nothing there (released, or its lease
+            # ran out); an error: the container was dropped or replaced.
+            self.untrack(key, version)
 
 
 def _after_fork_in_child() -> None:

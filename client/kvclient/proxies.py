@@ -123,10 +123,10 @@ class DictProxy(_NamedProxy):
         return self._client.call(self._kind, self._name, "__getitem__", [key])
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._client.call(self._kind, self._name, "__setitem__", [key, value])
+        return self._client.call(self._kind, self._name, "__setitem__", [key, value])  # type: ignore[no-any-return]
 
     def __delitem__(self, key: Any) -> None:
-        self._client.call(self._kind, self._name, "__delitem__", [key])
+        return self._client.call(self._kind, self._name, "__delitem__", [key])  # type: ignore[no-any-return]
 
     def __contains__(self, key: object) -> bool:
         return cast(bool, self._call("__contains__", [key]))
@@ -170,7 +170,7 @@ class DictProxy(_NamedProxy):
     ) -> None:
         """Merge a mapping, pairs and/or keywords in, in one atomic call."""
         merged = dict(other, **kw)
-        self._call("update", [merged])
+        return cast(None, self._call("update", [merged]))
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
         """Remove ``key`` and return its value; ``KeyError`` when missing and no default."""
@@ -187,7 +187,7 @@ class DictProxy(_NamedProxy):
 
     def clear(self) -> None:
         """Remove every key."""
-        self._call("clear", [])
+        return cast(None, self._call("clear", []))
 
     def incr(self, key: Any, by: float = 1, default: float = 0) -> Any:
         """Atomically add ``by`` to ``d[key]`` (``default`` when missing); return the new value.
@@ -212,7 +212,7 @@ class DictProxy(_NamedProxy):
 
     def set_many(self, mapping: Mapping[Any, Any]) -> None:
         """Store every pair of ``mapping`` in one round trip, atomically."""
-        self._call("set_many", [dict(mapping)])
+        return cast(None, self._call("set_many", [dict(mapping)]))
 
     def delete_many(self, keys: Iterable[Any]) -> int:
         """Delete those of ``keys`` that exist, in one round trip; return how many."""
@@ -236,15 +236,15 @@ class ListProxy(_NamedProxy):
 
     def __setitem__(self, index: int | slice, value: Any) -> None:
         if isinstance(index, slice):
-            self._call("setslice", [*_slice_args(index), list(value)])
+            return cast(None, self._call("setslice", [*_slice_args(index), list(value)]))
         else:
-            self._call("__setitem__", [index, value])
+            return cast(None, self._call("__setitem__", [index, value]))
 
     def __delitem__(self, index: int | slice) -> None:
         if isinstance(index, slice):
-            self._call("delslice", _slice_args(index))
+            return cast(None, self._call("delslice", _slice_args(index)))
         else:
-            self._call("__delitem__", [index])
+            return cast(None, self._call("__delitem__", [index]))
 
     def __len__(self) -> int:
         return cast(int, self._call("__len__", []))
@@ -290,15 +290,15 @@ class ListProxy(_NamedProxy):
 
     def append(self, value: Any) -> None:
         """Append one item."""
-        self._client.call(self._kind, self._name, "append", [value])
+        return self._client.call(self._kind, self._name, "append", [value])  # type: ignore[no-any-return]
 
     def extend(self, values: Iterable[Any]) -> None:
         """Append every item of ``values``, atomically."""
-        self._call("extend", [list(values)])
+        return cast(None, self._call("extend", [list(values)]))
 
     def insert(self, index: int, value: Any) -> None:
         """Insert ``value`` before ``index``."""
-        self._call("insert", [index, value])
+        return cast(None, self._call("insert", [index, value]))
 
     def pop(self, index: int = -1) -> Any:
         """Remove and return the item at ``index`` (default last); ``IndexError`` if empty."""
@@ -306,7 +306,7 @@ class ListProxy(_NamedProxy):
 
     def remove(self, value: Any) -> None:
         """Remove the first item equal to ``value``; ``ValueError`` if absent."""
-        self._call("remove", [value])
+        return cast(None, self._call("remove", [value]))
 
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
         """Return the index of the first item equal to ``value``; ``ValueError`` if absent."""
@@ -324,15 +324,15 @@ class ListProxy(_NamedProxy):
         """
         if key is not None:
             raise TypeError("sort(key=...) is not supported: functions are never sent to kvserve")
-        self._call("sort", [reverse])
+        return cast(None, self._call("sort", [reverse]))
 
     def reverse(self) -> None:
         """Reverse in place."""
-        self._call("reverse", [])
+        return cast(None, self._call("reverse", []))
 
     def clear(self) -> None:
         """Remove every item."""
-        self._call("clear", [])
+        return cast(None, self._call("clear", []))
 
     def copy(self) -> list[Any]:
         """Return a snapshot of the whole list as a local ``list``."""
@@ -415,7 +415,7 @@ class QueueProxy(_NamedProxy):
 
     def put_nowait(self, item: Any) -> None:
         """``put(item, block=False)``."""
-        self._call("put_nowait", [item])
+        return cast(None, self._call("put_nowait", [item]))
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
@@ -442,7 +442,7 @@ class QueueProxy(_NamedProxy):
         Raises:
             ValueError: called more times than items were put.
         """
-        self._call("task_done", [])
+        return cast(None, self._call("task_done", []))
 
     def join(self) -> None:
         """Wait until every item put has had its :meth:`task_done`.
@@ -451,7 +451,7 @@ class QueueProxy(_NamedProxy):
         either side; it waits for ever, as ``queue.Queue.join`` does. In a batch it does not
         wait: unfinished tasks give ``ValueError``.
         """
-        self._client.call(self._kind, self._name, "join", [])
+        return cast(None, self._client.call(self._kind, self._name, "join", []))
 
     def unfinished_tasks(self) -> int:
         """Return how many items put have not had their :meth:`task_done` yet."""

@@ -45,7 +45,7 @@ reply is awaited for that long plus the client's ``call_timeout``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Final, Literal, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar, cast
 
 from kvclient import _flows
 from kvclient._leases import LeaseKeeper
@@ -148,7 +148,9 @@ class _LeasedProxy(_SyncProxy):
 
     def _release(self, extra: list[int]) -> None:
         keeper = self._keeper()
-        self._client.run(_flows.release(keeper, self._kind, self._name, self._owner(keeper), extra))
+        return self._client.run(
+            _flows.release(keeper, self._kind, self._name, self._owner(keeper), extra)
+        )
 
     def status(self) -> dict[str, Any]:
         """Return who holds it, with which token, since when, and how many wait.
@@ -207,7 +209,7 @@ class LockProxy(_LeasedProxy):
             RuntimeError: nobody holds it, or this client's own lease on it expired (an RLock:
                 this thread does not hold it).
         """
-        self._release([])
+        return self._release([])
 
     def locked(self) -> bool:
         """Return whether any client holds it."""
@@ -262,7 +264,7 @@ class SemaphoreProxy(_LeasedProxy):
         """
         if n < 1:
             raise ValueError("n must be one or more")
-        self._release([n])
+        return self._release([n])
 
     def get_value(self) -> int:
         """Return the number of free slots."""
@@ -304,7 +306,7 @@ class ConditionProxy(_LeasedProxy):
         Raises:
             RuntimeError: this thread does not hold it.
         """
-        self._release([])
+        return self._release([])
 
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, wait for a notify, take the lock back; False if timed out.
@@ -354,7 +356,7 @@ class ConditionProxy(_LeasedProxy):
         Raises:
             RuntimeError: this thread does not hold the lock.
         """
-        self._call("notify", [self._owner(self._keeper()), n])
+        return cast(None, self._call("notify", [self._owner(self._keeper()), n]))
 
     def notify_all(self) -> None:
         """Wake every waiting thread.
@@ -362,7 +364,7 @@ class ConditionProxy(_LeasedProxy):
         Raises:
             RuntimeError: this thread does not hold the lock.
         """
-        self._call("notify", [self._owner(self._keeper()), None])
+        return cast(None, self._call("notify", [self._owner(self._keeper()), None]))
 
 
 class EventProxy(_SyncProxy):
@@ -373,11 +375,11 @@ class EventProxy(_SyncProxy):
 
     def set(self) -> None:
         """Set the flag and wake every waiter."""
-        self._call("set", [])
+        return cast(None, self._call("set", []))
 
     def clear(self) -> None:
         """Reset the flag."""
-        self._call("clear", [])
+        return cast(None, self._call("clear", []))
 
     def is_set(self) -> bool:
         """Return the flag."""
@@ -413,11 +415,11 @@ class BarrierProxy(_SyncProxy):
 
     def abort(self) -> None:
         """Break the barrier: parties waiting now, and later ones, get BrokenBarrierError."""
-        self._call("abort", [])
+        return cast(None, self._call("abort", []))
 
     def reset(self) -> None:
         """Return the barrier to its empty state; parties waiting now get BrokenBarrierError."""
-        self._call("reset", [])
+        return cast(None, self._call("reset", []))
 
     def _info(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("info", [])
@@ -520,7 +522,7 @@ class RawValueProxy(_SyncProxy):
 
     def set(self, value: Any) -> None:
         """Store ``value`` (as the stdlib manager's ``ValueProxy.set``)."""
-        self._call("set", [value])
+        return cast(None, self._call("set", [value]))
 
     @property
     def typecode(self) -> str:
@@ -575,9 +577,9 @@ class RawArrayProxy(_SyncProxy):
         if isinstance(index, slice):
             if not isinstance(value, bytes | str | list | tuple):
                 value = list(value)
-            self._call("setslice", [index.start, index.stop, index.step, value])
+            return cast(None, self._call("setslice", [index.start, index.stop, index.step, value]))
         else:
-            self._call("__setitem__", [index, value])
+            return cast(None, self._call("__setitem__", [index, value]))
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.tolist())

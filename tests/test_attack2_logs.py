@@ -17,7 +17,8 @@ FORGED = "x\n2099-01-01 00:00:00,000 kvserve CRITICAL forged"
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_attack2_a_slow_request_method_name_cannot_forge_a_log_line(
-    make_target: Callable[..., Target], fmt: str
+    make_target: Callable[..., Target],  # noqa: F811
+    fmt: str,
 ) -> None:
     target = make_target("--slow-ms", "0", "--log-format", fmt)
     sock = authed_connection(target.address, target.authkey)

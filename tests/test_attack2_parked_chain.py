@@ -21,7 +21,7 @@ def _frame(message: list) -> bytes:
 
 
 def test_attack2_a_chain_of_woken_parked_calls_answers_every_call_exactly_once(
-    make_target: Callable[..., Target],
+    make_target: Callable[..., Target],  # noqa: F811
 ) -> None:
     target = make_target()
     with target.client() as kv:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_attack2_a_retried_incr_after_compaction_and_restart_is_not_applied_twice(
-    make_target: Callable[..., Target],
+    make_target: Callable[..., Target],  # noqa: F811
 ) -> None:
     target = make_target(data=True)
     token = b"attack2-session-1"

@@ -54,6 +54,13 @@ SLOWLOG_SIZE: Final = 128
 _UNKNOWN: Final = "unknown"  # the label of a kind or operation the schema does not name
 
 
+def _known(kind: str, method: Any) -> bool:
+    """Return whether ``method`` is an operation the schema names for ``kind``."""
+    if kind == _UNKNOWN or type(method) is not str:
+        return False
+    return schema.op(None if kind == "server" else kind, method) is not None
+
+
 class Histogram:
     """Counts of durations by bucket, and their sum (the shape of a Prometheus histogram).
 
@@ -175,8 +182,9 @@ class Counters:
         entry = {
             "at": round(time.time(), 3),
             "kind": kind,
-            # Names only, never values; and short, as a client may send anything here.
-            "op": method[:64] if type(method) is str else _UNKNOWN,
+            # Names only, never values. An operation the schema does not name is "unknown",
+            # as in the metrics: a client may send anything here (a newline forged log lines).
+            "op": method if _known(kind, method) else _UNKNOWN,
             "name": name[:200] if type(name) is str else None,
             "ms": round(seconds * 1000, 3),
         }

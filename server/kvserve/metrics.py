@@ -37,12 +37,14 @@ or values (a name is data, and one label value per name would grow without bound
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -50,6 +52,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from kvproto._version import __version__
@@ -226,6 +229,47 @@ class ServerCollector(Collector):
         )
 
 
+_MAX_SCRAPERS = 16  # connections served at once; more are closed at once
+_SCRAPE_TIMEOUT = 10.0  # seconds a connection may take to send its request and read
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log; a socket timeout, so a silent connection cannot hold its thread."""
+
+    timeout = _SCRAPE_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing (prometheus_client's own handler does the same)."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, at most ``_MAX_SCRAPERS`` at once.
+
+    prometheus_client's server accepts without limit and never times a connection out: idle
+    connections used up the process's descriptors and locked kvserve clients out.
+    """
+
+    def __init__(self, *args: Any, **kwds: Any) -> None:
+        self._slots = threading.BoundedSemaphore(_MAX_SCRAPERS)
+        super().__init__(*args, **kwds)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
     """``/metrics`` of one server over HTTP, from ``prometheus_client``'s server in a thread.
 
@@ -241,8 +285,15 @@ class MetricsServer:
     def __init__(self, server: Observed, host: str = "127.0.0.1", port: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServerCollector(server))
-        httpd: WSGIServer
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        server_class = type("_Server", (_BoundedServer,), {"address_family": family})
+        httpd: WSGIServer = make_server(
+            sockaddr[0], port, make_wsgi_app(self.registry), server_class, _QuietHandler
+        )
+        thread = threading.Thread(target=httpd.serve_forever, name="kvserve-metrics", daemon=True)
+        thread.start()
         self._httpd = httpd
         self._thread: threading.Thread = thread
         bound: Any = httpd.server_address

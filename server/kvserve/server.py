@@ -222,8 +222,15 @@ class _Conn:
         self.server._reply(self, kind, value)
 
     def resume(self) -> None:
-        """Handle the frames that waited behind the parked call."""
-        self.server._process(self)
+        """Handle the frames that waited behind the parked call, from the next loop turn.
+
+        Not at once: resume is called while another connection's request is dispatched (a
+        put answering this parked get), and this connection's next frame may wake a third
+        one, and so on: 160 pipelined connections chained that way overflowed the stack
+        (RecursionError) and left the rest of the chain parked for ever.
+        """
+        if self.rbuf and not self.closed:
+            self.server._call_later(0.0, functools.partial(self.server._process, self))
 
 
 class Server:

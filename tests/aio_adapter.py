@@ -37,7 +37,7 @@ class _Bridge:
         return self.owner.current().aclient
 
     def wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self.owner.current()._loop).result()
+        return self.owner.current().on_loop(coro)
 
     def call(
         self,
@@ -54,7 +54,7 @@ class _Bridge:
         async def call() -> Any:
             return await owner.aclient.call(kind, ident, method, args, kwds, timeout)
 
-        return asyncio.run_coroutine_threadsafe(call(), owner._loop).result()
+        return owner.on_loop(call())
 
     @property
     def timeout(self) -> float | None:
@@ -139,7 +139,24 @@ class SyncOverAsync(kvclient.Client):
         async def run() -> _T:
             return await owner.aclient.run(flow)
 
-        return asyncio.run_coroutine_threadsafe(run(), owner._loop).result()
+        return owner.on_loop(run())
+
+    def on_loop(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the client's loop; once closed, on a loop of its own.
+
+        A call after close() must meet the asyncio client's own answer (KVError: closed),
+        and the loop it ran on is gone by then.
+        """
+        if self._loop.is_closed():
+            return asyncio.run(coro)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Ctrl-C (or any interrupt) of the waiting thread is what cancelling the task is
+            # to an asyncio caller: cancel it, so the client withdraws what it parked.
+            future.cancel()
+            raise
 
     def close(self) -> None:
         """Close the asyncio client, then stop its loop."""

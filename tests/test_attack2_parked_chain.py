@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.timeout(90)
 CHAIN = 300  # bounded; under --max-connections
 
 
-def _frame(message: list) -> bytes:
-    payload = msgpack.packb(message, use_bin_type=True)
+def _frame(message: list[Any]) -> bytes:
+    payload: bytes = msgpack.packb(message, use_bin_type=True)
     return len(payload).to_bytes(4, "big") + payload
 
 

@@ -163,8 +163,11 @@ class _LeasedProxy(_SyncProxy):
         result: dict[str, Any] = self._call("status", [])
         return result
 
-    def release(self) -> None:
-        """Release this proxy's hold (each primitive says whose hold that is)."""
+    def release(self) -> Any:
+        """Release this proxy's hold (each primitive says whose hold that is).
+
+        None from a blocking runner; an awaitable from an asyncio one (``kvclient.aio``).
+        """
         raise NotImplementedError
 
     def __enter__(self) -> int:

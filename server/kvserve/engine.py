@@ -151,6 +151,8 @@ class Engine:
         self._deadlines: dict[str, tuple[float, Handle]] = {}
         self.load_report: LoadReport | None = None
         if persistence is not None:
+            # Set before open(): a repair at start-up writes a snapshot too.
+            persistence.answered = self._answered_ids
             self.load_report = persistence.open(self.store, self.remember)
         self._public: dict[str, Callable[..., Any]] = {
             "create": self._create,
@@ -267,6 +269,10 @@ class Engine:
             # A retry of a call that was already applied: answer it, do not apply it again.
             return cached[1], cached[2]
         return ERROR, ProtocolError("stale request id")
+
+    def _answered_ids(self) -> list[list[Any]]:
+        """Return ``[[token, seq], ...]`` of every remembered answer (for a snapshot)."""
+        return [[token, entry[0]] for token, entry in self.sessions.items()]
 
     def remember(self, token: bytes, seq: int, kind: str, value: Any) -> None:
         """Record the answer to request ``seq`` of session ``token`` (for retries)."""

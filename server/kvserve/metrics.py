@@ -290,7 +290,7 @@ class MetricsServer:
         )[0]
         server_class = type("_Server", (_BoundedServer,), {"address_family": family})
         httpd: WSGIServer = make_server(
-            sockaddr[0], port, make_wsgi_app(self.registry), server_class, _QuietHandler
+            str(sockaddr[0]), port, make_wsgi_app(self.registry), server_class, _QuietHandler
         )
         thread = threading.Thread(target=httpd.serve_forever, name="kvserve-metrics", daemon=True)
         thread.start()

@@ -142,6 +142,10 @@ FORMAT_VERSION: Final = 2  # of the files in the data directory; version 1 is st
 DUMP_FORMAT: Final = 1  # of dump_state()'s output, independent of the file format
 FsyncPolicy = Literal["always", "everysec", "no"]
 AnswerHook = Callable[[bytes, int, str, Any], None]
+_ANSWER_LOST: Final = (
+    "this call was applied before the server compacted its log and restarted, and its reply "
+    "was lost; read the data to see its effect"
+)
 _REPLY_LOST: Final = (
     "this batch was applied just before the server restarted and its reply was lost; "
     "read the data to see its effect"
@@ -378,6 +382,11 @@ class Persistence:
         self.failed: str | None = None  # why the log can no longer be written (sticky)
         self.last_sync_seconds = 0.0  # duration of the last fdatasync under "always"
         self.fsync_times = Histogram()  # every fdatasync of the log, for the metrics
+        # The request ids the server remembers an answer for, ``[[token, seq], ...]``, read
+        # when a snapshot is taken (set by the engine). A snapshot replaces the log segments
+        # that held those ids; without them a retry after a restart would be applied again.
+        self.answered: Callable[[], list[list[Any]]] | None = None
+        self._snapshot_answered: list[Any] = []
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -432,6 +441,17 @@ class Persistence:
         log_seq, snapshot_damaged = self._load_snapshot(store, report)
         if snapshot_damaged:
             aside.append((self.dir / _SNAPSHOT, "damaged"))
+        if on_answer is not None:
+            # Calls the snapshot covers whose ids were remembered: a retry of one is answered
+            # "reply lost", never applied again. The log replayed next holds the later ones.
+            for entry in self._snapshot_answered:
+                if (
+                    type(entry) is list
+                    and len(entry) == 2
+                    and type(entry[0]) is bytes
+                    and type(entry[1]) is int
+                ):
+                    on_answer(entry[0], entry[1], ERROR, RemoteError("ReplyLost", _ANSWER_LOST))
         segments = self._segments()
         stopped = False
         for seq, path in segments:
@@ -452,7 +472,11 @@ class Persistence:
         if aside:
             covered = self._seq + 1
             size = self._write_snapshot_file(
-                Codec(), _shallow_copy(store), covered, lambda: self._move_aside(aside, report)
+                Codec(),
+                _shallow_copy(store),
+                covered,
+                lambda: self._move_aside(aside, report),
+                self.answered() if self.answered is not None else None,
             )
             self._snapshot_bytes = size
             self._delete_covered(covered)
@@ -562,6 +586,8 @@ class Persistence:
                         raise _Damage(offset, "no snapshot header record", torn_tail=False)
                     log_seq = int(record["log_seq"])
                     declared = int(record.get("containers", 0))
+                    answered = record.get("answered", [])  # absent before this version
+                    self._snapshot_answered = answered if type(answered) is list else []
                     continue
                 if isinstance(record, dict):
                     if record.get("end") != records or record.get("containers") != len(built):
@@ -813,8 +839,12 @@ class Persistence:
             raise
         self._log_bytes = 0
         copies = _shallow_copy(store)
+        answered = self.answered() if self.answered is not None else None
         self._compactor = threading.Thread(
-            target=self._write_snapshot, args=(copies, covered), name="kvserve-compact", daemon=True
+            target=self._write_snapshot,
+            args=(copies, covered, answered),
+            name="kvserve-compact",
+            daemon=True,
         )
         self._compactor.start()
         return True
@@ -840,6 +870,7 @@ class Persistence:
         copies: list[tuple[str, Container]],
         covered: int,
         before_rename: Callable[[], None] | None = None,
+        answered: list[list[Any]] | None = None,
     ) -> int:
         """Write, fsync and rename a snapshot into place; return its size in bytes."""
         tmp = self.dir / (_SNAPSHOT + ".tmp")
@@ -851,7 +882,10 @@ class Persistence:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(_header(_SNAP_MAGIC))
-                fh.write(_frame(codec, {"log_seq": covered, "containers": len(copies)}))
+                header: dict[str, Any] = {"log_seq": covered, "containers": len(copies)}
+                if answered:
+                    header["answered"] = answered
+                fh.write(_frame(codec, header))
                 records = 0
                 for name, obj in copies:
                     # In parts: one huge packb would hold the GIL, and stall the serving loop,
@@ -880,9 +914,14 @@ class Persistence:
             if seq < covered:
                 path.unlink()
 
-    def _write_snapshot(self, copies: list[tuple[str, Container]], covered: int) -> None:
+    def _write_snapshot(
+        self,
+        copies: list[tuple[str, Container]],
+        covered: int,
+        answered: list[list[Any]] | None = None,
+    ) -> None:
         try:
-            size = self._write_snapshot_file(Codec(), copies, covered)
+            size = self._write_snapshot_file(Codec(), copies, covered, None, answered)
             self._snapshot_bytes = size
             self._delete_covered(covered)
         except Exception as exc:  # the log still holds everything; report and keep serving

@@ -12,10 +12,11 @@ parked call when its connection closes, which is what cancellation needs (below)
 
 Each pooled *slot* has its request-id session (a random token and a sequence number), kept
 when its connection is replaced, exactly as the blocking backend keeps one per thread: a call
-that mutates carries ``[token, seq]`` and is retried, after a failed connection, with the same
-id on a new connection, so the server applies it once (:class:`~kvclient.retry.Retry`). The
-server remembers one answer per token, which is why a token is never used by two calls at
-once: it belongs to its slot, and a slot to one call at a time.
+that mutates (not idempotently: ``Op.needs_id``) carries ``[token, seq]`` and is retried,
+after a failed connection, with the same id on a new connection, so the server applies it
+once (:class:`~kvclient.retry.Retry`). The server remembers one answer per token, which is
+why a token is never used by two calls at once: it belongs to its slot, and a slot to one
+call at a time.
 
 Cancellation. A call cancelled (or timed out by ``asyncio.timeout``) closes its connection:
 the server withdraws what it parked for it. The reply may, though, have been on its way: the
@@ -43,7 +44,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kvclient._runner import _PLANS, DERIVED, plan, reply_timeout
+from kvclient._runner import DERIVED, PLANS, plan, reply_timeout
 from kvclient.aio._connection import AsyncConnection, make_codec, open_connection
 from kvclient.retry import Retry
 from kvproto.codec import Ref
@@ -202,7 +203,7 @@ class AsyncBackend:
         the module docstring).
         """
         try:
-            op: Op | None = _PLANS[kind][method]
+            op: Op | None = PLANS[kind][method]
         except KeyError:
             op = plan(kind, method)
         if timeout is DERIVED:
@@ -211,7 +212,7 @@ class AsyncBackend:
         assert wait is not True
         slot = await self._take()
         message: list[Any] = [ident, method, args, kwds]
-        if op is not None and op.mutates:
+        if op is not None and op.needs_id:
             slot.seq += 1
             message.append([slot.token, slot.seq])
         try:

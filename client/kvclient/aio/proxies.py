@@ -229,7 +229,7 @@ class _AsyncLeased(_LeasedProxy):
         return int(token)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.release()  # type: ignore[attr-defined]
+        await self.release()
 
     __enter__ = _not_awaitable("with lock:", "async with lock:")
     __exit__ = _not_awaitable("with lock:", "async with lock:")

@@ -149,6 +149,14 @@ class SyncOverAsync(kvclient.Client):
         """
         if self._loop.is_closed():
             return asyncio.run(coro)
+        if threading.current_thread() is self._thread:
+            # Called from the loop itself (a Condition.wait_for predicate that reads kv through
+            # this adapter): waiting here would wait on ourselves for ever.
+            coro.close()
+            raise RuntimeError(
+                "a blocking kvclient call from the asyncio client's own loop (a wait_for "
+                "predicate must not call the client)"
+            )
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()

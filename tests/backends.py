@@ -112,7 +112,14 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         id="kvserve-asyncio",
         start=kvserve_in_thread,
         connect=kvclient_aio_connect,
-        expected_differences={},
+        expected_differences={
+            "tests/test_sync.py::test_condition_wait_and_notify_across_processes": (
+                "Condition.wait_for's predicate is a plain function the asyncio client calls "
+                "on its event loop (kvclient.aio docs: checked locally); this test's predicate "
+                "reads a list through the sync-shaped adapter, a blocking call that cannot "
+                "run on that loop (tests/aio_adapter.py refuses it)"
+            ),
+        },
     ),
 )
 

@@ -422,6 +422,16 @@ def test_condition_wait_and_notify_across_processes(kv: kvclient.Client, kv_targ
     consumers = [_spawn(sync_workers.condition_consumer, kv_target) for _ in range(2)]
     for p in consumers:
         p.start()
+    try:
+        _condition_round(kv, consumers)
+    finally:
+        for p in consumers:  # a failed round must not leave a waiting child behind
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _condition_round(kv: kvclient.Client, consumers: list[Any]) -> None:
     cond, items, got = kv.condition("c"), kv.list("c-items"), kv.list("c-got")
     _wait_until(lambda: kv.dict("c-ready").get("n") == 2)
     with cond:  # both consumers are waiting now: they said so holding this lock

@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +57,39 @@ def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def scrape_until(
+    url: str, ready: Callable[[dict[tuple[str, tuple[tuple[str, str], ...]], float]], bool]
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape until ``ready`` holds (5 s at most): a request is counted once its reply is out,
+    so a client can scrape before the server thread has counted the call it just answered."""
+    deadline = time.monotonic() + 5
+    samples = scrape(url)
+    while not ready(samples) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        samples = scrape(url)
+    return samples
+
+
 def test_counters_move_as_requests_are_made(metered: Server, authkey: bytes) -> None:
     url = metered.metrics_endpoint
     assert url is not None and url.startswith("http://127.0.0.1:")
+    setitem = {"kind": "dict", "op": "__setitem__"}
     with kvclient.connect(metered.endpoint, authkey) as kv:
         d = kv.dict("users")
         d["warm"] = 0  # the pair exists before the first scrape
-        before = scrape(url)
+        before = scrape_until(url, lambda s: sample(s, "kvserve_requests_total", **setitem) >= 1)
         for i in range(3):
             d[f"k{i}"] = i
         with pytest.raises(KeyError):
             d["missing"]
-        after = scrape(url)
-        setitem = {"kind": "dict", "op": "__setitem__"}
+        done = sample(before, "kvserve_requests_total", **setitem) + 3
+        after = scrape_until(
+            url,
+            lambda s: (
+                sample(s, "kvserve_requests_total", **setitem) >= done
+                and sample(s, "kvserve_errors_total", type="KeyError") >= 1
+            ),
+        )
         assert (
             sample(after, "kvserve_requests_total", **setitem)
             - sample(before, "kvserve_requests_total", **setitem)

@@ -141,6 +141,34 @@ def connect(
     )
 
 
+def resolve_settings(
+    address: str | tuple[str, int] | None,
+    authkey: bytes | str | None,
+    tls: bool | ssl.SSLContext | None,
+    ca: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+) -> tuple[ssl.SSLContext | None, tuple[str, int], bytes]:
+    """Return ``(TLS context, (host, port), authkey)`` for a client, sync or asyncio.
+
+    Raises:
+        ValueError: the address is malformed.
+        AuthError: no key, or one shorter than any kvserve accepts.
+        TLSError: a TLS file is missing or unreadable.
+    """
+    context = resolve_client_tls(tls, ca, cert, key)
+    parsed = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
+    source = load_authkey(authkey)
+    if len(source.key) < MIN_AUTHKEY_BYTES:
+        # No kvserve runs with a shorter key (the server refuses one), so it cannot be
+        # right; say so here rather than as a rejected handshake.
+        raise AuthError(
+            f"the authkey from {source.origin} is {len(source.key)} bytes; kvserve keys "
+            f"are at least {MIN_AUTHKEY_BYTES}"
+        )
+    return context, parsed, source.key
+
+
 class Client:
     """A connection (one per thread) to one kvserve server. Use :func:`connect` to make one.
 
@@ -177,22 +205,14 @@ class Client:
         cert: str | os.PathLike[str] | None = None,
         key: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.tls = resolve_client_tls(tls, ca, cert, key)
-        self.address = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
+        self.tls, self.address, self._authkey = resolve_settings(
+            address, authkey, tls, ca, cert, key
+        )
         self.endpoint = format_address(*self.address)
-        source = load_authkey(authkey)
-        if len(source.key) < MIN_AUTHKEY_BYTES:
-            # No kvserve runs with a shorter key (the server refuses one), so it cannot be
-            # right; say so here rather than as a rejected handshake.
-            raise AuthError(
-                f"the authkey from {source.origin} is {len(source.key)} bytes; kvserve keys "
-                f"are at least {MIN_AUTHKEY_BYTES}"
-            )
-        self._authkey = source.key
         self._closed = False
         self._backend = SocketBackend(
             self.address,
-            source.key,
+            self._authkey,
             timeout,
             call_timeout,
             Retry() if retry is _DEFAULT_RETRY else retry,

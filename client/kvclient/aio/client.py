@@ -30,11 +30,9 @@ from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.proxies import P, Proxy, to_ref
 from kvclient.retry import Retry
 from kvclient.sync import DEFAULT_LEASE
-from kvclient.tls import resolve_client_tls
-from kvproto.address import parse_address, parse_target
-from kvproto.authkey import MIN_AUTHKEY_BYTES, load_authkey
+from kvproto.address import parse_target
+from kvproto.authkey import load_authkey
 from kvproto.codec import STORED_DEPTH, Codec, Ref
-from kvproto.errors import AuthError
 from kvproto.net import format_address
 from kvproto.wire import MAX_BATCH
 
@@ -173,20 +171,14 @@ class Client:
         key: str | os.PathLike[str] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        self.tls = resolve_client_tls(tls, ca, cert, key)
-        self.address = parse_address(address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS)
+        self.tls, self.address, self._authkey = _sync.resolve_settings(
+            address, authkey, tls, ca, cert, key
+        )
         self.endpoint = format_address(*self.address)
-        source = load_authkey(authkey)
-        if len(source.key) < MIN_AUTHKEY_BYTES:
-            raise AuthError(
-                f"the authkey from {source.origin} is {len(source.key)} bytes; kvserve keys "
-                f"are at least {MIN_AUTHKEY_BYTES}"
-            )
-        self._authkey = source.key
         self._closed = False
         self._backend = AsyncBackend(
             self.address,
-            source.key,
+            self._authkey,
             timeout,
             call_timeout,
             Retry() if retry is _DEFAULT_RETRY else retry,

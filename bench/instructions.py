@@ -223,6 +223,9 @@ def _systems(args: argparse.Namespace) -> list[System]:
         System("raw", "raw", (), "raw-socket floor (bench/floor.py, epoll, 1 thread)"),
         System("stdlib", "stdlib", (), "stdlib BaseManager + registered dict"),
     ]
+    if args.systems:
+        # --systems raw,other: kvserve and the --tree one always run (they are compared).
+        systems = [s for s in systems if s.kind == "kvserve" or s.name in args.systems]
     return systems
 
 
@@ -409,6 +412,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n2", type=int, default=7_000, help="ops of the long run (7000)")
     parser.add_argument("--warmup", type=int, default=500, help="warm-up ops (default 500)")
     parser.add_argument("--side", default="server,client", help="comma list of server, client")
+    parser.add_argument(
+        "--systems",
+        type=lambda text: [s for s in text.split(",") if s],
+        help="of raw, stdlib: the baselines to count (default both; kvserve always runs)",
+    )
     parser.add_argument(
         "--tree",
         type=Path,

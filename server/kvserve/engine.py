@@ -36,6 +36,7 @@ from kvproto.wire import (
     ERROR,
     MAX_BATCH,
     MAX_METHOD,
+    MAX_NAME,
     RETURN,
     check_args,
     parse_request,
@@ -189,10 +190,20 @@ class Engine:
 
         Every failure of the call is in the reply; an exception from here is a bug.
         """
-        try:
-            rid = parse_request(message)
-        except ProtocolError as exc:
-            return ERROR, exc
+        if (
+            type(message) is list
+            and len(message) == 4
+            and type(message[0]) is str
+            and type(message[1]) is str
+            and len(message[0]) <= MAX_NAME
+            and len(message[1]) <= MAX_METHOD
+        ):
+            rid = None  # a container call without a request id: parse_request's checks, inline
+        else:
+            try:
+                rid = parse_request(message)
+            except ProtocolError as exc:
+                return ERROR, exc
         ident, method = message[0], message[1]
         self.ops_served += 1
         self.requests_served += 1

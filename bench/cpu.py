@@ -24,7 +24,6 @@ goes to ``bench/results/<date>-cpu.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -42,7 +41,14 @@ from typing import IO, Any, Final
 if not __package__:  # run as a script, `python bench/cpu.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import environment, loadavg, percentile, sample_machine, sample_process
+from bench.measure import (
+    environment,
+    loadavg,
+    percentile,
+    sample_machine,
+    sample_process,
+    write_results,
+)
 from bench.systems import STR_VALUE, Endpoint, Server, start_server
 
 __all__ = ["Phase", "main"]
@@ -663,10 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(header, args, phases, systems)
     print(report)
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        base = args.out / f"{stamp}-{args.name}"
-        base.with_suffix(".md").write_text(report)
         data = {
             "header": header,
             "params": {
@@ -682,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             "phases": [asdict(p) for p in phases],
             "summary": summary(phases, systems, args.pin),
         }
-        base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        base = write_results(args.out, args.name, report, data)
         _log(f"wrote {base}.md and {base}.json")
     failed = [p for p in phases if not p.ok]
     if failed:

@@ -24,7 +24,6 @@ deterministic. The report goes to ``bench/results/<date>-instructions.md`` and `
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ if not __package__:  # run as a script, `python bench/instructions.py`: make `be
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu import System, _client_env
-from bench.measure import environment, loadavg
+from bench.measure import environment, loadavg, write_results
 from bench.systems import STR_VALUE, Endpoint, Server, start_server
 
 __all__ = ["Measurement", "main"]
@@ -486,10 +485,6 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(header, args, ms, systems)
     print(report)
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        base = args.out / f"{stamp}-{args.name}"
-        base.with_suffix(".md").write_text(report)
         data = {
             "header": header,
             "params": {
@@ -505,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             + [asdict(m) for m in ms if not m.ok],
             "summary": summary(ms, systems, args.side),
         }
-        base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        base = write_results(args.out, args.name, report, data)
         _log(f"wrote {base}.md and {base}.json")
     failed = [m for m in ms if not m.ok]
     if failed:

@@ -22,7 +22,6 @@ rewrites the README's performance table (between ``<!-- perf-table -->`` markers
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import statistics
@@ -37,7 +36,7 @@ if not __package__:  # run as a script, `python bench/targets.py`: make `bench` 
 
 from bench import cpu, run
 from bench.cases import CASES
-from bench.measure import environment, loadavg
+from bench.measure import environment, loadavg, write_results
 from bench.memory import MemoryResult
 from bench.report import Phase as RunPhase
 from bench.report import Target, _header_table, _memory, _targets, _throughput, ratios
@@ -177,6 +176,21 @@ def evaluate(
             [("idle", max(idle) if idle else None)],
             ISSUE,
             unit="cores",
+        )
+    )
+    by_round = {(r["system"], r["round"]): r["paced_cores"] for r in paced if not r["error"]}
+    paced_x = [
+        by_round[(bp, rnd)] / by_round[("kvserve", rnd)]
+        for (name, rnd) in by_round
+        if name == bp and by_round.get(("kvserve", rnd))
+    ]
+    targets.append(
+        Target(
+            f"server CPU, one client pausing {PAUSE_US} µs per GET: `{bp}` / without",
+            "<=",
+            1.10,
+            [("cores", _median(paced_x))],
+            ISSUE,
         )
     )
     for clients in (4, 16):
@@ -375,10 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(out) + "\n"
     print(report)
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        base = args.out / f"{stamp}-{args.name}"
-        base.with_suffix(".md").write_text(report)
         data = {
             "header": header,
             "cpu_phases": [asdict(p) for p in cpu_phases],
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 {**asdict(t), "measured": t.measured, "verdict": t.verdict} for t in targets
             ],
         }
-        base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        base = write_results(args.out, args.name, report, data)
         _log(f"wrote {base}.md and {base}.json")
     return 0
 

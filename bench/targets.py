@@ -277,8 +277,11 @@ def _latency_and_paced(cpu_phases: list[cpu.Phase], paced: list[dict[str, Any]])
     return out
 
 
-def readme_table(targets: list[dict[str, Any]], source: str) -> str:
-    """Return the README's performance table from a targets JSON's ``targets`` list."""
+def readme_table(data: dict[str, Any], source: str) -> str:
+    """Return the README's performance table from a targets results JSON."""
+    targets: list[dict[str, Any]] = data["targets"]
+    load = data["header"].get("loadavg_start", "?").split()[0]
+    load_end = data["header"].get("loadavg_end", "?").split()[0]
 
     def num(value: float | None, unit: str) -> str:
         if value is None:
@@ -288,7 +291,8 @@ def readme_table(targets: list[dict[str, Any]], source: str) -> str:
     lines = [
         MARK,
         f"Issue 19's targets, from `{source}` (one run of `python -m bench.targets` on a shared "
-        "2-vCPU VM; medians of per-round ratios):",
+        f"2-vCPU VM, load average {load} at the start and {load_end} at the end; medians of "
+        "per-round ratios):",
         "",
         "| target | required | measured | |",
         "|---|---|---|---|",
@@ -309,7 +313,7 @@ def write_readme(data: dict[str, Any], source: str, readme: Path = README) -> No
     pattern = re.compile(re.escape(MARK) + ".*?" + re.escape(MARK), re.S)
     if len(pattern.findall(text)) != 1:
         raise SystemExit(f"{readme}: needs exactly one pair of {MARK} markers")
-    table = readme_table(data["targets"], source)
+    table = readme_table(data, source)
     readme.write_text(pattern.sub(lambda _: table, text))
 
 
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.readme:
         data = json.loads(args.readme.read_text())
-        write_readme(data, str(args.readme.relative_to(README.parent)))
+        write_readme(data, str(args.readme.resolve().relative_to(README.parent)))
         return 0
     t0 = time.monotonic()
     header = environment(None)

@@ -267,3 +267,19 @@ def test_async_load_rides_through_a_server_restart(
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_a_loop_blocked_longer_than_the_lease_loses_the_lock(address: str, authkey: bytes) -> None:
+    async def main() -> None:
+        async with kvclient.aio.connect(address, authkey) as kv:
+            lock = await kv.lock("l", lease=0.5)
+            assert await lock.acquire()
+            time.sleep(1.5)  # blocks the loop: the renewal task cannot run (the documented limit)
+            with kvclient.connect(address, authkey) as sync:
+                other = sync.lock("l", lease=30)
+                assert other.acquire(timeout=5)  # released by the server, as for a stalled process
+                with pytest.raises(RuntimeError, match="lease"):
+                    await lock.release()
+                other.release()
+
+    run(main)

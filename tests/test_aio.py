@@ -283,3 +283,26 @@ def test_a_loop_blocked_longer_than_the_lease_loses_the_lock(address: str, authk
                 other.release()
 
     run(main)
+
+
+def test_a_burst_of_tasks_opens_connections_within_the_servers_pending_limit(
+    address: str, authkey: bytes
+) -> None:
+    async def main() -> int:
+        # retry=None: a connection the server closed for being over its --max-pending (64
+        # handshakes at once) would fail its call instead of being retried after a backoff.
+        async with kvclient.aio.connect(address, authkey, retry=None, max_connections=200) as kv:
+            d = await kv.dict("d")
+            event = await kv.event("go")
+
+            async def call() -> None:
+                await event.wait(30)  # each holds its connection until all are open
+                await d.incr("n")
+
+            tasks = [asyncio.create_task(call()) for _ in range(199)]
+            await until(lambda: kv._backend.open_connections >= 199, "199 connections")
+            await event.set()
+            await asyncio.gather(*tasks)
+            return int(await d["n"])
+
+    assert run(main) == 199

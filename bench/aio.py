@@ -226,7 +226,11 @@ def _client(args: argparse.Namespace) -> int:
             # The same bound as kvclient.aio's pool; redis-py's default pool raises
             # MaxConnectionsError past 100 concurrent calls instead of waiting.
             pool = redis.asyncio.BlockingConnectionPool.from_url(
-                f"redis://{args.address}", max_connections=64, decode_responses=True
+                f"redis://{args.address}",
+                max_connections=64,
+                timeout=CLIENT_TIMEOUT,
+                socket_timeout=CLIENT_TIMEOUT,
+                decode_responses=True,
             )
             r = redis.asyncio.Redis(connection_pool=pool)
             try:
@@ -458,13 +462,19 @@ def main(argv: list[str] | None = None) -> int:
             if c.system in servers and (not args.only or any(o in c.name for o in args.only))
         ]
         rounds: list[dict[str, dict[str, Any]]] = []
+        failures: list[str] = []
         rng = random.Random()
         for i in range(args.rounds):
             order = list(configs)
             rng.shuffle(order)
             rounds.append({})
             for config in order:
-                result = _measure(config, servers[config.system], args.seconds)
+                try:
+                    result = _measure(config, servers[config.system], args.seconds)
+                except RuntimeError as exc:  # recorded, and left out of the table
+                    print(f"round {i + 1}: {exc}", file=sys.stderr, flush=True)
+                    failures.append(f"round {i + 1}: {exc}")
+                    continue
                 rounds[-1][config.name] = result
                 print(
                     f"round {i + 1}: {config.name}: {result['ops_s']:,.0f} ops/s, "
@@ -477,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     env["loadavg_end"] = loadavg()
     text, data = _report(env, configs, rounds, ns)
+    if failures:
+        text += "\nRuns that failed (left out above):\n\n" + "".join(f"- {f}\n" for f in failures)
+        data["failures"] = failures
     print(text)
     if not args.no_write:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

@@ -445,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         args.authkey = os.environ.get(AUTHKEY_ENV, "")
         return _client(args)
     ns = [int(n) for n in args.n.split(",")]
-    env = environment()
+    root = Path(__file__).resolve().parent.parent
+    # A tree exported with its commit written beside it (bench/README.md: --tree) says so.
+    env = environment(root if (root / ".commit").is_file() else None)
     servers: dict[str, Server] = {}
     try:
         servers["kvserve"] = start_server("kvserve")

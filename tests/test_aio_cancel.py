@@ -150,7 +150,7 @@ def test_racing_cancels_of_lock_waits_never_orphan_the_lock(
                 held = sync.lock("l", lease=lease)
                 for i in range(ROUNDS):
                     # Another client takes it at once: no cancelled waiter kept it.
-                    assert await asyncio.to_thread(held.acquire, True, 5), f"round {i}"
+                    assert await asyncio.to_thread(held.acquire, True, 20), f"round {i}"
                     waiter = asyncio.create_task(lock.acquire())
                     how = i if i < 3 else rng.randrange(3)
                     if how == 0:
@@ -174,7 +174,7 @@ def test_racing_cancels_of_lock_waits_never_orphan_the_lock(
                     else:
                         granted += 1  # the task got it, alive: it releases it itself
                         await lock.release()
-                assert await asyncio.to_thread(held.acquire, True, 5)
+                assert await asyncio.to_thread(held.acquire, True, 20)
                 assert [h["owner"] for h in held.status()["holders"]] == [sync.owner_id]
                 await _fences_done(kv)
                 # The last cancelled wait is withdrawn once the server reads its connection's

@@ -142,6 +142,19 @@ class _Window:
     def join(self) -> None:
         self._thread.join(10)
 
+    def tally(self, got: Any, t0: int, t1: int, lat: array[int]) -> int:
+        """Check one call's answer; record its latency if in the window. Return 1 if it
+        counted, 0 if before the window, -1 once the window is over (stop calling)."""
+        if got != VALUE:
+            raise AssertionError(f"read {got!r}")
+        now = t1 / 1e9
+        if now >= self.stop:
+            return -1
+        if now < self.start:
+            return 0
+        lat.append((t1 - t0) // 1000)
+        return 1
+
 
 async def _run_tasks(get: Callable[[], Any], n: int, window: _Window, lat: array[int]) -> int:
     """Run ``n`` tasks calling ``await get()`` until the window ends; record latencies in it."""
@@ -157,14 +170,10 @@ async def _run_tasks(get: Callable[[], Any], n: int, window: _Window, lat: array
             t0 = clock()
             got = await get()
             t1 = clock()
-            if got != VALUE:
-                raise AssertionError(f"read {got!r}")
-            now = t1 / 1e9
-            if now >= window.stop:
+            counted = window.tally(got, t0, t1, lat)
+            if counted < 0:
                 break
-            if now >= window.start:
-                lat.append((t1 - t0) // 1000)
-                done += 1
+            done += counted
         counts[i] = done
 
     await asyncio.gather(*(caller(i) for i in range(n)))
@@ -187,14 +196,10 @@ def _run_threads(get: Callable[[], Any], n: int, window: _Window, lat: array[int
             t0 = clock()
             got = get()
             t1 = clock()
-            if got != VALUE:
-                raise AssertionError(f"read {got!r}")
-            now = t1 / 1e9
-            if now >= window.stop:
+            counted = window.tally(got, t0, t1, mine)
+            if counted < 0:
                 break
-            if now >= window.start:
-                mine.append((t1 - t0) // 1000)
-                done += 1
+            done += counted
         counts[i] = done
 
     threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(n)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import kvclient
@@ -84,7 +84,9 @@ class _Bridge:
 class SyncOverAsync(kvclient.Client):
     """A :class:`kvclient.Client` whose calls the asyncio client makes (see the module)."""
 
-    def __init__(self, address: str, authkey: bytes, **options: Any) -> None:
+    def __init__(
+        self, address: str | None = None, authkey: bytes | str | None = None, **options: Any
+    ) -> None:
         # Not Client.__init__: it would open a blocking connection. What the Client methods
         # and the proxies read is set here, from the asyncio client.
         self._args = (address, authkey, options)
@@ -180,6 +182,16 @@ class SyncOverAsync(kvclient.Client):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+Connect = Callable[..., kvclient.Client]
+"""A front end's ``connect(address, authkey, **options)``, returning a (sync-shaped) client."""
+
+FRONT_ENDS: dict[str, Connect] = {
+    "sync": kvclient.connect,
+    "asyncio": SyncOverAsync,
+}
+"""The front ends, for tests run through each (the ``connect`` fixture in tests/conftest.py)."""
 
 
 def connect(address: str, authkey: bytes) -> SyncOverAsync:

@@ -20,6 +20,7 @@ import pytest
 import kvclient
 from kvserve import KVManager, Server
 from tests import backends
+from tests.aio_adapter import FRONT_ENDS, Connect
 from tests.backends import Implementation
 
 pytest_plugins = ["pytester"]
@@ -99,6 +100,16 @@ def server(authkey: bytes) -> Iterator[Server]:
 @pytest.fixture
 def address(server: Server) -> str:
     return server.endpoint
+
+
+@pytest.fixture(params=sorted(FRONT_ENDS))
+def connect(request: pytest.FixtureRequest) -> Connect:
+    """``connect(address, authkey, **options)`` of each front end in turn (sync, asyncio).
+
+    For tests of connecting itself (TLS, keys, errors, retries) against servers they start:
+    the same scenario through both clients, expecting the same errors.
+    """
+    return FRONT_ENDS[request.param]
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import kvclient
 from kvproto.address import AddressError, Target, parse_address, parse_target
 from kvproto.tls import server_context
 from kvserve import KVManager, Server
+from tests.aio_adapter import Connect
 
 HOME_KEYS = os.path.expanduser("~/.config/kvmanager")
 
@@ -124,7 +125,11 @@ def test_connect_takes_an_ipv6_url(authkey: bytes) -> None:
 
 
 def test_url_key_name_reads_the_key_file_under_home(
-    server: Server, authkey: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    connect: Connect,
+    server: Server,
+    authkey: bytes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KV_AUTHKEY", "a wrong key that the URL must win over")
@@ -133,14 +138,14 @@ def test_url_key_name_reads_the_key_file_under_home(
     (keys / "prod.key").write_bytes(authkey + b"\n")
     (tmp_path / "other.key").write_bytes(b"not the key at all, 32 bytes....")
     host, port = server.address
-    with kvclient.connect(f"kv://prod@{host}:{port}") as kv:
+    with connect(f"kv://prod@{host}:{port}") as kv:
         kv.ping()
     with pytest.raises(kvclient.AuthError, match="rejected"):
-        kvclient.connect(f"kv://~/other.key@{host}:{port}")
+        connect(f"kv://~/other.key@{host}:{port}")
     with pytest.raises(kvclient.AuthError, match=r"missing\.key does not exist"):
-        kvclient.connect(f"kv://missing@{host}:{port}")
+        connect(f"kv://missing@{host}:{port}")
     with pytest.raises(ValueError, match="give one of them"):
-        kvclient.connect(f"kv://prod@{host}:{port}", authkey)
+        connect(f"kv://prod@{host}:{port}", authkey)
 
 
 def test_kv_address_env_takes_a_url(
@@ -178,18 +183,22 @@ def tls_server(authkey: bytes, tls_pki: dict[str, Path]) -> Iterator[Server]:
 
 
 def test_kvs_url_turns_tls_on(
-    tls_server: Server, authkey: bytes, tls_pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    connect: Connect,
+    tls_server: Server,
+    authkey: bytes,
+    tls_pki: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name in ("KV_TLS_CA", "KV_TLS_CERT", "KV_TLS_KEY"):
         monkeypatch.delenv(name, raising=False)
     url = f"kvs://{tls_server.endpoint}"
-    with kvclient.connect(url, authkey, ca=tls_pki["ca"], retry=None) as kv:
+    with connect(url, authkey, ca=tls_pki["ca"], retry=None) as kv:
         kv.ping()
     # The same server as kv://, without a CA: plain TCP to a TLS server fails.
     with pytest.raises(kvclient.KVError):
-        kvclient.connect(f"kv://{tls_server.endpoint}", authkey, timeout=3, retry=None)
+        connect(f"kv://{tls_server.endpoint}", authkey, timeout=3, retry=None)
     # kvs:// without a CA trusts the system's CAs, which do not know this test CA.
     with pytest.raises(kvclient.TLSError):
-        kvclient.connect(url, authkey, timeout=3, retry=None)
+        connect(url, authkey, timeout=3, retry=None)
     with pytest.raises(ValueError, match="tls=False refuses it"):
-        kvclient.connect(url, authkey, tls=False)
+        connect(url, authkey, tls=False)

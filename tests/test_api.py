@@ -14,6 +14,7 @@ import kvclient
 import kvserve
 from kvproto.address import parse_address
 from kvserve import KVManager
+from tests.aio_adapter import Connect
 from tests.targets import Target
 
 
@@ -103,12 +104,12 @@ def test_kvmanager_offers_no_half_working_client_path(address: str, authkey: byt
 
 
 def test_an_authkey_shorter_than_the_server_minimum_is_refused_on_both_sides(
-    address: str, authkey: bytes
+    connect: Connect, address: str, authkey: bytes
 ) -> None:
     with pytest.raises(kvclient.AuthError, match="5 bytes; use at least 16"):
         KVManager(("127.0.0.1", 0), authkey=b"short")
     with pytest.raises(kvclient.AuthError, match="5 bytes; kvserve keys are at least 16"):
-        kvclient.connect(address, b"short")
+        connect(address, b"short")
     KVManager(("127.0.0.1", 0), authkey=b"k" * 16)  # the minimum itself is fine
 
 

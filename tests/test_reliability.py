@@ -17,6 +17,7 @@ import pytest
 
 import kvclient
 from kvclient.retry import ConstantBackoff, Retry
+from tests.aio_adapter import Connect
 from tests.conftest import ServerProcess, read_listening_line, start_kvserve
 from tests.workers import mixed_worker
 
@@ -152,9 +153,10 @@ def test_lost_replies_never_double_apply(chaos: ChaosProxy, authkey: bytes, kv: 
 
 
 def test_gives_up_after_the_retries_naming_address_and_attempts(
+    connect: Connect,
     kvserve_proc: ServerProcess,
 ) -> None:
-    kv = kvclient.connect(
+    kv = connect(
         kvserve_proc.address, kvserve_proc.authkey, retry=Retry(ConstantBackoff(0.01), retries=3)
     )
     with kv:
@@ -169,12 +171,11 @@ def test_gives_up_after_the_retries_naming_address_and_attempts(
 
 
 def test_a_timed_out_call_never_hands_its_reply_to_the_next_call(
+    connect: Connect,
     kvserve_proc: ServerProcess,
 ) -> None:
     """The stdlib bug: after an interrupted call, the next call read the previous reply."""
-    with kvclient.connect(
-        kvserve_proc.address, kvserve_proc.authkey, call_timeout=0.3, retry=None
-    ) as kv:
+    with connect(kvserve_proc.address, kvserve_proc.authkey, call_timeout=0.3, retry=None) as kv:
         d = kv.dict("d")
         d["a"] = "A"
         d["b"] = "B"

@@ -23,6 +23,7 @@ from kvproto.codec import Codec
 from kvproto.tls import server_context
 from kvserve import KVDict, KVList, KVManager, KVNamespace, KVQueue, Server
 from kvserve.containers import Container
+from tests.aio_adapter import Connect
 from tests.conftest import read_listening_line, start_kvserve
 from tests.wire import (
     authed_connection,
@@ -87,50 +88,60 @@ def mtls_server(authkey: bytes, pki: dict[str, Path]) -> Iterator[Server]:
     _stop(srv, thread)
 
 
-def test_tls_round_trip(tls_server: Server, authkey: bytes, pki: dict[str, Path]) -> None:
-    with kvclient.connect(tls_server.endpoint, authkey, ca=pki["ca"]) as kv:
+def test_tls_round_trip(
+    connect: Connect, tls_server: Server, authkey: bytes, pki: dict[str, Path]
+) -> None:
+    with connect(tls_server.endpoint, authkey, ca=pki["ca"]) as kv:
         d = kv.dict("secret")
         d["k"] = b"x" * 100_000  # several TLS records
         assert d["k"] == b"x" * 100_000
 
 
 def test_tls_from_environment(
-    tls_server: Server, authkey: bytes, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    connect: Connect,
+    tls_server: Server,
+    authkey: bytes,
+    pki: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("KV_TLS_CA", str(pki["ca"]))
-    with kvclient.connect(tls_server.endpoint, authkey) as kv:
+    with connect(tls_server.endpoint, authkey) as kv:
         kv.ping()
 
 
-def test_plain_client_to_tls_server_fails_fast(tls_server: Server, authkey: bytes) -> None:
+def test_plain_client_to_tls_server_fails_fast(
+    connect: Connect, tls_server: Server, authkey: bytes
+) -> None:
     start = time.monotonic()
     with pytest.raises(kvclient.KVConnectionError, match="tls=True"):
-        kvclient.connect(tls_server.endpoint, authkey, timeout=20)
+        connect(tls_server.endpoint, authkey, timeout=20)
     assert time.monotonic() - start < 10  # refused, not left to time out
 
 
 def test_tls_client_to_plain_server_fails_fast(
-    address: str, authkey: bytes, pki: dict[str, Path]
+    connect: Connect, address: str, authkey: bytes, pki: dict[str, Path]
 ) -> None:
     start = time.monotonic()
     with pytest.raises(kvclient.TLSError, match="serving TLS"):
-        kvclient.connect(address, authkey, ca=pki["ca"], timeout=20)
+        connect(address, authkey, ca=pki["ca"], timeout=20)
     assert time.monotonic() - start < 10
-    with kvclient.connect(address, authkey) as kv:  # the plain server is fine
+    with connect(address, authkey) as kv:  # the plain server is fine
         kv.ping()
 
 
-def test_unknown_ca_is_refused(tls_server: Server, authkey: bytes, tmp_path: Path) -> None:
+def test_unknown_ca_is_refused(
+    connect: Connect, tls_server: Server, authkey: bytes, tmp_path: Path
+) -> None:
     other = trustme.CA()
     other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
     with pytest.raises(
         kvclient.TLSError, match=r"refused.*certificate verify failed|unable to get"
     ):
-        kvclient.connect(tls_server.endpoint, authkey, ca=tmp_path / "other.pem")
+        connect(tls_server.endpoint, authkey, ca=tmp_path / "other.pem")
 
 
 def test_expired_certificate_is_refused(
-    ca: trustme.CA, authkey: bytes, pki: dict[str, Path], tmp_path: Path
+    connect: Connect, ca: trustme.CA, authkey: bytes, pki: dict[str, Path], tmp_path: Path
 ) -> None:
     past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
     expired = ca.issue_cert(
@@ -140,13 +151,13 @@ def test_expired_certificate_is_refused(
     srv, thread = _tls_server(authkey, server_context(tmp_path / "expired.pem"))
     try:
         with pytest.raises(kvclient.TLSError, match="expired"):
-            kvclient.connect(srv.endpoint, authkey, ca=pki["ca"])
+            connect(srv.endpoint, authkey, ca=pki["ca"])
     finally:
         _stop(srv, thread)
 
 
 def test_wrong_hostname_is_refused(
-    ca: trustme.CA, authkey: bytes, pki: dict[str, Path], tmp_path: Path
+    connect: Connect, ca: trustme.CA, authkey: bytes, pki: dict[str, Path], tmp_path: Path
 ) -> None:
     ca.issue_cert("db.example.org").private_key_and_cert_chain_pem.write_to_path(
         str(tmp_path / "other-host.pem")
@@ -154,30 +165,26 @@ def test_wrong_hostname_is_refused(
     srv, thread = _tls_server(authkey, server_context(tmp_path / "other-host.pem"))
     try:
         with pytest.raises(kvclient.TLSError, match=r"mismatch|doesn.t match|not valid for"):
-            kvclient.connect(srv.endpoint, authkey, ca=pki["ca"])
+            connect(srv.endpoint, authkey, ca=pki["ca"])
     finally:
         _stop(srv, thread)
 
 
 def test_mutual_tls_requires_a_client_certificate(
-    mtls_server: Server, authkey: bytes, pki: dict[str, Path], tmp_path: Path
+    connect: Connect, mtls_server: Server, authkey: bytes, pki: dict[str, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(kvclient.TLSError, match="client certificate"):
-        kvclient.connect(mtls_server.endpoint, authkey, ca=pki["ca"], retry=None)
+        connect(mtls_server.endpoint, authkey, ca=pki["ca"], retry=None)
     stranger = trustme.CA().issue_cert("intruder@example.org")
     stranger.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "stranger.pem"))
     with pytest.raises(kvclient.TLSError):
-        kvclient.connect(
-            mtls_server.endpoint, authkey, ca=pki["ca"], cert=tmp_path / "stranger.pem"
-        )
-    with kvclient.connect(mtls_server.endpoint, authkey, ca=pki["ca"], cert=pki["client"]) as kv:
+        connect(mtls_server.endpoint, authkey, ca=pki["ca"], cert=tmp_path / "stranger.pem")
+    with connect(mtls_server.endpoint, authkey, ca=pki["ca"], cert=pki["client"]) as kv:
         kv.dict("d")["k"] = 1
         assert kv.dict("d")["k"] == 1
     # The authkey still matters inside TLS.
     with pytest.raises(kvclient.AuthError):
-        kvclient.connect(
-            mtls_server.endpoint, b"wrong-key-wrong-key", ca=pki["ca"], cert=pki["client"]
-        )
+        connect(mtls_server.endpoint, b"wrong-key-wrong-key", ca=pki["ca"], cert=pki["client"])
 
 
 def test_tls_handshake_that_never_starts_is_closed(authkey: bytes, pki: dict[str, Path]) -> None:
@@ -194,7 +201,7 @@ def test_tls_handshake_that_never_starts_is_closed(authkey: bytes, pki: dict[str
 
 
 def test_kvserve_with_mtls_end_to_end(
-    clean_env: dict[str, str], authkey: bytes, pki: dict[str, Path]
+    connect: Connect, clean_env: dict[str, str], authkey: bytes, pki: dict[str, Path]
 ) -> None:
     env = dict(clean_env, KV_AUTHKEY=authkey.decode())
     proc = start_kvserve(
@@ -206,7 +213,7 @@ def test_kvserve_with_mtls_end_to_end(
     )
     try:
         address = read_listening_line(proc)
-        with kvclient.connect(address, authkey, ca=pki["ca"], cert=pki["client"]) as kv:
+        with connect(address, authkey, ca=pki["ca"], cert=pki["client"]) as kv:
             kv.dict("d")["k"] = "over mTLS"
             assert kv.dict("d")["k"] == "over mTLS"
     finally:
@@ -320,17 +327,19 @@ def test_the_table_covers_every_mutating_method() -> None:
         assert {m for m, _ in MUTATING_CALLS[kind]} == set(cls.mutating), kind
 
 
-def test_readonly_key_reads_everything_and_changes_nothing(authkey: bytes) -> None:
+def test_readonly_key_reads_everything_and_changes_nothing(
+    connect: Connect, authkey: bytes
+) -> None:
     srv = KVManager(("127.0.0.1", 0), authkey=authkey, readonly_authkey=READONLY_KEY).get_server()
     thread = _serve(srv)
     try:
-        with kvclient.connect(srv.endpoint, authkey) as admin:
+        with connect(srv.endpoint, authkey) as admin:
             admin.dict("dict").update({"k": 1, "n": 5})
             admin.list("list").extend([1, 2, 3])
             admin.namespace("namespace").x = 1
             admin.queue("queue").put(1)
             before = admin.dump()
-        with kvclient.connect(srv.endpoint, READONLY_KEY, retry=None) as ro:
+        with connect(srv.endpoint, READONLY_KEY, retry=None) as ro:
             assert ro.dict("dict")["k"] == 1  # reads work, and so does naming a container
             assert ro.list("list").copy() == [1, 2, 3]
             assert ro.namespace("namespace").x == 1
@@ -350,7 +359,7 @@ def test_readonly_key_reads_everything_and_changes_nothing(authkey: bytes) -> No
                 got = b.dict("dict").get("k")
             assert isinstance(b.results and b.results[0], kvclient.ReadOnlyError)
             assert got.value == 1
-        with kvclient.connect(srv.endpoint, authkey) as admin:
+        with connect(srv.endpoint, authkey) as admin:
             assert admin.dump() == before
     finally:
         _stop(srv, thread)

@@ -72,6 +72,9 @@ class WouldBlock(Exception):
             still blocks stops the later ones from being retried. False for a wait that
             consumes nothing (``Queue.join``), so it never holds up the ``get`` calls that
             will end it.
+        on_withdraw: called under the container's lock when the caller goes away while it
+            waits (its connection closed: a cancelled asyncio task, a killed process), so
+            what the wait noted for ``status()`` goes with it.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class WouldBlock(Exception):
         result: Any = None,
         on_expire: Callable[[], None] | None = None,
         in_line: bool = True,
+        on_withdraw: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(timeout)
         self.timeout = timeout
@@ -89,6 +93,7 @@ class WouldBlock(Exception):
         self.result = result
         self.on_expire = on_expire
         self.in_line = in_line
+        self.on_withdraw = on_withdraw
 
 
 def _uninterned(mapping: dict[Any, Any]) -> dict[Any, Any]:

@@ -609,6 +609,11 @@ class Engine:
                 pass
             if not queue:
                 del self.parked[waiter.name]
+        withdrawn = waiter.blocked.on_withdraw
+        obj = self.store.objects.get(waiter.name)
+        if withdrawn is not None and obj is not None:
+            with obj.lock:
+                withdrawn()
 
     def stop_waiters(self, error: BaseException) -> None:
         """Answer every parked call with ``error`` (shutting down)."""

@@ -302,9 +302,8 @@ class _Leased(Container):
         self, wait_id: bytes | None, owner: bytes, timeout: float | None, lease: float, now: float
     ) -> WouldBlock:
         self._note_waiting(wait_id, owner, lease, now)
-        return WouldBlock(
-            timeout, result=False, on_expire=functools.partial(self._forget_waiting, wait_id)
-        )
+        forget = functools.partial(self._forget_waiting, wait_id)
+        return WouldBlock(timeout, result=False, on_expire=forget, on_withdraw=forget)
 
     def _deadlines(self) -> Iterable[float]:
         return (hold.deadline for hold in self._holds.values())

@@ -17,6 +17,10 @@ Same arguments, environment variables, authkey search, TLS options, Retry policy
 as :func:`kvclient.connect`. What differs, and why, is in :mod:`kvclient.aio.proxies` (the
 dunders that cannot be awaited) and :mod:`kvclient.aio._backend` (the connection pool, and
 what cancelling a call does).
+
+Leases are renewed by a task on the client's loop: a loop blocked for longer than a lease
+(a blocking call, a CPU-bound step) stops the renewals, and the server releases the lock as it
+does for a stalled process; ``release()`` then raises ``RuntimeError``.
 """
 
 from __future__ import annotations

@@ -59,6 +59,11 @@ log = logging.getLogger("kvclient")
 DEFAULT_MAX_CONNECTIONS = 64
 """Connections a client opens at most (each in-flight call holds one)."""
 
+# Handshakes in flight at once: a burst of tasks must not open max_connections at the same
+# instant, past the server's --max-pending (64 by default), which closes the excess (each
+# then waits out a retry's backoff).
+_MAX_OPENING = 8
+
 # Longer than any method's positional parameters: a fence fails to bind, changing nothing.
 _FENCE_ARGS = [None] * 24
 _ACQUIRE_KINDS = frozenset({"lock", "rlock", "semaphore", "bounded_semaphore", "condition"})
@@ -123,6 +128,7 @@ class AsyncBackend:
         self._waiting: deque[asyncio.Future[_Slot]] = deque()
         self._slots: list[_Slot] = []
         self._fences: set[asyncio.Task[None]] = set()
+        self._opening = asyncio.Semaphore(_MAX_OPENING)
 
     @property
     def open_connections(self) -> int:
@@ -184,7 +190,10 @@ class AsyncBackend:
             self._give(slot)
 
     async def _open(self) -> AsyncConnection:
-        return await open_connection(self.address, self.authkey, self.timeout, self.codec, self.tls)
+        async with self._opening:
+            return await open_connection(
+                self.address, self.authkey, self.timeout, self.codec, self.tls
+            )
 
     # -- calls ------------------------------------------------------------------------------
 

@@ -3,8 +3,12 @@
 An :class:`AsyncConnection` is the asyncio twin of :class:`kvclient.connection.Connection`:
 the same :class:`~kvproto.handshake.ClientHandshake`, the same framing
 (:func:`~kvproto.wire.frame_parts`, :class:`~kvproto.wire.FrameDecoder`) and the same
-:class:`~kvproto.codec.Codec` setup, over ``asyncio.open_connection``. It carries one call at
-a time (the pool in :mod:`kvclient.aio._backend` gives concurrent calls a connection each).
+:class:`~kvproto.codec.Codec` setup, over an asyncio transport and a small protocol
+(:class:`_FrameProtocol`) that feeds the decoder as bytes arrive and wakes the one call
+waiting. Not streams: ``StreamReader.read`` makes a future per read, ``drain`` is a coroutine
+per call and ``asyncio.timeout`` several calls more; a call here is one future and, with a
+timeout, one timer handle. It carries one call at a time (the pool in
+:mod:`kvclient.aio._backend` gives concurrent calls a connection each).
 Any failure, timeout or cancellation in the middle of a call closes it: a late reply can then
 never be read as the answer to a later call, and the server, seeing the connection go,
 withdraws a call it had parked for it.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -82,8 +87,12 @@ async def _open(
     tls: ssl.SSLContext | None,
 ) -> AsyncConnection:
     try:
-        reader, writer = await asyncio.open_connection(
-            address[0], address[1], ssl=tls, server_hostname=address[0] if tls else None
+        transport, protocol = await asyncio.get_running_loop().create_connection(
+            _FrameProtocol,
+            address[0],
+            address[1],
+            ssl=tls,
+            server_hostname=address[0] if tls else None,
         )
     except ssl.SSLCertVerificationError as exc:
         raise TLSError(
@@ -102,8 +111,8 @@ async def _open(
                 "serving TLS there (--tls-cert)?"
             ) from None
         raise translate_os_error(exc, endpoint, "connect to") from exc
-    conn = AsyncConnection(reader, writer, endpoint, codec, tls is not None)
-    sock = writer.get_extra_info("socket")
+    conn = AsyncConnection(transport, protocol, endpoint, codec, tls is not None)
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         tune_socket(sock)
     try:
@@ -114,42 +123,109 @@ async def _open(
     return conn
 
 
-class AsyncConnection:
-    """A connected, authenticated stream pair speaking kvmanager frames (see the module)."""
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Cut the bytes received into frames; wake the call waiting; note why it ended.
 
-    __slots__ = ("_decoder", "_frames", "_reader", "_tls", "_writer", "codec", "endpoint")
+    Buffered: the transport reads into one buffer per connection, reused. A plain Protocol
+    gets a new bytes object per read, allocated at asyncio's 256 KiB read size: an mmap, an
+    mremap and a munmap per reply (most of a single caller's CPU time per call).
+    """
+
+    def __init__(self) -> None:
+        self._view = memoryview(bytearray(_READ_CHUNK))
+        self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
+        self.frames: deque[bytes] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None  # why no more frames will come
+        self._drained: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self.decoder.feed(self._view[:nbytes])
+        except FrameTooLargeError as exc:
+            self.error = exc
+            self._wake()
+            return
+        if frames:
+            self.frames.extend(frames)
+            self._wake()
+
+    def eof_received(self) -> bool:
+        if self.error is None:
+            self.error = EOFError()
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            self.error = exc if exc is not None else EOFError()
+        self._wake()
+        self._resume()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._resume()
+
+    def _resume(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark again."""
+        while self._paused and self.error is None:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class AsyncConnection:
+    """A connected, authenticated transport speaking kvmanager frames (see the module)."""
+
+    __slots__ = ("_loop", "_protocol", "_tls", "_transport", "closed", "codec", "endpoint")
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.BaseTransport,
+        protocol: _FrameProtocol,
         endpoint: str,
         codec: Codec,
         tls: bool,
     ) -> None:
-        self._reader: asyncio.StreamReader | None = reader
-        self._writer = writer
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._protocol = protocol
         self._tls = tls
-        self._decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
-        self._frames: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self.closed = False  # once closed, never reopened (the pool opens a new one)
         self.endpoint = endpoint
         self.codec = codec
 
-    @property
-    def closed(self) -> bool:
-        """True once the connection is closed; it cannot be reopened."""
-        return self._reader is None
-
     def close(self) -> None:
         """Close at once (abort: nothing buffered is sent). Safe to call more than once."""
-        if self._reader is None:
+        if self.closed:
             return
-        self._reader = None
-        transport = self._writer.transport
+        self.closed = True
         # abort(), not close(): a call being cancelled must not have its request flushed
         # after the fact, and the server must see the connection go now (it withdraws the
         # call it parked for it).
-        transport.abort()
+        self._transport.abort()
 
     async def _handshake(self, authkey: bytes) -> None:
         handshake = ClientHandshake(authkey)
@@ -199,22 +275,34 @@ class AsyncConnection:
             ) from exc
         except OSError as exc:
             raise translate_os_error(exc, self.endpoint, "connect to") from exc
-        self._decoder.limit = MAX_REPLY_FRAME
+        self._protocol.decoder.limit = MAX_REPLY_FRAME
 
     def _send(self, payload: bytes) -> None:
-        for part in frame_parts(payload):
-            self._writer.write(part)
+        self._transport.writelines(frame_parts(payload))
 
-    async def _recv(self) -> bytes:
-        while not self._frames:
-            reader = self._reader
-            if reader is None:
+    async def _recv(self, timeout: float | None = None) -> bytes:
+        """Return the next frame, waiting at most ``timeout`` seconds (None: for ever).
+
+        Raises: EOFError or what closed it (OSError, ssl.SSLError, FrameTooLargeError);
+        TimeoutError.
+        """
+        protocol = self._protocol
+        frames = protocol.frames
+        while not frames:
+            if self.closed:
                 raise EOFError
-            data = await reader.read(_READ_CHUNK)
-            if not data:
-                raise EOFError
-            self._frames.extend(self._decoder.feed(data))
-        return self._frames.pop(0)
+            error = protocol.error
+            if error is not None:
+                raise error
+            waiter = protocol.waiter = self._loop.create_future()
+            timer = None if timeout is None else self._loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                protocol.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        return frames.popleft()
 
     async def call(self, message: list[Any], timeout: float | None) -> Any:
         """Send one request and return its result, raising what the server raised.
@@ -230,13 +318,19 @@ class AsyncConnection:
             asyncio.CancelledError: the task was cancelled (closed).
         """
         payload = self.codec.pack(message)
-        if self._reader is None:
+        if self.closed:
             raise KVConnectionError(f"connection to {self.endpoint} is closed")
+        protocol = self._protocol
         try:
             self._send(payload)
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
-                frame = await self._recv()
+            if protocol._paused:
+                # A large request fills the buffer: its sending counts against the timeout.
+                start = self._loop.time()
+                async with asyncio.timeout(timeout):
+                    await protocol.drain()
+                if timeout is not None:
+                    timeout = max(0.0, timeout - (self._loop.time() - start))
+            frame = await self._recv(timeout)
             reply = self.codec.unpack(frame)
         except TimeoutError as exc:
             self.close()
@@ -254,7 +348,7 @@ class AsyncConnection:
             # flight, and reading it later would pair it with the wrong call.
             self.close()
             raise
-        if self._frames:
+        if protocol.frames:
             self.close()
             raise ProtocolError(f"{self.endpoint} sent more than one reply")
         if type(reply) is list and len(reply) == 2 and reply[0] == RETURN:

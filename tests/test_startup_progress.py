@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,15 @@ def big_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _start(env: dict[str, str], data: Path, *args: str) -> tuple[str, str]:
-    """Start kvserve on ``data``; return its address and, once stopped, all of its stderr."""
+def _start(
+    env: dict[str, str], data: Path, *args: str, check: Callable[[str], None] | None = None
+) -> str:
+    """Start kvserve on ``data``, ``check(address)`` while it runs; return all of its stderr."""
     proc = start_kvserve(env, "--data-dir", str(data), *args)
     try:
         address = read_listening_line(proc)
+        if check is not None:
+            check(address)
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     finally:
@@ -76,7 +81,7 @@ def _start(env: dict[str, str], data: Path, *args: str) -> tuple[str, str]:
             proc.kill()
             proc.communicate(timeout=10)
     assert proc.returncode == 0, err
-    return address, err
+    return err
 
 
 def test_startup_logs_what_it_loads_its_progress_and_the_totals(
@@ -84,7 +89,7 @@ def test_startup_logs_what_it_loads_its_progress_and_the_totals(
 ) -> None:
     data, on_disk = big_data_dir, _on_disk(big_data_dir)
     env = dict(clean_env, KV_AUTHKEY=authkey.decode())
-    _, err = _start(env, data, "--log-format", "json", "--progress-interval", str(INTERVAL))
+    err = _start(env, data, "--log-format", "json", "--progress-interval", str(INTERVAL))
     lines = [json.loads(line) for line in err.splitlines()]
     startup = [line["startup"] for line in lines if "startup" in line]
     first, *progress, last = startup
@@ -113,20 +118,15 @@ def test_text_logs_and_no_progress_lines_with_interval_0(
 ) -> None:
     data, on_disk = big_data_dir, _on_disk(big_data_dir)
     env = dict(clean_env, KV_AUTHKEY=authkey.decode())
-    proc = start_kvserve(env, "--data-dir", str(data), "--progress-interval", "0")
-    try:
-        address = read_listening_line(proc)
-        with kvclient.connect(address, authkey) as kv:  # the data is all there
+
+    def all_there(address: str) -> None:
+        with kvclient.connect(address, authkey) as kv:
             big = kv.dict("big")
             assert len(big) == SNAPSHOT_KEYS + KEYS
             assert big[f"k{(LOGGED - 1) % KEYS}"] == LOGGED - 1
             assert big["s7"] == 7
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+
+    err = _start(env, data, "--progress-interval", "0", check=all_there)
     mib = f"{on_disk / (1 << 20):.1f} MiB"
     loading = [line for line in err.splitlines() if " loading " in line]
     assert len(loading) == 1, err
@@ -138,7 +138,7 @@ def test_text_logs_and_no_progress_lines_with_interval_0(
 
 def test_an_empty_data_dir_logs_no_loading_line(clean_env: dict[str, str], authkey: bytes) -> None:
     env = dict(clean_env, KV_AUTHKEY=authkey.decode())
-    _, err = _start(env, Path(clean_env["HOME"]) / "fresh")
+    err = _start(env, Path(clean_env["HOME"]) / "fresh")
     assert "loading" not in err and "loaded" not in err
     assert "data in " in err
 

@@ -1313,20 +1313,12 @@ def lock_release(
     with _session(ctx, as_json) as session:
         proxy = session.existing_kind(name, ("lock",))
         assert isinstance(proxy, LockProxy)
-        holder = next(
-            (h for h in proxy.status()["holders"] if token in h.get("tokens", [h["token"]])),
-            None,
-        )
-        if holder is None:
+        if not proxy.release_token(token):
             raise _NotFoundError(
                 "NotHeldError",
                 f"lock {name!r} is not held with token {token}: released already, or its "
                 f"lease ran out; kvctl lock status {shlex.quote(name)} shows who holds it",
             )
-        # The hold belongs to the owner id of the kvctl that acquired it, which status()
-        # reports; release as that owner. kvclient's LockProxy.release() only releases the
-        # calling client's own holds.
-        proxy._call("release", [bytes.fromhex(holder["owner"])])
         if session.json:
             session.emit({"name": name, "released": token})
 

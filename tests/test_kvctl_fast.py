@@ -254,3 +254,52 @@ def test_version_is_the_package_metadata_version() -> None:
     import importlib.metadata
 
     assert importlib.metadata.version("kvmanager") == kvclient.__version__
+
+
+# -- the typer path builds only the command it runs ---------------------------------------
+
+
+def test_keep_only_knows_every_valued_option_of_the_main_command() -> None:
+    import typer
+
+    from kvclient import cli
+
+    group = typer.main.get_command(cli.app)
+    valued = {
+        opt
+        for param in group.params
+        if getattr(param, "param_type_name", "") == "option"
+        and not getattr(param, "is_flag", False)
+        for opt in param.opts
+    }
+    assert valued == cli._GLOBAL_VALUED
+
+
+@pytest.mark.parametrize(
+    ("argv", "kept"),
+    [
+        (["get", "k"], ["get"]),
+        (["-a", "h:1", "--timeout=3", "names", "-j"], ["names"]),
+        (["--authkey-file", "names", "incr", "n"], ["incr"]),  # an option's value is no command
+        (["lock", "run", "x", "--", "true"], ["lock"]),
+        (["get", "k", "-a", "h:1"], ["get"]),
+        ([], None),
+        (["-h"], None),
+        (["get", "--help"], None),
+        (["--version"], None),
+        (["nams"], None),  # a typo keeps every command, for click's "Did you mean"
+        (["-a"], None),
+    ],
+)
+def test_keep_only_keeps_the_command_argv_names_and_everything_when_unsure(
+    argv: list[str], kept: list[str] | None
+) -> None:
+    code = f"""
+import json
+from kvclient import cli
+every = len(cli.app.registered_commands) + len(cli.app.registered_groups)
+cli.keep_only({argv!r})
+names = [c.name for c in cli.app.registered_commands] + [g.name for g in cli.app.registered_groups]
+print(json.dumps(None if len(names) == every else names))
+"""
+    assert _fresh(code) == kept

@@ -159,6 +159,7 @@ def main() -> None:
         sys.exit(1)
     if code is not None:
         sys.exit(code)
-    from kvclient.cli import app  # noqa: PLC0415 - typer and the whole client, ~100 ms
+    from kvclient.cli import app, keep_only  # noqa: PLC0415 - typer and the whole client
 
+    keep_only(sys.argv[1:])
     app(prog_name="kvctl")

@@ -303,3 +303,19 @@ names = [c.name for c in cli.app.registered_commands] + [g.name for g in cli.app
 print(json.dumps(None if len(names) == every else names))
 """
     assert _fresh(code) == kept
+
+
+def test_the_client_loads_neither_ssl_nor_multiprocessing_until_it_needs_them(
+    server: object, address: str, authkey: bytes
+) -> None:
+    loaded = _fresh(
+        "import json, sys, kvclient\n"
+        f"with kvclient.connect({address!r}, {authkey!r}) as kv:\n"
+        "    kv.dict('d')['k'] = 1\n"
+        "    plain = sorted(sys.modules)\n"
+        "    kv.rebuild_info()\n"
+        "print(json.dumps([plain, sorted(sys.modules)]))"
+    )
+    assert "ssl" not in loaded[0]
+    assert not [m for m in loaded[0] if m.startswith("multiprocessing")]
+    assert "multiprocessing.context" in loaded[1]  # a proxy being pickled asks it

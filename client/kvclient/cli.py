@@ -25,9 +25,11 @@ Exit codes and errors
 
 ``kvctl lock run`` exits with its command's status instead (see :func:`lock_run`).
 
-Exceptions become exit codes and the one stderr line ``ErrorName: message`` in exactly one
-place, :func:`_session`. Nothing prints a traceback: typer's pretty exceptions are off, and
-anything unexpected is still reported as one line with exit code 3.
+Exceptions become exit codes and the one stderr line ``ErrorName: message`` by one function,
+:func:`kvclient._output.error_line`, called here only by :func:`_session` (and by the fast
+path, :mod:`kvclient._kvctl`, for the writes it serves). Nothing prints a traceback: typer's
+pretty exceptions are off, and anything unexpected is still reported as one line with exit
+code 3.
 """
 
 from __future__ import annotations
@@ -54,7 +56,17 @@ import typer
 from typer.core import TyperGroup
 
 import kvclient
-from kvclient._output import plain, to_json
+from kvclient._output import (
+    EXIT_ERROR,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    number,
+    plain,
+    to_json,
+)
+from kvclient._output import NotFoundError as _NotFoundError
+from kvclient._output import error_line as _error_line
 from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.proxies import make_proxy, to_ref
 from kvclient.sync import DEFAULT_LEASE, ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
@@ -65,10 +77,6 @@ from kvproto.errors import KindError, NoSuchContainerError
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
-EXIT_OK: Final = 0
-EXIT_NOT_FOUND: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_ERROR: Final = 3
 
 DEFAULT_DICT: Final = "default"
 DEFAULT_TIMEOUT: Final = 10.0
@@ -272,19 +280,6 @@ def keep_only(argv: Sequence[str]) -> None:
     app.registered_commands, app.registered_groups = commands, groups
 
 
-class _NotFoundError(Exception):
-    """The answer is "no" (exit 1): a missing key or item, an empty queue, a cas mismatch.
-
-    Args:
-        label: the error name printed before the message (``KeyError``, ``queue.Empty``, ...).
-        message: what was not found, naming the key and the container.
-    """
-
-    def __init__(self, label: str, message: str) -> None:
-        super().__init__(message)
-        self.label = label
-
-
 # -- values in and out ---------------------------------------------------------------------
 
 
@@ -355,18 +350,15 @@ def _shorten(text: str, limit: int = 40) -> str:
 
 
 def _number(text: str) -> float:
-    """Parse an int (kept exact) or a float for ``incr``."""
+    """Parse an int (kept exact) or a finite float for ``incr`` (as the fast path does)."""
+    parsed = number(text)
+    if parsed is not None:
+        return parsed
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
+        float(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a number") from None
-    if not math.isfinite(number):
-        raise typer.BadParameter(f"{text!r} is not a finite number")
-    return number
+    raise typer.BadParameter(f"{text!r} is not a finite number")
 
 
 def _seconds(text: str) -> float:
@@ -529,19 +521,6 @@ def _settings(ctx: typer.Context) -> _Settings:
 
 def _json_mode(ctx: typer.Context, as_json: bool) -> bool:
     return _settings(ctx).json or as_json
-
-
-def _error_line(exc: Exception) -> tuple[int, str]:
-    """Return the exit code and the one stderr line for an exception."""
-    if isinstance(exc, _NotFoundError):
-        code, name = EXIT_NOT_FOUND, exc.label
-    else:
-        code = EXIT_NOT_FOUND if isinstance(exc, NoSuchContainerError) else EXIT_ERROR
-        name = type(exc).__name__
-    # str(KeyError("x")) is "'x'"; the message is the argument itself.
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    message = " ".join(message.splitlines())
-    return code, f"{name}: {message}" if message else name
 
 
 @contextlib.contextmanager

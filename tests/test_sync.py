@@ -717,6 +717,10 @@ def test_releases_by_another_client_stay_applied_after_a_restart(
         ):
             assert a.lock("x").acquire() is True
             b.lock("x").release()  # ends a's hold
+            fenced = a.lock("y")
+            assert fenced.acquire() is True
+            assert fenced.token is not None and b.lock("y").release_token(fenced.token)
+            assert a.lock("z").acquire() is True  # stays held: not every hold is released
             bounded = a.bounded_semaphore("bs", 2)
             assert bounded.acquire() is True
             assert bounded.acquire() is True
@@ -730,6 +734,8 @@ def test_releases_by_another_client_stay_applied_after_a_restart(
     try:
         with kvclient.connect(srv.endpoint, authkey) as c:
             assert c.lock("x").status()["holders"] == []
+            assert c.lock("y").status()["holders"] == []
+            assert len(c.lock("z").status()["holders"]) == 1
             status = c.bounded_semaphore("bs").status()
             assert [h["count"] for h in status["holders"]] == [1]
             assert c.bounded_semaphore("bs").get_value() == 1

@@ -1965,6 +1965,8 @@ def top(
             while count is None or shown < count:
                 time.sleep(interval)
                 facts, now = client.stats(), time.monotonic()
+                if facts.get("uptime", 0) < before.get("uptime", 0):
+                    before = {}  # the server restarted (the client reconnected): since then
                 rates = _rates(before, facts, now - then)
                 if session.json:
                     typer.echo(_top_json(facts, rates))

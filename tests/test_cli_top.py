@@ -8,11 +8,13 @@ one on a pipe; both as separate processes, as a user runs them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pty
 import select
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from typer.testing import Result
 import kvclient
 from kvclient.cli import EXIT_OK
 from tests.conftest import ServerProcess, read_listening_line, start_kvserve
-from tests.test_cli import Kvctl, invoke, kvctl_script
+from tests.test_cli import Kvctl, free_port, invoke, kvctl_script
 
 # The columns of a line, as a script splits them (`awk`, `read -a`).
 HEADER_LINE = "clients containers keys ops/s requests/s memory log fsync-ms compactions busiest"
@@ -246,3 +248,59 @@ def test_top_on_a_terminal_refreshes_in_place(timed: ServerProcess) -> None:
     assert status_lines == 0
     assert "\x1b" not in lines_out
     assert lines_out.splitlines()[0].split() == HEADER
+
+
+def test_top_rides_through_a_server_restart_without_negative_rates(
+    clean_env: dict[str, str], authkey: bytes, tmp_path: Path
+) -> None:
+    port = str(free_port())
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    args = ["--port", port, "--data-dir", str(tmp_path / "data")]
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvserve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        read_listening_line(proc)
+        return proc
+
+    first = start()
+    sp = ServerProcess(first, f"127.0.0.1:{port}", authkey, env)
+    with kvclient.connect(sp.address, authkey) as kv:
+        for _ in range(300):  # counts the restarted server will not have
+            kv.dict("d").incr("n")
+    top = subprocess.Popen(
+        [kvctl_script(), "top", "-i", "0.4", "-n", "6", "--json"],
+        env=dict(env, KV_ADDRESS=sp.address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = None
+    try:
+        assert top.stdout is not None
+        head = top.stdout.readline()  # top is running, against the first server
+        sp.stop()
+        second = start()
+        out, err = top.communicate(timeout=60)
+        out = head + out
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.communicate(timeout=10)
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+            if proc is not None and proc.stdout is not None:
+                proc.stdout.close()
+    assert (top.returncode, err) == (0, "")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 6
+    uptimes = [line["uptime"] for line in lines]
+    assert any(later < earlier for earlier, later in itertools.pairwise(uptimes))  # restarted
+    assert all(line["ops_per_s"] >= 0 and line["requests_per_s"] >= 0 for line in lines)

@@ -24,7 +24,6 @@ goes to ``bench/results/<date>-cpu.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -33,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -40,7 +41,14 @@ from typing import IO, Any, Final
 if not __package__:  # run as a script, `python bench/cpu.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import environment, loadavg, sample_machine, sample_process
+from bench.measure import (
+    environment,
+    loadavg,
+    percentile,
+    sample_machine,
+    sample_process,
+    write_results,
+)
 from bench.systems import STR_VALUE, Endpoint, Server, start_server
 
 __all__ = ["Phase", "main"]
@@ -75,6 +83,8 @@ def _client_main(args: argparse.Namespace) -> int:
     driver = make_driver(endpoint)
     try:
         op = driver.op(args.op, args.prefix, 0, STR_VALUE, 1)
+        if args.pause_us:
+            op = _paced(op, args.pause_us / 1e6)
         for _ in range(args.warmup):
             op()
         module = sys.modules.get("kvclient")
@@ -102,6 +112,7 @@ def _client_main(args: argparse.Namespace) -> int:
             "utime": ru1.ru_utime - ru0.ru_utime,
             "stime": ru1.ru_stime - ru0.ru_stime,
             "switches": (ru1.ru_nvcsw - ru0.ru_nvcsw) + (ru1.ru_nivcsw - ru0.ru_nivcsw),
+            **_latencies(op, args.latency_ops, deadline),
         }
         print(json.dumps(result), flush=True)
         # Stay connected until the parent has sampled the server: the stdlib manager's thread
@@ -110,6 +121,38 @@ def _client_main(args: argparse.Namespace) -> int:
         return 0
     finally:
         driver.close()
+
+
+def _paced(op: Callable[[], object], pause: float) -> Callable[[], object]:
+    """Return ``op`` that sleeps ``pause`` seconds before each call (an idle-ish client)."""
+
+    def paced() -> object:
+        time.sleep(pause)
+        return op()
+
+    return paced
+
+
+def _latencies(op: Callable[[], object], count: int, deadline: float) -> dict[str, float]:
+    """Time ``count`` more calls one by one, after the CPU window: p50 and p99 in µs.
+
+    A separate pass, so the two clock reads per call are not in the CPU per op.
+    """
+    if count <= 0:
+        return {}
+    clock = time.perf_counter_ns
+    times = array("q")
+    for _ in range(count):
+        t0 = clock()
+        op()
+        times.append(clock() - t0)
+        if len(times) % _DEADLINE_EVERY == 0 and time.monotonic() > deadline:
+            break
+    ordered = sorted(times)
+    return {
+        "p50_us": percentile(ordered, 0.50) / 1e3,
+        "p99_us": percentile(ordered, 0.99) / 1e3,
+    }
 
 
 # -- the parent -------------------------------------------------------------------------------
@@ -125,6 +168,8 @@ class System:
     path: tuple[str, ...] = ()
     """Directories first on ``PYTHONPATH`` for server and client (another tree's)."""
     label: str = ""
+    server_args: tuple[str, ...] = ()
+    """More server options (kvserve's ``--busy-poll-us N``)."""
 
 
 @dataclass
@@ -142,6 +187,11 @@ class Phase:
     server_sys: float = 0.0
     client_sys: float = 0.0
     client_switches: float = 0.0
+    server_cores: float = 0.0
+    """Server CPU seconds per wall second over the ops (what a paced client costs it)."""
+    p50_us: float = 0.0
+    """Round-trip latency of the separate timed pass after the ops (``--latency-ops``)."""
+    p99_us: float = 0.0
     other_cores: float = 0.0
     steal_cores: float = 0.0
     error: str = ""
@@ -258,6 +308,8 @@ def _measure(
         f"--ops={args.ops}",
         f"--warmup={args.warmup}",
         f"--prefix=r{rnd}:{pin}:{op}",
+        f"--pause-us={args.pause_us}",
+        f"--latency-ops={args.latency_ops}",
     ]
     what = f"{system.name} {op} {pin} round {rnd + 1}"
     # Again each phase: a thread the server started since (stdlib: one per connection)
@@ -305,6 +357,10 @@ def _measure(
     phase.server_sys = (p1.system - p0.system) / ticks_s if ticks_s else 0.0
     phase.client_sys = result["stime"] / client_s if client_s else 0.0
     phase.client_switches = result["switches"] / ops
+    phase.p50_us = result.get("p50_us", 0.0)
+    phase.p99_us = result.get("p99_us", 0.0)
+    if result["wall"] > 0:
+        phase.server_cores = server_s / result["wall"]
     wall = m1.wall - m0.wall
     if wall > 0:
         # Everything else the machine did meanwhile (other users, this parent): the noise.
@@ -323,6 +379,17 @@ def _systems(args: argparse.Namespace) -> list[System]:
         systems.append(
             System(f"kvserve-{args.tree_name}", "kvserve", path, f"kvserve + kvclient, {tree}")
         )
+    if args.busy_poll_us:
+        n = args.busy_poll_us
+        systems.append(
+            System(
+                f"kvserve-bp{n}",
+                "kvserve",
+                (),
+                f"kvserve --busy-poll-us {n}, this tree",
+                ("--busy-poll-us", str(n)),
+            )
+        )
     systems += [
         System("raw", "raw", (), "raw-socket floor (bench/floor.py, epoll, 1 thread)"),
         System("stdlib", "stdlib", (), "stdlib BaseManager + registered dict"),
@@ -331,7 +398,7 @@ def _systems(args: argparse.Namespace) -> list[System]:
 
 
 def _start(system: System) -> Server:
-    server = start_server(system.kind, system.path)
+    server = start_server(system.kind, system.path, server_args=system.server_args)
     try:
         allowed = _pin_process(server.pid, PINS["same"][0])
         if allowed != [PINS["same"][0]]:
@@ -516,6 +583,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ops", type=int, default=20_000, help="measured ops (default 20000)")
     parser.add_argument("--warmup", type=int, default=2_000, help="warm-up ops (default 2000)")
     parser.add_argument(
+        "--latency-ops",
+        type=int,
+        default=0,
+        help="after the measured ops, time this many more one by one for p50/p99 (default 0)",
+    )
+    parser.add_argument(
+        "--pause-us",
+        type=int,
+        default=0,
+        help="the client sleeps this long before each op (default 0: back to back)",
+    )
+    parser.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=0,
+        help="also run kvserve (this tree) with --busy-poll-us N, as kvserve-bpN (default: not)",
+    )
+    parser.add_argument(
         "--pin", default="same,cross", help="comma list of same, cross (default both)"
     )
     parser.add_argument(
@@ -584,10 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(header, args, phases, systems)
     print(report)
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        base = args.out / f"{stamp}-{args.name}"
-        base.with_suffix(".md").write_text(report)
         data = {
             "header": header,
             "params": {
@@ -603,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             "phases": [asdict(p) for p in phases],
             "summary": summary(phases, systems, args.pin),
         }
-        base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        base = write_results(args.out, args.name, report, data)
         _log(f"wrote {base}.md and {base}.json")
     failed = [p for p in phases if not p.ok]
     if failed:

@@ -42,9 +42,21 @@ _RECV: Final = 256 * 1024
 _MAX_FRAME: Final = 64 * 1024 * 1024
 
 
-def _frame(value: Any) -> bytes:
-    payload: bytes = msgpack.packb(value, use_bin_type=True)
-    return HEADER.pack(len(payload)) + payload
+class _Framer:
+    """Frames with one reused ``msgpack.Packer``: the least a single thread pays per message.
+
+    ``msgpack.packb`` builds a Packer per call (about 0.4 µs); a service that owns its
+    connection, as kvserve's loop and kvclient's per-thread connection do, keeps one.
+    """
+
+    __slots__ = ("_pack",)
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def __call__(self, value: Any) -> bytes:
+        payload: bytes = self._pack(value)
+        return HEADER.pack(len(payload)) + payload
 
 
 class _Conn:
@@ -67,6 +79,7 @@ class _EpollServer:
         # A blocked qget waits here with its deadline; a put hands its item straight over.
         self.waiters: dict[str, collections.deque[tuple[_Conn, float]]] = {}
         self.stopped = False
+        self.frame = _Framer()  # one thread: one Packer
 
     def serve(self) -> None:
         self.listener.setblocking(False)
@@ -150,7 +163,7 @@ class _EpollServer:
                 waiter, _ = waiting.popleft()
                 if not waiting:
                     del self.waiters[msg[1]]
-                self._send(waiter, _frame(msg[2]))
+                self._send(waiter, self.frame(msg[2]))
             else:
                 self.queues.setdefault(msg[1], collections.deque()).append(msg[2])
         elif op == "qget":
@@ -161,7 +174,7 @@ class _EpollServer:
                 deadline = time.monotonic() + float(msg[2])
                 self.waiters.setdefault(msg[1], collections.deque()).append((conn, deadline))
                 return
-        self._send(conn, _frame(result))
+        self._send(conn, self.frame(result))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -169,7 +182,7 @@ class _EpollServer:
             waiting = self.waiters[name]
             while waiting and waiting[0][1] <= now:
                 conn, _ = waiting.popleft()
-                self._send(conn, _frame(None))
+                self._send(conn, self.frame(None))
             if not waiting:
                 del self.waiters[name]
 
@@ -223,6 +236,7 @@ class _ThreadServer:
     def _serve_conn(self, sock: socket.socket) -> None:
         client = FloorClient.__new__(FloorClient)
         client.sock = sock
+        frame = _Framer()  # this connection's thread's own
         store = self.store
         with sock:
             while True:
@@ -251,7 +265,7 @@ class _ThreadServer:
                     except queue.Empty:
                         result = None
                 try:
-                    sock.sendall(_frame(result))
+                    sock.sendall(frame(result))
                 except OSError:
                     return
 
@@ -264,16 +278,17 @@ class FloorClient:
     """
 
     sock: socket.socket
+    frame: _Framer
 
     def __init__(self, address: tuple[str, int]) -> None:
+        self.frame = _Framer()
         self.sock = socket.create_connection(address, 10.0)
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def call(self, message: list[Any]) -> Any:
         """Send one request and return its reply."""
-        payload: bytes = msgpack.packb(message, use_bin_type=True)
-        self.sock.sendall(HEADER.pack(len(payload)) + payload)
+        self.sock.sendall(self.frame(message))
         return self.recv()
 
     def recv(self) -> Any:

@@ -24,7 +24,6 @@ deterministic. The report goes to ``bench/results/<date>-instructions.md`` and `
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ if not __package__:  # run as a script, `python bench/instructions.py`: make `be
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu import System, _client_env
-from bench.measure import environment, loadavg
+from bench.measure import environment, loadavg, write_results
 from bench.systems import STR_VALUE, Endpoint, Server, start_server
 
 __all__ = ["Measurement", "main"]
@@ -223,6 +222,9 @@ def _systems(args: argparse.Namespace) -> list[System]:
         System("raw", "raw", (), "raw-socket floor (bench/floor.py, epoll, 1 thread)"),
         System("stdlib", "stdlib", (), "stdlib BaseManager + registered dict"),
     ]
+    if args.systems:
+        # --systems raw,other: kvserve and the --tree one always run (they are compared).
+        systems = [s for s in systems if s.kind == "kvserve" or s.name in args.systems]
     return systems
 
 
@@ -410,6 +412,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=500, help="warm-up ops (default 500)")
     parser.add_argument("--side", default="server,client", help="comma list of server, client")
     parser.add_argument(
+        "--systems",
+        type=lambda text: [s for s in text.split(",") if s],
+        help="of raw, stdlib: the baselines to count (default both; kvserve always runs)",
+    )
+    parser.add_argument(
         "--tree",
         type=Path,
         help="also count kvserve/kvclient from this source tree (a checkout or a "
@@ -478,10 +485,6 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(header, args, ms, systems)
     print(report)
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        base = args.out / f"{stamp}-{args.name}"
-        base.with_suffix(".md").write_text(report)
         data = {
             "header": header,
             "params": {
@@ -497,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             + [asdict(m) for m in ms if not m.ok],
             "summary": summary(ms, systems, args.side),
         }
-        base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        base = write_results(args.out, args.name, report, data)
         _log(f"wrote {base}.md and {base}.json")
     failed = [m for m in ms if not m.ok]
     if failed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -286,3 +287,16 @@ def environment(tree: Path | None = None) -> dict[str, Any]:
         "commit": _commit(tree),
         "loadavg_start": loadavg(),
     }
+
+
+def write_results(out: Path, name: str, report: str, data: dict[str, Any]) -> Path:
+    """Write ``report`` and ``data`` to ``out/<UTC date>-<name>.md`` and ``.json``.
+
+    Returns the path without its suffix (what the callers log).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    base = out / f"{stamp}-{name}"
+    base.with_suffix(".md").write_text(report)
+    base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    return base

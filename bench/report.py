@@ -110,6 +110,7 @@ class Target:
         threshold: required ratio.
         details: ``(label, median ratio)`` per pair compared; None when not measured.
         issue: the issue that set the target.
+        unit: ``x`` for a ratio; anything else is printed after the number (``B/key``).
     """
 
     name: str
@@ -117,6 +118,7 @@ class Target:
     threshold: float
     details: list[tuple[str, float | None]]
     issue: int = 4
+    unit: str = "x"
 
     @property
     def measured(self) -> float | None:
@@ -628,9 +630,16 @@ def _targets(targets: list[Target]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for t in measured:
-        detail = ", ".join(f"{label} {_x(v)}" for label, v in t.details)
+
+        def fmt(value: float | None, t: Target = t) -> str:
+            if t.unit == "x" or value is None:
+                return _x(value)
+            return f"{value:.3g} {t.unit}"
+
+        detail = ", ".join(f"{label} {fmt(v)}" for label, v in t.details)
+        required = f"{t.threshold:g}x" if t.unit == "x" else f"{t.threshold:g} {t.unit}"
         out.append(
-            f"| {t.issue} | {t.name} | {t.op} {t.threshold:g}x | {_x(t.measured)} | "
+            f"| {t.issue} | {t.name} | {t.op} {required} | {fmt(t.measured)} | "
             f"{t.verdict} | {detail} |"
         )
     skipped = [t.name for t in targets if t.measured is None]

@@ -12,8 +12,6 @@ the memory case starts each server once more, fresh. Results go to
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import tempfile
@@ -37,6 +35,7 @@ from bench.measure import (
     percentile,
     sample_machine,
     sample_process,
+    write_results,
 )
 from bench.memory import MemoryResult, measure_plain, measure_server
 from bench.report import (
@@ -399,10 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(title, header, phases, memory, targets, durable, restart)
     print(report)
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        base = args.out / f"{stamp}-{args.name}"
-        base.with_suffix(".md").write_text(report)
         data = {
             "header": header,
             "phases": [phase_json(p) for p in phases + durable],
@@ -425,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t in targets
             ],
         }
-        base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        base = write_results(args.out, args.name, report, data)
         _log(f"wrote {base}.md and {base}.json")
     failed = [p for p in phases + durable if not p.ok]
     if failed:

@@ -25,8 +25,6 @@ line compares the medians: issue 18 asks ``kvctl get`` for at most 5x ``python -
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import resource
 import shutil
@@ -38,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from bench.measure import environment, loadavg
+from bench.measure import environment, loadavg, write_results
 from bench.systems import Server, SkipSystemError, start_server, value_for
 
 __all__ = ["StartupResult", "main", "measure_startup"]
@@ -304,11 +302,7 @@ def main(
     report = markdown(result, header, runs)
     print(report)
     if write:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        base = out_dir / f"{stamp}-{name}"
-        base.with_suffix(".md").write_text(report)
         data = {"header": header, "runs": runs, "startup": result.to_json()}
-        base.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        base = write_results(out_dir, name, report, data)
         print(f"wrote {base}.md and {base}.json", file=sys.stderr)
     return 0

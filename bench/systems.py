@@ -172,6 +172,7 @@ def start_server(
     path: Sequence[str] = (),
     wrapper: Sequence[str] = (),
     env_extra: Mapping[str, str] | None = None,
+    server_args: Sequence[str] = (),
 ) -> Server:
     """Start a fresh server for ``system`` and wait until it accepts connections.
 
@@ -183,6 +184,7 @@ def start_server(
         wrapper: a command the Python server runs under (``valgrind --tool=callgrind ...``,
             for :mod:`bench.instructions`); not for redis-server.
         env_extra: variables added to the server's environment (``PYTHONHASHSEED``).
+        server_args: more kvserve command-line options (``--busy-poll-us 50``).
 
     Raises:
         SkipSystemError: the system is not installed here (redis-server, redis-py).
@@ -201,6 +203,7 @@ def start_server(
             # In the scratch directory, so stop() removes it; tempfile's directory is /tmp
             # unless TMPDIR says otherwise (the report names its filesystem).
             argv += ["--data-dir", str(workdir / "data"), "--fsync", DURABLE_SYSTEMS[system]]
+        argv += server_args
         prefix = "kvserve listening on "
     elif system == "stdlib":
         env["BENCH_AUTHKEY"] = key

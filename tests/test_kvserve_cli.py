@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,46 @@ def test_env_address_and_authkey_are_defaults(kvserve_proc: ServerProcess) -> No
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == kvserve_proc.address
     assert os.environ.get("KV_ADDRESS") != kvserve_proc.address
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The process's on-CPU time, all threads (schedstat: exact, not 10 ms ticks)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks.iterdir()) / 1e9
+
+
+def test_busy_poll_serves_and_backs_off(clean_env: dict[str, str], authkey: bytes) -> None:
+    # 2 ms of polling per request would be obvious: a server that polled after every request
+    # of a client pausing 5 ms would spend ~0.2 s of CPU on 100 requests, an idle one would
+    # poll forever. Backing off, it spends a few polls on the paced client and none idle.
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    proc = start_kvserve(env, "--busy-poll-us", "2000")
+    try:
+        address = read_listening_line(proc)
+        with kvclient.connect(address, authkey) as kv:
+            d = kv.dict("d")
+            for i in range(300):  # back to back: the polls find the next request
+                d[i] = str(i)
+            assert [d[i] for i in range(300)] == [str(i) for i in range(300)]
+            before = _cpu_seconds(proc.pid)
+            for i in range(100):
+                time.sleep(0.005)
+                assert d[i] == str(i)
+            paced = _cpu_seconds(proc.pid) - before
+            before = _cpu_seconds(proc.pid)
+            time.sleep(1.0)
+            idle = _cpu_seconds(proc.pid) - before
+        assert paced < 0.1, f"{paced:.3f} s of server CPU for 100 paced requests"
+        assert idle < 0.05, f"{idle:.3f} s of server CPU in 1 s idle"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("value", ["-1", "10001", "nan"])
+def test_busy_poll_out_of_range_is_refused(clean_env: dict[str, str], value: str) -> None:
+    proc = start_kvserve(dict(clean_env, KV_AUTHKEY="k" * 20), "--busy-poll-us", value)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "--busy-poll-us" in err
+    assert "Traceback" not in err

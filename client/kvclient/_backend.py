@@ -175,8 +175,9 @@ class SocketBackend:
                 timeout = False
         else:
             if timeout is DERIVED:
-                timeout = reply_timeout(op, args, self.call_timeout)
-            if op.needs_id:
+                # reply_timeout() is False for an op that cannot block: skip the call.
+                timeout = reply_timeout(op, args, self.call_timeout) if op.blocks else False
+            if op.mutates and not op.idempotent:  # op.needs_id, without the property's call
                 if session is None:
                     session = self._local.session = _Session()
                 # A request id makes the call safe to retry: the server answers a repeated

@@ -231,10 +231,12 @@ class Connection:
         for part in frame_parts(payload):  # no copy of a large payload to prepend 4 bytes
             self._sock.sendall(part)
 
-    def _recv_frame(self, limit: int) -> bytes | memoryview:
+    def _recv_frame(self, limit: int, data: bytes | None = None) -> bytes | memoryview:
+        """Receive one frame's payload; ``data``: what a first recv() already returned."""
         sock = self._sock
         assert sock is not None
-        data = sock.recv(_RECV_CHUNK)
+        if data is None:
+            data = sock.recv(_RECV_CHUNK)
         if not data:
             raise EOFError
         while len(data) < 4:
@@ -302,7 +304,13 @@ class Connection:
                 sock.sendall(HEADER.pack(size) + payload)
             else:
                 self._send_frame(payload)
-            reply = self.codec.unpack(self._recv_frame(self.max_frame))
+            # The common small reply, whole in the first recv, inline; else _recv_frame.
+            data = sock.recv(_RECV_CHUNK)
+            n = len(data)
+            if n > 4 and HEADER.unpack_from(data)[0] == n - 4 and n - 4 <= self.max_frame:
+                reply = self.codec.unpack(memoryview(data)[4:])
+            else:
+                reply = self.codec.unpack(self._recv_frame(self.max_frame, data))
         except (OSError, EOFError) as exc:
             self.close()
             raise translate_os_error(exc, self.endpoint, "call") from exc

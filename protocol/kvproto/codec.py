@@ -395,8 +395,8 @@ class Codec:
             raise TypeError(f"cannot encode value: {exc}") from exc
         except RecursionError:
             raise TypeError("cannot encode value: nested too deeply") from None
-        finally:
-            self._packer.reset()
+        # No reset(): with autoreset a Packer empties its buffer after each pack, and on an
+        # exception too (msgpack >= 1.0).
         if self._bigint_packed:
             self._bigint_packed = False
             _check_keys(obj)  # what the decoder would refuse, refused before it is sent
@@ -467,7 +467,14 @@ class Codec:
         try:
             try:
                 try:
-                    obj = self._unpack_raw(data)
+                    # _unpack_raw's unchecked case, inline: this runs once per message.
+                    obj = msgpack.unpackb(
+                        data,
+                        raw=False,
+                        strict_map_key=False,
+                        ext_hook=self._ext_hook,
+                        use_list=True,
+                    )
                 except _NeedsCheckedMaps:
                     # Rare: build maps through a hook that refuses colliding-prone keys before
                     # they are hashed, rather than paying for the hook on every message.

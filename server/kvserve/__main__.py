@@ -187,6 +187,21 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    busy_poll_us: Annotated[
+        int,
+        typer.Option(
+            metavar="US",
+            help="After serving, poll the sockets for up to US microseconds before sleeping "
+            "(default 0: off). Pays with one or a few clients that call back to back while "
+            "server and client run on different CPUs (each request then skips waking a "
+            "sleeping server: 1.5x the GETs/s measured on a 2-vCPU VM); costs up to US "
+            "of CPU per request when the next one does not come in time. Adaptive: polls "
+            "that find nothing back off (skipped for up to 64 turns), so an idle server "
+            "sleeps and a client pausing between calls costs little. Try 50.",
+            min=0,
+            max=10_000,
+        ),
+    ] = 0,
     log_format: Annotated[
         str,
         typer.Option(
@@ -247,6 +262,7 @@ def serve(
             idle_timeout=idle_timeout,
             metrics=metrics_address,
             slow_ms=slow_ms,
+            busy_poll=busy_poll_us / 1e6,
         )
         server = manager.get_server()
     except KVError as exc:

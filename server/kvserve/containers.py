@@ -1,8 +1,8 @@
 """The named containers kvserve serves: dict, list, Namespace and Queue.
 
-Each container owns a lock, and the server runs every exposed method under it, so compound
-operations (``incr``, ``cas``, ``setdefault``, ...) are atomic across all clients. Only names in a
-class's ``exposed`` set can be called from the wire.
+The server calls containers from its one loop thread, one call at a time, so compound
+operations (``incr``, ``cas``, ``setdefault``, ...) are atomic across all clients without a
+per-call lock. Only names in a class's ``exposed`` set can be called from the wire.
 
 Containers know nothing of networking. A Queue operation that would block raises
 :class:`WouldBlock`; the serving loop parks the request (no thread per waiter) and retries it

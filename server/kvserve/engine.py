@@ -39,6 +39,7 @@ from kvproto.wire import (
     ERROR,
     MAX_BATCH,
     MAX_METHOD,
+    MAX_NAME,
     RETURN,
     check_args,
     parse_request,
@@ -192,10 +193,20 @@ class Engine:
 
         Every failure of the call is in the reply; an exception from here is a bug.
         """
-        try:
-            rid = parse_request(message)
-        except ProtocolError as exc:
-            return ERROR, exc
+        if (
+            type(message) is list
+            and len(message) == 4
+            and type(message[0]) is str
+            and type(message[1]) is str
+            and len(message[0]) <= MAX_NAME
+            and len(message[1]) <= MAX_METHOD
+        ):
+            rid = None  # a container call without a request id: parse_request's checks, inline
+        else:
+            try:
+                rid = parse_request(message)
+            except ProtocolError as exc:
+                return ERROR, exc
         ident, method = message[0], message[1]
         self.ops_served += 1
         self.requests_served += 1
@@ -345,26 +356,27 @@ class Engine:
                 raise ProtocolError("'caller' is set by the server, not the client")
             kwds = message[3] = {**(kwds or {}), "caller": caller}
         failed: Exception | None = None
-        with obj.lock:
-            try:
-                if function is None:
-                    bound = getattr(obj, method)
-                    result = bound(*args, **kwds) if kwds else bound(*args)
-                else:
-                    result = function(obj, *args, **kwds) if kwds else function(obj, *args)
-            except WouldBlock:
-                if obj.journal:
-                    self._log_journal(ident, obj)
-                raise  # not applied: it is logged when a retry completes it
-            except Exception as exc:
-                # A mutating call may raise halfway (delete_many(["a", ["x"]]) deletes "a",
-                # then fails on the list; sort() of mixed types leaves the list reordered).
-                # It is logged all the same: replay raises the same way at the same point,
-                # so memory and the log never disagree. (Validating everything first would
-                # have to be done, and kept right, in every method.)
-                failed = exc
+        # No lock: only the loop thread calls containers, one call at a time, so each call
+        # is atomic without one (the compactor and dumps copy them from this thread first).
+        try:
+            if function is None:
+                bound = getattr(obj, method)
+                result = bound(*args, **kwds) if kwds else bound(*args)
+            else:
+                result = function(obj, *args, **kwds) if kwds else function(obj, *args)
+        except WouldBlock:
             if obj.journal:
                 self._log_journal(ident, obj)
+            raise  # not applied: it is logged when a retry completes it
+        except Exception as exc:
+            # A mutating call may raise halfway (delete_many(["a", ["x"]]) deletes "a",
+            # then fails on the list; sort() of mixed types leaves the list reordered).
+            # It is logged all the same: replay raises the same way at the same point,
+            # so memory and the log never disagree. (Validating everything first would
+            # have to be done, and kept right, in every method.)
+            failed = exc
+        if obj.journal:
+            self._log_journal(ident, obj)
         if op.mutates:
             if self.persist is not None:
                 if raw is not None and not op.caller:
@@ -561,8 +573,7 @@ class Engine:
                 self._schedule_deadline(name, obj)
 
     def _schedule_deadline(self, name: str, obj: Container) -> None:
-        with obj.lock:
-            at = obj.next_deadline()
+        at = obj.next_deadline()
         if at is None:
             return
         scheduled = self._deadlines.get(name)
@@ -581,10 +592,9 @@ class Engine:
         obj = self.store.objects.get(name)
         if obj is None:
             return
-        with obj.lock:
-            obj.expire(time.monotonic())
-            if obj.journal:
-                self._log_journal(name, obj)
+        obj.expire(time.monotonic())
+        if obj.journal:
+            self._log_journal(name, obj)
         if name in self.parked:
             self._retry_parked(name)
         self._schedule_deadline(name, obj)
@@ -656,8 +666,7 @@ class Engine:
         if wb.on_expire is not None:
             obj = self.store.objects.get(waiter.name)
             if obj is not None:
-                with obj.lock:
-                    wb.on_expire()
+                wb.on_expire()
         if wb.on_timeout is not None:
             self._late_answer(session, waiter.rid, ERROR, wb.on_timeout)
         else:

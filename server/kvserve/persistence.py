@@ -431,13 +431,10 @@ def restore_state(store: Store, dump: Any) -> int:
 
 
 def _shallow_copy(store: Store) -> list[tuple[str, Container]]:
+    # On the loop thread, the only one that changes containers: a consistent point in time.
     with store.lock:
         items = list(store.objects.items())
-    copies = []
-    for name, obj in items:
-        with obj.lock:
-            copies.append((name, obj.copy_container()))
-    return copies
+    return [(name, obj.copy_container()) for name, obj in items]
 
 
 class Persistence:

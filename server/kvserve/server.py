@@ -89,6 +89,10 @@ _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 # Replies up to this size are sent with one send() of header + payload when nothing is queued
 # (the same size below which frame_parts joins them).
 _DIRECT_SEND: Final = 64 * 1024
+# --busy-poll-us: at most 10 ms; after a poll that found nothing, the loop skips polling for
+# 1, 2, 4, ... up to this many turns (reset by the next poll that finds something).
+_BUSY_POLL_MAX: Final = 0.01
+_BUSY_POLL_BACKOFF: Final = 64
 
 
 class MetricsError(KVError):
@@ -268,6 +272,12 @@ class Server:
             None (default): no metrics endpoint.
         slow_ms: log requests taking this many milliseconds or more, and keep the newest
             for ``kvctl slowlog`` (default None: no slow-request log).
+        busy_poll: after a loop turn, poll the sockets without sleeping for up to this many
+            seconds before blocking in epoll (default 0: never). It saves the wake-up of a
+            sleeping server (~20 µs of kernel time per request when client and server run
+            on different CPUs) at the price of CPU spent polling; adaptive: a poll that found
+            nothing makes the loop skip polling for the next 1, 2, 4, ... 64 turns, so an
+            idle server sleeps and a client pausing between calls costs little.
     """
 
     def __init__(
@@ -291,6 +301,7 @@ class Server:
         max_unsent: int = 1024 * 1024 * 1024,
         metrics: tuple[str, int] | None = None,
         slow_ms: float | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -318,6 +329,9 @@ class Server:
         self._accept_errors = 0
         self.idle_timeout = idle_timeout
         self.refused_connections = 0
+        if not 0.0 <= busy_poll <= _BUSY_POLL_MAX:
+            raise ValueError(f"busy_poll must be 0..{_BUSY_POLL_MAX} seconds, not {busy_poll!r}")
+        self.busy_poll = busy_poll
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
@@ -447,13 +461,36 @@ class Server:
         self.engine.start()  # leases restored from disk run out on time too
         timers = self._timers
         held = self._held
+        busy = self.busy_poll
+        skip = 0  # loop turns left without busy polling (after a poll that found nothing)
+        backoff = 1
         try:
             while not self._stop.is_set():
                 # Inline, not a method of _Timers: this runs once per request served.
                 timeout = None
                 if timers.heap:
                     timeout = min(_MAX_SLEEP, max(0.0, timers.heap[0].at - time.monotonic()))
-                self._handle(sel.select(timeout))
+                if not busy:
+                    self._handle(sel.select(timeout))
+                elif skip or (timeout is not None and timeout < busy):
+                    skip = max(0, skip - 1)
+                    self._handle(sel.select(timeout))
+                else:
+                    # Busy polling: the next request of a client that comes straight back
+                    # finds this thread running instead of asleep in epoll_wait.
+                    events = sel.select(0)
+                    if not events:
+                        end = time.monotonic() + busy
+                        while not events and time.monotonic() < end:
+                            events = sel.select(0)
+                    if events:
+                        backoff = 1
+                    else:
+                        skip, backoff = backoff, min(2 * backoff, _BUSY_POLL_BACKOFF)
+                        if timeout is not None:
+                            timeout = max(0.0, timeout - busy)
+                        events = sel.select(timeout)
+                    self._handle(events)
                 if timers.heap and timers.heap[0].at <= time.monotonic():
                     timers.run_due()
                 if held:

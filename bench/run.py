@@ -183,6 +183,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=200,
         help="runs of each command in the startup case (default 200; quick 30)",
     )
+    parser.add_argument(
+        "--startup-every-command",
+        action="store_true",
+        help="the startup case times every kvctl command too (fast path and typer)",
+    )
     parser.add_argument("--name", help="results file name suffix (default quick/full)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)"
@@ -337,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.only and set(args.only) == {"startup"}:
         # Process start-up times only: no servers of the other cases, a report of its own.
-        return startup.main(args.startup_runs, args.out, not args.no_write)
+        name = "startup-commands" if args.startup_every_command else "startup"
+        return startup.main(
+            args.startup_runs, args.out, not args.no_write, name, args.startup_every_command
+        )
     if args.only and set(args.only) == {"cpu"}:
         # CPU per op, pinned (bench/cpu.py): its own systems and report. There --tree is run
         # beside this tree's kvserve, not instead of it.

@@ -11,6 +11,12 @@ Each row is a whole process run to its exit, as a shell script calling it in a l
 - ``redis-cli GET``: the same GET against a fresh redis-server (skipped, with the reason,
   when redis-cli or redis-server is not installed).
 
+With ``every_command`` (``python -m bench --only startup --startup-every-command``), a row
+for each kvctl command as well, each marked ``fast`` (served by :mod:`kvclient._kvctl`) or
+``typer``: every command that succeeds repeatably against a fresh server (not ``dump``,
+``restore``, ``compact``, ``slowlog``, ``drop``, ``top``, ``lock acquire/release``, whose
+runs would not be alike), with the data they read seeded first.
+
 The rows run interleaved, one run of each in turn (the order rotating), so that load from
 elsewhere on the machine falls on all of them alike; each run's wall time is taken around
 ``subprocess.run``, with the CPU time of the child from ``resource.getrusage``. The verdict
@@ -52,7 +58,8 @@ class Row:
     name: str
     argv: list[str]
     env: dict[str, str]
-    expect: bytes
+    expect: bytes | None  # None: any output
+    code: int = 0
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
 
@@ -103,7 +110,7 @@ def _timed(row: Row) -> None:
     )
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0 or done.stdout != row.expect:
+    if done.returncode != row.code or row.expect not in (None, done.stdout):
         raise RuntimeError(
             f"{row.name}: exit {done.returncode}, stdout {done.stdout[:80]!r}, "
             f"stderr {done.stderr[-300:]!r}"
@@ -138,8 +145,56 @@ def _redis_row(value: str) -> tuple[Row | None, Server | None, str]:
     return Row("redis-cli GET", argv, dict(os.environ), value.encode() + b"\n"), server, ""
 
 
-def measure_startup(runs: int, log: Any = print) -> StartupResult:
+def _command_rows(kvctl: str, env: dict[str, str], value: str) -> list[Row]:
+    """Return a row per kvctl command not in the main rows, after seeding the data they read."""
+    seed = [
+        ["list", "push", "jobs", *(f"j{i}" for i in range(5))],
+        ["queue", "put", "inbox", *(f"m{i}" for i in range(2000))],
+        ["ns", "set", "cfg", "mode", "fast"],
+        ["value", "set", "hits", "0"],
+        ["lock", "run", "deploy", "--", "true"],
+        ["set", "same", "v"],
+    ]
+    for argv in seed:
+        subprocess.run([kvctl, *argv], env=env, check=True, timeout=_RUN_TIMEOUT)
+    table: list[tuple[str, list[str], bytes | None, int]] = [
+        ("set (fast)", ["set", "scratch", "v"], b"", 0),
+        ("incr (fast)", ["incr", "-d", "counters", "n"], None, 0),
+        ("set --json (typer)", ["set", "--json", "doc", '{"a": 1}'], b"", 0),
+        ("get --bytes (typer)", ["get", "--bytes", "greeting"], value.encode(), 0),
+        ("del (typer)", ["del", "never-there"], b"0\n", 1),
+        ("keys (typer)", ["keys", "greet*"], b"greeting\n", 0),
+        ("cas (typer)", ["cas", "same", "v", "v"], b"", 0),
+        ("mget (typer)", ["mget", "same"], b'{"same": "v"}\n', 0),
+        ("mset (typer)", ["mset", "m1", "a", "m2", "b"], b"", 0),
+        ("ping (typer)", ["ping"], None, 0),
+        ("stats (typer)", ["stats"], None, 0),
+        ("list push (typer)", ["list", "push", "jobs", "j"], b"", 0),
+        ("list pop (typer)", ["list", "pop", "jobs"], None, 0),
+        ("list range (typer)", ["list", "range", "jobs", "0", "2"], b"j0\nj1\n", 0),
+        ("list len (typer)", ["list", "len", "jobs"], None, 0),
+        ("queue put (typer)", ["queue", "put", "inbox", "m"], b"", 0),
+        ("queue get (typer)", ["queue", "get", "inbox", "--no-wait"], None, 0),
+        ("queue size (typer)", ["queue", "size", "inbox"], None, 0),
+        ("ns get (typer)", ["ns", "get", "cfg", "mode"], b"fast\n", 0),
+        ("ns set (typer)", ["ns", "set", "cfg", "mode", "fast"], b"", 0),
+        ("ns show (typer)", ["ns", "show", "cfg"], b'{"mode": "fast"}\n', 0),
+        ("value get (typer)", ["value", "get", "hits"], None, 0),
+        ("value set (typer)", ["value", "set", "hits", "0"], b"", 0),
+        ("value incr (typer)", ["value", "incr", "hits"], None, 0),
+        ("lock status (typer)", ["lock", "status", "deploy"], None, 0),
+        ("lock run -- true (typer)", ["lock", "run", "deploy", "--", "true"], b"", 0),
+    ]
+    return [Row(f"kvctl {name}", [kvctl, *argv], env, out, code) for name, argv, out, code in table]
+
+
+def measure_startup(runs: int, log: Any = print, every_command: bool = False) -> StartupResult:
     """Run every row ``runs`` times, interleaved; return the wall and CPU times.
+
+    Args:
+        runs: runs of each row.
+        log: where progress notes go.
+        every_command: add a row for each kvctl command (see the module docstring).
 
     Raises:
         RuntimeError: a command failed or printed something else than expected.
@@ -172,8 +227,10 @@ def measure_startup(runs: int, log: Any = print) -> StartupResult:
             Row("python -c pass", [sys.executable, "-c", "pass"], env, b""),
             Row("kvctl get", [kvctl, "get", "greeting"], env, value.encode() + b"\n"),
             Row("kvctl get (typer)", [kvctl, "get", "greeting"], typer_env, value.encode() + b"\n"),
-            Row("kvctl names (typer)", [kvctl, "names"], env, names),
+            Row("kvctl names (typer)", [kvctl, "names"], env, None if every_command else names),
         ]
+        if every_command:
+            rows += _command_rows(kvctl, env, value)
         redis_row, redis_server, why = _redis_row(value)
         if redis_row is None:
             skipped["redis-cli GET"] = why
@@ -233,10 +290,14 @@ def markdown(result: StartupResult, header: dict[str, Any], runs: int) -> str:
     return "\n".join(out)
 
 
-def main(runs: int, out_dir: Path, write: bool, name: str = "startup") -> int:
+def main(
+    runs: int, out_dir: Path, write: bool, name: str = "startup", every_command: bool = False
+) -> int:
     """Measure, print the report, write it with the raw numbers; return the exit code."""
     header = environment(None)
-    result = measure_startup(runs, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = measure_startup(
+        runs, log=lambda m: print(m, file=sys.stderr, flush=True), every_command=every_command
+    )
     header["loadavg_end"] = loadavg()
     report = markdown(result, header, runs)
     print(report)

@@ -1378,65 +1378,6 @@ def test_set_from_a_redirected_file_in_a_real_process(
     assert (out.returncode, out.stdout) == (0, blob)
 
 
-# -- top -----------------------------------------------------------------------------------
-
-
-def test_top_rates_follow_the_load(
-    kvctl: Kvctl, kv: kvclient.Client, address: str, authkey: bytes
-) -> None:
-    stop = threading.Event()
-    done: list[int] = []
-
-    def load() -> None:
-        with kvclient.connect(address, authkey) as client:
-            hits = client.dict("hits")
-            n = 0
-            while not stop.is_set():
-                hits.incr("home")
-                n += 1
-            done.append(n)
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
-        busy = kvctl("top", "--interval", "0.3", "--count", "2", "--json")
-    finally:
-        stop.set()
-        worker.join(10)
-    assert (busy.exit_code, busy.stderr) == (EXIT_OK, "")
-    lines = [json.loads(line) for line in busy.stdout.splitlines()]
-    assert len(lines) == 2
-    for line in lines:
-        assert line["ops_per_s"] > 50  # thousands a second on loopback
-        assert line["keys"] == 1 and line["containers"] == 1
-        assert line["clients"] >= 2
-    assert lines[1]["ops"] - lines[0]["ops"] <= done[0] + 10  # the load's, and top's own
-    idle = kvctl("top", "-i", "0.2", "-n", "2", "--json")
-    for line in map(json.loads, idle.stdout.splitlines()):
-        assert line["ops_per_s"] < 30  # only top's own stats calls now
-
-
-def test_top_prints_a_header_then_a_row_per_interval(kvctl: Kvctl, kv: kvclient.Client) -> None:
-    kv.dict("d").update(a=1, b=2)
-    result = kvctl("top", "-i", "0.1", "-n", "2")
-    assert (result.exit_code, result.stderr) == (EXIT_OK, "")
-    header, *rows = result.stdout.splitlines()
-    assert header.split() == [
-        "clients",
-        "containers",
-        "keys",
-        "ops/s",
-        "requests/s",
-        "log",
-        "compactions",
-    ]
-    assert len(rows) == 2
-    for row in rows:
-        clients, containers, keys, ops, requests, log, compactions = row.split()
-        assert (containers, keys, log, compactions) == ("1", "2", "-", "-")
-        assert int(clients) >= 1 and int(ops) >= 0 and int(requests) >= 0
-
-
 def test_dump_to_a_file_is_atomic(kvctl: Kvctl, kv: kvclient.Client, tmp_path: Path) -> None:
     kv.dict("d")["k"] = (1, b"x")
     target = tmp_path / "backup.msgpack"

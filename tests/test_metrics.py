@@ -276,8 +276,11 @@ def test_kvserve_metrics_port_scraped_over_http(kvserve_env: dict[str, str]) -> 
         env = dict(kvserve_env, KV_ADDRESS=address)
         before = sample(scrape(url), "kvserve_requests_total", kind="dict", op="__setitem__")
         assert _kvctl(env, "set", "k", "v").returncode == 0
-        after = sample(scrape(url), "kvserve_requests_total", kind="dict", op="__setitem__")
+        scraped = scrape(url)
+        after = sample(scraped, "kvserve_requests_total", kind="dict", op="__setitem__")
         assert after == before + 1
+        assert sample(scraped, "kvserve_process_resident_memory_bytes") > 1 << 20
+        assert sample(scraped, "kvserve_process_open_fds") >= 3
     finally:
         assert _stop(proc) == 0
 

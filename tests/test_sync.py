@@ -241,6 +241,38 @@ def test_any_client_may_release_a_lock_as_with_threading(
     assert not lock.locked()
 
 
+def test_release_token_ends_only_the_hold_that_token_was_issued_to(
+    kv: kvclient.Client, kv2: kvclient.Client
+) -> None:
+    lock, theirs = kv.lock("fenced"), kv2.lock("fenced")
+    assert lock.acquire() is True
+    token = lock.token
+    assert token is not None
+    assert theirs.release_token(token + 1) is False  # no hold has that token: nothing changes
+    assert [h["owner"] for h in lock.status()["holders"]] == [kv.owner_id]
+    waiter_got: list[bool] = []
+    waiter = threading.Thread(target=lambda: waiter_got.append(kv2.lock("fenced").acquire()))
+    waiter.start()
+    _wait_until(functools.partial(_has_waiters, lock, 1))
+    assert theirs.release_token(token) is True  # from another client: ends it, wakes the next
+    waiter.join(10)
+    assert waiter_got == [True]
+    [holder] = lock.status()["holders"]
+    assert holder["owner"] == kv2.owner_id and holder["token"] == token + 1
+    with pytest.raises(RuntimeError, match="another client released what this client held"):
+        lock.release()
+    # The old token can never end the next holder's hold, unlike a release() by a non-holder.
+    assert lock.release_token(token) is False
+    assert [h["token"] for h in lock.status()["holders"]] == [token + 1]
+    assert lock.release_token(token + 1) is True
+    assert not lock.locked()
+    assert lock.release_token(token + 1) is False  # released already
+    with pytest.raises(TypeError, match="token must be an int"):
+        lock.release_token("1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="released only by the thread holding it"):
+        kv.rlock("r").release_token(1)
+
+
 def test_rlock_is_reentrant_and_owned_by_a_thread(
     kv: kvclient.Client, kv2: kvclient.Client
 ) -> None:
@@ -685,6 +717,10 @@ def test_releases_by_another_client_stay_applied_after_a_restart(
         ):
             assert a.lock("x").acquire() is True
             b.lock("x").release()  # ends a's hold
+            fenced = a.lock("y")
+            assert fenced.acquire() is True
+            assert fenced.token is not None and b.lock("y").release_token(fenced.token)
+            assert a.lock("z").acquire() is True  # stays held: not every hold is released
             bounded = a.bounded_semaphore("bs", 2)
             assert bounded.acquire() is True
             assert bounded.acquire() is True
@@ -698,6 +734,8 @@ def test_releases_by_another_client_stay_applied_after_a_restart(
     try:
         with kvclient.connect(srv.endpoint, authkey) as c:
             assert c.lock("x").status()["holders"] == []
+            assert c.lock("y").status()["holders"] == []
+            assert len(c.lock("z").status()["holders"]) == 1
             status = c.bounded_semaphore("bs").status()
             assert [h["count"] for h in status["holders"]] == [1]
             assert c.bounded_semaphore("bs").get_value() == 1

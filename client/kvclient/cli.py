@@ -25,9 +25,11 @@ Exit codes and errors
 
 ``kvctl lock run`` exits with its command's status instead (see :func:`lock_run`).
 
-Exceptions become exit codes and the one stderr line ``ErrorName: message`` in exactly one
-place, :func:`_session`. Nothing prints a traceback: typer's pretty exceptions are off, and
-anything unexpected is still reported as one line with exit code 3.
+Exceptions become exit codes and the one stderr line ``ErrorName: message`` by one function,
+:func:`kvclient._output.error_line`, called here only by :func:`_session` (and by the fast
+path, :mod:`kvclient._kvctl`, for the writes it serves). Nothing prints a traceback: typer's
+pretty exceptions are off, and anything unexpected is still reported as one line with exit
+code 3.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import math
 import os
 import queue
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -53,7 +56,17 @@ import typer
 from typer.core import TyperGroup
 
 import kvclient
-from kvclient._output import plain, to_json
+from kvclient._output import (
+    EXIT_ERROR,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    number,
+    plain,
+    to_json,
+)
+from kvclient._output import NotFoundError as _NotFoundError
+from kvclient._output import error_line as _error_line
 from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.proxies import make_proxy, to_ref
 from kvclient.sync import DEFAULT_LEASE, ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
@@ -64,10 +77,6 @@ from kvproto.errors import KindError, NoSuchContainerError
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
-EXIT_OK: Final = 0
-EXIT_NOT_FOUND: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_ERROR: Final = 3
 
 DEFAULT_DICT: Final = "default"
 DEFAULT_TIMEOUT: Final = 10.0
@@ -237,18 +246,38 @@ app.add_typer(ns_app, name="ns")
 app.add_typer(lock_app, name="lock")
 app.add_typer(value_app, name="value")
 
+# The main command's options that take a value, for keep_only(). Checked against the main
+# command itself by tests/test_kvctl_fast.py: a valued option missing here stops keep_only()
+# from finding the command (it then keeps every command, which is only slower).
+_GLOBAL_VALUED: Final = frozenset(
+    ["-a", "--address", "--authkey-file", "--timeout", "--tls-ca", "--tls-cert", "--tls-key"]
+)
 
-class _NotFoundError(Exception):
-    """The answer is "no" (exit 1): a missing key or item, an empty queue, a cas mismatch.
 
-    Args:
-        label: the error name printed before the message (``KeyError``, ``queue.Empty``, ...).
-        message: what was not found, naming the key and the container.
+def keep_only(argv: Sequence[str]) -> None:
+    """Register with ``app`` only the command ``argv`` calls, when that is sure to be the same.
+
+    typer turns every registered command into a click command on each run, reading every
+    signature's annotations: ~20 ms of the ~200 a kvctl call through typer costs, for the
+    one command it runs. Help, completion, a mistyped or missing command and anything
+    unusual keep the whole app, so their output (command lists, suggestions) is unchanged.
     """
-
-    def __init__(self, label: str, message: str) -> None:
-        super().__init__(message)
-        self.label = label
+    if os.environ.get("_KVCTL_COMPLETE"):
+        return
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-", "--"):
+        name = argv[i].partition("=")[0]
+        if name in ("-h", "--help", "--version"):
+            return
+        i += 2 if name in _GLOBAL_VALUED and "=" not in argv[i] else 1
+    if i >= len(argv) or "-h" in argv[i:] or "--help" in argv[i:]:
+        return
+    wanted = argv[i]
+    commands = [c for c in app.registered_commands if c.name == wanted]
+    groups = [g for g in app.registered_groups if g.name == wanted]
+    if len(commands) + len(groups) != 1:
+        return
+    app.registered_commands, app.registered_groups = commands, groups
 
 
 # -- values in and out ---------------------------------------------------------------------
@@ -321,18 +350,15 @@ def _shorten(text: str, limit: int = 40) -> str:
 
 
 def _number(text: str) -> float:
-    """Parse an int (kept exact) or a float for ``incr``."""
+    """Parse an int (kept exact) or a finite float for ``incr`` (as the fast path does)."""
+    parsed = number(text)
+    if parsed is not None:
+        return parsed
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
+        float(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a number") from None
-    if not math.isfinite(number):
-        raise typer.BadParameter(f"{text!r} is not a finite number")
-    return number
+    raise typer.BadParameter(f"{text!r} is not a finite number")
 
 
 def _seconds(text: str) -> float:
@@ -495,19 +521,6 @@ def _settings(ctx: typer.Context) -> _Settings:
 
 def _json_mode(ctx: typer.Context, as_json: bool) -> bool:
     return _settings(ctx).json or as_json
-
-
-def _error_line(exc: Exception) -> tuple[int, str]:
-    """Return the exit code and the one stderr line for an exception."""
-    if isinstance(exc, _NotFoundError):
-        code, name = EXIT_NOT_FOUND, exc.label
-    else:
-        code = EXIT_NOT_FOUND if isinstance(exc, NoSuchContainerError) else EXIT_ERROR
-        name = type(exc).__name__
-    # str(KeyError("x")) is "'x'"; the message is the argument itself.
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    message = " ".join(message.splitlines())
-    return code, f"{name}: {message}" if message else name
 
 
 @contextlib.contextmanager
@@ -1312,20 +1325,12 @@ def lock_release(
     with _session(ctx, as_json) as session:
         proxy = session.existing_kind(name, ("lock",))
         assert isinstance(proxy, LockProxy)
-        holder = next(
-            (h for h in proxy.status()["holders"] if token in h.get("tokens", [h["token"]])),
-            None,
-        )
-        if holder is None:
+        if not proxy.release_token(token):
             raise _NotFoundError(
                 "NotHeldError",
                 f"lock {name!r} is not held with token {token}: released already, or its "
                 f"lease ran out; kvctl lock status {shlex.quote(name)} shows who holds it",
             )
-        # The hold belongs to the owner id of the kvctl that acquired it, which status()
-        # reports; release as that owner. kvclient's LockProxy.release() only releases the
-        # calling client's own holds.
-        proxy._call("release", [bytes.fromhex(holder["owner"])])
         if session.json:
             session.emit({"name": name, "released": token})
 
@@ -1704,25 +1709,61 @@ def _from_tagged_json(value: Any) -> Any:
 _STATS_ORDER: Final = ("version", "uptime", "clients", "containers", "keys", "ops")
 
 
-@app.command("stats", epilog=_examples("kvctl stats", "kvctl stats --json | jq .ops"))
+_STATS_BUSIEST: Final = 5  # operations named on the requests_by_op line
+
+
+def _stats_cell(key: str, value: Any) -> str:
+    """Return how ``kvctl stats`` shows one fact (``--json`` shows them as they are)."""
+    if key == "uptime" and isinstance(value, int | float):
+        return f"{value:.1f} s"
+    if key == "memory" and isinstance(value, dict):
+        return (
+            f"{_size(value.get('rss_bytes'))} resident, peak {_size(value.get('peak_rss_bytes'))}"
+        )
+    if key == "requests_by_op":
+        if not isinstance(value, dict):
+            return "- (counted when kvserve runs with --metrics-port or --slow-ms)"
+        busiest = sorted(value.items(), key=lambda item: -item[1].get("count", 0))
+        text = ", ".join(f"{name} {op.get('count')}" for name, op in busiest[:_STATS_BUSIEST])
+        more = len(busiest) - _STATS_BUSIEST
+        return text + (f", and {more} more (--json)" if more > 0 else "")
+    return plain(value)
+
+
+@app.command("stats", epilog=_examples("kvctl stats", "kvctl stats --json | jq .requests_by_op"))
 def stats(ctx: typer.Context, as_json: JsonOutOption = False) -> None:
     """Print server facts, one a line.
 
     version, uptime (seconds), clients (connected now), containers, keys (items held in all
-    containers) and ops (operations served since start).
+    containers), ops (operations served since start, each call of a batch counted), requests
+    (a batch is one), memory (the server's resident size), requests_by_op (counts and seconds
+    by kind and operation, when kvserve runs with --metrics-port or --slow-ms; the busiest
+    shown here, all with --json), and persistence (with --data-dir: disk bytes, compactions,
+    fsyncs and their seconds).
     """
     with _session(ctx, as_json) as session:
         facts = session.client.stats()
         order: list[str] = [key for key in _STATS_ORDER if key in facts]
         order += [key for key in facts if key not in _STATS_ORDER]
-        rows = [[key, plain(facts[key])] for key in order]
-        if isinstance(facts.get("uptime"), int | float):
-            rows[order.index("uptime")][1] = f"{facts['uptime']:.1f} s"
+        rows = [[key, _stats_cell(key, facts[key])] for key in order]
         session.emit({key: facts[key] for key in order}, _table(rows))
 
 
-_TOP_HEADER: Final = ("clients", "containers", "keys", "ops/s", "requests/s", "log", "compactions")
+_TOP_HEADER: Final = (
+    "clients",
+    "containers",
+    "keys",
+    "ops/s",
+    "requests/s",
+    "memory",
+    "log",
+    "fsync-ms",
+    "compactions",
+    "busiest",
+)
 _TOP_EVERY: Final = 20  # rows between repeated headers, as redis-cli --stat does
+_TOP_BUSIEST: Final = 3  # operations named in the last column of a line
+_CLEAR: Final = "\x1b[H\x1b[2J"  # cursor home, clear the screen: a terminal only
 
 
 def _size(nbytes: Any) -> str:
@@ -1738,25 +1779,146 @@ def _size(nbytes: Any) -> str:
     return f"{size:.1f} {unit}"
 
 
-def _top_row(facts: dict[str, Any], ops_s: float, requests_s: float) -> list[str]:
+@dataclass(frozen=True)
+class _Rates:
+    """What changed between two ``stats()`` replies, per second of the interval between them.
+
+    Attributes:
+        ops: operations per second (each call of a batch counted).
+        requests: requests per second (a batch is one).
+        by_op: ``(kind.op, requests per second, mean ms)``, busiest first (mean None when
+            none came); None when the server does not count requests by operation.
+        fsyncs: fdatasyncs of the log per second.
+        fsync_ms: their mean duration, ms; None when there was none (or no --data-dir).
+    """
+
+    ops: float
+    requests: float
+    by_op: list[tuple[str, float, float | None]] | None
+    fsyncs: float
+    fsync_ms: float | None
+
+
+def _rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> _Rates:
+    """Return the rates between two ``stats()`` replies taken ``seconds`` apart."""
+    seconds = max(seconds, 1e-9)
+
+    def per_s(key: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> float:
+        return float((new or {}).get(key, 0) - (old or {}).get(key, 0)) / seconds
+
+    by_op: list[tuple[str, float, float | None]] | None = None
+    new_ops, old_ops = after.get("requests_by_op"), before.get("requests_by_op") or {}
+    if isinstance(new_ops, dict):
+        by_op = []
+        for name, now in new_ops.items():
+            then = old_ops.get(name) or {}
+            count = now.get("count", 0) - then.get("count", 0)
+            spent = now.get("seconds", 0.0) - then.get("seconds", 0.0)
+            by_op.append((name, count / seconds, spent * 1000 / count if count else None))
+        by_op.sort(key=lambda row: (-row[1], row[0]))
+    old_disk, new_disk = before.get("persistence"), after.get("persistence")
+    syncs = (new_disk or {}).get("fsyncs", 0) - (old_disk or {}).get("fsyncs", 0)
+    spent = (new_disk or {}).get("fsync_seconds", 0.0) - (old_disk or {}).get("fsync_seconds", 0.0)
+    return _Rates(
+        ops=per_s("ops", before, after),
+        requests=per_s("requests", before, after),
+        by_op=by_op,
+        fsyncs=syncs / seconds,
+        fsync_ms=spent * 1000 / syncs if syncs > 0 else None,
+    )
+
+
+def _top_json(facts: dict[str, Any], rates: _Rates) -> str:
+    by_op = None if rates.by_op is None else {name: round(r, 1) for name, r, _ in rates.by_op}
+    return to_json(
+        {
+            **facts,
+            "ops_per_s": round(rates.ops, 1),
+            "requests_per_s": round(rates.requests, 1),
+            "requests_per_s_by_op": by_op,
+            "fsync_ms": None if rates.fsync_ms is None else round(rates.fsync_ms, 3),
+        }
+    )
+
+
+def _top_row(facts: dict[str, Any], rates: _Rates) -> list[str]:
+    """Return one line's cells: no cell holds a space, so ``awk`` and ``cut`` can split it."""
     persistence = facts.get("persistence") or {}
+    memory = facts.get("memory") or {}
+    if rates.by_op is None:
+        busiest = "-"
+    else:
+        top = [f"{name}={r:.0f}" for name, r, _ in rates.by_op[:_TOP_BUSIEST] if r > 0]
+        busiest = ",".join(top) or "-"
     return [
         str(facts.get("clients", "-")),
         str(facts.get("containers", "-")),
         str(facts.get("keys", "-")),
-        f"{ops_s:.0f}",
-        f"{requests_s:.0f}",
-        _size(persistence.get("disk_bytes")),
+        f"{rates.ops:.0f}",
+        f"{rates.requests:.0f}",
+        _size(memory.get("rss_bytes")).replace(" ", ""),
+        _size(persistence.get("disk_bytes")).replace(" ", ""),
+        "-" if rates.fsync_ms is None else f"{rates.fsync_ms:.2f}",
         str(persistence.get("compactions", "-")),
+        busiest,
     ]
+
+
+def _uptime(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h {minutes:02d}m" if days else f"{hours}h {minutes:02d}m"
+
+
+def _top_screen(
+    endpoint: str, facts: dict[str, Any], rates: _Rates, interval: float, height: int
+) -> str:
+    """Return one refresh of the terminal view: totals, then requests by operation."""
+    persistence = facts.get("persistence")
+    memory = facts.get("memory") or {}
+    lines = [
+        f"kvserve {facts.get('version', '?')} at {endpoint}, up {_uptime(facts.get('uptime'))}"
+        f"; every {interval:g} s, Ctrl-C ends",
+        f"clients {facts.get('clients', '-')}   containers {facts.get('containers', '-')}   "
+        f"keys {facts.get('keys', '-')}   memory {_size(memory.get('rss_bytes'))} "
+        f"(peak {_size(memory.get('peak_rss_bytes'))})",
+        f"ops/s {rates.ops:.0f}   requests/s {rates.requests:.0f}",
+    ]
+    if persistence:
+        fsync = "-" if rates.fsync_ms is None else f"{rates.fsync_ms:.2f} ms mean"
+        lines.append(
+            f"log {_size(persistence.get('disk_bytes'))}   compactions "
+            f"{persistence.get('compactions', '-')}   fsyncs/s {rates.fsyncs:.1f}   fsync {fsync}"
+        )
+    else:
+        lines.append("log -   (no --data-dir: nothing on disk, no fsyncs)")
+    lines.append("")
+    if rates.by_op is None:
+        lines.append(
+            "requests by operation: not counted; start kvserve with --metrics-port or --slow-ms"
+        )
+    else:
+        rows = [["REQUESTS/S", "MEAN MS", "KIND.OP"]]
+        room = max(height - len(lines) - 2, 1)
+        for name, per_s, mean_ms in rates.by_op[:room]:
+            if per_s <= 0:
+                break
+            rate = f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.1f}"
+            rows.append([rate, "-" if mean_ms is None else f"{mean_ms:.3f}", name])
+        lines.append(_table(rows) if len(rows) > 1 else "no requests in the last interval")
+    return "\n".join(lines)
 
 
 @app.command(
     "top",
     epilog=_examples(
-        "kvctl top                          # a line a second until Ctrl-C",
+        "kvctl top                          # refreshes in a terminal until Ctrl-C",
         "kvctl top --interval 5 --count 12  # a minute, every 5 s",
-        "kvctl top --json | jq .ops_per_s",
+        "kvctl top | tee load.log           # piped: a line per interval",
+        "kvctl top --json | jq .requests_per_s_by_op",
     ),
 )
 def top(
@@ -1768,47 +1930,59 @@ def top(
             "-i",
             metavar="SECONDS",
             parser=_positive_seconds,
-            help="Seconds between lines.",
+            help="Seconds between refreshes.",
         ),
     ] = 1.0,
     count: Annotated[
         int | None,
-        typer.Option("--count", "-n", min=1, help="Stop after this many lines (default: never)."),
+        typer.Option("--count", "-n", min=1, help="Stop after this many (default: never)."),
     ] = None,
+    lines_only: Annotated[
+        bool,
+        typer.Option("--lines", "-l", help="A line per interval in a terminal too."),
+    ] = False,
     as_json: JsonOutOption = False,
 ) -> None:
-    """Print the server's load every INTERVAL seconds, one line each, like redis-cli --stat.
+    """Show the server's load every INTERVAL seconds, like redis-cli --stat.
 
-    Columns: clients connected, containers, keys (items held), operations and requests per
-    second over the last interval (a batch is one request of many operations; these lines'
-    own stats calls count too), and for a --data-dir server the size of its files on disk and
-    the compactions so far. With --json, one JSON object a line: the stats plus ops_per_s and
-    requests_per_s. Ctrl-C ends it (exit 0).
+    In a terminal, a view refreshed in place: clients, containers, keys, memory (the
+    server's resident size), operations and requests per second, for a --data-dir server
+    its size on disk, compactions and fsync latency (mean over the interval), and requests
+    per second by operation with their mean latency (counted when kvserve runs with
+    --metrics-port or --slow-ms). Piped, or with --lines, one line per interval without
+    escape codes, cells without spaces (busiest: the three busiest operations); with --json,
+    one JSON object a line: the stats plus ops_per_s, requests_per_s, requests_per_s_by_op
+    and fsync_ms. Rates include these refreshes' own stats calls. Ctrl-C ends it (exit 0).
     """
     with _session(ctx, as_json) as session:
         client = session.client
+        out = typer.get_text_stream("stdout")
+        screen = not (session.json or lines_only) and out.isatty()
+        widths = [max(len(h), 10) for h in _TOP_HEADER[:-1]]
         before, then = client.stats(), time.monotonic()
-        lines = 0
+        shown = 0
         try:
-            while count is None or lines < count:
+            while count is None or shown < count:
                 time.sleep(interval)
                 facts, now = client.stats(), time.monotonic()
-                elapsed = max(now - then, 1e-9)
-                ops_s = (facts.get("ops", 0) - before.get("ops", 0)) / elapsed
-                requests_s = (facts.get("requests", 0) - before.get("requests", 0)) / elapsed
+                if facts.get("uptime", 0) < before.get("uptime", 0):
+                    before = {}  # the server restarted (the client reconnected): since then
+                rates = _rates(before, facts, now - then)
                 if session.json:
-                    rates = {"ops_per_s": round(ops_s, 1), "requests_per_s": round(requests_s, 1)}
-                    typer.echo(to_json({**facts, **rates}))
+                    typer.echo(_top_json(facts, rates))
+                elif screen:
+                    height = shutil.get_terminal_size().lines
+                    view = _top_screen(client.endpoint, facts, rates, interval, height)
+                    out.write(_CLEAR + view + "\n")
+                    out.flush()
                 else:
-                    rows = [_top_row(facts, ops_s, requests_s)]
-                    if lines % _TOP_EVERY == 0:
+                    rows = [_top_row(facts, rates)]
+                    if shown % _TOP_EVERY == 0:
                         rows.insert(0, list(_TOP_HEADER))
-                    widths = [max(len(h), 10) for h in _TOP_HEADER]
                     for row in rows:
-                        typer.echo(
-                            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                        )
+                        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+                        typer.echo("  ".join([*cells, row[-1]]).rstrip())
                 before, then = facts, now
-                lines += 1
+                shown += 1
         except KeyboardInterrupt:
             pass

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import builtins
 import os
-import ssl
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from multiprocessing import context as mp_context
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from kvclient._backend import SocketBackend
 from kvclient._leases import LeaseKeeper
@@ -64,6 +62,9 @@ from kvproto.codec import STORED_DEPTH, Codec, Ref
 from kvproto.errors import AuthError
 from kvproto.net import format_address
 from kvproto.wire import MAX_BATCH
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["Batch", "Client", "Pending", "connect"]
 
@@ -282,6 +283,9 @@ class Client:
         being spawned, never into a pickle that could be stored or sent anywhere; elsewhere
         the rebuilt proxy finds a live client with the same address, or loads the key itself.
         """
+        # Imported here: multiprocessing costs every client (kvctl's each call) ~5 ms.
+        from multiprocessing import context as mp_context  # noqa: PLC0415
+
         spawning = mp_context.get_spawning_popen() is not None
         authkey = self._authkey if spawning else None
         return (_rebuild_client, (self.address, authkey, self.timeout, self.call_timeout))
@@ -417,7 +421,13 @@ class Client:
         self.call(None, None, "ping", [])
 
     def stats(self) -> builtins.dict[str, Any]:
-        """Return server facts: version, uptime (s), clients, containers, keys, ops."""
+        """Return server facts: version, uptime (s), clients, containers, keys, ops, requests.
+
+        Also ``memory`` (the server's RSS), ``requests_by_op`` (counts and seconds by kind and
+        operation, when the server times requests) and ``persistence`` (with ``--data-dir``:
+        disk bytes, compactions, fsyncs and their seconds); the README's "Watching a server"
+        lists every field.
+        """
         result: builtins.dict[str, Any] = self.call(None, None, "stats", [])
         return result
 

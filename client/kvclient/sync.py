@@ -218,6 +218,29 @@ class LockProxy(_LeasedProxy):
         """Return whether any client holds it."""
         return bool(self._call("locked", []))
 
+    def release_token(self, token: int) -> bool:
+        """End the hold that fencing ``token`` was issued to, whichever client holds it.
+
+        For a hold taken by another process that handed on only its token (``kvctl lock
+        acquire`` prints it; ``kvctl lock release`` calls this). Unlike :meth:`release`, it
+        can never end a later holder's hold: the token names the one hold it ends. The
+        holder's own later ``release`` raises ``RuntimeError``.
+
+        Args:
+            token: the fencing token the hold was acquired with.
+
+        Returns:
+            True; False when no hold has that token (released already, or its lease ran
+            out), and nothing changed. From an asyncio client, an awaitable of that.
+
+        Raises:
+            TypeError: ``token`` is not an int.
+        """
+        if type(token) is not int:
+            raise TypeError(f"token must be an int, not {type(token).__name__}")
+        result: bool = self._call("release_token", [token])
+        return result
+
 
 class RLockProxy(LockProxy):
     """A ``threading.RLock``: re-entrant for the thread holding it, released if it dies.
@@ -230,6 +253,14 @@ class RLockProxy(LockProxy):
 
     def _owner(self, keeper: LeaseKeeper) -> bytes:
         return keeper.thread_owner()
+
+    def release_token(self, token: int) -> bool:
+        """Refused: an RLock is released by the thread holding it, as ``threading.RLock``.
+
+        Raises:
+            TypeError: always.
+        """
+        raise TypeError("an RLock is released only by the thread holding it; use release()")
 
 
 class SemaphoreProxy(_LeasedProxy):

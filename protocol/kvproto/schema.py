@@ -92,7 +92,9 @@ def _ops(read: str = "", write: str = "", **special: Op) -> Mapping[str, Op]:
 # Leased primitives: acquire [owner, blocking, timeout, lease, wait_id] waits unless blocking
 # is False; release, renew and the rest answer at once.
 _ACQUIRE: Final = Op(mutates=True, blocks=True, wait_arg=2, block_arg=1)
-_LOCK: Final = _ops("locked status", "release renew", acquire=_ACQUIRE)
+_RLOCK: Final = _ops("locked status", "release renew", acquire=_ACQUIRE)
+# A Lock's hold may also be ended by the fencing token it was issued (kvctl lock release).
+_LOCK: Final = _ops("locked status", "release release_token renew", acquire=_ACQUIRE)
 _SEMAPHORE: Final = _ops("locked status get_value", "release renew", acquire=_ACQUIRE)
 
 KINDS: dict[str, Mapping[str, Op]] = {
@@ -116,7 +118,7 @@ KINDS: dict[str, Mapping[str, Op]] = {
         join=Op(blocks=True),
     ),
     "lock": _LOCK,
-    "rlock": _LOCK,
+    "rlock": _RLOCK,
     "semaphore": _SEMAPHORE,
     "bounded_semaphore": _SEMAPHORE,
     "event": _ops("is_set", "clear set", wait=Op(blocks=True, wait_arg=0)),

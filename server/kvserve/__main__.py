@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import signal
 from pathlib import Path
 from types import FrameType
@@ -30,7 +31,7 @@ from kvproto.wire import MAX_FRAME_DEFAULT
 from kvserve._logging import FORMATS
 from kvserve._logging import setup as setup_logging
 from kvserve.manager import KVManager
-from kvserve.persistence import Persistence
+from kvserve.persistence import PROGRESS_EVERY, Persistence
 
 __all__ = ["app", "main"]
 
@@ -146,6 +147,15 @@ def serve(
         bool,
         typer.Option(help="Start despite damaged data files, keeping what precedes the damage."),
     ] = False,
+    progress_interval: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="With --data-dir: seconds between the progress lines logged while start-up "
+            "loads the data (0: only what it loads and the totals).",
+            min=0,
+        ),
+    ] = PROGRESS_EVERY,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -212,6 +222,10 @@ def serve(
     setup_logging(level, log_format)
     log = logging.getLogger("kvserve")
     metrics_address = _metrics_address(metrics_port, metrics)
+    if not math.isfinite(progress_interval):
+        raise typer.BadParameter(
+            "must be a finite number of seconds", param_hint="--progress-interval"
+        )
     if fsync not in ("always", "everysec", "no"):
         raise typer.BadParameter("must be always, everysec or no", param_hint="--fsync")
     if (tls_key is not None or tls_ca is not None) and tls_cert is None:
@@ -227,7 +241,13 @@ def serve(
         tls = server_context(tls_cert, tls_key, tls_ca) if tls_cert is not None else None
         persistence = None
         if data_dir is not None:
-            persistence = Persistence(data_dir, fsync, compact_at, repair=repair)  # type: ignore[arg-type]
+            persistence = Persistence(
+                data_dir,
+                fsync,  # type: ignore[arg-type]
+                compact_at,
+                repair=repair,
+                progress_every=progress_interval,
+            )
         manager = KVManager(
             (host, port),
             authkey=source.key,
@@ -283,17 +303,8 @@ def serve(
             "authkey from %s; data is in memory only (use --data-dir to keep it)", source.origin
         )
     else:
-        log.info(
-            "authkey from %s; data in %s (fsync %s): loaded %d containers, %d snapshot and %d "
-            "log records in %.3fs",
-            source.origin,
-            data_dir,
-            fsync,
-            report.containers,
-            report.snapshot_records,
-            report.log_records,
-            report.seconds,
-        )
+        # Persistence logged what it loaded and the totals, as it loaded them.
+        log.info("authkey from %s; data in %s (fsync %s)", source.origin, data_dir, fsync)
     print(f"kvserve listening on {server.endpoint}", flush=True)
     server.serve_forever()
     reason = server.fatal_error or (persistence.failed if persistence is not None else None)

@@ -107,6 +107,9 @@ class Counters:
         lease_expiries: holds and waits released because their lease ran out.
         slow_requests: requests that went into the slow-request log.
         slowlog: the newest :data:`SLOWLOG_SIZE` slow requests, oldest first.
+        timing: whether the server times and counts each request in :attr:`requests`
+            (``--metrics`` or ``--slow-ms`` on); set by the server. Off, :attr:`requests`
+            stays empty.
     """
 
     __slots__ = (
@@ -120,6 +123,7 @@ class Counters:
         "slow_requests",
         "slow_seconds",
         "slowlog",
+        "timing",
     )
 
     def __init__(self, slow_ms: float | None = None, on_slow: Any = None) -> None:
@@ -137,6 +141,7 @@ class Counters:
         self.lease_expiries = 0
         self.slow_requests = 0
         self.slowlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=SLOWLOG_SIZE)
+        self.timing = False
 
     def request(self, objects: Mapping[Any, Any], message: Any, seconds: float) -> None:
         """Count one request that took ``seconds``, by the kind and operation it named.
@@ -191,6 +196,19 @@ class Counters:
         self.slowlog.append(entry)
         if self.on_slow is not None:
             self.on_slow(entry)
+
+    def by_operation(self) -> dict[str, dict[str, float]] | None:
+        """Return ``{"kind.op": {"count": n, "seconds": total}}`` of the requests handled.
+
+        None when the server does not count them (:attr:`timing` off): an empty table would
+        read as "no requests".
+        """
+        if not self.timing:
+            return None
+        return {
+            f"{kind}.{op}": {"count": hist.count, "seconds": round(hist.total, 6)}
+            for (kind, op), hist in sorted(list(self.requests.items()))
+        }
 
     def error(self, exc: object) -> None:
         """Count one error answered to a client."""

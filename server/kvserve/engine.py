@@ -25,6 +25,9 @@ followed by :meth:`Session.resume` so the loop handles the requests that waited 
 from __future__ import annotations
 
 import collections
+import os
+import resource
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -513,9 +516,28 @@ class Engine:
         return count
 
     def stats(self) -> dict[str, Any]:
-        """Return server facts for ``kvctl stats``."""
+        """Return server facts for ``kvctl stats`` and ``kvctl top`` (``Client.stats()``).
+
+        Counts are since start; a reader makes rates from two replies.
+
+        - ``version``; ``uptime``: seconds.
+        - ``clients``: authenticated connections now; ``refused_connections``: since start.
+        - ``containers``; ``keys``: items held in all of them.
+        - ``ops``: calls served, each call of a batch counted; ``requests``: request frames
+          answered (a batch is one).
+        - ``memory``: ``rss_bytes``, the server process's resident memory now (None where
+          the OS does not say), and ``peak_rss_bytes``.
+        - ``requests_by_op``: ``{"kind.op": {"count": n, "seconds": s}}``, the requests
+          handled by kind and operation (``server.batch`` for a batch) and the seconds they
+          took in all; None unless the server times requests (``--metrics``, ``--slow-ms``).
+        - ``persistence``: None without ``--data-dir``; else ``data_dir``, ``fsync``,
+          ``disk_bytes``, ``compactions``, ``compacting``, ``compaction_failures``,
+          ``last_error``, and ``fsyncs`` and ``fsync_seconds``: the fdatasyncs of the log
+          and the seconds they took in all.
+        """
         objects = list(self.store.objects.values())
         connections = self.connection_stats()
+        persist = self.persist
         return {
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
@@ -525,16 +547,20 @@ class Engine:
             "refused_connections": connections.get("refused_connections", 0),
             "ops": self.ops_served,
             "requests": self.requests_served,
+            "memory": _memory(),
+            "requests_by_op": self.counters.by_operation(),
             "persistence": None
-            if self.persist is None
+            if persist is None
             else {
-                "data_dir": str(self.persist.dir),
-                "fsync": self.persist.fsync,
-                "disk_bytes": self.persist.disk_bytes(),
-                "compactions": self.persist.compactions,
-                "compacting": self.persist.compacting,
-                "compaction_failures": self.persist.compaction_failures,
-                "last_error": self.persist.last_error,
+                "data_dir": str(persist.dir),
+                "fsync": persist.fsync,
+                "disk_bytes": persist.disk_bytes(),
+                "compactions": persist.compactions,
+                "compacting": persist.compacting,
+                "compaction_failures": persist.compaction_failures,
+                "last_error": persist.last_error,
+                "fsyncs": persist.fsync_times.count,
+                "fsync_seconds": round(persist.fsync_times.total, 6),
             },
         }
 
@@ -707,3 +733,18 @@ def scrub(exc: BaseException) -> None:
     exc.__traceback__ = None
     exc.__context__ = None
     exc.__cause__ = None
+
+
+def _memory() -> dict[str, int | None]:
+    """Return this process's resident memory now and at its peak, bytes."""
+    # ru_maxrss is KiB on Linux and bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak *= 1 if sys.platform == "darwin" else 1024
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            rss: int | None = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = None  # not Linux
+    # statm and getrusage count a little differently: a peak below the current size would
+    # read as a bug.
+    return {"rss_bytes": rss, "peak_rss_bytes": peak if rss is None else max(peak, rss)}

@@ -29,6 +29,9 @@ The series (all prefixed ``kvserve_``):
 ``compaction_failures``                  gauge      failures in a row (``--data-dir``)
 ``compacting``                           gauge      1 while a compaction runs
 ``uptime_seconds``, ``build_info``       gauge      since start; ``version`` label
+``process_resident_memory_bytes``, ...   gauge,     the process (``prometheus_client``'s
+                                         counter    ProcessCollector: memory, CPU seconds,
+                                                    open and max fds, start time; Linux)
 =======================================  =========  =====================================
 
 Labels carry kinds, operations and exception type names only: never container names, keys
@@ -44,7 +47,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import ProcessCollector, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -285,6 +288,9 @@ class MetricsServer:
     def __init__(self, server: Observed, host: str = "127.0.0.1", port: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServerCollector(server))
+        # The process's own memory, CPU and descriptors (from /proc; nothing elsewhere),
+        # prefixed like the rest. Per process: servers embedded in one process share them.
+        ProcessCollector(namespace="kvserve", registry=self.registry)
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]

@@ -341,6 +341,7 @@ class Server:
         self.counters = Counters(slow_ms, _log_slow)
         if metrics is not None or slow_ms is not None:
             self._on_request = self._on_request_timed  # type: ignore[method-assign]
+            self.counters.timing = True
         # Opens (loads) the persistence.
         self.engine = Engine(registry, self._timers, persistence, self.counters)
         self.engine.connection_stats = self._connection_stats

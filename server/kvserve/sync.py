@@ -394,20 +394,9 @@ class _Leased(Container):
         return [hold.to_state() for hold in self._holds.values()]
 
 
-class KVLock(_Leased):
-    """A ``threading.Lock`` with leases and fencing tokens.
+class _LockBase(_Leased):
+    """What a Lock and an RLock share: acquire, release, state (see :class:`KVLock`)."""
 
-    As with ``threading.Lock`` and the stdlib manager's Lock, any owner may release it: a
-    release by another owner ends the holder's hold and wakes the next waiter (the holder's
-    own later ``release`` then raises ``RuntimeError``). The one exception keeps fencing
-    meaningful: an owner whose lease expired gets ``RuntimeError`` instead, so a holder that
-    stalled past its lease cannot release its successor's hold. An RLock is released by its
-    owner only, as ``threading.RLock`` is.
-
-    State: ``[last_token, holds]``.
-    """
-
-    kind = "lock"
     reentrant: ClassVar[bool] = False
 
     def state(self) -> list[Any]:
@@ -461,7 +450,48 @@ class KVLock(_Leased):
         return 0
 
 
-class KVRLock(KVLock):
+class KVLock(_LockBase):
+    """A ``threading.Lock`` with leases and fencing tokens.
+
+    As with ``threading.Lock`` and the stdlib manager's Lock, any owner may release it: a
+    release by another owner ends the holder's hold and wakes the next waiter (the holder's
+    own later ``release`` then raises ``RuntimeError``). The one exception keeps fencing
+    meaningful: an owner whose lease expired gets ``RuntimeError`` instead, so a holder that
+    stalled past its lease cannot release its successor's hold. An RLock is released by its
+    owner only, as ``threading.RLock`` is.
+
+    State: ``[last_token, holds]``.
+    """
+
+    kind = "lock"
+
+    def release_token(self, token: int) -> bool:
+        """End the hold that fencing ``token`` was issued to, whoever holds it.
+
+        For a hold taken in one process and ended by another that knows only its token
+        (``kvctl lock acquire`` then ``kvctl lock release``). Unlike a release by another
+        owner, it cannot end a later holder's hold: the token names the one hold it ends.
+        The holder's own later ``release`` then raises ``RuntimeError``, as after a release
+        by another owner.
+
+        Returns:
+            True; False when no hold has that token (released already, or its lease ran
+            out), and nothing changes.
+
+        Raises:
+            TypeError, ValueError: ``token`` is not an int of 64 bits.
+        """
+        _check_int(token, "token")
+        self._prune(time.monotonic())
+        for holder, hold in self._holds.items():
+            if token in hold.tokens:
+                del self._holds[holder]
+                self._mark_lost(holder, "released")
+                return True
+        return False
+
+
+class KVRLock(_LockBase):
     """A ``threading.RLock``: re-entrant for its owner (a client thread), leased and fenced."""
 
     kind = "rlock"

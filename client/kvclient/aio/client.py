@@ -374,7 +374,13 @@ class Client:
         await self.call(None, None, "ping", [])
 
     async def stats(self) -> builtins.dict[str, Any]:
-        """Return server facts: version, uptime (s), clients, containers, keys, ops."""
+        """Return server facts: version, uptime (s), clients, containers, keys, ops, requests.
+
+        Also ``memory`` (the server's RSS), ``requests_by_op`` (counts and seconds by kind and
+        operation, when the server times requests) and ``persistence`` (with ``--data-dir``:
+        disk bytes, compactions, fsyncs and their seconds); the README's "Watching a server"
+        lists every field.
+        """
         result: builtins.dict[str, Any] = await self.call(None, None, "stats", [])
         return result
 

@@ -1,0 +1,30 @@
+-- Prepended to every operation script (kvclient/_redis/scripts/__init__.py builds them).
+-- KEYS: 1 meta hash, 2 request ids, 3 data, 4 aux (dict: original keys), 5 aux (dict: order)
+-- ARGV: 1 kind, 2 request-id token ('' for none), 3 its sequence number, 4.. the op's own
+-- A reply is a table: {'ok', ...} or {'err', ExceptionName, detail} or {'again', ...} (not
+-- an answer yet: the client waits or retries, and nothing is recorded under the request id).
+local M, R, D, K2, K3 = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local KIND, TOK, SEQ = ARGV[1], ARGV[2], ARGV[3]
+local have = redis.call('HGET', M, 'kind')
+if not have then return {'err', 'NoSuchContainerError', ''} end
+if have ~= KIND then return {'err', 'KindError', have} end
+if TOK ~= '' then
+  local prev = redis.call('HGET', R, TOK)
+  if prev then
+    local p = cmsgpack.unpack(prev)
+    if p[1] == SEQ then return p[2] end
+  end
+end
+local A = {}
+for i = 4, #ARGV do A[#A + 1] = ARGV[i] end
+local function fail(name, detail) return {'err', name, detail or ''} end
+local function bump() redis.call('HINCRBY', M, 'ver', 1) end
+-- Lua 5.1's unpack has a C stack limit: push long lists in chunks.
+local function push_all(key, items, first, last)
+  local i = first
+  while i <= last do
+    local j = math.min(i + 999, last)
+    redis.call('RPUSH', key, unpack(items, i, j))
+    i = j + 1
+  end
+end

@@ -13,7 +13,7 @@ makes ``--ops`` calls per (system, op) on a real 3-master / 3-replica cluster
 - ``Redis``: a plain ``redis.Redis`` on the key's master, ``hget``/``hincrby`` (the floor).
 
 Rounds interleave the systems (order rotating); the report is the median over rounds and the
-median per-round ratio to ``RedisCluster``, written to ``bench/results/<date>-redis-cpu.md``.
+median per-round ratio to ``RedisCluster``, written to ``bench/results/<date>-<time>-redis-cpu.md``.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         d = kv.dict("bench")
         d["k"] = "v" * 100
         host, port = cluster.seeds[0].split(":")
-        rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))])
+        rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))])  # type: ignore[no-untyped-call]
         rc.hset("hb", "k", "v" * 100)
-        slot_node = rc.get_node_from_key("hb")
+        slot_node = rc.get_node_from_key("hb")  # type: ignore[no-untyped-call]
         plain = redis.Redis(host=slot_node.host, port=slot_node.port)
         systems: dict[str, dict[str, Callable[[], Any]]] = {
             "kvclient": {"get": lambda: d.get("k"), "incr": lambda: d.incr("n")},
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     report = "\n".join(lines) + "\n"
     print(report)
-    out = Path(__file__).parent / "results" / f"{datetime.date.today()}-redis-cpu.md"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(__file__).parent / "results" / f"{stamp}-redis-cpu.md"
     out.write_text(report)
     return 0
 

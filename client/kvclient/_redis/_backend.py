@@ -26,7 +26,6 @@ import functools
 import os
 import secrets
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
@@ -36,9 +35,9 @@ from redis import exceptions as rx
 from kvclient._redis._nodes import Nodes
 from kvclient._redis.scripts import Script, raw_script, scripts
 from kvclient._runner import DERIVED, PLANS, plan
-from kvclient.retry import Retry
+from kvclient.retry import Retry, call_with_retry
 from kvproto.codec import MAX_DEPTH, Codec, Ref
-from kvproto.errors import AuthError, KindError, KVConnectionError, KVError, NoSuchContainerError
+from kvproto.errors import KindError, KVConnectionError, KVError, NoSuchContainerError
 from kvproto.wire import MAX_NAME
 
 __all__ = ["Call", "Handler", "RedisBackend", "container_keys", "tag"]
@@ -383,23 +382,7 @@ class RedisBackend:
 
     def _retrying(self, attempt: Callable[[], Any]) -> Any:
         """Run ``attempt`` until it answers or the retries run out (the only retry loop)."""
-        retries = 0 if self.retry is None else self.retry.retries
-        attempts = 0
-        while True:
-            try:
-                return attempt()
-            except AuthError:
-                raise
-            except KVConnectionError as exc:
-                if attempts >= retries:
-                    if attempts == 0:
-                        raise
-                    raise KVConnectionError(
-                        f"gave up on {self.endpoint} after {attempts + 1} attempts: {exc}"
-                    ) from exc
-                attempts += 1
-                assert self.retry is not None
-                time.sleep(self.retry.backoff.compute(attempts))
+        return call_with_retry(self.retry, self.endpoint, attempt)
 
     def _reset_after_fork(self) -> None:
         self._local = threading.local()

@@ -123,34 +123,7 @@ class Cluster:
                 taken.update({port, port + _BUS_OFFSET})
                 node = Node(port, self.base / str(port))
                 node.directory.mkdir(parents=True)
-                node.proc = subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        str(_NODE_TIMEOUT_MS),
-                        "--dir",
-                        str(node.directory),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--logfile",
-                        "redis.log",
-                        "--daemonize",
-                        "no",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,  # a Ctrl-C of the test run is not theirs to get
-                )
+                self._spawn(node)
                 self.nodes.append(node)
             deadline = time.monotonic() + _START_TIMEOUT
             self._wait(
@@ -178,6 +151,43 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _spawn(node: Node) -> None:
+        node.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(node.port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(_NODE_TIMEOUT_MS),
+                "--dir",
+                str(node.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                "redis.log",
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C of the test run is not theirs to get
+        )
+
+    def restart(self, node: Node) -> None:
+        """Start a killed node again: it rejoins (a killed master as a replica of its successor)."""
+        if node.proc is not None and node.proc.poll() is None:
+            raise ClusterError(f"node {node.port} is still running")
+        self._spawn(node)
 
     def _wait(self, check: Callable[[], bool], deadline: float, what: str) -> None:
         while time.monotonic() < deadline:
@@ -269,3 +279,64 @@ def main() -> int:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
+
+
+@dataclass
+class Standalone:
+    """One plain ``redis-server`` (no cluster) on a free loopback port, for the standalone tests."""
+
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kv-redis-")))
+    node: Node | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        assert self.node is not None
+        return f"redis://{self.node.address}/0"
+
+    def start(self) -> Standalone:
+        """Start it and wait until it answers PING (bounded: 30 s).
+
+        Raises:
+            ClusterError: it did not start.
+        """
+        reason = available()
+        if reason is not None:
+            raise ClusterError(reason)
+        port = free_port_pair(set())
+        node = Node(port, self.base)
+        node.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.base),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                "redis.log",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.node = node
+        deadline = time.monotonic() + _START_TIMEOUT
+        while node.cli("ping").strip() != "PONG":
+            if node.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ClusterError(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Kill it and remove its directory."""
+        if self.node is not None and self.node.proc is not None:
+            self.node.proc.kill()
+            self.node.proc.wait(10)
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -11,7 +11,14 @@ import pytest
 import trustme
 
 import kvclient
-from kvproto.address import AddressError, Target, parse_address, parse_target
+from kvproto.address import (
+    AddressError,
+    RedisTarget,
+    Target,
+    parse_address,
+    parse_redis_url,
+    parse_target,
+)
 from kvproto.tls import server_context
 from kvserve import KVManager, Server
 from tests.aio_adapter import Connect
@@ -75,9 +82,49 @@ def test_malformed_addresses_say_what_form_is_expected(text: str, why: str) -> N
 
 
 @pytest.mark.parametrize("scheme", ["redis", "rediss", "redis-cluster"])
-def test_cluster_schemes_are_not_supported_yet(scheme: str) -> None:
+def test_redis_schemes_are_for_connect_not_kvserve_targets(scheme: str) -> None:
     with pytest.raises(AddressError, match=f"^{scheme}:// addresses are for the Valkey/Redis"):
         parse_target(f"{scheme}://db1:6379")
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "expected"),
+    [
+        ("redis://db1", {}, RedisTarget((("db1", 6379),), False, False)),
+        ("redis://db1:7/3", {}, RedisTarget((("db1", 7),), False, False, 3)),
+        ("rediss://[::1]:7", {}, RedisTarget((("::1", 7),), False, True)),
+        (
+            "redis://u:p%40ss@db1/",
+            {},
+            RedisTarget((("db1", 6379),), False, False, 0, "u", "p@ss"),
+        ),
+        (
+            "redis-cluster://h1:7000,h2",
+            {"REDIS_PASSWORD": "pw", "REDIS_USERNAME": "me"},
+            RedisTarget((("h1", 7000), ("h2", 6379)), True, False, 0, "me", "pw"),
+        ),
+        ("valkey-clusters://:pw@h1:1", {}, RedisTarget((("h1", 1),), True, True, 0, None, "pw")),
+    ],
+)
+def test_redis_urls_parse(url: str, env: dict[str, str], expected: RedisTarget) -> None:
+    assert parse_redis_url(url, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis://h1,h2", "several hosts need redis-cluster://"),
+        ("redis-cluster://h1/2", "only database 0"),
+        ("redis://h1/x", "must be a number"),
+        ("redis://:secret@h1:99999", "port out of range"),
+        ("redis://h1?db=2", "query strings"),
+        ("kv://h1", "not a redis://"),
+    ],
+)
+def test_bad_redis_urls_say_why_and_never_show_the_password(url: str, why: str) -> None:
+    with pytest.raises(AddressError, match=why) as caught:
+        parse_redis_url(url, {})
+    assert "secret" not in str(caught.value)
 
 
 @pytest.mark.parametrize("userinfo", ["user:secret", "a:", "bad name", "-x"])
@@ -156,7 +203,7 @@ def test_kv_address_env_takes_a_url(
     with kvclient.connect(authkey=authkey) as kv:
         assert kv.endpoint == server.endpoint
     monkeypatch.setenv("KV_ADDRESS", "redis://db1:6379")
-    with pytest.raises(AddressError, match="not supported yet"):
+    with pytest.raises(ValueError, match="authkey= is kvserve's"):
         kvclient.connect(authkey=authkey)
 
 

@@ -18,16 +18,15 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvclient._runner import DERIVED, PLANS, plan, reply_timeout
 from kvclient.connection import Connection
-from kvclient.retry import Retry
+from kvclient.retry import Retry, call_with_retry
 from kvproto.codec import Ref
-from kvproto.errors import AuthError, KVConnectionError, KVError
+from kvproto.errors import KVConnectionError, KVError
 from kvproto.net import format_address
 
 if TYPE_CHECKING:
@@ -200,25 +199,9 @@ class SocketBackend:
         self, message: list[Any], timeout: float | bool | None, error: KVConnectionError | None
     ) -> Any:
         """(Re)connect and send ``message`` until it is answered or the retries run out."""
-        retries = 0 if self.retry is None else self.retry.retries
-        attempts = 0
-        while True:
-            if error is not None:
-                if attempts >= retries:
-                    if attempts == 0:
-                        raise error
-                    raise KVConnectionError(
-                        f"gave up on {self.endpoint} after {attempts + 1} attempts: {error}"
-                    ) from error
-                attempts += 1
-                assert self.retry is not None
-                time.sleep(self.retry.backoff.compute(attempts))
-            try:
-                return self.connection().call(message, timeout)
-            except AuthError:
-                raise  # a restarted server with another key: retrying cannot help
-            except KVConnectionError as exc:
-                error = exc
+        return call_with_retry(
+            self.retry, self.endpoint, lambda: self.connection().call(message, timeout), error
+        )
 
 
 def _after_fork_in_child() -> None:

@@ -56,7 +56,7 @@ from kvclient.sync import (
     check_lock_arg,
 )
 from kvclient.tls import resolve_client_tls
-from kvproto.address import parse_address, parse_target
+from kvproto.address import REDIS_SCHEMES, parse_address, parse_target
 from kvproto.authkey import MIN_AUTHKEY_BYTES, load_authkey
 from kvproto.codec import STORED_DEPTH, Codec, Ref
 from kvproto.errors import AuthError
@@ -85,6 +85,7 @@ def connect(
     ca: str | os.PathLike[str] | None = None,
     cert: str | os.PathLike[str] | None = None,
     key: str | os.PathLike[str] | None = None,
+    durability: str | None = None,
 ) -> Client:
     """Connect to a kvserve server and return a :class:`Client` (a context manager).
 
@@ -92,6 +93,9 @@ def connect(
         address: ``"host:port"`` (IPv6: ``"[::1]:50000"``), ``(host, port)``, or a URL:
             ``kv://[KEY@]host:port``, or ``kvs://...`` for TLS (see :mod:`kvproto.address`:
             ``KEY`` names the authkey file, ``~/.config/kvmanager/KEY.key`` or a path);
+            ``redis://host:6379/0``, ``rediss://...`` or ``redis-cluster://h1:7000,h2:7000``
+            for the same API on Valkey/Redis (``pip install 'kvmanager[redis]'``; README
+            "Outgrowing one host");
             default env ``KV_ADDRESS``, else ``127.0.0.1:50000``.
         authkey: the key itself; default: the file the URL names, then env ``KV_AUTHKEY``,
             then the file named by env ``KV_AUTHKEY_FILE``, then ``~/.config/kvmanager/authkey``.
@@ -107,6 +111,10 @@ def connect(
         ca: CA file to trust for the server certificate (env ``KV_TLS_CA``).
         cert: client certificate for mutual TLS (env ``KV_TLS_CERT``).
         key: its private key (env ``KV_TLS_KEY``; default: inside ``cert``).
+        durability: Valkey/Redis only: ``"replica"`` confirms every call that changes state
+            with ``WAIT 1`` on the connection that made it, and raises
+            ``KVConnectionError`` (after the retries) when no replica confirms it. kvserve's
+            durability is the server's (``--data-dir --fsync always``).
 
     Raises:
         ValueError: the address is malformed (the message lists the accepted forms), or says
@@ -117,6 +125,30 @@ def connect(
         TLSError: TLS failed: a certificate was refused, or only one side speaks TLS.
     """
     address = address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS
+    if isinstance(address, str) and address.strip().partition("://")[0].lower() in REDIS_SCHEMES:
+        if authkey is not None:
+            raise ValueError(
+                "authkey= is kvserve's; a Valkey/Redis server takes a password in the URL "
+                "(redis://:PASSWORD@host) or in REDIS_PASSWORD"
+            )
+        from kvclient._redis.client import connect_redis  # noqa: PLC0415 - needs redis-py
+
+        return connect_redis(
+            address,
+            timeout,
+            call_timeout=call_timeout,
+            retry=Retry() if retry is _DEFAULT_RETRY else retry,
+            tls=tls,
+            ca=ca,
+            cert=cert,
+            key=key,
+            durability=durability,
+        )
+    if durability is not None:
+        raise ValueError(
+            "durability= is for Valkey/Redis addresses; kvserve's is the server's "
+            "(kvserve --data-dir --fsync always)"
+        )
     target = parse_target(address)
     if target.tls:
         if tls is False:
@@ -416,6 +448,16 @@ class Client:
         """Return a :class:`Batch` (a context manager): calls on any containers, one frame."""
         return Batch(self)
 
+    def send_batch(
+        self, calls: builtins.list[builtins.list[Any]], kinds: builtins.list[str | None]
+    ) -> builtins.list[Any]:
+        """Send a :class:`Batch`'s calls as one ``batch`` call; return ``[[tag, result], ...]``.
+
+        ``calls`` are ``[name, method, args, kwds]``, on containers of the kinds ``kinds``.
+        """
+        result: builtins.list[Any] = self.call(None, None, "batch", [calls])
+        return result
+
     def ping(self) -> None:
         """Make one round trip; raises if the server does not answer."""
         self.call(None, None, "ping", [])
@@ -667,6 +709,7 @@ class Batch:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._calls: builtins.list[builtins.list[Any]] = []
+        self._kinds: builtins.list[str | None] = []
         self.results: builtins.list[Any] | None = None
 
     @property
@@ -711,6 +754,7 @@ class Batch:
         if self.results is not None:
             raise RuntimeError("this batch was already sent; start a new one")
         self._calls.append([ident, method, args, kwds])
+        self._kinds.append(kind)
         return Pending(self, len(self._calls) - 1)
 
     def run(self, flow: Flow[_T]) -> _T:
@@ -758,7 +802,8 @@ class Batch:
         replies: builtins.list[Any] = []
         for start in range(0, len(self._calls), MAX_BATCH):
             chunk = self._calls[start : start + MAX_BATCH]
-            replies.extend(self._client.call(None, None, "batch", [chunk]))
+            kinds = self._kinds[start : start + MAX_BATCH]
+            replies.extend(self._client.send_batch(chunk, kinds))
         # A value is never an exception (clients cannot encode one), so errors need no tag.
         self.results = [value for _kind, value in replies]
         return self.results

@@ -10,14 +10,22 @@ applied returns the first attempt's result instead of applying twice.
 from __future__ import annotations
 
 import random
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
+
+from kvproto.errors import AuthError, KVConnectionError
 
 __all__ = [
     "ConstantBackoff",
     "ExponentialWithJitterBackoff",
     "NoBackoff",
     "Retry",
+    "call_with_retry",
 ]
+
+_T = TypeVar("_T")
 
 
 class Backoff(ABC):
@@ -93,3 +101,40 @@ class Retry:
 
     def __repr__(self) -> str:
         return f"Retry({type(self.backoff).__name__}, retries={self.retries})"
+
+
+def call_with_retry(
+    retry: Retry | None,
+    endpoint: str,
+    attempt: Callable[[], _T],
+    error: KVConnectionError | None = None,
+) -> _T:
+    """Run ``attempt`` until it answers, retrying a failed connection as ``retry`` allows.
+
+    The one retry loop of every backend (a call that changes state carries a request id, so
+    running it again applies it at most once). ``error``: a first attempt that already failed.
+
+    Raises:
+        KVConnectionError: the last failure, once the retries ran out (naming ``endpoint``
+            and the attempts when there were several).
+        AuthError: at once: a server with another key will not accept a retry either.
+    """
+    retries = 0 if retry is None else retry.retries
+    attempts = 0
+    while True:
+        if error is not None:
+            if attempts >= retries:
+                if attempts == 0:
+                    raise error
+                raise KVConnectionError(
+                    f"gave up on {endpoint} after {attempts + 1} attempts: {error}"
+                ) from error
+            attempts += 1
+            assert retry is not None
+            time.sleep(retry.backoff.compute(attempts))
+        try:
+            return attempt()
+        except AuthError:
+            raise
+        except KVConnectionError as exc:
+            error = exc

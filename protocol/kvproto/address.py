@@ -17,9 +17,23 @@ to a key file: anything containing ``/`` or starting with ``~`` or ``.``
 (``kv://~/keys/prod.key@db1:50000``; everything up to the last ``@`` is the userinfo, so the
 path needs no percent-encoding, though ``%XX`` is decoded). ``user:password@`` is refused.
 
-``redis://``, ``rediss://`` and ``redis-cluster://`` are reserved for the Valkey/Redis Cluster
-backend and refused as not supported yet. Every refusal is an :class:`AddressError` (a
-``ValueError``) whose message ends with the forms that are accepted.
+Valkey/Redis addresses (the cluster backend, :func:`parse_redis_url`; ``kvclient.connect()``
+takes them, ``parse_target`` refuses them):
+
+========================================================  ========================================
+``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``            one standalone server (port 6379, db 0)
+``rediss://...``                                          the same over TLS
+``redis-cluster://[[USER]:PASSWORD@]H1:P1[,H2:P2...]``    a Redis Cluster: any of its nodes as
+                                                          seeds (``redis-clusters://``: TLS)
+``valkey://``, ``valkeys://``, ``valkey-cluster://``...   the same for Valkey
+========================================================  ========================================
+
+Unlike kvserve's shared keys, Redis has user accounts and passwords, so these URLs may carry
+them (percent-encoded); the usual environment variables ``REDIS_USERNAME`` and
+``REDIS_PASSWORD`` fill in what the URL leaves out, and keep the password out of ``ps``.
+
+Every refusal is an :class:`AddressError` (a ``ValueError``) whose message ends with the
+forms that are accepted.
 
 This module does no I/O and imports little: ``kvctl``'s fast path uses it too.
 """
@@ -32,11 +46,15 @@ from typing import Final, NamedTuple
 __all__ = [
     "DEFAULT_PORT",
     "FORMS",
+    "REDIS_FORMS",
+    "REDIS_SCHEMES",
     "AddressError",
+    "RedisTarget",
     "Target",
     "key_file_for",
     "parse_address",
     "parse_host_port",
+    "parse_redis_url",
     "parse_target",
 ]
 
@@ -48,7 +66,22 @@ _NAME_FIRST: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 _NAME_REST: Final = _NAME_FIRST | {".", "-"}
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
 _SCHEMES: Final = {"kv": False, "kvs": True}
-_LATER: Final = ("redis", "rediss", "redis-cluster", "valkey", "valkeys")
+REDIS_SCHEMES: Final[dict[str, tuple[bool, bool]]] = {
+    # scheme -> (cluster, tls)
+    "redis": (False, False),
+    "rediss": (False, True),
+    "redis-cluster": (True, False),
+    "redis-clusters": (True, True),
+    "valkey": (False, False),
+    "valkeys": (False, True),
+    "valkey-cluster": (True, False),
+    "valkey-clusters": (True, True),
+}
+REDIS_FORMS: Final = (
+    "redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or "
+    "redis-cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]"
+)
+REDIS_DEFAULT_PORT: Final = 6379
 
 
 class AddressError(ValueError):
@@ -163,7 +196,8 @@ def parse_target(address: str | tuple[str, int]) -> Target:
 
     Raises:
         AddressError: the address is none of the accepted forms, or uses a scheme that is not
-            supported yet (``redis://`` ...); the message lists the accepted forms.
+            kvserve's (``redis://`` ...: see :func:`parse_redis_url`); the message lists the
+            accepted forms.
     """
     if isinstance(address, tuple):
         host, port = address
@@ -176,10 +210,10 @@ def parse_target(address: str | tuple[str, int]) -> Target:
         host, port = parse_host_port(text)
         return Target(host, port)
     scheme = scheme.lower()
-    if scheme in _LATER:
+    if scheme in REDIS_SCHEMES:
         raise AddressError(
-            f"{scheme}:// addresses are for the Valkey/Redis Cluster backend, which is not "
-            f"supported yet; for kvserve write {FORMS}"
+            f"{scheme}:// addresses are for the Valkey/Redis backend: give them to "
+            f"kvclient.connect(); for kvserve write {FORMS}"
         )
     if scheme not in _SCHEMES:
         raise _fail(address, f"unknown scheme {scheme + '://'!r}")
@@ -211,3 +245,87 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
             "which applies them"
         )
     return target.host, target.port
+
+
+class RedisTarget(NamedTuple):
+    """What a Valkey/Redis address says (see the module docstring).
+
+    Attributes:
+        nodes: ``(host, port)`` of the server, or the cluster's seed nodes.
+        cluster: a Redis Cluster (slots routed to their nodes), not one standalone server.
+        tls: connect over TLS.
+        db: the database number (standalone only; a cluster has only 0).
+        username: the ACL user, or None (``default``).
+        password: the password, or None.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    cluster: bool
+    tls: bool
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def _redis_fail(address: str, why: str) -> AddressError:
+    return AddressError(f"invalid address {_redact(address)!r}: {why}; write {REDIS_FORMS}")
+
+
+def _redact(address: str) -> str:
+    """``address`` with any password replaced by ``***`` (messages never show one)."""
+    scheme, sep, rest = address.partition("://")
+    userinfo, at, authority = rest.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return address
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{authority}"
+
+
+def parse_redis_url(
+    address: str, environ: dict[str, str] | os._Environ[str] = os.environ
+) -> RedisTarget:
+    """Parse a Valkey/Redis URL (see the module docstring) into a :class:`RedisTarget`.
+
+    Credentials missing from the URL come from ``REDIS_USERNAME`` and ``REDIS_PASSWORD`` in
+    ``environ``.
+
+    Raises:
+        AddressError: not one of the Redis forms (the message never shows the password).
+    """
+    text = address.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in REDIS_SCHEMES:
+        raise _redis_fail(address, "not a redis://, rediss:// or redis-cluster:// URL")
+    cluster, tls = REDIS_SCHEMES[scheme.lower()]
+    userinfo, at, authority = rest.rpartition("@")
+    authority, _, path = authority.partition("/")
+    if "?" in path or "#" in path or "?" in authority or "#" in authority:
+        raise _redis_fail(address, "query strings and fragments are not supported")
+    db = 0
+    if path:
+        if not (path.isascii() and path.isdigit()) or int(path) > 1 << 16:
+            raise _redis_fail(address, f"the database must be a number, not {path!r}")
+        db = int(path)
+        if cluster and db:
+            raise _redis_fail(address, "a Redis Cluster has only database 0")
+    username = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = _unquote(user_text) or None
+        password = _unquote(password_text) if colon else None
+    username = username or environ.get("REDIS_USERNAME") or None
+    password = password if password is not None else environ.get("REDIS_PASSWORD") or None
+    hosts = authority.split(",")
+    if not cluster and len(hosts) > 1:
+        raise _redis_fail(address, "several hosts need redis-cluster://")
+    nodes = []
+    for host_text in hosts:
+        if not host_text or host_text.startswith(":"):
+            raise _redis_fail(address, "no host")
+        try:
+            host, port = parse_host_port(host_text, url=True)
+        except AddressError as exc:
+            raise _redis_fail(address, str(exc).split(": ", 1)[-1].split(";")[0]) from None
+        if ":" not in host_text.rpartition("]")[2]:
+            port = REDIS_DEFAULT_PORT
+        nodes.append((host, port))
+    return RedisTarget(tuple(nodes), cluster, tls, db, username, password)

@@ -1,0 +1,258 @@
+"""Connections to a Valkey/Redis server or cluster: each call straight to its slot's node.
+
+:class:`Nodes` keeps one ``redis.Redis`` (a thread-safe connection pool) per node and, for a
+cluster, the slot map read with ``CLUSTER SLOTS``. A call names one key (every key of a
+container shares its hash tag, so one slot); :meth:`Nodes.execute` sends it to that slot's
+master. ``MOVED`` updates the map and resends at once, ``ASK`` resends once to the node named
+with ``ASKING`` before it on the same connection: neither ran the command, so resending applies
+nothing twice. Anything else (a connection lost, ``CLUSTERDOWN``, ``READONLY`` from a demoted
+master, ``TRYAGAIN``) is raised translated, for the caller's one retry loop
+(:class:`kvclient.retry.Retry`) to decide; the map is re-read before the next attempt.
+
+redis-py's own retries are off (``Retry(NoBackoff(), 0)``): it would resend a script whose
+reply was lost without the request id check, and kvclient's retry is the only loop.
+
+redis-py's ``RedisCluster`` is not used: its per-call cost was measured at about twice a plain
+``redis.Redis`` client, and its retry loop cannot be turned into ours.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Sequence
+from typing import Any, Final
+
+import redis
+from redis import exceptions as rx
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.retry import Retry as RedisRetry
+
+from kvproto.errors import AuthError, KVConnectionError, KVTimeoutError, TLSError
+from kvproto.net import format_address
+
+__all__ = ["SLOTS", "Nodes", "translate"]
+
+SLOTS: Final = 16384
+# Redirections followed for one call before giving up (a map in flux resettles in a few).
+_MAX_REDIRECTS: Final = 16
+
+
+class _Redirect(Exception):
+    """Internal: resend to another node."""
+
+    def __init__(self, node: tuple[str, int], asking: bool) -> None:
+        super().__init__(node)
+        self.node = node
+        self.asking = asking
+
+
+def translate(exc: BaseException, endpoint: str) -> BaseException:
+    """Return the kvmanager error for a redis-py error met talking to ``endpoint``.
+
+    The one place redis-py's exceptions become ours: a lost or refused connection and a cluster
+    that is failing over are :class:`KVConnectionError` (retryable), a timeout
+    :class:`KVTimeoutError`, a refused password :class:`AuthError`. Anything else is returned
+    as it is.
+    """
+    if isinstance(exc, rx.TimeoutError):
+        return KVTimeoutError(f"timed out talking to {endpoint}: {exc}")
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
+        return AuthError(f"{endpoint} refused the credentials: {exc}")
+    if isinstance(exc, rx.ConnectionError):
+        if isinstance(exc.__context__, ssl.SSLError) or "SSL" in str(exc):
+            return TLSError(f"TLS with {endpoint} failed: {exc}")
+        return KVConnectionError(f"lost or could not open the connection to {endpoint}: {exc}")
+    if isinstance(exc, rx.ClusterDownError | rx.TryAgainError | rx.ReadOnlyError):
+        return KVConnectionError(f"{endpoint} cannot serve the call now ({exc}); retrying helps")
+    if isinstance(exc, rx.BusyLoadingError):
+        return KVConnectionError(f"{endpoint} cannot serve the call now ({exc}); retrying helps")
+    return exc
+
+
+class Nodes:
+    """The nodes of one server or cluster, and which node serves which slot.
+
+    Args:
+        seeds: ``(host, port)`` of the server, or of any nodes of the cluster.
+        cluster: route by slot (a Redis Cluster); else every call goes to ``seeds[0]``.
+        options: keyword arguments for every ``redis.Redis`` (timeouts, credentials, TLS, db).
+    """
+
+    def __init__(
+        self, seeds: Sequence[tuple[str, int]], cluster: bool, options: dict[str, Any]
+    ) -> None:
+        self.seeds = list(seeds)
+        self.cluster = cluster
+        self.endpoint = ",".join(format_address(*seed) for seed in self.seeds)
+        self._options = dict(options, retry=RedisRetry(NoBackoff(), 0), decode_responses=False)
+        self._clients: dict[tuple[str, int], redis.Redis] = {}
+        self._lock = threading.Lock()
+        # slot -> master (host, port); empty until the first refresh.
+        self._slots: list[tuple[str, int] | None] = [None] * SLOTS
+        self._stale = cluster
+
+    def client(self, node: tuple[str, int]) -> redis.Redis:
+        """Return the client (connection pool) of ``node``, making it on first use."""
+        found = self._clients.get(node)
+        if found is None:
+            with self._lock:
+                found = self._clients.get(node)
+                if found is None:
+                    found = redis.Redis(host=node[0], port=node[1], **self._options)
+                    self._clients[node] = found
+        return found
+
+    def close(self) -> None:
+        """Close every connection of every node."""
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.close()
+
+    def reset_after_fork(self) -> None:
+        """Forget the parent's connections (without closing them: they are the parent's)."""
+        self._clients = {}
+        self._lock = threading.Lock()
+
+    # -- the slot map ---------------------------------------------------------------------
+
+    def mark_stale(self) -> None:
+        """Re-read the slot map before the next call (after a failure that may be a failover)."""
+        if self.cluster:
+            self._stale = True
+
+    def refresh(self) -> None:
+        """Read the slot map from the first node that answers ``CLUSTER SLOTS``.
+
+        Raises:
+            KVConnectionError: no node answered.
+        """
+        known = [*self.seeds, *(n for n in self._clients if n not in self.seeds)]
+        error: BaseException | None = None
+        for node in known:
+            try:
+                ranges = self.client(node).execute_command(  # type: ignore[no-untyped-call]
+                    "CLUSTER SLOTS"
+                )
+            except rx.RedisError as exc:
+                error = translate(exc, format_address(*node))
+                continue
+            slots: list[tuple[str, int] | None] = [None] * SLOTS
+            for entry in ranges:
+                first, last, master = int(entry[0]), int(entry[1]), entry[2]
+                host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+                owner = (host or node[0], int(master[1]))
+                slots[first : last + 1] = [owner] * (last - first + 1)
+            self._slots = slots
+            self._stale = False
+            return
+        raise KVConnectionError(
+            f"no node of {self.endpoint} answered CLUSTER SLOTS: {error}"
+        ) from error
+
+    def node_for(self, key: bytes) -> tuple[str, int]:
+        """Return the master serving ``key``'s slot (reading the map if it is stale)."""
+        if not self.cluster:
+            return self.seeds[0]
+        if self._stale:
+            self.refresh()
+        node = self._slots[key_slot(key)]
+        if node is None:
+            self.refresh()
+            node = self._slots[key_slot(key)]
+            if node is None:
+                raise KVConnectionError(
+                    f"no node of {self.endpoint} serves slot {key_slot(key)} (cluster down?)"
+                )
+        return node
+
+    def masters(self) -> list[tuple[str, int]]:
+        """Return every master (one node for a standalone server)."""
+        if not self.cluster:
+            return [self.seeds[0]]
+        if self._stale:
+            self.refresh()
+        return sorted({node for node in self._slots if node is not None})
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def execute(
+        self,
+        key: bytes,
+        *command: Any,
+        node: tuple[str, int] | None = None,
+        then: tuple[Any, ...] | None = None,
+    ) -> Any:
+        """Send ``command`` to the master of ``key``'s slot (or to ``node``); return its reply.
+
+        ``then``: a second command sent right after it on the same connection (``WAIT``,
+        which counts the replicas that have the writes of *this* connection); the reply is
+        then ``(first reply, second reply)``.
+
+        Raises:
+            KVConnectionError, KVTimeoutError, AuthError, TLSError: see :func:`translate`;
+                the slot map is marked stale first.
+            redis.exceptions.ResponseError: the command failed (a script error, NOSCRIPT).
+        """
+        target = node or self.node_for(key)
+        asking = False
+        for _ in range(_MAX_REDIRECTS):
+            try:
+                return self._send(target, asking, command, then)
+            except _Redirect as redirect:
+                target, asking = redirect.node, redirect.asking
+        raise KVConnectionError(f"{self.endpoint}: more than {_MAX_REDIRECTS} redirections")
+
+    def _send(
+        self,
+        target: tuple[str, int],
+        asking: bool,
+        command: tuple[Any, ...],
+        then: tuple[Any, ...] | None = None,
+    ) -> Any:
+        client = self.client(target)
+        try:
+            if asking or then is not None:
+                # A pipeline holds one connection for its commands: ASKING applies to the
+                # next command on its connection, WAIT to the writes made on it.
+                pipe = client.pipeline(transaction=False)
+                if asking:
+                    pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                if then is not None:
+                    pipe.execute_command(*then)  # type: ignore[no-untyped-call]
+                replies = pipe.execute()[1 if asking else 0 :]
+                return replies[0] if then is None else (replies[0], replies[1])
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except rx.MovedError as exc:
+            slot, host, port = _redirect_target(exc)
+            self._slots[slot] = (host or target[0], port)
+            self._stale = True  # a slot moved: others may have too
+            raise _Redirect((host or target[0], port), asking=False) from None
+        except rx.AskError as exc:
+            _slot, host, port = _redirect_target(exc)
+            raise _Redirect((host or target[0], port), asking=True) from None
+        except (
+            rx.ClusterDownError,
+            rx.TryAgainError,
+            rx.ReadOnlyError,
+            rx.BusyLoadingError,
+        ) as exc:
+            self.mark_stale()
+            raise translate(exc, format_address(*target)) from exc
+        except rx.ResponseError:
+            raise
+        except rx.RedisError as exc:
+            self.mark_stale()
+            raise translate(exc, format_address(*target)) from exc
+
+
+def _redirect_target(exc: rx.ResponseError) -> tuple[int, str, int]:
+    """Return ``(slot, host, port)`` of a MOVED or ASK error."""
+    slot = int(getattr(exc, "slot_id", 0))
+    host = str(getattr(exc, "host", ""))
+    port = int(getattr(exc, "port", 0))
+    return slot, host, port

@@ -146,10 +146,13 @@ def stats(backend: RedisBackend, args: list[Any]) -> dict[str, Any]:
     uptime = None
     for node in backend.nodes.masters():
         info = backend.nodes.execute(b"", "INFO", "all", node=node)
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        fields = dict(
-            line.split(":", 1) for line in text.splitlines() if ":" in line and line[0] != "#"
-        )
+        if isinstance(info, dict):  # redis-py parses INFO into a dict
+            fields = info
+        else:
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            fields = dict(
+                line.split(":", 1) for line in text.splitlines() if ":" in line and line[0] != "#"
+            )
         ops += int(fields.get("total_commands_processed", 0))
         up = int(fields.get("uptime_in_seconds", 0))
         uptime = up if uptime is None else min(uptime, up)

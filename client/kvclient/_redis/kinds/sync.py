@@ -34,9 +34,23 @@ otherwise, and no sleep is longer than half the call timeout (a ``BLPOP`` must a
 the socket times out). A waiter's registration is itself leased (the lease keeper renews it),
 so a waiter that died is forgotten and never handed a hold.
 
-Differences from kvserve: ``describe`` counts holders (or 1) rather than slots; a Condition's
-freed lock wakes all its blocked calls to compete for it (a small thundering herd; kvserve's
-Condition is not FIFO either).
+Each operation reads every hold and blocked call of its primitive (to release what expired),
+so its cost grows with the number of waiters on that one primitive, not with the store.
+
+Differences from kvserve
+------------------------
+- A waiter whose process died keeps its place in line until its registration's lease runs
+  out (kvserve drops it when its connection closes): a hold handed to it in that time is
+  released one lease later.
+- Leases run on the serving node's wall clock: a clock step on that node, or a failover to a
+  replica whose clock differs, lengthens or shortens the leases in flight (kvserve's clock is
+  monotonic).
+- The token counter is replicated like every write, asynchronously: a failover that loses
+  acknowledged writes can issue a token again (see the README's guarantees table). A holder
+  that survives it raises the counter back to its own token with its next renewal.
+- ``describe`` counts holders (or 1) rather than slots; a Condition's freed lock wakes all its
+  blocked calls to compete for it (a small thundering herd; kvserve's Condition is not FIFO
+  either). An Event waiter sees every ``set`` made while it waited, even one cleared at once.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ down what the Redis lock libraries get wrong (issue 16):
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import threading
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 import kvclient
-from tests.targets import ClientFactory
+from tests.targets import ClientFactory, Target
 
 
 def test_every_hold_is_a_lease_and_a_stalled_holders_token_is_fenced_off(
@@ -163,3 +164,36 @@ def test_a_blocked_acquire_waits_without_polling(
     # is one sleep and one more try (kvserve: 0 more calls; Redis: about 35 operations).
     assert waited - at_once < 100, (at_once, waited)
     lock.release()
+
+
+def _wait_for_lock(target: Target, name: str, lease: float) -> None:
+    """Block on lock ``name`` (until killed)."""
+    with target.connect() as kv:
+        kv.lock(name, lease=lease).acquire(timeout=60)
+
+
+def test_a_waiter_killed_in_line_never_keeps_the_lock_from_the_living(
+    kv: kvclient.Client, kv_target: Target
+) -> None:
+    lock = kv.lock("line", lease=5.0)
+    assert lock.acquire() is True
+    doomed = mp.get_context("forkserver").Process(
+        target=_wait_for_lock, args=(kv_target, "line", 0.5)
+    )
+    doomed.start()
+    try:
+        deadline = time.monotonic() + 20
+        while lock.status()["waiters"] < 1:
+            assert time.monotonic() < deadline, "the waiter never got in line"
+            time.sleep(0.02)
+        doomed.kill()
+        doomed.join(10)
+        lock.release()  # the first in line is dead: at most its lease later, the next gets it
+        survivor = kv.lock("line", lease=5.0)
+        assert survivor.acquire(timeout=10) is True
+        assert survivor.token is not None and survivor.token > 1
+        assert [h["owner"] for h in survivor.status()["holders"]] == [kv.owner_id]
+        survivor.release()
+    finally:
+        doomed.kill()
+        doomed.join(10)

@@ -65,8 +65,8 @@ import msgpack
 
 from kvclient._redis._backend import Call, Handler, container_keys, kind_scripts
 from kvclient._redis.kinds import Kind, register
-from kvproto.errors import KVError
-from kvproto.limits import check_lease, check_timeout
+from kvproto.errors import KVError, release_error
+from kvproto.limits import check_bool, check_int64, check_lease, check_timeout
 
 __all__ = ["BARRIER", "CONDITION", "EVENT", "LOCK", "SEMAPHORE"]
 
@@ -90,18 +90,8 @@ def _wait_id(wait_id: Any) -> bytes | None:
     return None if wait_id is None else _owner(wait_id, "wait_id")
 
 
-def _bool(value: Any, what: str) -> bool:
-    if type(value) is not bool:
-        raise TypeError(f"{what} must be a bool, not {type(value).__name__}")
-    return value
-
-
-def _int(value: Any, what: str) -> int:
-    if type(value) is not int:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"{what} must fit in 64 bits")
-    return value
+_bool = check_bool
+_int = check_int64
 
 
 def _ms(seconds: float) -> str:
@@ -109,22 +99,6 @@ def _ms(seconds: float) -> str:
 
 
 # -- running scripts and waiting ----------------------------------------------------------------
-
-
-def _not_held(what: str, why: str) -> RuntimeError:
-    # The messages kvserve.sync gives (its _Leased._not_held).
-    if why == "released":
-        return RuntimeError(
-            f"cannot release {what}: another client released what this client held "
-            "(as threading lets any thread release a Lock); it is not held by this client"
-        )
-    if why:
-        return RuntimeError(
-            f"cannot release {what}: this client's lease on it expired, and the server "
-            "released it (the client stalled or lost its connection for longer than the "
-            "lease); another holder may have used the resource since"
-        )
-    return RuntimeError(f"cannot release {what}: this client does not hold it")
 
 
 def _run(ctx: Call, op: str, *argv: Any, what: str = "") -> tuple[bool, list[Any]]:
@@ -137,7 +111,7 @@ def _run(ctx: Call, op: str, *argv: Any, what: str = "") -> tuple[bool, list[Any
         return False, list(reply[1:])
     name, detail = reply[1].decode(), reply[2].decode() if len(reply) > 2 else ""
     if name == "NotHeld":
-        raise _not_held(what or ctx.kind.replace("_", " "), detail)
+        raise release_error(what or ctx.kind.replace("_", " "), detail)
     if name == "BrokenBarrierError":
         raise threading.BrokenBarrierError
     raise ctx.error(name, detail)

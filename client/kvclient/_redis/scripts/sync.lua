@@ -188,6 +188,23 @@ local function unpark(wid)
   redis.call('ZREM', K3, wid)
   redis.call('DEL', B .. 'x:' .. hex(wid))
 end
+-- An Event or Barrier wait not answered yet: {'ok', 0} if it ran out, else park, 'again'.
+local function park_or_give_up(wid, phase, ttl, hint)
+  if phase == 'last' then
+    unpark(wid)
+    return {'ok', 0}
+  end
+  park(wid, ttl)
+  return {'again', hint}
+end
+-- End a Barrier's generation (tripped '1' or broken '0'), keeping the last 64 outcomes.
+local function end_generation(gen, outcome)
+  redis.call('HSET', D, gen, outcome)
+  redis.call('HDEL', D, gen - 64)
+  redis.call('HSET', M, 'gen', gen + 1, 'count', 0)
+  wake_all()
+  redis.call('DEL', K3)
+end
 
 --- @op acquire
 -- A: owner, '1' to wait, wait_id or '', lease (ms), phase ('first', 'again' or 'last': the
@@ -434,12 +451,7 @@ if redis.call('HGET', M, 'flag') == '1' or (seen ~= '' and seen ~= gen) then
   unpark(wid)
   return {'ok', 1}
 end
-if phase == 'last' then
-  unpark(wid)
-  return {'ok', 0}
-end
-park(wid, A[4])
-return {'again', gen}
+return park_or_give_up(wid, phase, A[4], gen)
 
 --- @op info
 -- Answer: {'ok', check ('parties|timeout'), generation, count, broken}.
@@ -455,11 +467,7 @@ local parties = tonumber(string.match(check, '^(%d+)'))
 local gen = tonumber(redis.call('HGET', M, 'gen') or '0')
 local index = tonumber(redis.call('HGET', M, 'count') or '0')
 if index + 1 == parties then
-  redis.call('HSET', D, gen, '1')
-  redis.call('HDEL', D, gen - 64)
-  redis.call('HSET', M, 'gen', gen + 1, 'count', 0)
-  wake_all()
-  redis.call('DEL', K3)
+  end_generation(gen, '1')
   return {'ok', gen, index, 1, check}
 end
 redis.call('HSET', M, 'count', index + 1)
@@ -482,12 +490,7 @@ if redis.call('HGET', M, 'broken') == '1' then
   unpark(wid)
   return fail('BrokenBarrierError')
 end
-if phase == 'last' then
-  unpark(wid)
-  return {'ok', 0}
-end
-park(wid, A[4])
-return {'again', '-1'}
+return park_or_give_up(wid, phase, A[4], '-1')
 
 --- @op timed_out
 -- A: generation. Break the barrier unless it tripped meanwhile. Answer: {'ok', 1 if tripped}.
@@ -508,11 +511,8 @@ return {'ok'}
 --- @op reset
 local gen = tonumber(redis.call('HGET', M, 'gen') or '0')
 if redis.call('HGET', M, 'broken') == '1' or tonumber(redis.call('HGET', M, 'count') or '0') > 0 then
-  redis.call('HSET', D, gen, '0')
-  redis.call('HDEL', D, gen - 64)
-  redis.call('HSET', M, 'gen', gen + 1, 'count', 0)
+  end_generation(gen, '0')
 end
 redis.call('HSET', M, 'broken', '0')
 wake_all()
-redis.call('DEL', K3)
 return {'ok'}

@@ -19,7 +19,7 @@ import pytest
 
 import kvclient
 from kvserve import KVManager, Server
-from tests import backends
+from tests import backends, redis_cluster
 from tests.backends import Implementation
 
 pytest_plugins = ["pytester"]
@@ -122,6 +122,45 @@ def kv(
     target = implementation.start(request)
     with implementation.connect(target, authkey) as client:
         yield client
+
+
+# -- Valkey/Redis: one cluster and one standalone server per session, flushed per test ---------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[redis_cluster.Cluster]:
+    """A real 3-master / 3-replica redis-server cluster (tests/redis_cluster.py)."""
+    with redis_cluster.running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_standalone_session() -> Iterator[redis_cluster.Standalone]:
+    """A real standalone redis-server."""
+    server = redis_cluster.Standalone().start()
+    yield server
+    server.stop()
+
+
+def _flush(cli_nodes: list[redis_cluster.Node]) -> None:
+    for node in cli_nodes:
+        if "role:master" in node.cli("info", "replication"):
+            node.cli("flushall")
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_session: redis_cluster.Cluster) -> str:
+    """The session's cluster, emptied for this test: its ``redis-cluster://`` address."""
+    _flush(redis_cluster_session.nodes)
+    return "redis-cluster://" + ",".join(redis_cluster_session.seeds[:3])
+
+
+@pytest.fixture
+def redis_standalone_url(redis_standalone_session: redis_cluster.Standalone) -> str:
+    """The session's standalone server, emptied for this test: its ``redis://`` address."""
+    assert redis_standalone_session.node is not None
+    _flush([redis_standalone_session.node])
+    return redis_standalone_session.url
 
 
 # -- More clients of `kv`'s implementation, here or in worker processes (tests/targets.py) ----

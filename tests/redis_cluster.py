@@ -269,3 +269,64 @@ def main() -> int:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
+
+
+@dataclass
+class Standalone:
+    """One plain ``redis-server`` (no cluster) on a free loopback port, for the standalone tests."""
+
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kv-redis-")))
+    node: Node | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        assert self.node is not None
+        return f"redis://{self.node.address}/0"
+
+    def start(self) -> Standalone:
+        """Start it and wait until it answers PING (bounded: 30 s).
+
+        Raises:
+            ClusterError: it did not start.
+        """
+        reason = available()
+        if reason is not None:
+            raise ClusterError(reason)
+        port = free_port_pair(set())
+        node = Node(port, self.base)
+        node.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.base),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                "redis.log",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.node = node
+        deadline = time.monotonic() + _START_TIMEOUT
+        while node.cli("ping").strip() != "PONG":
+            if node.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ClusterError(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Kill it and remove its directory."""
+        if self.node is not None and self.node.proc is not None:
+            self.node.proc.kill()
+            self.node.proc.wait(10)
+        shutil.rmtree(self.base, ignore_errors=True)

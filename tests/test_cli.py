@@ -1254,10 +1254,10 @@ def test_malformed_address_is_a_usage_error_naming_the_forms(text: str, why: str
 
 
 @pytest.mark.parametrize("scheme", ["redis", "rediss", "redis-cluster"])
-def test_cluster_urls_are_refused_as_not_supported_yet(scheme: str) -> None:
+def test_redis_urls_are_refused_by_kvctl_which_speaks_to_kvserve(scheme: str) -> None:
     result = invoke(["ping", "-a", f"{scheme}://127.0.0.1:6379"])
     assert result.exit_code == EXIT_USAGE
-    assert f"{scheme}:// addresses are for the Valkey/Redis Cluster backend, which is not " in (
+    assert f"{scheme}:// addresses are for the Valkey/Redis backend: give them to " in (
         result.stderr.replace("\n", " ")
     )
 

@@ -54,7 +54,6 @@ renewing successor still never sees its token issued again.
 from __future__ import annotations
 
 import functools
-import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -62,6 +61,13 @@ from typing import Any, ClassVar, Final
 
 from kvproto.errors import release_error
 from kvproto.limits import MAX_LEASE, check_bool, check_int64, check_lease
+from kvproto.typecodes import FLOAT_CODES as _FLOAT_CODES
+from kvproto.typecodes import INT_CODES as _INT_CODES
+from kvproto.typecodes import MAX_ARRAY_LENGTH, TYPECODES
+from kvproto.typecodes import ZERO as _ZERO
+from kvproto.typecodes import check_typecode as _check_typecode
+from kvproto.typecodes import coerce as _coerce
+from kvproto.typecodes import typecode_of as _typecode_of
 from kvserve.containers import Container, WouldBlock, check_timeout
 
 __all__ = [
@@ -80,7 +86,6 @@ __all__ = [
     "KVValue",
 ]
 
-MAX_ARRAY_LENGTH: Final = 1 << 20
 """Most items an Array may hold: a length is a few bytes on the wire but a list on the server,
 and ``tolist()`` of the largest array still fits in one frame."""
 _OWNER_MAX: Final = 64
@@ -973,92 +978,6 @@ class KVBarrier(Container):
 
 
 # -- Value and Array ---------------------------------------------------------------------------
-
-TYPECODES: Final = "bBhHiIlLqQfdcu?"
-"""Typecodes as ``multiprocessing.Value``/``Array`` take them, plus ``?`` (``ctypes.c_bool``)."""
-_INT_CODES: Final = "bBhHiIlLqQ"
-_FLOAT_CODES: Final = "fd"
-_INT_RANGES: Final[dict[str, tuple[int, int]]] = {
-    code: (
-        (-(1 << (8 * struct.calcsize(code) - 1)), (1 << (8 * struct.calcsize(code) - 1)) - 1)
-        if code.islower()
-        else (0, (1 << (8 * struct.calcsize(code))) - 1)
-    )
-    for code in _INT_CODES
-}
-_ZERO: Final[dict[str, Any]] = {
-    **dict.fromkeys(_INT_CODES, 0),
-    "f": 0.0,
-    "d": 0.0,
-    "c": b"\x00",
-    "u": "\x00",
-    "?": False,
-}
-
-
-def _check_typecode(typecode: Any) -> str:
-    if not isinstance(typecode, str) or len(typecode) != 1 or typecode not in TYPECODES:
-        raise ValueError(f"typecode must be one of {' '.join(TYPECODES)}, not {typecode!r}")
-    return typecode
-
-
-def _typecode_of(default: Any) -> str:
-    """Return the typecode a default value stands for (``kv.value("hits", 0)``)."""
-    kind = type(default)
-    if kind is bool:
-        return "?"
-    if kind is int:
-        return "q"
-    if kind is float:
-        return "d"
-    if kind is bytes and len(default) == 1:
-        return "c"
-    raise TypeError(
-        f"a default value must be an int, float, bool or 1-byte bytes, not "
-        f"{kind.__name__}; give a typecode ({' '.join(TYPECODES)}) and a value instead"
-    )
-
-
-def _coerce(typecode: str, value: Any) -> Any:
-    """Return ``value`` stored as ``typecode`` would store it, or raise as ctypes does.
-
-    Unlike ctypes, an int out of the typecode's range raises OverflowError instead of silently
-    wrapping: a counter that wraps around is a bug nobody sees.
-    """
-    kind = type(value)
-    if typecode in _INT_CODES:
-        if kind is bool:
-            value = int(value)
-        elif kind is not int:
-            raise TypeError(f"'{kind.__name__}' object cannot be interpreted as an integer")
-        low, high = _INT_RANGES[typecode]
-        if not low <= value <= high:
-            raise OverflowError(
-                f"{value} is out of range for typecode {typecode!r} ({low} to {high})"
-            )
-        return value
-    if typecode in _FLOAT_CODES:
-        if kind is not bool and not isinstance(value, int | float):
-            raise TypeError(f"must be real number, not {kind.__name__}")
-        if typecode == "f":
-            try:
-                return struct.unpack("f", struct.pack("f", value))[0]
-            except (OverflowError, struct.error):
-                raise OverflowError(f"{value} is out of range for typecode 'f'") from None
-        return float(value)
-    if typecode == "c":
-        if kind is int and 0 <= value <= 255:
-            return bytes([value])
-        if kind is bytes and len(value) == 1:
-            return value
-        raise TypeError("one character bytes or integer in range(256) expected")
-    if typecode == "u":
-        if kind is str and len(value) == 1:
-            return value
-        raise TypeError(f"one character str expected, not {kind.__name__}")
-    if kind is bool or kind is int:
-        return bool(value)
-    raise TypeError(f"bool or int expected, not {kind.__name__}")
 
 
 class KVValue(Container):

@@ -150,8 +150,21 @@ class Call:
         """Decode a stored value."""
         return self.codec.unpack(data)
 
+    def read(self, script: Script, *argv: Any) -> list[Any]:
+        """Run a script that changes nothing (a snapshot a later script commits against).
+
+        It runs without the request id: only the script that answers the call records under
+        it. Returns the payload of its ``ok`` answer.
+        """
+        found = self._run(script, "", "0", argv)
+        assert found is not None, f"{script.name} answered 'again'"
+        return found
+
     def run(self, script: Script, *argv: Any) -> list[Any] | None:
         """Run one of this kind's scripts; return its answer's payload.
+
+        The call's request id goes with it: a call of several scripts runs the one that
+        answers it (and records the answer) with :meth:`run`, the others with :meth:`read`.
 
         Returns:
             The payload of an ``ok`` answer (a list), or None for ``again`` (not answered
@@ -163,7 +176,10 @@ class Call:
             KindError: the name is now another kind of container.
             KVConnectionError: see :meth:`kvclient._redis._nodes.Nodes.execute`.
         """
-        reply = self._backend.evalsha(script, self.keys, [self.kind, self.token, self.seq, *argv])
+        return self._run(script, self.token, self.seq, argv)
+
+    def _run(self, script: Script, token: str, seq: str, argv: tuple[Any, ...]) -> list[Any] | None:
+        reply = self._backend.evalsha(script, self.keys, [self.kind, token, seq, *argv])
         status = reply[0]
         if status == b"ok":
             return list(reply[1:])
@@ -290,7 +306,7 @@ class RedisBackend:
             raise KVError(f"{self.endpoint}: a call on {ident!r} must name its kind")
         handler = self._kinds.get(kind, {}).get(method)
         if handler is None:
-            raise AttributeError(f"{kind!r} object has no attribute {method!r}")
+            raise AttributeError(f"{kind} {ident!r} has no method {method!r}")
         try:
             op = PLANS[kind][method]
         except KeyError:
@@ -312,7 +328,7 @@ class RedisBackend:
                     raise ValueError(f"a batch holds container calls, not {method!r}")
                 handler = self._kinds.get(kind, {}).get(method)
                 if handler is None:
-                    raise AttributeError(f"{kind!r} object has no attribute {method!r}")
+                    raise AttributeError(f"{kind} {ident!r} has no method {method!r}")
                 ctx = self.new_call(kind, ident, method)
                 ctx.in_batch = True
                 out.append([0, self._retrying(functools.partial(handler, ctx, args))])

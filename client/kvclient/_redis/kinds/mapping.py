@@ -155,10 +155,20 @@ def _incr(ctx: Call, args: list[Any], *, what: str = "the value at", default: An
     if len(args) > 2:
         default = args[2]
     _check_number(by, "the increment")
+    canon, original = _keys(ctx, key)
     try:
-        found = _ok(ctx, "incr", *_keys(ctx, key), ctx.pack(by), ctx.pack(default))
+        found = ctx.run(_S["incr"], canon, original, ctx.pack(by), ctx.pack(default))
+        while found is None:
+            # Lua's numbers are doubles: beyond 2**53 (or a bigint) the sum is Python's,
+            # committed only if the stored encoding is still the one it was computed from.
+            (stored,) = ctx.read(_S["get_raw"], canon)
+            current = ctx.unpack(stored) if stored else default
+            _check_number(current, "value")
+            new = ctx.pack(current + by)
+            found = ctx.run(_S["swap"], canon, original, stored, new)
     except TypeError:
-        current = _get(ctx, [key, default])
+        (stored,) = ctx.read(_S["get_raw"], canon)  # the answer is recorded: read without id
+        current = ctx.unpack(stored) if stored else default
         raise TypeError(f"{what} {key!r} is {type(current).__name__}, not a number") from None
     return ctx.unpack(found[0])
 

@@ -28,3 +28,31 @@ local function push_all(key, items, first, last)
     i = j + 1
   end
 end
+-- Python's slice.indices(n): the positions (0-based) a slice of a sequence of n items names.
+-- start, stop, step arrive as text, '' for None (the client checked they are ints, step ~= 0).
+local function positions(n, start, stop, step)
+  step = tonumber(step) or 1
+  local lower, upper = 0, n
+  if step < 0 then lower, upper = -1, n - 1 end
+  local function clamp(v, default)
+    v = tonumber(v)
+    if v == nil then return default end
+    if v < 0 then return math.max(v + n, lower) end
+    return math.min(v, upper)
+  end
+  local first = clamp(start, step < 0 and upper or lower)
+  local last = clamp(stop, step < 0 and lower or upper)
+  local out = {}
+  local i = first
+  while (step > 0 and i < last) or (step < 0 and i > last) do
+    out[#out + 1] = i
+    i = i + step
+  end
+  return out, step, first, last
+end
+-- A value no encoding produces (0xc1 is never used by msgpack): marks an item to delete.
+local GONE = '\193'
+local function delete_at(key, index)
+  redis.call('LSET', key, index, GONE)
+  redis.call('LREM', key, 1, GONE)
+end

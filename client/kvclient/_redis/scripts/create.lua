@@ -1,6 +1,7 @@
 -- Create a container if it does not exist (no prologue: it may not exist yet).
 -- KEYS: as every script. ARGV: 1 kind, 2 check (the creation arguments, encoded), 3 layout
--- ('list', 'hash' or 'none'), 4.. initial items: list: encoded items; hash: triples
+-- ('list', 'string', 'hash' or 'none'), 4.. initial items: list: encoded items; string: the
+-- encoded value; hash: triples
 -- (canonical key, original key or '', value).
 -- Reply: {'created'}, {'exists', check} or {'err', 'KindError', kind}.
 local M, D, K2, K3 = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
@@ -17,6 +18,8 @@ if ARGV[3] == 'list' then
     redis.call('RPUSH', D, unpack(ARGV, i, j))
     i = j + 1
   end
+elseif ARGV[3] == 'string' then
+  redis.call('SET', D, ARGV[4])
 elseif ARGV[3] == 'hash' then
   local seq = 0
   for i = 4, #ARGV, 3 do

@@ -109,16 +109,23 @@ local function number(bytes)
   return nil, false
 end
 local x, xf = number(stored)
-if x == nil then return fail('TypeError', 'value') end
+if x == nil then
+  local b = string.byte(stored, 1)
+  -- an ext (a bigint, or a tuple): Python decides (see get_raw, swap)
+  if b == 0xc7 or b == 0xc8 or b == 0xc9 or (b >= 0xd4 and b <= 0xd8) then return {'again'} end
+  return fail('TypeError', 'value')
+end
 local y, yf = number(A[3])
+local exact = 9007199254740992
+if y == nil or (not xf and math.abs(x) >= exact) or (not yf and math.abs(y) >= exact) then
+  return {'again'}  -- a bigint, or beyond 2**53: the client adds (see get_raw, swap)
+end
 local sum = x + y
 local out
 if xf or yf then
   out = struct.pack('>Bd', 0xcb, sum)
 else
-  if math.abs(sum) >= 9007199254740992 or math.abs(x) >= 9007199254740992 then
-    return fail('OverflowError', 'integers beyond 2**53 cannot be added exactly by Lua')
-  end
+  if math.abs(sum) >= exact then return {'again'} end
   out = cmsgpack.pack(sum)
 end
 if redis.call('HSET', D, A[1], out) == 1 then
@@ -126,6 +133,20 @@ if redis.call('HSET', D, A[1], out) == 1 then
   if A[2] ~= '' then redis.call('HSET', K2, A[1], A[2]) end
 end
 return {'ok', out}
+
+--- @op get_raw
+-- Answer: {'ok', value or ''}
+return {'ok', redis.call('HGET', D, A[1]) or ''}
+
+--- @op swap
+-- A: canonical key, original key or '', expected encoding ('' for missing), new encoding.
+-- Answer: {'ok', new} if the value was still the expected one, else 'again'.
+if (redis.call('HGET', D, A[1]) or '') ~= A[3] then return {'again'} end
+if redis.call('HSET', D, A[1], A[4]) == 1 then
+  redis.call('ZADD', K3, redis.call('HINCRBY', M, 'seq', 1), A[1])
+  if A[2] ~= '' then redis.call('HSET', K2, A[1], A[2]) end
+end
+return {'ok', A[4]}
 
 --- @op get_many
 -- A: canonical keys. Answer: {'ok', value or '' per key} (an encoded value is never empty).

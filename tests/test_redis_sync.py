@@ -2,10 +2,11 @@
 
 About the Valkey/Redis backend itself, so not conformance tests: where its keys are (every key
 of one primitive in one hash slot, the bug that makes python-redis-lock's ``lock:NAME`` and
-``lock-signal:NAME`` unusable on a cluster), and mutual exclusion with exact totals from several
-processes on a 3-master cluster, with locks on every master. The behaviour is specified in the
-conformance tests (tests/test_sync.py, tests/test_sync_leases.py), which run on the cluster
-once it is registered in tests/backends.py.
+``lock-signal:NAME`` unusable on a cluster), mutual exclusion with exact totals from several
+processes on a 3-master cluster, with locks on every master, and lost replies of acquires and
+releases (a real socket cut after redis-server ran the script) retried exactly once. The
+behaviour is specified in the conformance tests (tests/test_sync.py, tests/test_sync_leases.py),
+which run on redis-cluster and redis-standalone too (tests/backends.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import redis
 from redis.crc import key_slot
 
 import kvclient
+from kvclient.retry import ConstantBackoff, Retry
 from tests.redis_cluster import Cluster, available
+from tests.test_redis_backend import RespChaosProxy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -153,3 +156,46 @@ def test_locks_give_mutual_exclusion_from_several_processes_with_exact_totals(ur
             status = kv.lock(name).status()
             assert status["last_token"] == 4 * 150 // 3  # one token per acquisition, no gaps
             assert (status["locked"], status["waiters"]) == (False, 0)
+
+
+@pytest.fixture
+def chaos(redis_standalone_url: str) -> Iterator[RespChaosProxy]:
+    host, port = redis_standalone_url.removeprefix("redis://").removesuffix("/0").split(":")
+    proxy = RespChaosProxy((host, int(port)), every=5)
+    yield proxy
+    proxy.close()
+
+
+def test_lost_replies_of_acquires_and_releases_are_applied_once(
+    chaos: RespChaosProxy, redis_standalone_url: str
+) -> None:
+    fast = Retry(ConstantBackoff(0.001), retries=10)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with kvclient.connect(f"redis://{chaos.address}/0", retry=fast) as c:
+                lock, sem, total = c.lock("m"), c.bounded_semaphore("s", 2), c.dict("d")
+                for _ in range(40):
+                    with lock:
+                        total["n"] = total.get("n", 0) + 1
+                    with sem:
+                        pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert chaos.dropped > 20  # many replies really were lost
+    with kvclient.connect(redis_standalone_url) as kv:
+        assert kv.dict("d")["n"] == 120
+        # A retried acquire got its recorded token instead of a second one; a retried release
+        # its recorded answer instead of "does not hold it".
+        status = kv.lock("m").status()
+        assert (status["last_token"], status["locked"], status["waiters"]) == (120, False, 0)
+        sem = kv.bounded_semaphore("s", 2)
+        assert (sem.get_value(), sem.status()["last_token"]) == (2, 120)

@@ -23,7 +23,7 @@ from redis.crc import key_slot
 
 import kvclient
 from kvclient.retry import ConstantBackoff, Retry
-from tests.redis_cluster import Cluster, available
+from tests.redis_cluster import Cluster, available, running_cluster
 from tests.test_redis_backend import RespChaosProxy
 
 pytestmark = pytest.mark.timeout(180)
@@ -199,3 +199,40 @@ def test_lost_replies_of_acquires_and_releases_are_applied_once(
         assert (status["last_token"], status["locked"], status["waiters"]) == (120, False, 0)
         sem = kv.bounded_semaphore("s", 2)
         assert (sem.get_value(), sem.status()["last_token"]) == (2, 120)
+
+
+def test_a_lock_and_its_waiter_carry_on_across_a_master_failover() -> None:
+    """kill -9 the master serving a held lock with a waiter: the release and the wait retry
+    (kvclient's Retry outlasts the 2 s node timeout) and the waiter gets the next token."""
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    with running_cluster(3, 1) as cluster:
+        url = "redis-cluster://" + ",".join(cluster.seeds)
+        with kvclient.connect(url) as holder, kvclient.connect(url) as other:
+            lock = holder.lock("failover", lease=10.0)
+            assert lock.acquire() is True
+            first = lock.token
+            got: list[bool] = []
+            waiter = threading.Thread(
+                target=lambda: got.append(other.lock("failover").acquire(timeout=60))
+            )
+            waiter.start()
+            deadline = time.monotonic() + 10
+            while lock.status()["waiters"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            nodes = holder._backend.nodes  # type: ignore[attr-defined]
+            host, port = nodes.node_for(_tag("failover") + b"m")
+            master = next(node for node in cluster.nodes if node.port == port)
+            # The hold and the waiter's place reached the replica before the kill.
+            assert redis.Redis(host=host, port=port).wait(1, 2000) == 1
+            cluster.kill(master)
+            started = time.monotonic()
+            lock.release()  # fails over to the replica, retried within the Retry window
+            waiter.join(60)
+            assert got == [True]
+            status = holder.lock("failover").status()
+            assert [h["owner"] for h in status["holders"]] == [other.owner_id]
+            assert status["holders"][0]["token"] == (first or 0) + 1
+            assert time.monotonic() - started < 30

@@ -123,34 +123,7 @@ class Cluster:
                 taken.update({port, port + _BUS_OFFSET})
                 node = Node(port, self.base / str(port))
                 node.directory.mkdir(parents=True)
-                node.proc = subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        str(_NODE_TIMEOUT_MS),
-                        "--dir",
-                        str(node.directory),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--logfile",
-                        "redis.log",
-                        "--daemonize",
-                        "no",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,  # a Ctrl-C of the test run is not theirs to get
-                )
+                self._spawn(node)
                 self.nodes.append(node)
             deadline = time.monotonic() + _START_TIMEOUT
             self._wait(
@@ -178,6 +151,43 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _spawn(node: Node) -> None:
+        node.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(node.port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(_NODE_TIMEOUT_MS),
+                "--dir",
+                str(node.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                "redis.log",
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C of the test run is not theirs to get
+        )
+
+    def restart(self, node: Node) -> None:
+        """Start a killed node again: it rejoins (a killed master as a replica of its successor)."""
+        if node.proc is not None and node.proc.poll() is None:
+            raise ClusterError(f"node {node.port} is still running")
+        self._spawn(node)
 
     def _wait(self, check: Callable[[], bool], deadline: float, what: str) -> None:
         while time.monotonic() < deadline:

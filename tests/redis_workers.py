@@ -19,12 +19,13 @@ def setdefault_racer(target: Target, me: int, rounds: int, barrier: BarrierType,
         out.put((me, seen))
 
 
-def incr_worker(url: str, name: str, n: int) -> None:
+def incr_worker(url: str, name: str, n: int, durability: str | None) -> None:
     """``n`` increments of one key, each a retried call over whatever the cluster does."""
     import kvclient
     from kvclient.retry import Retry
 
-    with kvclient.connect(url, retry=Retry(retries=40)) as kv:
+    with kvclient.connect(url, retry=Retry(retries=40), durability=durability) as kv:
         d = kv.dict(name)
         for _ in range(n):
             d.incr("n")
+        kv.dict("done").incr("workers")

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import queue
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -301,3 +302,98 @@ def test_connect_refuses_an_authkey_and_reports_unreachable_nodes() -> None:
         kvclient.connect("redis://127.0.0.1:1/0", authkey=b"k" * 32)
     with pytest.raises(kvclient.KVConnectionError, match=r"127\.0\.0\.1:1"):
         kvclient.connect("redis-cluster://127.0.0.1:1", retry=None)
+
+
+# -- durability="replica" and failover ------------------------------------------------------
+
+
+def test_durability_replica_confirms_writes_or_raises(
+    redis_cluster_url: str, redis_standalone_url: str
+) -> None:
+    with kvclient.connect(redis_cluster_url, durability="replica") as kv:
+        d = kv.dict("confirmed")
+        for i in range(20):
+            d[i] = i
+        assert d.incr("n") == 1 and len(d) == 21
+    # A standalone server has no replica: the write is applied, never confirmed, and says so.
+    with kvclient.connect(
+        redis_standalone_url, durability="replica", call_timeout=0.2, retry=None
+    ) as kv:
+        d = kv.dict("unconfirmed")
+        with pytest.raises(kvclient.KVConnectionError, match="no replica confirmed"):
+            d["k"] = 1
+        assert kv.dict("unconfirmed")["k"] == 1  # applied on the master all the same
+    with pytest.raises(ValueError, match="durability= is for Valkey/Redis"):
+        kvclient.connect("127.0.0.1:1", durability="replica")
+
+
+def _master_of(cluster: Any, key: bytes, ask: Any = None) -> Any:
+    """Return the harness node serving ``key``'s slot as master (as node ``ask`` sees it)."""
+    from redis.crc import key_slot
+
+    slot = key_slot(key)
+    for line in (ask or cluster.nodes[0]).cli("cluster", "nodes").splitlines():
+        fields = line.split()
+        if "master" not in fields[2] or "fail" in fields[2]:
+            continue
+        for part in fields[8:]:
+            first, _, last = part.partition("-")
+            if first.isdigit() and int(first) <= slot <= int(last or first):
+                port = int(fields[1].split(":")[1].split("@")[0])
+                return next(n for n in cluster.nodes if n.port == port)
+    return None  # none right now (failing over)
+
+
+@pytest.mark.parametrize("durability", [None, "replica"])
+def test_a_killed_master_fails_over_and_writers_continue(durability: str | None) -> None:
+    """kill -9 the master of a counter under load from 3 processes: they all finish.
+
+    Exactly-once holds either way (a total above what was asked would be a retry applied
+    twice). With ``durability="replica"`` every acknowledged increment is on the replica
+    that takes over, so the total is exact; without, writes not yet replicated may be lost.
+    The killed node is restarted and rejoins as the new master's replica: until it has
+    synced, ``durability="replica"`` writes are refused (no replica to confirm them) and
+    retried.
+    """
+    from tests.redis_cluster import running_cluster
+
+    n, procs = 150, 3
+    with running_cluster() as cluster:
+        url = "redis-cluster://" + ",".join(cluster.seeds)
+        workers = [
+            SPAWN.Process(target=redis_workers.incr_worker, args=(url, "load", n, durability))
+            for _ in range(procs)
+        ]
+        for w in workers:
+            w.start()
+        with kvclient.connect(url, retry=Retry(retries=40)) as kv:
+            d = kv.dict("load")
+            deadline = time.monotonic() + 60
+            while d.get("n", 0) < n // 2:
+                assert time.monotonic() < deadline, "the workers made no progress"
+                time.sleep(0.02)
+            victim = _master_of(cluster, b"kv{load}:m")
+            assert victim is not None
+            cluster.kill(victim)  # SIGKILL
+            killed_at = time.monotonic()
+            # Restart it only once its replica has taken over: a node without persistence
+            # that came back first would still be master of its slots, and empty.
+            witness = next(node for node in cluster.nodes if node is not victim)
+            while _master_of(cluster, b"kv{load}:m", witness) in (victim, None):
+                assert time.monotonic() < killed_at + 30, "no failover within 30 s"
+                time.sleep(0.1)
+            failover = time.monotonic() - killed_at
+            cluster.restart(victim)
+            for w in workers:
+                w.join(90)
+                assert w.exitcode == 0, "a writer did not ride out the failover"
+            took = time.monotonic() - killed_at
+            total = d["n"]
+            assert kv.dict("done")["workers"] == procs
+        assert total <= n * procs, f"{total} > {n * procs}: a retry was applied twice"
+        if durability == "replica":
+            assert total == n * procs
+        print(
+            f"failover after {failover:.1f}s; writers done {took:.1f}s after the kill; "
+            f"total {total}/{n * procs}"
+        )

@@ -84,6 +84,7 @@ def connect(
     ca: str | os.PathLike[str] | None = None,
     cert: str | os.PathLike[str] | None = None,
     key: str | os.PathLike[str] | None = None,
+    durability: str | None = None,
 ) -> Client:
     """Connect to a kvserve server and return a :class:`Client` (a context manager).
 
@@ -109,6 +110,10 @@ def connect(
         ca: CA file to trust for the server certificate (env ``KV_TLS_CA``).
         cert: client certificate for mutual TLS (env ``KV_TLS_CERT``).
         key: its private key (env ``KV_TLS_KEY``; default: inside ``cert``).
+        durability: Valkey/Redis only: ``"replica"`` confirms every call that changes state
+            with ``WAIT 1`` on the connection that made it, and raises
+            ``KVConnectionError`` (after the retries) when no replica confirms it. kvserve's
+            durability is the server's (``--data-dir --fsync always``).
 
     Raises:
         ValueError: the address is malformed (the message lists the accepted forms), or says
@@ -136,6 +141,12 @@ def connect(
             ca=ca,
             cert=cert,
             key=key,
+            durability=durability,
+        )
+    if durability is not None:
+        raise ValueError(
+            "durability= is for Valkey/Redis addresses; kvserve's is the server's "
+            "(kvserve --data-dir --fsync always)"
         )
     target = parse_target(address)
     if target.tls:

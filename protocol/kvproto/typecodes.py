@@ -19,7 +19,9 @@ __all__ = [
     "ZERO",
     "check_typecode",
     "coerce",
+    "coerce_items",
     "is_number",
+    "joined",
     "typecode_of",
 ]
 
@@ -118,3 +120,33 @@ def coerce(typecode: str, value: Any) -> Any:
     if kind is bool or kind is int:
         return bool(value)
     raise TypeError(f"bool or int expected, not {kind.__name__}")
+
+
+def coerce_items(typecode: str, values: Any) -> list[Any]:
+    """Return an Array's items from ``values``, each converted by :func:`coerce`.
+
+    ``values`` is a list or tuple, or bytes for ``c`` and str for ``u``.
+
+    Raises:
+        TypeError: ``values`` is none of those, or an item the typecode cannot hold.
+        OverflowError: an int out of range.
+    """
+    if typecode == "c" and type(values) is bytes:
+        return [values[i : i + 1] for i in range(len(values))]
+    if typecode == "u" and type(values) is str:
+        return list(values)
+    if type(values) not in (list, tuple):
+        raise TypeError(
+            f"expected a list or tuple of items{' or bytes' if typecode == 'c' else ''}"
+            f"{' or str' if typecode == 'u' else ''}, not {type(values).__name__}"
+        )
+    return [coerce(typecode, value) for value in values]
+
+
+def joined(typecode: str, items: list[Any]) -> Any:
+    """Return a slice of an Array as it reads: bytes for ``c``, str for ``u``, else the list."""
+    if typecode == "c":
+        return b"".join(items)
+    if typecode == "u":
+        return "".join(items)
+    return items

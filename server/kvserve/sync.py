@@ -63,7 +63,7 @@ from kvproto.errors import release_error
 from kvproto.limits import MAX_LEASE, check_bool, check_int64, check_lease
 from kvproto.typecodes import FLOAT_CODES as _FLOAT_CODES
 from kvproto.typecodes import INT_CODES as _INT_CODES
-from kvproto.typecodes import MAX_ARRAY_LENGTH, TYPECODES
+from kvproto.typecodes import MAX_ARRAY_LENGTH, TYPECODES, coerce_items, joined
 from kvproto.typecodes import ZERO as _ZERO
 from kvproto.typecodes import check_typecode as _check_typecode
 from kvproto.typecodes import coerce as _coerce
@@ -1103,24 +1103,10 @@ class KVArray(Container):
             raise ValueError(f"an array holds at most {MAX_ARRAY_LENGTH} items")
 
     def _coerce_all(self, values: Any) -> list[Any]:
-        code = self._typecode
-        if code == "c" and type(values) is bytes:
-            return [values[i : i + 1] for i in range(len(values))]
-        if code == "u" and type(values) is str:
-            return list(values)
-        if type(values) not in (list, tuple):
-            raise TypeError(
-                f"expected a list or tuple of items{' or bytes' if code == 'c' else ''}"
-                f"{' or str' if code == 'u' else ''}, not {type(values).__name__}"
-            )
-        return [_coerce(code, value) for value in values]
+        return coerce_items(self._typecode, values)
 
     def _joined(self, items: list[Any]) -> Any:
-        if self._typecode == "c":
-            return b"".join(items)
-        if self._typecode == "u":
-            return "".join(items)
-        return items
+        return joined(self._typecode, items)
 
     def state(self) -> list[Any]:
         """Return ``[typecode, items]``."""

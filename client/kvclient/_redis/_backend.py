@@ -179,7 +179,9 @@ class Call:
         return self._run(script, self.token, self.seq, argv)
 
     def _run(self, script: Script, token: str, seq: str, argv: tuple[Any, ...]) -> list[Any] | None:
-        reply = self._backend.evalsha(script, self.keys, [self.kind, token, seq, *argv])
+        reply = self._backend.evalsha(
+            script, self.keys, [self.kind, token, seq, *argv], confirm=token != ""
+        )
         status = reply[0]
         if status == b"ok":
             return list(reply[1:])
@@ -225,6 +227,8 @@ class RedisBackend:
         retry: what to do when a connection fails; None never retries.
         make_ref: turns a container reference read back into a proxy.
         to_ref: turns a proxy being stored into a reference.
+        durability: None, or ``"replica"``: every call that changes state is confirmed by
+            ``WAIT 1`` (a replica has it) on the connection that made it, or raises.
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class RedisBackend:
         retry: Retry | None,
         make_ref: Callable[[Ref], Any],
         to_ref: Callable[[Any], Ref | None],
+        durability: str | None = None,
     ) -> None:
         global _fork_hook_registered  # noqa: PLW0603 - registered once, on first use
         self.nodes = nodes
@@ -249,6 +254,9 @@ class RedisBackend:
         self.retry = retry
         self._make_ref = make_ref
         self._to_ref = to_ref
+        if durability not in (None, "replica"):
+            raise ValueError(f"durability must be None or 'replica', not {durability!r}")
+        self.durability = durability
         self._local = threading.local()
         self.closed = False
         _BACKENDS.add(self)
@@ -270,16 +278,46 @@ class RedisBackend:
             found = self._local.session = _Session(codec)
         return found
 
-    def evalsha(self, script: Script, keys: list[bytes], argv: list[Any]) -> Any:
-        """Run ``script`` on the node of ``keys[0]`` (loading it there if it is missing)."""
+    def evalsha(
+        self, script: Script, keys: list[bytes], argv: list[Any], confirm: bool = False
+    ) -> Any:
+        """Run ``script`` on the node of ``keys[0]`` (loading it there if it is missing).
+
+        ``confirm`` (a call that changes state, with ``durability="replica"``): follow it
+        with ``WAIT 1`` on the same connection.
+
+        Raises:
+            KVConnectionError: ``confirm``, and no replica confirmed the write within the
+                call timeout (it is applied on the master; a retry, with the same request
+                id, applies nothing again and waits for a replica anew).
+        """
         if self.closed:
             raise KVError(f"client for {self.endpoint} is closed")
+        then = None
+        if confirm and self.durability == "replica":
+            wait_ms = 1000 if self.call_timeout is None else max(1, int(self.call_timeout * 500))
+            then = ("WAIT", 1, wait_ms)
+        node_key = keys[0]
         try:
-            return self.nodes.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *argv)
-        except rx.NoScriptError:
-            return self.nodes.execute(keys[0], "EVAL", script.text, len(keys), *keys, *argv)
+            try:
+                reply = self.nodes.execute(
+                    node_key, "EVALSHA", script.sha, len(keys), *keys, *argv, then=then
+                )
+            except rx.NoScriptError:
+                reply = self.nodes.execute(
+                    node_key, "EVAL", script.text, len(keys), *keys, *argv, then=then
+                )
         except rx.ResponseError as exc:
             raise KVError(f"{self.endpoint}: script {script.name} failed: {exc}") from None
+        if then is None:
+            return reply
+        result, replicas = reply
+        if int(replicas) < 1:
+            raise KVConnectionError(
+                f"{self.endpoint}: {script.name} was applied on the master of its slot but no "
+                f"replica confirmed it within {then[2]} ms (durability='replica')"
+            )
+        return result
 
     def call(
         self,

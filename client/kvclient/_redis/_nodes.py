@@ -179,8 +179,18 @@ class Nodes:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def execute(self, key: bytes, *command: Any, node: tuple[str, int] | None = None) -> Any:
+    def execute(
+        self,
+        key: bytes,
+        *command: Any,
+        node: tuple[str, int] | None = None,
+        then: tuple[Any, ...] | None = None,
+    ) -> Any:
         """Send ``command`` to the master of ``key``'s slot (or to ``node``); return its reply.
+
+        ``then``: a second command sent right after it on the same connection (``WAIT``,
+        which counts the replicas that have the writes of *this* connection); the reply is
+        then ``(first reply, second reply)``.
 
         Raises:
             KVConnectionError, KVTimeoutError, AuthError, TLSError: see :func:`translate`;
@@ -191,26 +201,32 @@ class Nodes:
         asking = False
         for _ in range(_MAX_REDIRECTS):
             try:
-                return self._send(target, asking, command)
+                return self._send(target, asking, command, then)
             except _Redirect as redirect:
                 target, asking = redirect.node, redirect.asking
         raise KVConnectionError(f"{self.endpoint}: more than {_MAX_REDIRECTS} redirections")
 
-    def _send(self, target: tuple[str, int], asking: bool, command: tuple[Any, ...]) -> Any:
+    def _send(
+        self,
+        target: tuple[str, int],
+        asking: bool,
+        command: tuple[Any, ...],
+        then: tuple[Any, ...] | None = None,
+    ) -> Any:
         client = self.client(target)
         try:
-            if asking:
+            if asking or then is not None:
+                # A pipeline holds one connection for its commands: ASKING applies to the
+                # next command on its connection, WAIT to the writes made on it.
                 pipe = client.pipeline(transaction=False)
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "ASKING"
-                )
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    *command
-                )
-                return pipe.execute()[1]
-            return client.execute_command(  # type: ignore[no-untyped-call]
-                *command
-            )
+                if asking:
+                    pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                if then is not None:
+                    pipe.execute_command(*then)  # type: ignore[no-untyped-call]
+                replies = pipe.execute()[1 if asking else 0 :]
+                return replies[0] if then is None else (replies[0], replies[1])
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]
         except rx.MovedError as exc:
             slot, host, port = _redirect_target(exc)
             self._slots[slot] = (host or target[0], port)

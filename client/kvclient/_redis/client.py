@@ -43,6 +43,7 @@ def connect_redis(
     ca: str | os.PathLike[str] | None = None,
     cert: str | os.PathLike[str] | None = None,
     key: str | os.PathLike[str] | None = None,
+    durability: str | None = None,
 ) -> RedisClient:
     """Connect to a Valkey/Redis server or cluster (see :func:`kvclient.connect`).
 
@@ -74,7 +75,7 @@ def connect_redis(
             ssl_certfile=None if cert is None else os.fspath(cert),
             ssl_keyfile=None if key is None else os.fspath(key),
         )
-    return RedisClient(target, options, timeout, call_timeout, retry)
+    return RedisClient(target, options, timeout, call_timeout, retry, durability)
 
 
 class RedisClient(Client):
@@ -91,6 +92,7 @@ class RedisClient(Client):
         timeout: float | None,
         call_timeout: float | None,
         retry: Retry | None,
+        durability: str | None = None,
     ) -> None:
         try:
             from kvclient._redis._backend import RedisBackend  # noqa: PLC0415
@@ -102,6 +104,7 @@ class RedisClient(Client):
                 raise _import_error() from exc
             raise
         self.target = target
+        self.durability = durability
         self._options = options
         self.tls = None
         self._authkey = b""
@@ -118,6 +121,7 @@ class RedisClient(Client):
             retry,
             make_ref=self._make_ref,
             to_ref=to_ref,
+            durability=durability,
         )
         self.call = self._backend.call
         self.leases = LeaseKeeper(self._backend.call, self.endpoint)
@@ -143,19 +147,24 @@ class RedisClient(Client):
         """Pickle as the target; the password only to a child being spawned (as authkeys)."""
         spawning = mp_context.get_spawning_popen() is not None
         target = self.target if spawning else self.target._replace(password=None)
-        return (_rebuild_redis, (target, self._options if spawning else None, self.timeout))
+        options = self._options if spawning else None
+        return (_rebuild_redis, (target, options, self.timeout, self.durability))
 
 
 def _rebuild_redis(
-    target: RedisTarget, options: dict[str, Any] | None, timeout: float | None
+    target: RedisTarget,
+    options: dict[str, Any] | None,
+    timeout: float | None,
+    durability: str | None = None,
 ) -> Client:
     """Return a live client of this process for ``target``, or a new one."""
     for client in list(_CLIENTS):
         if client.target.nodes == target.nodes and not client._closed:
             return client
     if options is None:
-        return connect_redis(parse_redis_url(_url(target)), timeout)
-    return RedisClient(target, options, timeout, options.get("socket_timeout"), Retry())
+        return connect_redis(parse_redis_url(_url(target)), timeout, durability=durability)
+    call_timeout = options.get("socket_timeout")
+    return RedisClient(target, options, timeout, call_timeout, Retry(), durability)
 
 
 def _url(target: RedisTarget) -> str:

@@ -20,7 +20,9 @@ from kvproto.typecodes import (
     ZERO,
     check_typecode,
     coerce,
+    coerce_items,
     is_number,
+    joined,
     typecode_of,
 )
 
@@ -113,27 +115,6 @@ def _check_value(check: bytes, args: list[Any]) -> None:
 # -- Array --------------------------------------------------------------------------------------
 
 
-def _joined(code: str, items: list[Any]) -> Any:
-    if code == "c":
-        return b"".join(items)
-    if code == "u":
-        return "".join(items)
-    return items
-
-
-def _coerce_all(code: str, values: Any) -> list[Any]:
-    if code == "c" and type(values) is bytes:
-        return [values[i : i + 1] for i in range(len(values))]
-    if code == "u" and type(values) is str:
-        return list(values)
-    if type(values) not in (list, tuple):
-        raise TypeError(
-            f"expected a list or tuple of items{' or bytes' if code == 'c' else ''}"
-            f"{' or str' if code == 'u' else ''}, not {type(values).__name__}"
-        )
-    return [coerce(code, value) for value in values]
-
-
 def _array_index(index: Any) -> str:
     if type(index) is not int:
         raise TypeError("indices must be integers")
@@ -157,13 +138,13 @@ def _array_setitem(ctx: Call, args: list[Any]) -> None:
 def _array_getslice(ctx: Call, args: list[Any]) -> Any:
     parts = slice_args(*args)
     items = [ctx.unpack(item) for item in _run(ctx, _A, "getslice", *parts)]
-    return _joined(_typecode(ctx, _A), items)
+    return joined(_typecode(ctx, _A), items)
 
 
 def _array_setslice(ctx: Call, args: list[Any]) -> None:
     start, stop, step, values = args
     parts = slice_args(start, stop, step)
-    items = _coerce_all(_typecode(ctx, _A), values)
+    items = coerce_items(_typecode(ctx, _A), values)
     _run(ctx, _A, "setslice", *parts, *(ctx.pack(item) for item in items))
 
 
@@ -199,7 +180,7 @@ def _create_array(ctx: Call, args: list[Any]) -> tuple[bytes, str, list[bytes]]:
     else:
         if hasattr(size_or_initializer, "__len__") and len(size_or_initializer) > MAX_ARRAY_LENGTH:
             raise ValueError(f"an array holds at most {MAX_ARRAY_LENGTH} items")
-        items = _coerce_all(code, size_or_initializer)
+        items = coerce_items(code, size_or_initializer)
     return f"{code}:{len(items)}".encode(), "list", [ctx.pack(item) for item in items]
 
 

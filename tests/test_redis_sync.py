@@ -236,3 +236,22 @@ def test_a_lock_and_its_waiter_carry_on_across_a_master_failover() -> None:
             assert [h["owner"] for h in status["holders"]] == [other.owner_id]
             assert status["holders"][0]["token"] == (first or 0) + 1
             assert time.monotonic() - started < 30
+
+
+def test_durability_replica_confirms_acquires_and_releases_or_raises(
+    redis_cluster_url: str, redis_standalone_url: str
+) -> None:
+    with kvclient.connect(redis_cluster_url, durability="replica") as kv:
+        lock = kv.lock("confirmed")
+        for _ in range(5):
+            with lock:
+                pass
+        assert lock.status()["last_token"] == 5
+    # A standalone server has no replica: the grant is applied but never confirmed, and the
+    # acquire says so instead of handing out a token a failover could issue again.
+    with kvclient.connect(
+        redis_standalone_url, durability="replica", call_timeout=0.2, retry=None
+    ) as kv:
+        with pytest.raises(kvclient.KVConnectionError, match="no replica confirmed"):
+            kv.lock("unconfirmed").acquire()
+        assert kv.lock("unconfirmed").status()["last_token"] == 1

@@ -103,7 +103,11 @@ def _ms(seconds: float) -> str:
 
 def _run(ctx: Call, op: str, *argv: Any, what: str = "") -> tuple[bool, list[Any]]:
     """Run ``op``; return ``(answered, payload)`` (False: ``again``, the payload its hint)."""
-    reply = ctx._backend.evalsha(_S[op], ctx.keys, [ctx.kind, ctx.token, ctx.seq, *argv])
+    # Not Call.run: an 'again' here carries a hint (when the earliest lease ends) that it
+    # drops. A call with a request id changes state: confirmed with durability="replica".
+    reply = ctx._backend.evalsha(
+        _S[op], ctx.keys, [ctx.kind, ctx.token, ctx.seq, *argv], confirm=ctx.token != ""
+    )
     status = reply[0]
     if status == b"ok":
         return True, list(reply[1:])

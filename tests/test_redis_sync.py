@@ -23,10 +23,12 @@ from redis.crc import key_slot
 
 import kvclient
 from kvclient.retry import ConstantBackoff, Retry
+from tests import test_redis_backend
 from tests.redis_cluster import Cluster, available, running_cluster
 from tests.test_redis_backend import RespChaosProxy
 
 pytestmark = pytest.mark.timeout(180)
+chaos = test_redis_backend.chaos  # the fixture: a proxy losing every 7th script's reply
 
 SPAWN = mp.get_context("forkserver")
 
@@ -156,14 +158,6 @@ def test_locks_give_mutual_exclusion_from_several_processes_with_exact_totals(ur
             status = kv.lock(name).status()
             assert status["last_token"] == 4 * 150 // 3  # one token per acquisition, no gaps
             assert (status["locked"], status["waiters"]) == (False, 0)
-
-
-@pytest.fixture
-def chaos(redis_standalone_url: str) -> Iterator[RespChaosProxy]:
-    host, port = redis_standalone_url.removeprefix("redis://").removesuffix("/0").split(":")
-    proxy = RespChaosProxy((host, int(port)), every=5)
-    yield proxy
-    proxy.close()
 
 
 def test_lost_replies_of_acquires_and_releases_are_applied_once(

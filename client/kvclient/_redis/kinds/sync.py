@@ -48,6 +48,8 @@ Differences from kvserve
 - The token counter is replicated like every write, asynchronously: a failover that loses
   acknowledged writes can issue a token again (see the README's guarantees table). A holder
   that survives it raises the counter back to its own token with its next renewal.
+- ``drop`` wakes no waiter: one learns of it (``NoSuchContainerError``) when it next runs its
+  script, within ``_MAX_SLEEP`` seconds.
 - ``describe`` counts holders (or 1) rather than slots; a Condition's freed lock wakes all its
   blocked calls to compete for it (a small thundering herd; kvserve's Condition is not FIFO
   either). An Event waiter sees every ``set`` made while it waited, even one cleared at once.

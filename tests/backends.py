@@ -124,60 +124,6 @@ def _redis_unavailable() -> str | None:
     return available()
 
 
-_NOT_YET = "not yet implemented on the cluster backend"
-_NOT_YET_LOCK = (
-    f"{_NOT_YET}: the Value/Array part passes; the test also uses get_lock(), an RLock, "
-    "a synchronization primitive"
-)
-_NOT_YET_FLOW = f"{_NOT_YET}: the flow it drives is a Lock, Condition or Barrier's"
-# The synchronization primitives land on the cluster framework in a separate branch; until
-# then these tests fail with "unknown container kind 'lock'" (strict xfail: each entry must
-# go when they pass).
-_SYNC_PRIMITIVES: dict[str, str] = {
-    **dict.fromkeys(
-        [
-            "tests/test_sync.py::test_lock_gives_mutual_exclusion_across_processes",
-            "tests/test_sync.py::test_a_killed_holder_loses_the_lock_after_its_lease",
-            "tests/test_sync.py::test_a_stalled_holder_is_fenced_off_and_its_late_release_fails",
-            "tests/test_sync.py::test_renewals_keep_a_lock_past_its_lease_and_stop_when_released",
-            "tests/test_sync.py::test_lock_acquire_timeouts_and_arguments_follow_threading",
-            "tests/test_sync.py::test_lock_waiters_are_served_in_fifo_order_without_stalling_others",
-            "tests/test_sync.py::test_any_client_may_release_a_lock_as_with_threading",
-            "tests/test_sync.py::test_rlock_is_reentrant_and_owned_by_a_thread",
-            "tests/test_sync.py::test_semaphore_never_admits_more_holders_than_its_value",
-            "tests/test_sync.py::test_semaphore_release_rules",
-            "tests/test_sync.py::test_a_bounded_semaphore_slot_left_by_a_dead_child_does_not_fail_the_parents_release",
-            "tests/test_sync.py::test_event_set_wakes_waiters_in_other_processes",
-            "tests/test_sync.py::test_barrier_releases_three_processes_together",
-            "tests/test_sync.py::test_barrier_timeout_breaks_it_for_every_waiting_process",
-            "tests/test_sync.py::test_barrier_abort_and_reset",
-            "tests/test_sync.py::test_condition_wait_and_notify_across_processes",
-            "tests/test_sync.py::test_condition_rules",
-            "tests/test_sync.py::test_bad_use_raises_the_stdlib_error_and_the_server_keeps_serving",
-            "tests/test_sync.py::test_proxies_travel_with_their_lease_and_decode_from_references",
-        ],
-        _NOT_YET,
-    ),
-    **dict.fromkeys(
-        [
-            "tests/test_sync.py::test_value_incr_from_four_processes_is_exact",
-            "tests/test_sync.py::test_value_types_follow_ctypes",
-            "tests/test_sync.py::test_value_and_array_take_lock_as_multiprocessing_does",
-            "tests/test_sync.py::test_array_indexes_and_slices",
-            "tests/test_sync.py::test_array_slices_from_two_processes",
-        ],
-        _NOT_YET_LOCK,
-    ),
-    **dict.fromkeys(
-        [
-            "tests/test_client_runner.py::test_a_flow_in_a_batch_is_a_clear_type_error",
-            "tests/test_client_runner.py::test_the_flows_run_under_an_async_driver_unchanged",
-            "tests/test_client_runner.py::test_condition_wait_flow_takes_the_lock_back_when_the_wait_raises",
-            "tests/test_client_runner.py::test_the_lease_keeper_starts_afresh_in_a_forked_child",
-        ],
-        _NOT_YET_FLOW,
-    ),
-}
 _STATS_COUNTS = (
     "stats()['ops'] and ['requests'] count kvserve's operations and frames; on Valkey/Redis "
     "'ops' is the masters' total_commands_processed (every command a script runs, and other "
@@ -194,8 +140,7 @@ REDIS_DIFFERENCES: dict[str, str] = {
         "stopped at once; Valkey/Redis is backed up with its own tools (BGSAVE, redis-cli --rdb)"
     ),
     "tests/test_sync.py::test_dump_and_restore_keep_tokens_increasing": (
-        "dump/restore are kvserve's (see test_dump_then_restore_into_a_fresh_server), and "
-        "its locks are not yet implemented on the cluster backend"
+        "dump/restore are kvserve's (see test_dump_then_restore_into_a_fresh_server)"
     ),
 }
 
@@ -225,14 +170,14 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         start=redis_cluster_start,
         connect=redis_connect,
         unavailable=_redis_unavailable,
-        expected_differences={**_SYNC_PRIMITIVES, **REDIS_DIFFERENCES},
+        expected_differences=REDIS_DIFFERENCES,
     ),
     Implementation(
         id="redis-standalone",
         start=redis_standalone_start,
         connect=redis_connect,
         unavailable=_redis_unavailable,
-        expected_differences={**_SYNC_PRIMITIVES, **REDIS_DIFFERENCES},
+        expected_differences=REDIS_DIFFERENCES,
     ),
 )
 

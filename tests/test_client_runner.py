@@ -52,6 +52,8 @@ def test_request_ids_and_reply_timeouts_come_from_the_schema() -> None:
     assert reply_timeout(get, [False, 2.0], 30.0) is False  # block=False: the usual timeout
     assert reply_timeout(get, [True, None], 30.0) is None  # waits for ever
     assert reply_timeout(get, [True, 2.0], None) is None
+    for refused in (float("nan"), float("inf"), -1.0):  # refused at once: the usual timeout
+        assert reply_timeout(get, [True, refused], 30.0) is False
     join = plan("queue", "join")
     assert join is not None and not join.mutates and reply_timeout(join, [], 30.0) is None
     unknown = plan("dict", "no_such_method")

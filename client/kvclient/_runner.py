@@ -19,6 +19,7 @@ generators with ``await``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
@@ -70,7 +71,8 @@ def reply_timeout(op: Op, args: list[Any], call_timeout: float | None) -> float 
     False: the usual call timeout (``op`` does not block, or its ``block`` flag is off).
     None: for ever (it waits for ever, or there is no call timeout). Else its wait plus
     ``call_timeout``, which is grace for the network on top of the server's own deadline. A
-    wait that is not a number is the server's to refuse, at once: None then.
+    wait that is not a number is the server's to refuse, at once: None then (False for a
+    number that is not finite or is negative).
     """
     if not op.blocks:
         return False
@@ -80,7 +82,9 @@ def reply_timeout(op: Op, args: list[Any], call_timeout: float | None) -> float 
         return None
     wait = args[op.wait_arg] if op.wait_arg < len(args) else None
     if type(wait) is int or type(wait) is float:
-        return wait + call_timeout
+        # nan, inf and negative waits are refused by the server at once: the usual call
+        # timeout (nan + call_timeout made asyncio's wait_for time out before the refusal).
+        return wait + call_timeout if 0 <= wait < math.inf else False
     return None
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "ReadOnlyError",
     "RemoteError",
     "TLSError",
+    "release_error",
     "translate_os_error",
 ]
 
@@ -151,3 +152,25 @@ def translate_os_error(exc: BaseException, endpoint: str, action: str) -> KVConn
         else:
             hint = "; is kvserve running?"
     return KVConnectionError(f"could not {action} {endpoint} ({reason}){hint}")
+
+
+def release_error(what: str, why: str | None) -> RuntimeError:
+    """Return the error of a release by an owner that holds nothing (every backend's words).
+
+    Args:
+        what: what was released ("lock", "condition lock", "semaphore slot", ...).
+        why: "released" (another owner released what it held), "expired" (its lease ran
+            out), or None (it never held it).
+    """
+    if why == "released":
+        return RuntimeError(
+            f"cannot release {what}: another client released what this client held "
+            "(as threading lets any thread release a Lock); it is not held by this client"
+        )
+    if why:
+        return RuntimeError(
+            f"cannot release {what}: this client's lease on it expired, and the server "
+            "released it (the client stalled or lost its connection for longer than the "
+            "lease); another holder may have used the resource since"
+        )
+    return RuntimeError(f"cannot release {what}: this client does not hold it")

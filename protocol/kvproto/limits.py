@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-__all__ = ["MAX_LEASE", "MAX_TIMEOUT", "check_lease", "check_timeout"]
+__all__ = [
+    "MAX_LEASE",
+    "MAX_TIMEOUT",
+    "check_bool",
+    "check_int64",
+    "check_lease",
+    "check_timeout",
+]
 
 MAX_TIMEOUT: Final = 366 * 86400.0
 """Longest wait a call may ask for, seconds (a year); None waits for ever."""
@@ -56,3 +63,28 @@ def check_lease(lease: Any) -> float:
     if not 0 < lease <= MAX_LEASE:
         raise ValueError(f"lease must be more than 0 and at most {MAX_LEASE:g} seconds")
     return float(lease)
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """Return ``value`` if it is a bool.
+
+    Raises:
+        TypeError: anything else (an int included).
+    """
+    if type(value) is not bool:
+        raise TypeError(f"{what} must be a bool, not {type(value).__name__}")
+    return value
+
+
+def check_int64(value: Any, what: str) -> int:
+    """Return ``value`` if it is an int of 64 bits (a token, a count, a generation).
+
+    Raises:
+        TypeError: not an int (a bool included).
+        ValueError: beyond 64 bits: an 8 MB int accepted once is kept and compared for ever.
+    """
+    if type(value) is not int:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{what} must fit in 64 bits")
+    return value

@@ -59,7 +59,8 @@ import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, Final
 
-from kvproto.limits import MAX_LEASE, check_lease
+from kvproto.errors import release_error
+from kvproto.limits import MAX_LEASE, check_bool, check_int64, check_lease
 from kvproto.typecodes import FLOAT_CODES as _FLOAT_CODES
 from kvproto.typecodes import INT_CODES as _INT_CODES
 from kvproto.typecodes import MAX_ARRAY_LENGTH, TYPECODES, coerce_items, joined
@@ -121,20 +122,8 @@ def _check_timeout(timeout: Any) -> float | None:
     return check_timeout(timeout)
 
 
-def _check_bool(value: Any, what: str) -> bool:
-    if type(value) is not bool:
-        raise TypeError(f"{what} must be a bool, not {type(value).__name__}")
-    return value
-
-
-def _check_int(value: Any, what: str) -> int:
-    if type(value) is not int:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if not -(2**63) <= value < 2**63:
-        # Tokens, counts and generations are kept and compared: an 8 MB int accepted once
-        # made every later acquire mint and keep another.
-        raise ValueError(f"{what} must fit in 64 bits")
-    return value
+_check_bool = check_bool
+_check_int = check_int64
 
 
 # -- leased ownership --------------------------------------------------------------------------
@@ -277,20 +266,7 @@ class _Leased(Container):
             del self._lost[next(iter(self._lost))]
 
     def _not_held(self, owner: bytes, what: str) -> RuntimeError:
-        what = what.replace("_", " ")
-        why = self._lost.get(owner)
-        if why == "released":
-            return RuntimeError(
-                f"cannot release {what}: another client released what this client held "
-                "(as threading lets any thread release a Lock); it is not held by this client"
-            )
-        if why is not None:
-            return RuntimeError(
-                f"cannot release {what}: this client's lease on it expired, and the server "
-                "released it (the client stalled or lost its connection for longer than the "
-                "lease); another holder may have used the resource since"
-            )
-        return RuntimeError(f"cannot release {what}: this client does not hold it")
+        return release_error(what.replace("_", " "), self._lost.get(owner))
 
     def _note_waiting(self, wait_id: bytes | None, owner: bytes, lease: float, now: float) -> None:
         if wait_id is None:

@@ -12,12 +12,19 @@ from typing import Any, Final
 
 from redis import exceptions as rx
 
-from kvclient._redis._backend import RedisBackend, _name_of, check_name, server_script
+from kvclient._redis._backend import (
+    RedisBackend,
+    _name_of,
+    check_name,
+    container_keys,
+    server_script,
+)
 from kvclient._redis._nodes import translate
 from kvclient._redis.kinds import KINDS
 from kvproto._version import __version__
 from kvproto.errors import KindError
 from kvproto.net import format_address
+from kvproto.wire import ERROR, RETURN
 
 __all__ = ["SERVER"]
 
@@ -104,6 +111,28 @@ def drop(backend: RedisBackend, args: list[Any]) -> bool:
     return bool(backend.evalsha(server_script("drop"), ctx.keys, []))
 
 
+def batch(backend: RedisBackend, args: list[Any]) -> list[list[Any]]:
+    """Make a batch sent as kvserve's server call (the lease keeper's renewals, kvctl).
+
+    Its calls do not say their containers' kinds: each is read from the container's meta
+    hash first (a call on a missing container fails as its own result). Answers are tagged as
+    kvserve tags them (``RETURN``/``ERROR``).
+    """
+    (calls,) = args
+    if not isinstance(calls, list):
+        raise TypeError("batch takes a list of calls")
+    kinds: list[str | None] = []
+    for call in calls:
+        name = call[0] if isinstance(call, list) and call else None
+        kind = None
+        if isinstance(name, str) and name:
+            meta = container_keys(check_name(name))[0]
+            found = backend.nodes.execute(meta, "HGET", meta, "kind")
+            kind = None if found is None else found.decode()
+        kinds.append(kind)
+    return [[RETURN if tag == 0 else ERROR, value] for tag, value in backend.batch(calls, kinds)]
+
+
 def ping(backend: RedisBackend, args: list[Any]) -> None:
     """Make one round trip to every master."""
     for node in backend.nodes.masters():
@@ -148,6 +177,7 @@ def _kvserve_only(what: str) -> Any:
 
 
 SERVER: Final = {
+    "batch": batch,
     "compact": _kvserve_only("compact"),
     "create": create,
     "describe": describe,
@@ -158,4 +188,5 @@ SERVER: Final = {
     "restore": _kvserve_only("restore"),
     "stats": stats,
 }
-"""Server-level method -> handler (``batch`` is :meth:`RedisBackend.batch`)."""
+"""Server-level method -> handler (a :class:`~kvclient.client.Batch` of the client calls
+:meth:`RedisBackend.batch` directly, with its calls' kinds)."""

@@ -58,6 +58,7 @@ def _load() -> None:
         mapping,
         queue,
         sequence,
+        sync,
         typed,
     )
 

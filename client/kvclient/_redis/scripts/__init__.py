@@ -6,7 +6,9 @@ starting with a line ``--- @op NAME``; :func:`scripts` wraps each in the shared 
 (``_prologue.lua``: the container exists and is of this kind, and a request id already
 answered returns its recorded answer) and epilogue (``_epilogue.lua``: record the answer under
 the request id, in the same script as the change). ``create.lua`` and ``server.lua`` (drop,
-describe) run without them.
+describe) run without them. Lines after a ``--- @common`` line and before the first operation
+are shared by every operation of the file (its local helpers), placed between the prologue and
+the operation.
 
 A new kind (the synchronization primitives) adds its own ``<kind>.lua`` and a module of
 handlers beside :mod:`kvclient._redis.kinds`; nothing here changes.
@@ -22,6 +24,7 @@ from typing import Final, NamedTuple
 __all__ = ["Script", "raw_script", "scripts"]
 
 _MARK: Final = "--- @op "
+_COMMON: Final = "--- @common"
 
 
 class Script(NamedTuple):
@@ -48,15 +51,21 @@ def scripts(kind_file: str) -> dict[str, Script]:
     found: dict[str, Script] = {}
     name: str | None = None
     lines: list[str] = []
+    common: list[str] | None = None
     for line in [*_read(f"{kind_file}.lua").splitlines(), _MARK]:
         if line.startswith(_MARK):
             if name is not None:
                 body = "\n".join(lines)
-                text = f"{prologue}\nlocal function run()\n{body}\nend\n{epilogue}"
+                shared = "\n".join(common or [])
+                text = f"{prologue}\n{shared}\nlocal function run()\n{body}\nend\n{epilogue}"
                 found[name] = _script(f"{kind_file}.{name}", text)
             name, lines = line.removeprefix(_MARK).strip(), []
         elif name is not None:
             lines.append(line)
+        elif line.strip() == _COMMON:
+            common = []
+        elif common is not None:
+            common.append(line)
     found.pop("", None)
     return found
 

@@ -70,7 +70,7 @@ from kvclient._redis.kinds import Kind, register
 from kvproto.errors import KVError, release_error
 from kvproto.limits import check_bool, check_int64, check_lease, check_timeout
 
-__all__ = ["BARRIER", "CONDITION", "EVENT", "LOCK", "SEMAPHORE"]
+__all__ = ["BARRIER", "CONDITION", "EVENT", "LOCK", "RLOCK", "SEMAPHORE"]
 
 _S: Final = kind_scripts("sync")
 _OWNER_MAX: Final = 64
@@ -226,6 +226,12 @@ def _release(ctx: Call, args: list[Any]) -> int:
     return int(_ok(ctx, "release", owner, *extra, what=_release_what(ctx.kind))[0])
 
 
+def _release_token(ctx: Call, args: list[Any]) -> bool:
+    if len(args) != 1:
+        raise TypeError("release_token takes the token")
+    return bool(_ok(ctx, "release_token", check_int64(args[0], "token"))[0])
+
+
 def _renew(ctx: Call, args: list[Any]) -> int:
     owner = _owner(args[0])
     token = _int(args[1] if len(args) > 1 else 0, "token")
@@ -305,20 +311,23 @@ def _notify(ctx: Call, args: list[Any]) -> int:
     return int(_ok(ctx, "notify", owner, "" if n is None else n)[0])
 
 
-LOCK: Final[dict[str, Handler]] = {
+RLOCK: Final[dict[str, Handler]] = {
     "acquire": _acquire,
     "locked": _locked,
     "release": _release,
     "renew": _renew,
     "status": _status,
 }
-"""The methods of a Lock and an RLock (the names :data:`kvproto.schema.KINDS` gives them)."""
+"""The methods of an RLock (the names :data:`kvproto.schema.KINDS` gives them)."""
 
-SEMAPHORE: Final[dict[str, Handler]] = {**LOCK, "get_value": _get_value}
+LOCK: Final[dict[str, Handler]] = {**RLOCK, "release_token": _release_token}
+"""The methods of a Lock: an RLock's, and ending a hold by its fencing token."""
+
+SEMAPHORE: Final[dict[str, Handler]] = {**RLOCK, "get_value": _get_value}
 """The methods of a Semaphore and a BoundedSemaphore."""
 
 CONDITION: Final[dict[str, Handler]] = {
-    **LOCK,
+    **RLOCK,
     "notify": _notify,
     "reacquire": _reacquire,
     "wait_begin": _wait_begin,
@@ -449,7 +458,7 @@ def _check_barrier(existing: bytes, args: list[Any]) -> None:
         raise ValueError(f"this barrier exists with {parties} parties, not {args[0]}")
 
 
-for _kind, _methods in (("lock", LOCK), ("rlock", LOCK), ("condition", CONDITION)):
+for _kind, _methods in (("lock", LOCK), ("rlock", RLOCK), ("condition", CONDITION)):
     register(_kind, Kind(_methods, _create_plain, size="HLEN"))
 for _kind in ("semaphore", "bounded_semaphore"):
     register(_kind, Kind(SEMAPHORE, _create_semaphore, _check_semaphore(_kind), size="HLEN"))

@@ -295,6 +295,23 @@ add_free(n)
 handoff()
 return {'ok', held - math.min(n, held)}
 
+--- @op release_token
+-- A: a fencing token (a Lock's). Answer: {'ok', 1} when the hold it was issued to is ended
+-- (whoever holds it), {'ok', 0} when no hold has it (released, or its lease ran out).
+local token = tonumber(A[1])
+settle()
+for _, pair in ipairs(holds()) do
+  for _, t in ipairs(pair[2].t) do
+    if t == token then
+      redis.call('HDEL', D, pair[1])
+      mark_lost(pair[1], 'r')
+      handoff()
+      return {'ok', 1}
+    end
+  end
+end
+return {'ok', 0}
+
 --- @op renew
 -- A: owner, the largest token it got here. Answer: {'ok', holds, levels and waits renewed}.
 local owner, token = A[1], tonumber(A[2])

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import Any, ClassVar, TypeVar, cast
 
 from kvclient._runner import Runner
+from kvclient._watch import Watch
 from kvproto.codec import Ref
+from kvproto.limits import MAX_WATCH_EVENTS
 
 __all__ = [
     "DictProxy",
@@ -113,7 +115,45 @@ class _NamedProxy(Proxy):
         return self._name
 
 
-class DictProxy(_NamedProxy):
+class _Watchable(Proxy):
+    """``watch`` and ``revision`` of the four data containers (see :mod:`kvclient._watch`)."""
+
+    __slots__ = ()
+    _watch_class: ClassVar[Callable[..., Any] | None] = None  # the asyncio proxies' AsyncWatch
+
+    def revision(self) -> int:
+        """Return the container's revision: how many changes it has had (watch from it)."""
+        return cast(int, self._call("revision", []))
+
+    def watch(
+        self,
+        since: int | None = None,
+        *,
+        key: Any = None,
+        prefix: str | bytes | None = None,
+        timeout: float | None = None,
+        limit: int = MAX_WATCH_EVENTS,
+    ) -> Watch:
+        """Return an iterator over the changes after revision ``since``, as they happen.
+
+        Args:
+            since: the revision already seen (a previous watch's ``.revision``, or
+                :meth:`revision` read before the container); None (default): from now.
+            key: only changes of this key (plus changes of the whole container, ``clear``).
+            prefix: only changes of str (or bytes) keys starting with it (plus those).
+            timeout: stop iterating when no event came for this many seconds (default
+                None: wait for ever).
+            limit: most events fetched per round trip (1 to 1000).
+
+        Returns:
+            A :class:`~kvclient.Watch` yielding :class:`~kvclient.Event` in revision order
+            (``async for`` on an asyncio proxy); its ``revision`` is where to resume.
+        """
+        factory = self._watch_class or Watch
+        return factory(self, since, key, prefix, timeout, limit)
+
+
+class DictProxy(_NamedProxy, _Watchable):
     """A proxy that behaves like a ``dict``, plus atomic ``incr``, ``cas`` and batch get/set."""
 
     __slots__ = ()
@@ -223,7 +263,7 @@ def _slice_args(index: slice) -> list[Any]:
     return [index.start, index.stop, index.step]
 
 
-class ListProxy(_NamedProxy):
+class ListProxy(_NamedProxy, _Watchable):
     """A proxy that behaves like a ``list`` (indexes and slices included)."""
 
     __slots__ = ()
@@ -340,7 +380,7 @@ class ListProxy(_NamedProxy):
         return result
 
 
-class NamespaceProxy(Proxy):
+class NamespaceProxy(_Watchable):
     """A proxy that behaves like a ``Namespace``: ``ns.x = 1``, ``ns.x``, ``del ns.x``.
 
     Attribute names starting with ``_`` stay local to this proxy object and are not sent to
@@ -382,7 +422,7 @@ class NamespaceProxy(Proxy):
         return result
 
 
-class QueueProxy(_NamedProxy):
+class QueueProxy(_NamedProxy, _Watchable):
     """A proxy that behaves like ``queue.Queue``, joinable as it is (``task_done``/``join``).
 
     A blocked ``get``/``put`` waits on the server without holding a server thread, and never

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-__all__ = ["MAX_LEASE", "MAX_TIMEOUT", "check_lease", "check_timeout"]
+__all__ = [
+    "MAX_LEASE",
+    "MAX_TIMEOUT",
+    "MAX_TTL",
+    "MAX_WATCH_EVENTS",
+    "check_lease",
+    "check_timeout",
+    "check_ttl",
+]
 
 MAX_TIMEOUT: Final = 366 * 86400.0
 """Longest wait a call may ask for, seconds (a year); None waits for ever."""
@@ -56,3 +64,25 @@ def check_lease(lease: Any) -> float:
     if not 0 < lease <= MAX_LEASE:
         raise ValueError(f"lease must be more than 0 and at most {MAX_LEASE:g} seconds")
     return float(lease)
+
+
+MAX_TTL: Final = 366 * 86400.0
+"""Longest time to live a key may be given, seconds (a year)."""
+
+
+def check_ttl(ttl: Any) -> float:
+    """Return a key's time to live as seconds, checked.
+
+    Raises:
+        TypeError: not a number (bool included).
+        ValueError: not more than 0, not finite, or above :data:`MAX_TTL`.
+    """
+    if type(ttl) is bool or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
+    if not 0 < ttl <= MAX_TTL:  # also false for nan
+        raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL:.0f} seconds (got {ttl!r})")
+    return float(ttl)
+
+
+MAX_WATCH_EVENTS: Final = 1000
+"""Most events one ``watch`` call answers; a client calls again for the rest."""

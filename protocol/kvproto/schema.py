@@ -92,6 +92,13 @@ def _ops(read: str = "", write: str = "", **special: Op) -> Mapping[str, Op]:
 # Leased primitives: acquire [owner, blocking, timeout, lease, wait_id] waits unless blocking
 # is False; release, renew and the rest answer at once.
 _ACQUIRE: Final = Op(mutates=True, blocks=True, wait_arg=2, block_arg=1)
+# Every data container keeps a revision and a bounded history of its changes. watch [since,
+# timeout, key, prefix, limit] answers the changes after revision ``since``, parked until there
+# is one (it changes nothing, so the read-only key may watch).
+_WATCH: Final = {
+    "revision": _READ,
+    "watch": Op(blocks=True, wait_arg=1),
+}
 _LOCK: Final = _ops("locked status", "release renew", acquire=_ACQUIRE)
 _SEMAPHORE: Final = _ops("locked status get_value", "release renew", acquire=_ACQUIRE)
 
@@ -99,13 +106,15 @@ KINDS: dict[str, Mapping[str, Op]] = {
     "dict": _ops(
         "__contains__ __getitem__ __len__ copy get get_many items keys values",
         "__delitem__ __setitem__ cas clear delete_many incr pop popitem set_many setdefault update",
+        **_WATCH,
     ),
     "list": _ops(
         "__contains__ __getitem__ __len__ copy count getslice index",
         "__delitem__ __setitem__ append clear delslice extend imul insert pop remove reverse "
         "setslice sort",
+        **_WATCH,
     ),
-    "namespace": _ops("getattr hasattr to_dict", "delattr incr setattr update"),
+    "namespace": _ops("getattr hasattr to_dict", "delattr incr setattr update", **_WATCH),
     "queue": _ops(
         "empty full maxsize qsize unfinished",
         "get_nowait put_nowait task_done",
@@ -114,6 +123,7 @@ KINDS: dict[str, Mapping[str, Op]] = {
         get=Op(mutates=True, blocks=True, wait_arg=1, block_arg=0),
         # join []: waits for ever until every task is done, and changes nothing.
         join=Op(blocks=True),
+        **_WATCH,
     ),
     "lock": _LOCK,
     "rlock": _LOCK,

@@ -29,6 +29,7 @@ from kvproto.tls import server_context
 from kvproto.wire import MAX_FRAME_DEFAULT
 from kvserve._logging import FORMATS
 from kvserve._logging import setup as setup_logging
+from kvserve.history import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_COUNT, MAX_HISTORY_COUNT
 from kvserve.manager import KVManager
 from kvserve.persistence import Persistence
 
@@ -177,6 +178,22 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    watch_history: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Changes each container keeps for `watch --since` (a watcher further behind "
+            "gets CompactedError).",
+            min=0,
+            max=MAX_HISTORY_COUNT,
+        ),
+    ] = DEFAULT_HISTORY_COUNT,
+    watch_history_age: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS", help="...and for at most this long.", min=1, max=366 * 86400
+        ),
+    ] = DEFAULT_HISTORY_AGE,
     log_format: Annotated[
         str,
         typer.Option(
@@ -227,6 +244,7 @@ def serve(
             idle_timeout=idle_timeout,
             metrics=metrics_address,
             slow_ms=slow_ms,
+            history=(watch_history, watch_history_age),
         )
         server = manager.get_server()
     except KVError as exc:

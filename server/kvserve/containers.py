@@ -26,6 +26,7 @@ from kvproto import schema
 from kvproto.codec import check_key
 from kvproto.limits import MAX_TIMEOUT, check_timeout
 from kvproto.wire import MAX_REPLY_FRAME
+from kvserve.history import MAX_WATCH_EVENTS, History
 
 __all__ = [
     "KINDS",
@@ -128,6 +129,8 @@ class Container:
     mutating: ClassVar[frozenset[str]]
     caller_methods: ClassVar[frozenset[str]] = frozenset()
     strict_fifo: ClassVar[bool] = True
+    # The revision and retained changes (kvserve.history); None: a kind nobody watches.
+    history: History | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -181,10 +184,67 @@ class Container:
 
     def copy_container(self) -> Container:
         """Return a shallow copy: a consistent view, since stored values are only replaced."""
-        return self.from_state(self.state())
+        copy = self.from_state(self.state())
+        if self.history is not None:
+            copy.history = self.history.copy()
+        return copy
 
 
-class KVDict(Container):
+class _Watched(Container):
+    """A container with a revision and a history of changes that ``watch`` reads."""
+
+    def __init__(self, *state: Any) -> None:
+        super().__init__(*state)
+        self.history = History()
+
+    def revision(self) -> int:
+        """Return the revision: the number of changes applied since the container was made."""
+        assert self.history is not None
+        return self.history.revision
+
+    def watch(
+        self,
+        since: int,
+        timeout: float | None = None,
+        key: Any = None,
+        prefix: str | bytes | None = None,
+        limit: int = MAX_WATCH_EVENTS,
+    ) -> list[Any]:
+        """Return ``[cursor, events]``: the changes after revision ``since``, waiting for one.
+
+        Each event is ``[revision, op, key, value]`` (ops in :func:`kvserve.history.events_of`),
+        in revision order. ``cursor`` is the revision to resume from: every change up to it
+        was answered or filtered out. With no change to answer, waits (parked) up to
+        ``timeout`` seconds (None: for ever) and then answers ``[cursor, []]``.
+
+        Args:
+            since: the revision already seen (0: from the start of the history).
+            timeout: seconds to wait for a change; 0 answers at once.
+            key: only changes of this key (and of the whole container).
+            prefix: only changes of str (or bytes) keys starting with it.
+            limit: most events answered, 1 to :data:`MAX_WATCH_EVENTS`.
+
+        Raises:
+            CompactedError: ``since`` is older than the history kept, or ahead of it.
+        """
+        check_timeout(timeout)
+        if type(since) is not int or since < 0:
+            raise TypeError(f"since must be an int >= 0, not {since!r}")
+        if type(limit) is not int or not 0 < limit <= MAX_WATCH_EVENTS:
+            raise ValueError(f"limit must be an int from 1 to {MAX_WATCH_EVENTS}, not {limit!r}")
+        if prefix is not None and type(prefix) is not str and type(prefix) is not bytes:
+            raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")
+        if key is not None:
+            check_key(key)
+        assert self.history is not None
+        cursor, events = self.history.scan(self.kind, type(self), since, key, prefix, limit)
+        if events or timeout == 0:
+            return [cursor, events]
+        # Holds no place in the line of parked calls: a watch must not hold up a queue's get.
+        raise WouldBlock(timeout, result=[cursor, []], in_line=False)
+
+
+class KVDict(_Watched):
     """A dict with atomic server-side compound operations."""
 
     kind = "dict"
@@ -321,7 +381,7 @@ class KVDict(Container):
         return count
 
 
-class KVList(Container):
+class KVList(_Watched):
     """A list. Slices travel as ``getslice``/``setslice``/``delslice`` calls."""
 
     kind = "list"
@@ -450,7 +510,7 @@ def _index(index: Any) -> int:
     return index
 
 
-class KVNamespace(Container):
+class KVNamespace(_Watched):
     """A Namespace: named attributes, with an atomic ``incr``."""
 
     kind = "namespace"
@@ -519,7 +579,7 @@ class KVNamespace(Container):
         return dict(self.data)
 
 
-class KVQueue(Container):
+class KVQueue(_Watched):
     """A FIFO queue with ``queue.Queue`` semantics; ``maxsize`` is fixed at creation.
 
     Every queue is joinable, as ``queue.Queue`` is: each ``put`` adds an unfinished task,

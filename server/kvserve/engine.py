@@ -126,6 +126,8 @@ class Engine:
         counters: where the loop and the engine count requests, errors, bytes and lease
             expiries, and keep the slow-request log (``kvctl slowlog``); None: new ones
             with no slow-request log.
+        history: ``(count, age in seconds)`` of the changes each container keeps for
+            ``watch``; None: :mod:`kvserve.history`'s defaults.
     """
 
     def __init__(
@@ -134,8 +136,9 @@ class Engine:
         scheduler: Scheduler,
         persistence: Persistence | None = None,
         counters: Counters | None = None,
+        history: tuple[int, float] | None = None,
     ) -> None:
-        self.store = Store(registry)
+        self.store = Store(registry) if history is None else Store(registry, history)
         self.scheduler = scheduler
         self.persist = persistence
         self.started = time.time()
@@ -363,6 +366,9 @@ class Engine:
             if obj.journal:
                 self._log_journal(ident, obj)
         if op.mutates:
+            history = obj.history
+            if history is not None and failed is None:
+                history.record(method, args, kwds, result)
             if self.persist is not None:
                 if raw is not None and not op.caller:
                     # The frame as received is already the record, [name, method, args,
@@ -380,6 +386,10 @@ class Engine:
         entries, obj.journal = obj.journal, []
         # Every journaled change is a lease running out (evict, evict_waiter) so far.
         self.counters.lease_expiries += sum(1 for e in entries if e[0].startswith("evict"))
+        history = obj.history
+        if history is not None:
+            for method, args in entries:  # a change by the clock (an expired key) is one too
+                history.record(method, args, None, None)
         if self.persist is not None:
             for method, args in entries:
                 self.persist.append([name, method, args, None])
@@ -655,7 +665,10 @@ class Engine:
         progress = True
         while queue and progress:
             progress = False
+            held = False  # a strict line stopped: only waits outside the line are retried
             for waiter in list(queue):
+                if held and waiter.blocked.in_line:
+                    continue
                 cached = self.sessions.get(waiter.rid[0]) if waiter.rid else None
                 if cached is not None and waiter.rid is not None and cached[0] == waiter.rid[1]:
                     # The same request parked twice (a retry arrived before the server saw
@@ -666,7 +679,7 @@ class Engine:
                         result = self._call(waiter.message, waiter.rid, waiter.session)
                     except WouldBlock as again:
                         if strict and again.in_line:
-                            break
+                            held = True  # a watch parked behind it still sees the change
                         continue
                     except Exception as exc:
                         self._late_answer(waiter.session, waiter.rid, ERROR, exc)

@@ -268,6 +268,8 @@ class Server:
             None (default): no metrics endpoint.
         slow_ms: log requests taking this many milliseconds or more, and keep the newest
             for ``kvctl slowlog`` (default None: no slow-request log).
+        history: ``(count, age in seconds)``: the changes each container keeps for ``watch``
+            (default None: 1,000 changes, one hour; see :mod:`kvserve.history`).
     """
 
     def __init__(
@@ -291,6 +293,7 @@ class Server:
         max_unsent: int = 1024 * 1024 * 1024,
         metrics: tuple[str, int] | None = None,
         slow_ms: float | None = None,
+        history: tuple[int, float] | None = None,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -328,7 +331,7 @@ class Server:
         if metrics is not None or slow_ms is not None:
             self._on_request = self._on_request_timed  # type: ignore[method-assign]
         # Opens (loads) the persistence.
-        self.engine = Engine(registry, self._timers, persistence, self.counters)
+        self.engine = Engine(registry, self._timers, persistence, self.counters, history)
         self.engine.connection_stats = self._connection_stats
         # With persistence, replies wait in _held until the log holds their writes.
         self._held: HeldReplies[_Conn] | None = None

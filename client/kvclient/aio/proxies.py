@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 from kvclient import _flows
+from kvclient._watch import AsyncWatch
 from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
 from kvclient.sync import (
     ArrayProxy,
@@ -75,6 +76,8 @@ def _not_awaitable(what: str, instead: str) -> Callable[..., NoReturn]:
 class AsyncDictProxy(DictProxy):
     """An asyncio ``dict`` proxy: ``await d.get(k)``, ``await d[k]``, ``await d.set(k, v)``."""
 
+    _watch_class = AsyncWatch  # async for ev in d.watch()
+
     __slots__ = ()
 
     def set(self, key: Any, value: Any) -> Any:
@@ -107,6 +110,8 @@ class AsyncDictProxy(DictProxy):
 
 class AsyncListProxy(ListProxy):
     """An asyncio ``list`` proxy: ``await lst.append(x)``, ``await lst[0]``, ``lst.set(0, x)``."""
+
+    _watch_class = AsyncWatch  # async for ev in d.watch()
 
     __slots__ = ()
 
@@ -150,6 +155,8 @@ class AsyncNamespaceProxy(NamespaceProxy):
     ``await ns.to_dict()``.
     """
 
+    _watch_class = AsyncWatch  # async for ev in d.watch()
+
     def set(self, attr: str, value: Any) -> Any:
         """Store attribute ``attr`` (awaitable)."""
         return self._call("setattr", [attr, value])
@@ -185,6 +192,8 @@ class AsyncQueueProxy(QueueProxy):
     Cancelling a task blocked in ``get`` withdraws it on the server; an item the server had
     already handed it is put back (see :mod:`kvclient.aio._backend`).
     """
+
+    _watch_class = AsyncWatch  # async for ev in d.watch()
 
     __slots__ = ()
 

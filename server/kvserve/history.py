@@ -1,0 +1,279 @@
+"""Revisions and the retained history of changes of a data container, read by ``watch``.
+
+Every dict, list, namespace and queue has a :class:`History`: a revision, increased by one by
+each mutating call that succeeds (and by each change the clock makes, such as an expiring key),
+and the last changes as entries ``(revision, wall time, method, args, kwds, result)``. An entry
+is the call as it was applied, not its events: recording one is an increment and an append on
+the write path (a ``d[k] = v`` pays nothing more), and the events a watcher sees are derived
+from it when it is read (:func:`events_of`). One call is one revision; a call that changes
+several keys (``update``) gives one event per key, all with that revision.
+
+The history is bounded by count (a ``deque`` with ``maxlen``) and by age (older entries are
+dropped when a watch or a snapshot reads it): it never grows with the number of watchers or
+with how far behind they are. A watcher pulls at most :data:`MAX_WATCH_EVENTS` events (and
+about :data:`_REPLY_BUDGET` bytes) per call, and one that asks for a revision older than the
+history is told so (:class:`~kvproto.errors.CompactedError`, carrying the oldest revision it can
+resume from), as etcd does after a compaction.
+
+Revisions and history are kept in snapshots and rebuilt by log replay, which re-applies the
+same calls in the same order, so a restart with ``--data-dir`` resumes the same numbering.
+Entries replayed from the log (not yet in a snapshot) are stamped with the replay time: a
+restart can lengthen their age-based retention, never shorten it.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from kvproto.errors import CompactedError
+from kvproto.limits import MAX_WATCH_EVENTS
+
+__all__ = [
+    "DEFAULT_HISTORY_AGE",
+    "DEFAULT_HISTORY_COUNT",
+    "MAX_HISTORY_COUNT",
+    "MAX_WATCH_EVENTS",
+    "History",
+    "events_of",
+]
+
+DEFAULT_HISTORY_COUNT: Final = 1000
+"""Changes kept per container by default (``kvserve --watch-history``)."""
+DEFAULT_HISTORY_AGE: Final = 3600.0
+"""Seconds a change is kept by default (``kvserve --watch-history-age``)."""
+MAX_HISTORY_COUNT: Final = 10_000_000
+_REPLY_BUDGET: Final = 1 << 20  # rough bytes of values per watch reply (at least one change)
+
+Entry = tuple[int, float, str, list[Any], dict[str, Any] | None, Any]
+Event = tuple[int, str, Any, Any]  # revision, op, key, value: what crosses the wire
+
+
+class History:
+    """The revision and the retained changes of one container (see the module docstring).
+
+    Args:
+        count: most changes kept (>= 0).
+        age: seconds a change is kept (> 0).
+    """
+
+    __slots__ = ("entries", "max_age", "revision")
+
+    def __init__(
+        self, count: int = DEFAULT_HISTORY_COUNT, age: float = DEFAULT_HISTORY_AGE
+    ) -> None:
+        self.revision = 0
+        self.entries: collections.deque[Entry] = collections.deque(maxlen=count)
+        self.max_age = age
+
+    def configure(self, count: int, age: float) -> None:
+        """Apply the server's retention (keeps the newest ``count`` entries)."""
+        if self.entries.maxlen != count:
+            self.entries = collections.deque(self.entries, maxlen=count)
+        self.max_age = age
+
+    def record(
+        self, method: str, args: list[Any], kwds: dict[str, Any] | None, result: Any
+    ) -> None:
+        """Count one applied change and keep it."""
+        self.revision = rev = self.revision + 1
+        self.entries.append((rev, time.time(), method, args, kwds, result))
+
+    def trim(self, now: float) -> None:
+        """Drop the entries older than the retention age."""
+        entries, oldest = self.entries, now - self.max_age
+        while entries and entries[0][1] < oldest:
+            entries.popleft()
+
+    def oldest(self) -> int:
+        """Return the oldest ``since`` a watch can resume from (every later change is kept)."""
+        entries = self.entries
+        return entries[0][0] - 1 if entries else self.revision
+
+    def scan(
+        self,
+        kind: str,
+        cls: type,
+        since: int,
+        key: Any,
+        prefix: str | bytes | None,
+        limit: int,
+    ) -> tuple[int, list[Event]]:
+        """Return ``(cursor, events)``: the changes after ``since`` that pass the filters.
+
+        ``cursor`` is the revision the answer covers up to (the caller resumes from it):
+        changes filtered out are covered too. At most ``limit`` events are taken, but a
+        change is never split (its events share one revision).
+
+        Raises:
+            CompactedError: ``since`` is older than the history, or ahead of the revision.
+        """
+        self.trim(time.time())
+        oldest, revision = self.oldest(), self.revision
+        if since < oldest:
+            raise CompactedError(
+                f"revision {since} is older than the history kept (oldest {oldest}, now "
+                f"{revision}); read the container again and watch from its revision",
+                oldest,
+                revision,
+            )
+        if since > revision:
+            raise CompactedError(
+                f"revision {since} is ahead of this container's ({revision}): it was dropped "
+                "and created again, or the server lost unsynced writes; read it again and "
+                "watch from its revision",
+                oldest,
+                revision,
+            )
+        events: list[Event] = []
+        cursor = since
+        budget = _REPLY_BUDGET
+        entries = self.entries
+        start = len(entries) - (revision - since)
+        for rev, _, method, args, kwds, result in itertools.islice(entries, start, None):
+            found = [
+                (rev, op, k, v)
+                for op, k, v in events_of(kind, cls, method, args, kwds, result)
+                if _matches(k, key, prefix)
+            ]
+            if events and (len(events) + len(found) > limit or budget <= 0):
+                break
+            events.extend(found)
+            budget -= sum(_size(e[3]) for e in found)
+            cursor = rev
+        return cursor, events
+
+    def to_state(self) -> list[Any]:
+        """Return ``[revision, [entry, ...]]`` for a snapshot."""
+        return [self.revision, [list(e) for e in self.entries]]
+
+    def load_state(self, state: Any) -> None:
+        """Restore what :meth:`to_state` returned (a snapshot being loaded)."""
+        revision, entries = state
+        self.revision = int(revision)
+        self.entries.clear()
+        self.entries.extend(tuple(e) for e in entries)
+
+    def copy(self) -> History:
+        """Return an independent copy (a snapshot's point-in-time view)."""
+        other = History(self.entries.maxlen or 0, self.max_age)
+        other.revision = self.revision
+        other.entries.extend(self.entries)
+        return other
+
+
+def _size(value: Any) -> int:
+    return len(value) if type(value) is str or type(value) is bytes else 16
+
+
+def _matches(k: Any, key: Any, prefix: str | bytes | None) -> bool:
+    if k is None:
+        return True  # a change of the whole container (clear, sort) concerns every key
+    if key is not None and not (type(k) is type(key) and k == key):
+        return False
+    return prefix is None or (type(k) is type(prefix) and k.startswith(prefix))  # type: ignore[arg-type]
+
+
+def _positional(cls: type, method: str, args: list[Any], kwds: dict[str, Any]) -> list[Any]:
+    """Return a call's arguments as positional ones (a raw client may send keywords)."""
+    try:
+        bound = inspect.signature(getattr(cls, method)).bind(None, *args, **kwds)
+    except (TypeError, ValueError, AttributeError):
+        return list(args)
+    bound.apply_defaults()
+    return list(bound.args[1:])
+
+
+Derive = Callable[[list[Any], Any], list[tuple[str, Any, Any]]]
+
+
+def _set(a: list[Any], r: Any) -> list[tuple[str, Any, Any]]:
+    return [("set", a[0], a[1])]
+
+
+def _set_result(a: list[Any], r: Any) -> list[tuple[str, Any, Any]]:
+    return [("set", a[0], r)]
+
+
+def _delete(a: list[Any], r: Any) -> list[tuple[str, Any, Any]]:
+    return [("delete", a[0], None)]
+
+
+def _set_each(a: list[Any], r: Any) -> list[tuple[str, Any, Any]]:
+    return [("set", k, v) for k, v in a[0].items()] if a and isinstance(a[0], dict) else []
+
+
+def _whole(op: str) -> Derive:
+    return lambda a, r: [(op, None, None)]
+
+
+def _expired(a: list[Any], r: Any) -> list[tuple[str, Any, Any]]:
+    return [("expire", k, None) for k in a[0]]
+
+
+_DICT: Final[dict[str, Derive]] = {
+    "__setitem__": _set,
+    "set": _set,
+    "setdefault": lambda a, r: [("set", a[0], r)],
+    "incr": _set_result,
+    "cas": lambda a, r: [("set", a[0], a[2])] if r else [],
+    "__delitem__": _delete,
+    # pop with a default of a missing key changed nothing, but cannot be told from a pop of
+    # a key holding that default: it is reported as a delete (harmless: the key is absent).
+    "pop": _delete,
+    "popitem": lambda a, r: [("delete", r[0], None)],
+    "delete_many": lambda a, r: [("delete", k, None) for k in a[0]] if r else [],
+    "update": _set_each,
+    "set_many": _set_each,
+    "clear": _whole("clear"),
+    "expire_keys": _expired,
+}
+_NAMESPACE: Final[dict[str, Derive]] = {
+    "setattr": _set,
+    "incr": _set_result,
+    "delattr": _delete,
+    "update": _set_each,
+}
+_LIST: Final[dict[str, Derive]] = {
+    "append": lambda a, r: [("append", None, a[0])],
+    "extend": lambda a, r: [("append", None, v) for v in a[0]],
+    "insert": lambda a, r: [("insert", a[0], a[1])],
+    "__setitem__": _set,
+    "__delitem__": _delete,
+    "pop": lambda a, r: [("pop", a[0] if a else -1, r)],
+    "remove": lambda a, r: [("remove", None, a[0])],
+}
+_QUEUE: Final[dict[str, Derive]] = {
+    "put": lambda a, r: [("put", None, a[0])],
+    "put_nowait": lambda a, r: [("put", None, a[0])],
+    "get": lambda a, r: [("get", None, r)],
+    "get_nowait": lambda a, r: [("get", None, r)],
+    "task_done": _whole("task_done"),
+}
+_KINDS: Final = {"dict": _DICT, "namespace": _NAMESPACE, "list": _LIST, "queue": _QUEUE}
+
+
+def events_of(
+    kind: str, cls: type, method: str, args: list[Any], kwds: dict[str, Any] | None, result: Any
+) -> list[tuple[str, Any, Any]]:
+    """Return the ``(op, key, value)`` events of one applied call.
+
+    Ops: ``set``, ``delete``, ``expire`` (a key's TTL ran out), ``clear`` (dict, namespace);
+    ``append``, ``insert``, ``set``, ``delete``, ``pop``, ``remove`` (list; ``key`` is the
+    index, None for the end); ``put``, ``get``, ``task_done`` (queue). Any other change of a
+    list (``sort``, ``reverse``, slices, ``*=``) is one event named after it with key and
+    value None: re-read the list.
+    """
+    if kwds:
+        args = _positional(cls, method, args, {k: v for k, v in kwds.items() if k != "caller"})
+    derive = _KINDS.get(kind, {}).get(method)
+    if derive is None:
+        return [(method.strip("_"), None, None)]
+    try:
+        return derive(args, result)
+    except (IndexError, KeyError, TypeError, AttributeError):
+        return [(method.strip("_"), None, None)]

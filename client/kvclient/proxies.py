@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar, cast
 from kvclient._runner import Runner
 from kvclient._watch import Watch
 from kvproto.codec import Ref
-from kvproto.limits import MAX_WATCH_EVENTS
+from kvproto.limits import MAX_WATCH_EVENTS, check_ttl
 
 __all__ = [
     "DictProxy",
@@ -184,6 +184,41 @@ class DictProxy(_NamedProxy, _Watchable):
     def get(self, key: Any, default: Any = None) -> Any:
         """Return ``d[key]``, or ``default`` when missing."""
         return self._client.call(self._kind, self._name, "get", [key, default])
+
+    def set(self, key: Any, value: Any, *, ttl: float | None = None, nx: bool = False) -> bool:
+        """Store ``d[key] = value``, with a time to live or only if absent; return whether it did.
+
+        Args:
+            key: the key.
+            value: its value.
+            ttl: seconds until the key expires and vanishes for every reader (> 0, at most a
+                year; watchers see an ``expire`` event); None (default): it never expires,
+                and an earlier ttl of the key is cleared.
+            nx: store only if the key is absent (False is returned when it is present).
+
+        Raises:
+            TypeError, ValueError: a ttl that is not a number in range (checked before sending).
+        """
+        if ttl is not None:
+            check_ttl(ttl)
+        return cast(bool, self._call("set", [key, value, ttl, nx]))
+
+    def expire(self, key: Any, ttl: float) -> bool:
+        """Give an existing key ``ttl`` seconds to live from now; return False if it is absent."""
+        check_ttl(ttl)
+        return cast(bool, self._call("set_ttl", [key, ttl]))
+
+    def ttl(self, key: Any) -> float | None:
+        """Return the seconds ``key`` has left to live, None if it never expires.
+
+        Raises:
+            KeyError: no such key.
+        """
+        return cast("float | None", self._call("ttl", [key]))
+
+    def persist(self, key: Any) -> bool:
+        """Make ``key`` never expire; return whether it had a ttl."""
+        return cast(bool, self._call("persist", [key]))
 
     def keys(self) -> list[Any]:
         """Return a snapshot list of the keys."""

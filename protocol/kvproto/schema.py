@@ -12,6 +12,8 @@ wire accepts and, for each, an :class:`Op` saying:
   ``block_arg`` that of a ``block`` flag that turns the wait off: a client waits for the
   reply that long plus its call timeout.
 - **caller**: the server passes ``caller=`` (the session token) to the method.
+- **clock**: the server passes ``now=`` (its wall clock, ``time.time()``) to the method and
+  logs it with the call, so a replay computes the same deadlines (a key's TTL).
 
 The server builds each kind's exposed, mutating and read-only sets from here
 (:func:`exposed`, :func:`mutating`); clients decide request ids and reply timeouts from here
@@ -56,6 +58,7 @@ class Op(NamedTuple):
         idempotent: applying it twice is applying it once (get-or-create), so a client
             retries it freely and sends it without a request id: an id would take one of the
             server's remembered answers and could evict another client's pending retry.
+        clock: the server passes ``now=`` (wall-clock seconds) and logs it with the call.
     """
 
     mutates: bool = False
@@ -66,6 +69,7 @@ class Op(NamedTuple):
     logged: bool | None = None
     own_policy: bool = False
     idempotent: bool = False
+    clock: bool = False
 
     @property
     def is_logged(self) -> bool:
@@ -105,8 +109,14 @@ _SEMAPHORE: Final = _ops("locked status get_value", "release renew", acquire=_AC
 KINDS: dict[str, Mapping[str, Op]] = {
     "dict": _ops(
         "__contains__ __getitem__ __len__ copy get get_many items keys values",
-        "__delitem__ __setitem__ cas clear delete_many incr pop popitem set_many setdefault update",
+        "__delitem__ __setitem__ cas clear delete_many incr pop popitem set_many setdefault update "
+        "persist",
         **_WATCH,
+        # Time to live: set [key, value, ttl, nx] and set_ttl [key, ttl] take a deadline from
+        # the server's clock; ttl [key] reads what is left.
+        set=Op(mutates=True, clock=True),
+        set_ttl=Op(mutates=True, clock=True),
+        ttl=_READ,
     ),
     "list": _ops(
         "__contains__ __getitem__ __len__ copy count getslice index",

@@ -16,15 +16,17 @@ trip instead of paying one round trip per item as stdlib iterator proxies do.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 from kvproto import schema
 from kvproto.codec import check_key
-from kvproto.limits import MAX_TIMEOUT, check_timeout
+from kvproto.limits import MAX_TIMEOUT, check_timeout, check_ttl
 from kvproto.wire import MAX_REPLY_FRAME
 from kvserve.history import MAX_WATCH_EVENTS, History
 
@@ -131,6 +133,10 @@ class Container:
     strict_fifo: ClassVar[bool] = True
     # The revision and retained changes (kvserve.history); None: a kind nobody watches.
     history: History | None = None
+    # Whether the server asks next_deadline() after every mutating call: set for a kind that
+    # overrides it (leases), unless it says otherwise (a dict's TTLs change only by the calls
+    # the schema marks ``clock``, so its plain writes skip the question).
+    timed: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -139,6 +145,8 @@ class Container:
             cls.exposed = schema.exposed(kind)
             cls.mutating = schema.mutating(kind)
             cls.caller_methods = schema.caller_methods(kind)
+        if "timed" not in cls.__dict__ and cls.next_deadline is not Container.next_deadline:
+            cls.timed = True
 
     def __init__(self, *state: Any) -> None:
         # Subclasses take their state (as returned by `state()`) as constructor arguments.
@@ -188,6 +196,18 @@ class Container:
         if self.history is not None:
             copy.history = self.history.copy()
         return copy
+
+    def snapshot_meta(self) -> dict[str, Any] | None:
+        """Return what a snapshot keeps beside :meth:`state` (revision and history), or None."""
+        if self.history is None:
+            return None
+        self.history.trim(time.time())
+        return {"history": self.history.to_state()}
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`snapshot_meta` returned (a snapshot being loaded)."""
+        if self.history is not None and "history" in meta:
+            self.history.load_state(meta["history"])
 
 
 class _Watched(Container):
@@ -245,15 +265,143 @@ class _Watched(Container):
 
 
 class KVDict(_Watched):
-    """A dict with atomic server-side compound operations."""
+    """A dict with atomic server-side compound operations, and keys that can expire.
+
+    A key given a time to live (``set(..., ttl=)``, ``set_ttl``) has a wall-clock deadline
+    (the ``now=`` the server passes and logs, so a replay or a restart computes the same one);
+    the server's timer removes it at that deadline (``next_deadline``/``expire``), journaled as
+    ``expire_keys`` so the log replays the removal and watchers see an ``expire`` event.
+    Writing the key again without a ttl (``d[k] = v``, ``update``) clears its deadline, as
+    Redis ``SET`` does; ``incr``, ``cas`` and ``setdefault`` keep it.
+    """
 
     kind = "dict"
+    timed = False  # deadlines change only by the schema's clock calls (see Container.timed)
 
     def __init__(self, data: dict[Any, Any] | None = None) -> None:
         super().__init__()
         if data is not None and type(data) is not dict:
             raise TypeError(f"a dict's initial contents must be a map, not {type(data).__name__}")
         self.data: dict[Any, Any] = _uninterned(data) if data else {}
+        self._ttl: dict[Any, float] = {}  # key -> wall-clock deadline
+        self._heap: list[tuple[float, int, Any]] = []  # (deadline, tie-break, key), lazy
+        self._seq = 0
+
+    # -- time to live -----------------------------------------------------------------------
+
+    def _set_deadline(self, key: Any, deadline: float) -> None:
+        self._ttl[key] = deadline
+        self._seq += 1
+        heapq.heappush(self._heap, (deadline, self._seq, key))
+        if len(self._heap) > 2 * len(self._ttl) + 64:  # superseded entries: rebuild
+            self._heap = [(d, i, k) for i, (k, d) in enumerate(self._ttl.items())]
+            heapq.heapify(self._heap)
+
+    def _forget_ttls(self, keys: Iterable[Any]) -> None:
+        ttl = self._ttl
+        for key in keys:
+            ttl.pop(key, None)
+
+    def set(
+        self, key: Any, value: Any, ttl: float | None = None, nx: bool = False, *, now: float
+    ) -> bool:
+        """Store ``d[key] = value``; return whether it did.
+
+        Args:
+            key: the key.
+            value: its new value.
+            ttl: seconds until the key expires (> 0, at most a year); None: no expiry (and
+                any earlier deadline of the key is cleared).
+            nx: only if the key is absent (an expired key is absent).
+            now: the server's wall clock (set by the server, logged with the call).
+        """
+        if ttl is not None:
+            ttl = check_ttl(ttl)
+        if type(key) is int or type(key) is tuple:
+            check_key(key)
+        if nx and key in self.data:
+            deadline = self._ttl.get(key)
+            if deadline is None or deadline > now:
+                return False
+        self.data[key] = value
+        if ttl is None:
+            self._ttl.pop(key, None)
+        else:
+            self._set_deadline(key, now + ttl)
+        return True
+
+    def set_ttl(self, key: Any, ttl: float, *, now: float) -> bool:
+        """Give an existing key ``ttl`` seconds to live from now; return False if it is absent."""
+        ttl = check_ttl(ttl)
+        if key not in self.data:
+            return False
+        self._set_deadline(key, now + ttl)
+        return True
+
+    def ttl(self, key: Any) -> float | None:
+        """Return the seconds ``key`` has left, None if it never expires.
+
+        Raises:
+            KeyError: no such key.
+        """
+        if key not in self.data:
+            raise KeyError(key)
+        deadline = self._ttl.get(key)
+        return None if deadline is None else max(0.0, deadline - time.time())
+
+    def persist(self, key: Any) -> bool:
+        """Remove the key's deadline; return whether it had one."""
+        return self._ttl.pop(key, None) is not None
+
+    def expire_keys(self, keys: list[Any]) -> None:
+        """Remove keys whose time ran out (journaled by :meth:`expire`; replayed from the log)."""
+        for key in keys:
+            self.data.pop(key, None)
+            self._ttl.pop(key, None)
+
+    def next_deadline(self) -> float | None:
+        """Return the ``time.monotonic()`` of the earliest deadline, or None."""
+        heap, ttl = self._heap, self._ttl
+        while heap and ttl.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # superseded or cleared
+        if not heap:
+            return None
+        return heap[0][0] - time.time() + time.monotonic()
+
+    def expire(self, now: float) -> None:
+        """Remove the keys whose deadline has passed (journaled as ``expire_keys``)."""
+        wall = time.time()
+        heap, ttl = self._heap, self._ttl
+        due = []
+        while heap and heap[0][0] <= wall:
+            deadline, _, key = heapq.heappop(heap)
+            if ttl.get(key) == deadline:
+                due.append(key)
+        if due:
+            self.journal.append(["expire_keys", [due]])
+            self.expire_keys(due)
+
+    def snapshot_meta(self) -> dict[str, Any] | None:
+        """Return the revision, the history and the deadlines, for a snapshot."""
+        meta = super().snapshot_meta() or {}
+        if self._ttl:
+            meta["ttl"] = [[k, d] for k, d in self._ttl.items()]
+        return meta
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`snapshot_meta` returned."""
+        super().load_meta(meta)
+        for key, deadline in meta.get("ttl", ()):
+            if key in self.data:
+                self._set_deadline(key, float(deadline))
+
+    def copy_container(self) -> Container:
+        """Return a shallow copy, with the deadlines (a snapshot keeps them)."""
+        copy = super().copy_container()
+        assert isinstance(copy, KVDict)
+        for key, deadline in self._ttl.items():
+            copy._set_deadline(key, deadline)
+        return copy
 
     def size(self) -> int:
         """Return the number of keys."""
@@ -282,9 +430,13 @@ class KVDict(_Watched):
         if type(key) is int or type(key) is tuple:
             check_key(key)  # ints beyond 64 bits can be made to collide in the hash table
         self.data[key] = value
+        if self._ttl:
+            self._ttl.pop(key, None)
 
     def __delitem__(self, key: Any) -> None:
         del self.data[key]
+        if self._ttl:
+            self._ttl.pop(key, None)
 
     def __contains__(self, key: Any) -> bool:
         return key in self.data
@@ -317,16 +469,23 @@ class KVDict(_Watched):
         if not isinstance(other, dict):
             raise TypeError(f"update() needs a mapping, not {type(other).__name__}")
         self.data.update(_uninterned(other))
+        if self._ttl:
+            self._forget_ttls(other)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
         """Remove ``key`` and return its value; ``KeyError`` when missing and no default."""
+        if self._ttl:
+            self._ttl.pop(key, None)
         if default is _MISSING:
             return self.data.pop(key)
         return self.data.pop(key, default)
 
     def popitem(self) -> tuple[Any, Any]:
         """Remove and return the last inserted ``(key, value)``; ``KeyError`` when empty."""
-        return self.data.popitem()
+        item = self.data.popitem()
+        if self._ttl:
+            self._ttl.pop(item[0], None)
+        return item
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         """Return ``d[key]``, first storing ``default`` when missing."""
@@ -337,6 +496,8 @@ class KVDict(_Watched):
     def clear(self) -> None:
         """Remove every key."""
         self.data.clear()
+        self._ttl.clear()
+        self._heap.clear()
 
     def incr(self, key: Any, by: int | float = 1, default: int | float = 0) -> int | float:
         """Add ``by`` to ``d[key]`` (``default`` when missing) and return the new value."""
@@ -378,6 +539,8 @@ class KVDict(_Watched):
             if k in data:
                 del data[k]
                 count += 1
+        if self._ttl:
+            self._forget_ttls(keys)
         return count
 
 

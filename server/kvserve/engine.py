@@ -344,6 +344,12 @@ class Engine:
             if kwds and kwds.get("caller", caller) != caller:
                 raise ProtocolError("'caller' is set by the server, not the client")
             kwds = message[3] = {**(kwds or {}), "caller": caller}
+        if op.clock:
+            # A deadline from the server's wall clock, logged with the call (as caller= is):
+            # a replay computes the same one, and a restart never extends a TTL.
+            if kwds and "now" in kwds:
+                raise ProtocolError("'now' is set by the server, not the client")
+            kwds = message[3] = {**(kwds or {}), "now": time.time()}
         failed: Exception | None = None
         with obj.lock:
             try:
@@ -370,13 +376,13 @@ class Engine:
             if history is not None and failed is None:
                 history.record(method, args, kwds, result)
             if self.persist is not None:
-                if raw is not None and not op.caller:
+                if raw is not None and not (op.caller or op.clock):
                     # The frame as received is already the record, [name, method, args,
                     # kwds(, rid)]: log its bytes rather than pack the same list again.
                     self.persist.append_encoded(raw)
                 else:
                     self.persist.append(message if rid is None else [*message, rid])
-            if type(obj).next_deadline is not Container.next_deadline:
+            if obj.timed or op.clock:
                 self._schedule_deadline(ident, obj)
         if failed is not None:
             raise failed
@@ -541,8 +547,7 @@ class Engine:
     def _schedule_deadlines(self) -> None:
         """Ask every container that uses timers when it next needs one (start-up, restore)."""
         for name, obj in list(self.store.objects.items()):
-            if type(obj).next_deadline is not Container.next_deadline:
-                self._schedule_deadline(name, obj)
+            self._schedule_deadline(name, obj)
 
     def _schedule_deadline(self, name: str, obj: Container) -> None:
         with obj.lock:

@@ -217,7 +217,9 @@ def _expired(a: list[Any], r: Any) -> list[tuple[str, Any, Any]]:
 
 _DICT: Final[dict[str, Derive]] = {
     "__setitem__": _set,
-    "set": _set,
+    "set": lambda a, r: [("set", a[0], a[1])] if r else [],
+    "set_ttl": lambda a, r: [],  # a deadline is not a change of the value; its expiry is
+    "persist": lambda a, r: [],
     "setdefault": lambda a, r: [("set", a[0], r)],
     "incr": _set_result,
     "cas": lambda a, r: [("set", a[0], a[2])] if r else [],
@@ -269,7 +271,10 @@ def events_of(
     value None: re-read the list.
     """
     if kwds:
-        args = _positional(cls, method, args, {k: v for k, v in kwds.items() if k != "caller"})
+        # caller= and now= are the server's own (schema: caller, clock), never positional.
+        extra = {k: v for k, v in kwds.items() if k not in {"caller", "now"}}
+        if extra:
+            args = _positional(cls, method, args, extra)
     derive = _KINDS.get(kind, {}).get(method)
     if derive is None:
         return [(method.strip("_"), None, None)]

@@ -58,7 +58,8 @@ look as if it ran past the end of the file, exactly like a write cut short.
 Snapshot payloads: first ``{"log_seq": N, "containers": count}`` (the first log segment *not*
 covered), then ``[name, kind, state, part]`` records: a dict or list is written in parts of
 10,000 items (part 0 builds it, later parts extend it), anything else in one; part 0 of a
-watchable container has a fifth item, ``[revision, changes]`` (:mod:`kvserve.history`); last
+watchable container has a fifth item, a map (``history``: revision and changes, see
+:mod:`kvserve.history`; ``ttl``: a dict's ``[key, deadline]`` pairs, wall-clock); last
 (version 2) the trailer ``{"end": records, "containers": count}``, the number of records
 before it. A snapshot without its trailer, with anything after it, or whose counts disagree is
 damaged. Log payloads are the requests that mutated state, ``[name, method, args, kwds]``
@@ -607,8 +608,8 @@ class Persistence:
                         built[-1][1].extend_state(state)  # the next part of the same container
                     else:
                         obj = store.kind_class(kind).from_state(state)
-                        if len(record) == 5 and obj.history is not None:
-                            obj.history.load_state(record[4])
+                        if len(record) == 5:
+                            obj.load_meta(record[4])
                         built.append((name, obj))
                 except Exception as exc:  # CRC-clean but not a container: still damage
                     raise _Damage(offset, f"bad container record ({exc!r:.80})", False) from None
@@ -896,9 +897,9 @@ class Persistence:
                     # for half a second per million keys.
                     for part, chunk in enumerate(obj.state_parts(_SNAPSHOT_PART)):
                         record = [name, obj.kind, chunk, part]
-                        if part == 0 and obj.history is not None:
-                            obj.history.trim(time.time())
-                            record.append(obj.history.to_state())  # revision, changes
+                        meta = obj.snapshot_meta() if part == 0 else None
+                        if meta is not None:
+                            record.append(meta)  # revision and changes, deadlines
                         fh.write(_frame(codec, record))
                         records += 1
                 fh.write(_frame(codec, {"end": records, "containers": len(copies)}))

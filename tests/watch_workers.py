@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from typing import Any
 
 import kvclient
 import kvclient.retry
@@ -34,3 +37,11 @@ def acked_incr_worker(address: str, authkey: bytes, n_ops: int) -> None:
                 return
             sys.stdout.write(f"{value}\n")
             sys.stdout.flush()
+
+
+def ephemeral_owner(target: Target, key: str, lease: float, ready: Any) -> None:
+    """Announce ``key`` in dict ``workers`` as an ephemeral key, then wait to be killed."""
+    with target.connect() as kv:
+        kv.dict("workers").set(key, {"pid": os.getpid()}, ephemeral=True, lease=lease)
+        ready.set()
+        time.sleep(600)

@@ -13,12 +13,12 @@ working proxy too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, MutableSequence
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 from kvclient._runner import Runner
 from kvclient._watch import Watch
 from kvproto.codec import Ref
-from kvproto.limits import MAX_WATCH_EVENTS, check_ttl
+from kvproto.limits import MAX_WATCH_EVENTS, check_lease, check_ttl
 
 __all__ = [
     "DictProxy",
@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 _MISSING: Any = object()
+EPHEMERAL_LEASE: Final = 10.0
+"""Default lease of an ephemeral key, seconds: it outlives its owner by at most this."""
 # The SyncManager typeid of each kind, for repr().
 _STDLIB_TYPEIDS: dict[str, str] = {
     "namespace": "Namespace",
@@ -185,7 +187,16 @@ class DictProxy(_NamedProxy, _Watchable):
         """Return ``d[key]``, or ``default`` when missing."""
         return self._client.call(self._kind, self._name, "get", [key, default])
 
-    def set(self, key: Any, value: Any, *, ttl: float | None = None, nx: bool = False) -> bool:
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        nx: bool = False,
+        ephemeral: bool = False,
+        lease: float = EPHEMERAL_LEASE,
+    ) -> bool:
         """Store ``d[key] = value``, with a time to live or only if absent; return whether it did.
 
         Args:
@@ -195,13 +206,30 @@ class DictProxy(_NamedProxy, _Watchable):
                 year; watchers see an ``expire`` event); None (default): it never expires,
                 and an earlier ttl of the key is cleared.
             nx: store only if the key is absent (False is returned when it is present).
+            ephemeral: bind the key to this client: its lease keeper renews it every
+                ``lease / 3`` seconds, and when the client dies, closes, or is cut off for
+                longer than ``lease``, the key expires (watchers see ``expire``). Not with
+                ``ttl``; not in a batch.
+            lease: an ephemeral key's lease, seconds (default 10).
 
         Raises:
-            TypeError, ValueError: a ttl that is not a number in range (checked before sending).
+            TypeError, ValueError: a ttl or lease that is not a number in range (checked
+                before sending), or ``ephemeral`` with ``ttl`` or in a batch.
         """
         if ttl is not None:
             check_ttl(ttl)
-        return cast(bool, self._call("set", [key, value, ttl, nx]))
+        if not ephemeral:
+            return cast(bool, self._call("set", [key, value, ttl, nx]))
+        if ttl is not None:
+            raise ValueError("an ephemeral key lives as long as its lease: leave out ttl")
+        keeper = self._client.leases
+        if keeper is None:
+            raise TypeError("an ephemeral key cannot be set in a batch; set it on the client")
+        lease = check_lease(lease)
+        stored = self._call("set", [key, value, lease, nx, keeper.owner])
+        if stored is True:  # an asyncio proxy's call is awaited by its own set()
+            keeper.track((self._name, keeper.owner), lease, 0)
+        return cast(bool, stored)
 
     def expire(self, key: Any, ttl: float) -> bool:
         """Give an existing key ``ttl`` seconds to live from now; return False if it is absent."""

@@ -117,6 +117,9 @@ KINDS: dict[str, Mapping[str, Op]] = {
         set=Op(mutates=True, clock=True),
         set_ttl=Op(mutates=True, clock=True),
         ttl=_READ,
+        # renew [owner, token]: extends the deadlines of the owner's ephemeral keys (the
+        # client's lease keeper sends it, as it does to locks).
+        renew=Op(mutates=True, clock=True),
     ),
     "list": _ops(
         "__contains__ __getitem__ __len__ copy count getslice index",

@@ -286,6 +286,9 @@ class KVDict(_Watched):
         self._ttl: dict[Any, float] = {}  # key -> wall-clock deadline
         self._heap: list[tuple[float, int, Any]] = []  # (deadline, tie-break, key), lazy
         self._seq = 0
+        # Ephemeral keys: key -> (owner, lease). Their deadline is renewed by the owner's
+        # lease keeper (renew); an entry whose key lost its deadline is stale (dropped there).
+        self._owners: dict[Any, tuple[bytes, float]] = {}
 
     # -- time to live -----------------------------------------------------------------------
 
@@ -303,7 +306,14 @@ class KVDict(_Watched):
             ttl.pop(key, None)
 
     def set(
-        self, key: Any, value: Any, ttl: float | None = None, nx: bool = False, *, now: float
+        self,
+        key: Any,
+        value: Any,
+        ttl: float | None = None,
+        nx: bool = False,
+        owner: bytes | None = None,
+        *,
+        now: float,
     ) -> bool:
         """Store ``d[key] = value``; return whether it did.
 
@@ -313,10 +323,17 @@ class KVDict(_Watched):
             ttl: seconds until the key expires (> 0, at most a year); None: no expiry (and
                 any earlier deadline of the key is cleared).
             nx: only if the key is absent (an expired key is absent).
+            owner: make it an ephemeral key of this owner (a lease keeper's id): ``ttl`` is
+                then its lease, renewed by :meth:`renew`.
             now: the server's wall clock (set by the server, logged with the call).
         """
         if ttl is not None:
             ttl = check_ttl(ttl)
+        if owner is not None:
+            if type(owner) is not bytes or not 0 < len(owner) <= 64:
+                raise TypeError("owner must be 1 to 64 bytes")
+            if ttl is None:
+                raise ValueError("an ephemeral key needs its lease as ttl")
         if type(key) is int or type(key) is tuple:
             check_key(key)
         if nx and key in self.data:
@@ -328,7 +345,25 @@ class KVDict(_Watched):
             self._ttl.pop(key, None)
         else:
             self._set_deadline(key, now + ttl)
+        if owner is not None:
+            self._owners[key] = (owner, float(ttl))  # type: ignore[arg-type]
+        elif self._owners:
+            self._owners.pop(key, None)
         return True
+
+    def renew(self, owner: bytes, token: int = 0, *, now: float) -> int:
+        """Extend each ephemeral key of ``owner`` by its lease; return how many it has here."""
+        if type(owner) is not bytes or not 0 < len(owner) <= 64:
+            raise TypeError("owner must be 1 to 64 bytes")
+        held = 0
+        ttl = self._ttl
+        for key, (who, lease) in list(self._owners.items()):
+            if key not in ttl:
+                del self._owners[key]  # deleted, overwritten or persisted since
+            elif who == owner:
+                self._set_deadline(key, now + lease)
+                held += 1
+        return held
 
     def set_ttl(self, key: Any, ttl: float, *, now: float) -> bool:
         """Give an existing key ``ttl`` seconds to live from now; return False if it is absent."""
@@ -336,6 +371,7 @@ class KVDict(_Watched):
         if key not in self.data:
             return False
         self._set_deadline(key, now + ttl)
+        self._owners.pop(key, None)  # an explicit deadline: no longer the owner's to renew
         return True
 
     def ttl(self, key: Any) -> float | None:
@@ -358,6 +394,7 @@ class KVDict(_Watched):
         for key in keys:
             self.data.pop(key, None)
             self._ttl.pop(key, None)
+            self._owners.pop(key, None)
 
     def next_deadline(self) -> float | None:
         """Return the ``time.monotonic()`` of the earliest deadline, or None."""
@@ -386,6 +423,8 @@ class KVDict(_Watched):
         meta = super().snapshot_meta() or {}
         if self._ttl:
             meta["ttl"] = [[k, d] for k, d in self._ttl.items()]
+        if self._owners:
+            meta["owners"] = [[k, o, lease] for k, (o, lease) in self._owners.items()]
         return meta
 
     def load_meta(self, meta: dict[str, Any]) -> None:
@@ -394,6 +433,8 @@ class KVDict(_Watched):
         for key, deadline in meta.get("ttl", ()):
             if key in self.data:
                 self._set_deadline(key, float(deadline))
+        for key, owner, lease in meta.get("owners", ()):
+            self._owners[key] = (owner, float(lease))
 
     def copy_container(self) -> Container:
         """Return a shallow copy, with the deadlines (a snapshot keeps them)."""
@@ -401,6 +442,7 @@ class KVDict(_Watched):
         assert isinstance(copy, KVDict)
         for key, deadline in self._ttl.items():
             copy._set_deadline(key, deadline)
+        copy._owners.update(self._owners)
         return copy
 
     def size(self) -> int:
@@ -498,6 +540,7 @@ class KVDict(_Watched):
         self.data.clear()
         self._ttl.clear()
         self._heap.clear()
+        self._owners.clear()
 
     def incr(self, key: Any, by: int | float = 1, default: int | float = 0) -> int | float:
         """Add ``by`` to ``d[key]`` (``default`` when missing) and return the new value."""

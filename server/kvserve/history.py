@@ -47,6 +47,9 @@ DEFAULT_HISTORY_COUNT: Final = 1000
 DEFAULT_HISTORY_AGE: Final = 3600.0
 """Seconds a change is kept by default (``kvserve --watch-history-age``)."""
 MAX_HISTORY_COUNT: Final = 10_000_000
+# Mutating calls that change no value: a lease keeper's renewals would otherwise fill the
+# history and move the revision every few seconds.
+_UNCOUNTED: Final = frozenset({"renew"})
 _REPLY_BUDGET: Final = 1 << 20  # rough bytes of values per watch reply (at least one change)
 
 Entry = tuple[int, float, str, list[Any], dict[str, Any] | None, Any]
@@ -79,7 +82,9 @@ class History:
     def record(
         self, method: str, args: list[Any], kwds: dict[str, Any] | None, result: Any
     ) -> None:
-        """Count one applied change and keep it."""
+        """Count one applied change and keep it (a lease renewal is none)."""
+        if method in _UNCOUNTED:
+            return
         self.revision = rev = self.revision + 1
         self.entries.append((rev, time.time(), method, args, kwds, result))
 
@@ -219,6 +224,7 @@ _DICT: Final[dict[str, Derive]] = {
     "__setitem__": _set,
     "set": lambda a, r: [("set", a[0], a[1])] if r else [],
     "set_ttl": lambda a, r: [],  # a deadline is not a change of the value; its expiry is
+    "renew": lambda a, r: [],
     "persist": lambda a, r: [],
     "setdefault": lambda a, r: [("set", a[0], r)],
     "incr": _set_result,

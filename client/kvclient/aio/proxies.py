@@ -26,7 +26,14 @@ from typing import Any, NoReturn, TypeVar
 
 from kvclient import _flows
 from kvclient._watch import AsyncWatch
-from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
+from kvclient.proxies import (
+    EPHEMERAL_LEASE,
+    DictProxy,
+    ListProxy,
+    NamespaceProxy,
+    Proxy,
+    QueueProxy,
+)
 from kvclient.sync import (
     ArrayProxy,
     BarrierProxy,
@@ -81,9 +88,27 @@ class AsyncDictProxy(DictProxy):
 
     _watch_class = AsyncWatch  # async for ev in d.watch()
 
-    def set(self, key: Any, value: Any, *, ttl: float | None = None, nx: bool = False) -> Any:
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        nx: bool = False,
+        ephemeral: bool = False,
+        lease: float = EPHEMERAL_LEASE,
+    ) -> Any:
         """Store ``d[key] = value`` (awaitable; see :meth:`DictProxy.set`)."""
-        return DictProxy.set(self, key, value, ttl=ttl, nx=nx)
+        if not ephemeral:
+            return DictProxy.set(self, key, value, ttl=ttl, nx=nx)
+        return self._set_ephemeral(key, value, nx, lease)
+
+    async def _set_ephemeral(self, key: Any, value: Any, nx: bool, lease: float) -> bool:
+        stored = await DictProxy.set(self, key, value, nx=nx, ephemeral=True, lease=lease)  # type: ignore[misc]
+        keeper = self._client.leases
+        if stored is True and keeper is not None:
+            keeper.track((self._name, keeper.owner), lease, 0)
+        return bool(stored)
 
     __slots__ = ()
 

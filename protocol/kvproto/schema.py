@@ -36,6 +36,7 @@ __all__ = [
     "mutating",
     "op",
     "register_kind",
+    "unsupported",
 ]
 
 
@@ -59,6 +60,10 @@ class Op(NamedTuple):
             retries it freely and sends it without a request id: an id would take one of the
             server's remembered answers and could evict another client's pending retry.
         clock: the server passes ``now=`` (wall-clock seconds) and logs it with the call.
+        feature: the optional capability it belongs to (``"watch"``, ``"ttl"``), "" for the
+            core every backend has. A backend without a feature raises
+            :class:`~kvproto.errors.NotSupportedError` for its operations (see
+            :func:`unsupported`), never a silent difference.
     """
 
     mutates: bool = False
@@ -70,6 +75,7 @@ class Op(NamedTuple):
     own_policy: bool = False
     idempotent: bool = False
     clock: bool = False
+    feature: str = ""
 
     @property
     def is_logged(self) -> bool:
@@ -100,8 +106,8 @@ _ACQUIRE: Final = Op(mutates=True, blocks=True, wait_arg=2, block_arg=1)
 # timeout, key, prefix, limit] answers the changes after revision ``since``, parked until there
 # is one (it changes nothing, so the read-only key may watch).
 _WATCH: Final = {
-    "revision": _READ,
-    "watch": Op(blocks=True, wait_arg=1),
+    "revision": Op(feature="watch"),
+    "watch": Op(blocks=True, wait_arg=1, feature="watch"),
 }
 _LOCK: Final = _ops("locked status", "release renew", acquire=_ACQUIRE)
 _SEMAPHORE: Final = _ops("locked status get_value", "release renew", acquire=_ACQUIRE)
@@ -109,17 +115,17 @@ _SEMAPHORE: Final = _ops("locked status get_value", "release renew", acquire=_AC
 KINDS: dict[str, Mapping[str, Op]] = {
     "dict": _ops(
         "__contains__ __getitem__ __len__ copy get get_many items keys values",
-        "__delitem__ __setitem__ cas clear delete_many incr pop popitem set_many setdefault update "
-        "persist",
+        "__delitem__ __setitem__ cas clear delete_many incr pop popitem set_many setdefault update",
         **_WATCH,
-        # Time to live: set [key, value, ttl, nx] and set_ttl [key, ttl] take a deadline from
-        # the server's clock; ttl [key] reads what is left.
-        set=Op(mutates=True, clock=True),
-        set_ttl=Op(mutates=True, clock=True),
-        ttl=_READ,
+        # Time to live: set [key, value, ttl, nx(, owner)] and set_ttl [key, ttl] take a
+        # deadline from the server's clock; ttl [key] reads what is left; persist [key] drops it.
+        set=Op(mutates=True, clock=True, feature="ttl"),
+        set_ttl=Op(mutates=True, clock=True, feature="ttl"),
+        ttl=Op(feature="ttl"),
+        persist=Op(mutates=True, feature="ttl"),
         # renew [owner, token]: extends the deadlines of the owner's ephemeral keys (the
         # client's lease keeper sends it, as it does to locks).
-        renew=Op(mutates=True, clock=True),
+        renew=Op(mutates=True, clock=True, feature="ttl"),
     ),
     "list": _ops(
         "__contains__ __getitem__ __len__ copy count getslice index",
@@ -176,6 +182,25 @@ def register_kind(kind: str, ops: Mapping[str, Op]) -> None:
     Register before the first call on that kind: clients and servers cache what they derive.
     """
     KINDS[kind] = MappingProxyType(dict(ops))
+
+
+def unsupported(kind: str, method: str, backend: str) -> str | None:
+    """Return the NotSupportedError message for ``kind.method`` on a backend without it.
+
+    None: a core operation (no ``feature``), which every backend must offer.
+
+    Args:
+        kind: the container kind.
+        method: the operation.
+        backend: the backend's name, for the message ("the Valkey/Redis Cluster backend").
+    """
+    found = op(kind, method)
+    if found is None or not found.feature:
+        return None
+    return (
+        f"{kind}.{method} needs {found.feature!r}, which {backend} does not offer; "
+        "see the guarantees table in the README"
+    )
 
 
 def op(kind: str | None, method: str) -> Op | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kvclient
-from tests.conftest import read_listening_line, start_kvserve
+from tests.test_watch import _start, _stop
 
 
 def _wait_gone(d: kvclient.DictProxy, key: str, limit: float) -> float:
@@ -141,19 +141,8 @@ def test_many_keys_expire_in_deadline_order(kv: kvclient.Client) -> None:
 # -- kvserve: deadlines across restarts -------------------------------------------------------
 
 
-def _start(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = start_kvserve(env, *args)
-    return proc, read_listening_line(proc)
-
-
 def _kill(proc: subprocess.Popen[str]) -> None:
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
     proc.communicate(timeout=30)
 
 

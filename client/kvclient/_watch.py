@@ -111,23 +111,8 @@ class _Deadline:
         return None if self.timeout is None else self.until - time.monotonic()
 
 
-class Watch:
-    """An iterator over the changes of one container (``for ev in d.watch(): ...``).
-
-    Made by a proxy's ``watch()``. It yields :class:`Event` objects in revision order, waiting
-    for each; with a ``timeout`` it stops when none came for that long.
-
-    Attributes:
-        revision: the revision every change up to which was yielded (or filtered out): pass
-            it as ``since=`` to resume later, in this process or another, without losing or
-            repeating an event. None until the first call when started with ``since=None``.
-
-    Raises (while iterating):
-        CompactedError: ``since`` is older than the server's retained history (or ahead of
-            the container's revision); re-read the container and watch from ``.revision``
-            of the error.
-        NoSuchContainerError: the container was dropped.
-    """
+class _Watching:
+    """What both iterators hold: the proxy, the cursor and the idle deadline."""
 
     def __init__(
         self,
@@ -144,8 +129,27 @@ class Watch:
 
     @property
     def revision(self) -> int | None:
-        """See the class docstring."""
+        """See :class:`Watch`."""
         return self._cursor.revision
+
+
+class Watch(_Watching):
+    """An iterator over the changes of one container (``for ev in d.watch(): ...``).
+
+    Made by a proxy's ``watch()``. It yields :class:`Event` objects in revision order, waiting
+    for each; with a ``timeout`` it stops when none came for that long.
+
+    Attributes:
+        revision: the revision every change up to which was yielded (or filtered out): pass
+            it as ``since=`` to resume later, in this process or another, without losing or
+            repeating an event. None until the first call when started with ``since=None``.
+
+    Raises (while iterating):
+        CompactedError: ``since`` is older than the server's retained history (or ahead of
+            the container's revision); re-read the container and watch from ``.revision``
+            of the error.
+        NoSuchContainerError: the container was dropped.
+    """
 
     def __iter__(self) -> Iterator[Event]:
         return self
@@ -165,26 +169,8 @@ class Watch:
         return event
 
 
-class AsyncWatch:
+class AsyncWatch(_Watching):
     """The asyncio :class:`Watch`: ``async for ev in d.watch(): ...`` (same attributes)."""
-
-    def __init__(
-        self,
-        proxy: Any,
-        since: int | None,
-        key: Any,
-        prefix: str | bytes | None,
-        timeout: float | None,
-        limit: int,
-    ) -> None:
-        self._proxy = proxy
-        self._cursor = _Cursor(since, key, prefix, limit)
-        self._deadline = _Deadline(timeout)
-
-    @property
-    def revision(self) -> int | None:
-        """See :attr:`Watch.revision`."""
-        return self._cursor.revision
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self

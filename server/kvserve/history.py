@@ -27,7 +27,7 @@ import collections
 import inspect
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from kvproto.errors import CompactedError
@@ -52,6 +52,7 @@ MAX_HISTORY_COUNT: Final = 10_000_000
 # history and move the revision every few seconds.
 UNCOUNTED: Final = frozenset({"renew"})
 _REPLY_BUDGET: Final = 1 << 20  # rough bytes of values per watch reply (at least one change)
+_NEAR: Final = 4096  # changes behind the newest at most, to walk the history from its end
 
 Entry = tuple[int, float, str, list[Any], dict[str, Any] | None, Any]
 Event = tuple[int, str, Any, Any]  # revision, op, key, value: what crosses the wire
@@ -148,8 +149,14 @@ class History:
         cursor = since
         budget = _REPLY_BUDGET
         entries = self.entries
-        start = len(entries) - (revision - since)
-        for rev, _, method, args, kwds, result in itertools.islice(entries, start, None):
+        behind = revision - since
+        # A deque is walked from one end: a watcher near the newest change (the usual one)
+        # costs what it reads, not the length of the history.
+        if behind <= _NEAR:
+            newer: Iterable[Entry] = reversed(list(itertools.islice(reversed(entries), behind)))
+        else:
+            newer = itertools.islice(entries, len(entries) - behind, None)
+        for rev, _, method, args, kwds, result in newer:
             found = [
                 (rev, op, k, v)
                 for op, k, v in events_of(kind, cls, method, args, kwds, result)

@@ -78,11 +78,21 @@ class _Cursor:
         if not self._buffer:
             self.revision = cursor
 
-    def pop(self) -> Event | None:
-        """Return the next event, or None when none is buffered."""
+    def unstarted(self) -> bool:
+        """Whether the watch began with ``since=None`` and has not read the revision yet."""
+        return self._next is None
+
+    def start(self, revision: int) -> None:
+        """Begin after ``revision`` (the container's, read when ``since`` was None)."""
+        self.revision = self._next = revision
+
+    def has_events(self) -> bool:
+        """Whether an event is buffered."""
+        return bool(self._buffer)
+
+    def pop(self) -> Event:
+        """Return the next buffered event (see :meth:`has_events`)."""
         buffer = self._buffer
-        if not buffer:
-            return None
         event = buffer.popleft()
         if not buffer:
             self.revision = self._next
@@ -132,6 +142,24 @@ class _Watching:
         """See :class:`Watch`."""
         return self._cursor.revision
 
+    def _steps(self) -> Iterator[list[Any] | None]:
+        """Yield the args of each ``watch`` call until an event is buffered, then None.
+
+        The caller makes each call (blocking or awaited) and feeds its reply to the cursor;
+        this ends the iteration (returns) when the idle timeout ran out after at least one call
+        (a timeout of 0 still asks once).
+        """
+        cursor, deadline = self._cursor, self._deadline
+        deadline.restart()
+        asked = False
+        while not cursor.has_events():
+            left = deadline.remaining()
+            if asked and left is not None and left <= 0:
+                return
+            asked = True
+            yield cursor.request(left)
+        yield None
+
 
 class Watch(_Watching):
     """An iterator over the changes of one container (``for ev in d.watch(): ...``).
@@ -155,18 +183,14 @@ class Watch(_Watching):
         return self
 
     def __next__(self) -> Event:
-        cursor, deadline = self._cursor, self._deadline
-        if cursor._next is None:
-            cursor.revision = cursor._next = self._proxy.revision()
-        deadline.restart()
-        asked = False  # a timeout of 0 still asks once
-        while (event := cursor.pop()) is None:
-            left = deadline.remaining()
-            if asked and left is not None and left <= 0:
-                raise StopIteration
-            asked = True
-            cursor.feed(self._proxy._call("watch", cursor.request(left)))
-        return event
+        cursor = self._cursor
+        if cursor.unstarted():
+            cursor.start(self._proxy.revision())
+        for args in self._steps():
+            if args is None:
+                return cursor.pop()
+            cursor.feed(self._proxy._call("watch", args))
+        raise StopIteration
 
 
 class AsyncWatch(_Watching):
@@ -176,15 +200,11 @@ class AsyncWatch(_Watching):
         return self
 
     async def __anext__(self) -> Event:
-        cursor, deadline = self._cursor, self._deadline
-        if cursor._next is None:
-            cursor.revision = cursor._next = await self._proxy.revision()
-        deadline.restart()
-        asked = False  # a timeout of 0 still asks once
-        while (event := cursor.pop()) is None:
-            left = deadline.remaining()
-            if asked and left is not None and left <= 0:
-                raise StopAsyncIteration
-            asked = True
-            cursor.feed(await self._proxy._call("watch", cursor.request(left)))
-        return event
+        cursor = self._cursor
+        if cursor.unstarted():
+            cursor.start(await self._proxy.revision())
+        for args in self._steps():
+            if args is None:
+                return cursor.pop()
+            cursor.feed(await self._proxy._call("watch", args))
+        raise StopAsyncIteration

@@ -56,7 +56,6 @@ _WRITE_PUBLIC: Final = frozenset(
     name for name, op in schema.SERVER.items() if op.mutates and not op.own_policy
 )
 _REMEMBERED_PUBLIC: Final = frozenset(name for name, op in schema.SERVER.items() if op.mutates)
-_CLOCK_STEP: Final = 1.0  # seconds between refreshes of Engine.clock
 _MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
 
 
@@ -144,9 +143,6 @@ class Engine:
         self.scheduler = scheduler
         self.persist = persistence
         self.started = time.time()
-        # The wall clock to one second, refreshed by a timer (see _tick): what the history of
-        # changes is stamped with, so a write does not read the clock.
-        self.clock = self.started
         self.ops_served = 0  # operations, counting each call of a batch
         self.requests_served = 0  # request frames
         self.counters = Counters() if counters is None else counters
@@ -180,11 +176,6 @@ class Engine:
     def start(self) -> None:
         """Schedule the deadlines of what was loaded from disk (leases run out on time too)."""
         self._schedule_deadlines()
-        self._tick()
-
-    def _tick(self) -> None:
-        self.clock = time.time()
-        self.scheduler.call_later(_CLOCK_STEP, self._tick)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -387,7 +378,7 @@ class Engine:
                 # History.record, inlined: this is every write's cost of watch (a call would
                 # double it; measured with callgrind, bench/results/*-watch-engine.md).
                 history.revision = rev = history.revision + 1
-                history.entries.append((rev, self.clock, method, args, kwds, result))
+                history.entries.append((rev, method, args, kwds, result))
             if self.persist is not None:
                 if raw is not None and not (op.caller or op.clock):
                     # The frame as received is already the record, [name, method, args,

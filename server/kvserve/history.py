@@ -2,7 +2,7 @@
 
 Every dict, list, namespace and queue has a :class:`History`: a revision, increased by one by
 each mutating call that succeeds (and by each change the clock makes, such as an expiring key),
-and the last changes as entries ``(revision, wall time, method, args, kwds, result)``. An entry
+and the last changes as entries ``(revision, method, args, kwds, result)``. An entry
 is the call as it was applied, not its events: recording one is an increment and an append on
 the write path (a ``d[k] = v`` pays nothing more), and the events a watcher sees are derived
 from it when it is read (:func:`events_of`). One call is one revision; a call that changes
@@ -17,8 +17,10 @@ resume from), as etcd does after a compaction.
 
 Revisions and history are kept in snapshots and rebuilt by log replay, which re-applies the
 same calls in the same order, so a restart with ``--data-dir`` resumes the same numbering.
-Entries replayed from the log (not yet in a snapshot) are stamped with the replay time: a
-restart can lengthen their age-based retention, never shorten it.
+Age is known from checkpoints taken when the history is read, not from a clock read per write
+(see :attr:`History.marks`); entries replayed from the log after the last snapshot get their
+first checkpoint after the restart. Either way a change is kept at least the retention age,
+sometimes longer, never shorter.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ UNCOUNTED: Final = frozenset({"renew"})
 _REPLY_BUDGET: Final = 1 << 20  # rough bytes of values per watch reply (at least one change)
 _NEAR: Final = 4096  # changes behind the newest at most, to walk the history from its end
 
-Entry = tuple[int, float, str, list[Any], dict[str, Any] | None, Any]
+Entry = tuple[int, str, list[Any], dict[str, Any] | None, Any]
 Event = tuple[int, str, Any, Any]  # revision, op, key, value: what crosses the wire
 
 
@@ -66,7 +68,7 @@ class History:
         age: seconds a change is kept (> 0).
     """
 
-    __slots__ = ("entries", "max_age", "revision")
+    __slots__ = ("entries", "marks", "max_age", "revision")
 
     def __init__(
         self, count: int = DEFAULT_HISTORY_COUNT, age: float = DEFAULT_HISTORY_AGE
@@ -74,6 +76,11 @@ class History:
         self.revision = 0
         self.entries: collections.deque[Entry] = collections.deque(maxlen=count)
         self.max_age = age
+        # (revision, wall time) checkpoints, taken when the history is read (trim), at most
+        # one a second: "by then the revision was this". A write reads no clock; a change is
+        # dropped for age once a checkpoint at or after it is older than max_age (so it is
+        # kept at least max_age, and at most max_age plus the time between two reads).
+        self.marks: collections.deque[tuple[int, float]] = collections.deque()
 
     def configure(self, count: int, age: float) -> None:
         """Apply the server's retention (keeps the newest ``count`` entries)."""
@@ -82,27 +89,25 @@ class History:
         self.max_age = age
 
     def record(
-        self,
-        method: str,
-        args: list[Any],
-        kwds: dict[str, Any] | None,
-        result: Any,
-        now: float | None = None,
+        self, method: str, args: list[Any], kwds: dict[str, Any] | None, result: Any
     ) -> None:
-        """Count one applied change and keep it (a lease renewal is none).
-
-        ``now`` is the wall clock (default: read it); the engine passes a clock it refreshes
-        every second, which is all age-based retention needs and saves a clock read per write.
-        """
+        """Count one applied change and keep it (a lease renewal is none)."""
         if method in UNCOUNTED:
             return
         self.revision = rev = self.revision + 1
-        self.entries.append((rev, time.time() if now is None else now, method, args, kwds, result))
+        self.entries.append((rev, method, args, kwds, result))
 
     def trim(self, now: float) -> None:
-        """Drop the entries older than the retention age."""
-        entries, oldest = self.entries, now - self.max_age
-        while entries and entries[0][1] < oldest:
+        """Take a checkpoint, and drop the entries known to be older than the retention age."""
+        marks = self.marks
+        if not marks or marks[-1][1] <= now - 1.0:
+            marks.append((self.revision, now))
+        oldest = now - self.max_age
+        cutoff = -1
+        while marks and marks[0][1] < oldest:
+            cutoff = marks.popleft()[0]
+        entries = self.entries
+        while entries and entries[0][0] <= cutoff:
             entries.popleft()
 
     def oldest(self) -> int:
@@ -156,7 +161,7 @@ class History:
             newer: Iterable[Entry] = reversed(list(itertools.islice(reversed(entries), behind)))
         else:
             newer = itertools.islice(entries, len(entries) - behind, None)
-        for rev, _, method, args, kwds, result in newer:
+        for rev, method, args, kwds, result in newer:
             found = [
                 (rev, op, k, v)
                 for op, k, v in events_of(kind, cls, method, args, kwds, result)
@@ -170,21 +175,23 @@ class History:
         return cursor, events
 
     def to_state(self) -> list[Any]:
-        """Return ``[revision, [entry, ...]]`` for a snapshot."""
-        return [self.revision, [list(e) for e in self.entries]]
+        """Return ``[revision, [entry, ...], [mark, ...]]`` for a snapshot."""
+        return [self.revision, [list(e) for e in self.entries], [list(m) for m in self.marks]]
 
     def load_state(self, state: Any) -> None:
         """Restore what :meth:`to_state` returned (a snapshot being loaded)."""
-        revision, entries = state
+        revision, entries, marks = state
         self.revision = int(revision)
         self.entries.clear()
         self.entries.extend(tuple(e) for e in entries)
+        self.marks = collections.deque((int(r), float(t)) for r, t in marks)
 
     def copy(self) -> History:
         """Return an independent copy (a snapshot's point-in-time view)."""
         other = History(self.entries.maxlen or 0, self.max_age)
         other.revision = self.revision
         other.entries.extend(self.entries)
+        other.marks.extend(self.marks)
         return other
 
 

@@ -130,7 +130,15 @@ _STATS_COUNTS = (
     "clients'), and there are no frames to count"
 )
 # Differences of both Valkey/Redis implementations, with their reasons.
+_NO_WATCH_TTL = (
+    "watch, TTL and ephemeral keys are kvserve's so far: the Valkey/Redis backend raises "
+    "NotSupportedError for them (README guarantees table; tests/test_redis_backend.py)"
+)
+
 REDIS_DIFFERENCES: dict[str, str] = {
+    "tests/test_watch.py::*": _NO_WATCH_TTL,
+    "tests/test_ttl.py::*": _NO_WATCH_TTL,
+    "tests/test_ephemeral.py::*": _NO_WATCH_TTL,
     "tests/test_containers.py::test_list_operators_follow_the_stdlib_listproxy": _STATS_COUNTS,
     "tests/test_containers.py::test_batch_sends_calls_on_several_containers_in_one_frame": (
         _STATS_COUNTS

@@ -15,6 +15,8 @@ Modes:
 - ``get``: one blocking ``get`` (``--wait`` seconds) on the queue ``handoff``, with retries
   on and a short call timeout; report the item (or that it found none), the time it took and
   the retries.
+- ``watch``: follow dict ``cfg`` from revision 0 (each wait ``--wait`` seconds, retries on)
+  until ``--stop`` exists; report every event and the retries.
 - ``check``: report the final state of the shared containers and the server's stats.
 """
 
@@ -191,6 +193,34 @@ def get(args: argparse.Namespace) -> dict[str, Any]:
     return {"item": item, "empty": empty, "seconds": round(took, 3), "retries": backoff.retries}
 
 
+def watch(args: argparse.Namespace) -> dict[str, Any]:
+    """Follow dict ``cfg`` from revision 0 until ``--stop`` exists; report every event."""
+    backoff = CountingBackoff(0.2)
+    progress = Progress(args.progress)
+    events: list[list[Any]] = []
+    with kvclient.connect(
+        args.address,
+        timeout=CONNECT_TIMEOUT,
+        call_timeout=CALL_TIMEOUT,
+        retry=Retry(backoff, retries=100),
+    ) as kv:
+        cfg = kv.dict("cfg")
+        revision = 0
+        progress.report(0)
+        try:
+            while not args.stop.exists():
+                # Each server-side wait lasts at most --wait seconds, so a reply lost in a cut
+                # is noticed within --wait plus the call timeout; the watch then resumes.
+                w = cfg.watch(since=revision, timeout=args.wait)
+                for event in w:
+                    events.append([event.revision, event.op, event.key, event.value])
+                    progress.report(len(events))
+                revision = w.revision or revision
+        finally:
+            progress.close()
+    return {"events": events, "retries": backoff.retries}
+
+
 def check(args: argparse.Namespace) -> dict[str, Any]:
     with kvclient.connect(args.address, retry=Retry(ConstantBackoff(0.2), retries=50)) as kv:
         leftover = []
@@ -210,7 +240,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["workload", "probe", "get", "check"])
+    parser.add_argument("mode", choices=["workload", "probe", "get", "watch", "check"])
     parser.add_argument("address", help="host:port of kvserve")
     parser.add_argument("--out", type=Path, required=True, help="write the JSON report here")
     parser.add_argument("--progress", type=Path, help="append progress counts here")
@@ -224,6 +254,7 @@ def main() -> None:
         "workload": workload,
         "probe": probe,
         "get": get,
+        "watch": watch,
         "check": check,
     }
     report = modes[args.mode](args)

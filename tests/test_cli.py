@@ -870,6 +870,7 @@ COMMANDS = [
     ["get"],
     ["set"],
     ["del"],
+    ["watch"],
     ["keys"],
     ["incr"],
     ["cas"],

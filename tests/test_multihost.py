@@ -615,3 +615,35 @@ def test_without_retries_a_cut_link_times_out_cleanly_then_recovers(
     # server's count lies between what was acknowledged and what was attempted.
     acknowledged = len(outcomes) - len(failed)
     assert acknowledged <= report["applied"] <= acknowledged + len(failed)
+
+
+def test_a_watcher_on_another_host_follows_a_link_cut_without_losing_an_event(
+    net: Network, kvserve: KvServe
+) -> None:
+    c1, c2 = net.hosts["c1"], net.hosts["c2"]
+    watcher = start_client(net, c1, "watch", kvserve.address, "c1", "--wait", "1.0")
+    watcher.wait_for(0, timeout=20)
+
+    def set_keys(*keys: str) -> None:
+        for key in keys:
+            done = net.run(
+                c2, [str(KVCTL), "set", "-d", "cfg", key, f"v-{key}"], KV_ADDRESS=kvserve.address
+            )
+            assert done.returncode == 0, done.stderr
+
+    set_keys("a", "b", "c")
+    watcher.wait_for(3, timeout=20)
+    with link_cut(net, c1, at_switch=True):  # packets dropped silently, replies lost
+        set_keys("d", "e", "f")
+        time.sleep(CUT)
+        assert watcher.done() == 3, "the watcher heard through a cut link"
+    took = watcher.wait_for(6, timeout=20)
+    set_keys("g")
+    watcher.wait_for(7, timeout=20)
+    (net.root / "stop").touch()
+    report = watcher.finish()
+    events = report["events"]
+    assert [e[0] for e in events] == list(range(1, 8))  # none lost, none repeated
+    assert [(e[1], e[2], e[3]) for e in events] == [("set", k, f"v-{k}") for k in "abcdefg"]
+    assert report["retries"] > 0  # the cut was felt
+    assert took < 10

@@ -159,7 +159,9 @@ def test_no_public_container_method_is_left_out_of_the_schema(kind: str) -> None
         for name, _ in inspect.getmembers(cls, callable)
         if not name.startswith("_") and name not in hooks
     }
-    extra = defined - set(schema.KINDS[kind]) - {"evict", "evict_waiter"}  # replay-only
+    extra = (
+        defined - set(schema.KINDS[kind]) - {"evict", "evict_waiter", "expire_keys"}
+    )  # replay-only
     assert not extra
 
 
@@ -256,3 +258,15 @@ def test_unwrap_reply() -> None:
     for bad in ([wire.ERROR, "not an exception"], ["#OTHER", 1], [wire.RETURN], None):
         with pytest.raises(wire.MalformedReplyError):
             wire.unwrap_reply(bad)
+
+
+def test_watch_and_ttl_operations_name_their_feature() -> None:
+    # A backend without them raises NotSupportedError, derived from the schema.
+    for kind in ("dict", "list", "namespace", "queue"):
+        assert schema.KINDS[kind]["watch"].feature == "watch"
+        assert schema.KINDS[kind]["revision"].feature == "watch"
+    ttl_ops = {m for m, o in schema.KINDS["dict"].items() if o.feature == "ttl"}
+    assert ttl_ops == {"set", "set_ttl", "ttl", "persist", "renew"}
+    assert schema.unsupported("dict", "get", "x") is None
+    message = schema.unsupported("dict", "set_ttl", "the Valkey/Redis Cluster backend")
+    assert message is not None and "'ttl'" in message and "Cluster" in message

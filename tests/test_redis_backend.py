@@ -397,3 +397,23 @@ def test_a_killed_master_fails_over_and_writers_continue(durability: str | None)
             f"failover after {failover:.1f}s; writers done {took:.1f}s after the kill; "
             f"total {total}/{n * procs}"
         )
+
+
+def test_watch_and_ttl_are_a_clear_not_supported_error(redis_standalone_url: str) -> None:
+    # The guarantees table: watch, TTL and ephemeral keys are kvserve's so far. On this
+    # backend each says so at once, naming the feature, and changes nothing.
+    with kvclient.connect(redis_standalone_url) as kv:
+        d = kv.dict("features")
+        d["k"] = 1
+        calls: dict[str, Any] = {
+            "watch": lambda: next(iter(d.watch(timeout=1))),
+            "revision": d.revision,
+            "ttl": lambda: d.set("k", 2, ttl=30),
+            "expire": lambda: d.expire("k", 30),
+            "ephemeral": lambda: d.set("k", 2, ephemeral=True),
+        }
+        for what, call in calls.items():
+            with pytest.raises(kvclient.NotSupportedError, match="Valkey/Redis backend") as info:
+                call()
+            assert isinstance(info.value, NotImplementedError), what
+        assert d["k"] == 1

@@ -25,6 +25,7 @@ from typing import Any
 from kvproto._version import __version__
 
 if typing.TYPE_CHECKING:
+    from kvclient._watch import Event, Watch
     from kvclient.client import Batch, Client, Pending, connect
     from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
     from kvclient.sync import (
@@ -42,11 +43,13 @@ if typing.TYPE_CHECKING:
     )
     from kvproto.errors import (
         AuthError,
+        CompactedError,
         KindError,
         KVConnectionError,
         KVError,
         KVTimeoutError,
         NoSuchContainerError,
+        NotSupportedError,
         ProtocolError,
         ReadOnlyError,
         RemoteError,
@@ -61,8 +64,10 @@ _WHERE: dict[str, str] = {
     "Batch": "kvclient.client",
     "BoundedSemaphoreProxy": "kvclient.sync",
     "Client": "kvclient.client",
+    "CompactedError": "kvclient.errors",
     "ConditionProxy": "kvclient.sync",
     "DictProxy": "kvclient.proxies",
+    "Event": "kvclient._watch",
     "EventProxy": "kvclient.sync",
     "KVConnectionError": "kvclient.errors",
     "KVError": "kvclient.errors",
@@ -72,6 +77,7 @@ _WHERE: dict[str, str] = {
     "LockProxy": "kvclient.sync",
     "NamespaceProxy": "kvclient.proxies",
     "NoSuchContainerError": "kvclient.errors",
+    "NotSupportedError": "kvclient.errors",
     "Pending": "kvclient.client",
     "ProtocolError": "kvclient.errors",
     "Proxy": "kvclient.proxies",
@@ -84,6 +90,7 @@ _WHERE: dict[str, str] = {
     "SemaphoreProxy": "kvclient.sync",
     "TLSError": "kvclient.errors",
     "ValueProxy": "kvclient.sync",
+    "Watch": "kvclient._watch",
     "connect": "kvclient.client",
 }
 
@@ -94,8 +101,10 @@ __all__ = [
     "Batch",
     "BoundedSemaphoreProxy",
     "Client",
+    "CompactedError",
     "ConditionProxy",
     "DictProxy",
+    "Event",
     "EventProxy",
     "KVConnectionError",
     "KVError",
@@ -105,6 +114,7 @@ __all__ = [
     "LockProxy",
     "NamespaceProxy",
     "NoSuchContainerError",
+    "NotSupportedError",
     "Pending",
     "ProtocolError",
     "Proxy",
@@ -117,6 +127,7 @@ __all__ = [
     "SemaphoreProxy",
     "TLSError",
     "ValueProxy",
+    "Watch",
     "__version__",
     "connect",
 ]

@@ -16,6 +16,7 @@ from kvproto.errors import NoSuchContainerError
 
 __all__ = [
     "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_USAGE",
@@ -31,6 +32,7 @@ EXIT_OK: Final = 0
 EXIT_NOT_FOUND: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_ERROR: Final = 3
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 
 
 class NotFoundError(Exception):

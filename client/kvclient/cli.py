@@ -58,6 +58,7 @@ from typer.core import TyperGroup
 import kvclient
 from kvclient._output import (
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
@@ -74,8 +75,9 @@ from kvproto.address import FORMS, AddressError, Target, parse_target
 from kvproto.authkey import load_authkey
 from kvproto.codec import Codec, Ref
 from kvproto.errors import KindError, NoSuchContainerError
+from kvproto.limits import check_ttl
 
-__all__ = ["EXIT_ERROR", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
 
 DEFAULT_DICT: Final = "default"
@@ -377,6 +379,13 @@ def _positive_seconds(text: str) -> float:
     if seconds == 0:
         raise typer.BadParameter("must be more than 0 seconds")
     return seconds
+
+
+def _ttl_seconds(text: str) -> float:
+    try:
+        return check_ttl(_seconds(text))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _check_address(value: str) -> str:
@@ -731,6 +740,7 @@ def get(
         "kvctl set notes - < notes.txt       # stdin, as UTF-8 text",
         "kvctl set --bytes blob - < img.png  # stdin, as bytes (get --bytes > out.png)",
         "kvctl set --json cfg - < cfg.json",
+        "kvctl set --ttl 30 --nx lock:backup $HOSTNAME || echo 'held by another'",
     ),
 )
 def set_(
@@ -740,15 +750,33 @@ def set_(
     dict_name: DictOption = DEFAULT_DICT,
     as_json: JsonOption = False,
     as_bytes: BytesOption = False,
+    ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--ttl",
+            metavar="SECONDS",
+            parser=_ttl_seconds,
+            help="The key expires (vanishes for every reader) this many seconds from now.",
+            show_default=False,
+        ),
+    ] = None,
+    nx: Annotated[
+        bool, typer.Option("--nx", help="Only if KEY is absent; exit 1 if it is present.")
+    ] = False,
 ) -> None:
     """Store VALUE under KEY, creating the dict if needed; VALUE - reads stdin.
 
     stdin is taken whole and unchanged, a trailing newline included. To store the str "-"
-    itself, write --json set KEY '"-"'.
+    itself, write --json set KEY '"-"'. --nx --ttl together are a lock or a cache fill: the
+    first caller wins (exit 0), the others exit 1 until the key expires.
     """
     parsed = _read_value(value, _json_mode(ctx, as_json), as_bytes)
     with _session(ctx, as_json) as session:
-        session.client.dict(dict_name)[key] = parsed
+        mapping = session.client.dict(dict_name)
+        if ttl is None and not nx:
+            mapping[key] = parsed
+        elif not mapping.set(key, parsed, ttl=ttl, nx=nx):
+            raise _NotFoundError("KeyExists", f"key {key!r} is already in dict {dict_name!r}")
 
 
 @app.command(
@@ -785,6 +813,80 @@ def delete(
             raise _NotFoundError(
                 "KeyError", f"{wanted - deleted} of {wanted} keys were not in dict {dict_name!r}"
             )
+
+
+@app.command(
+    "watch",
+    epilog=_examples(
+        "kvctl watch default                    # every change of dict 'default', until Ctrl-C",
+        "kvctl watch config --key db --json     # one JSON object a line",
+        "kvctl watch workers --prefix w- --since 42",
+    ),
+)
+def watch(
+    ctx: typer.Context,
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The dict, list, namespace or queue.")
+    ],
+    since: Annotated[
+        int | None,
+        typer.Option(
+            metavar="REV",
+            min=0,
+            help="Print the changes after this revision first (default: from now).",
+            show_default=False,
+        ),
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(metavar="KEY", help="Only changes of KEY.", show_default=False)
+    ] = None,
+    prefix: Annotated[
+        str | None,
+        typer.Option(metavar="P", help="Only changes of keys starting with P.", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            parser=_seconds,
+            help="Stop (exit 0) when nothing changed this long (default: never).",
+            show_default=False,
+        ),
+    ] = None,
+    count: Annotated[
+        int | None,
+        typer.Option(metavar="N", min=1, help="Stop (exit 0) after N events.", show_default=False),
+    ] = None,
+    as_json: JsonOutOption = False,
+) -> None:
+    """Print each change of container NAME as it happens, one a line, until Ctrl-C.
+
+    A line is REVISION OP KEY VALUE (KEY and VALUE as kvctl get prints them; - when there is
+    none), or with --json an object {"revision", "op", "key", "value"}. Resume later with
+    --since and the last revision printed: nothing is lost or repeated while the server keeps
+    that much history (else exit 3 with CompactedError, naming the oldest revision kept).
+    Ctrl-C exits 130.
+    """
+    with _session(ctx, as_json) as session:
+        proxy = session.existing_kind(name, ("dict", "list", "namespace", "queue"))
+        assert isinstance(
+            proxy,
+            kvclient.DictProxy | kvclient.ListProxy | kvclient.QueueProxy | kvclient.NamespaceProxy,
+        )
+        events = proxy.watch(since, key=key, prefix=prefix, timeout=timeout)
+        seen = 0
+        try:
+            for event in events:
+                if session.json:
+                    typer.echo(to_json(event._asdict()))
+                else:
+                    shown = ["-" if v is None else plain(v) for v in (event.key, event.value)]
+                    typer.echo(f"{event.revision} {event.op} {shown[0]} {shown[1]}")
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command("keys", epilog=_examples("kvctl keys", "kvctl keys 'user:*' -d sessions"))

@@ -11,6 +11,8 @@ KVError
 +-- NoSuchContainerError(KVError, LookupError)     the container was dropped
 +-- ReadOnlyError(KVError, PermissionError)        a write on a read-only-key connection
 +-- TLSError(KVError)                              TLS setup or verification failed
++-- CompactedError(KVError, LookupError)          a watch asked for history no longer kept
++-- NotSupportedError(KVError, NotImplementedError)  this backend lacks the operation
 ```
 """
 
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 from kvproto.errors import (
     AuthError,
+    CompactedError,
     KindError,
     KVConnectionError,
     KVError,
     KVTimeoutError,
     NoSuchContainerError,
+    NotSupportedError,
     ProtocolError,
     ReadOnlyError,
     RemoteError,
@@ -32,11 +36,13 @@ from kvproto.errors import (
 
 __all__ = [
     "AuthError",
+    "CompactedError",
     "KVConnectionError",
     "KVError",
     "KVTimeoutError",
     "KindError",
     "NoSuchContainerError",
+    "NotSupportedError",
     "ProtocolError",
     "ReadOnlyError",
     "RemoteError",

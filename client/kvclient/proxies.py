@@ -13,10 +13,12 @@ working proxy too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, MutableSequence
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 from kvclient._runner import Runner
+from kvclient._watch import Watch
 from kvproto.codec import Ref
+from kvproto.limits import MAX_WATCH_EVENTS, check_lease, check_ttl
 
 __all__ = [
     "DictProxy",
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 _MISSING: Any = object()
+EPHEMERAL_LEASE: Final = 10.0
+"""Default lease of an ephemeral key, seconds: it outlives its owner by at most this."""
 # The SyncManager typeid of each kind, for repr().
 _STDLIB_TYPEIDS: dict[str, str] = {
     "namespace": "Namespace",
@@ -113,7 +117,45 @@ class _NamedProxy(Proxy):
         return self._name
 
 
-class DictProxy(_NamedProxy):
+class _Watchable(Proxy):
+    """``watch`` and ``revision`` of the four data containers (see :mod:`kvclient._watch`)."""
+
+    __slots__ = ()
+    _watch_class: ClassVar[Callable[..., Any] | None] = None  # the asyncio proxies' AsyncWatch
+
+    def revision(self) -> int:
+        """Return the container's revision: how many changes it has had (watch from it)."""
+        return cast(int, self._call("revision", []))
+
+    def watch(
+        self,
+        since: int | None = None,
+        *,
+        key: Any = None,
+        prefix: str | bytes | None = None,
+        timeout: float | None = None,
+        limit: int = MAX_WATCH_EVENTS,
+    ) -> Watch:
+        """Return an iterator over the changes after revision ``since``, as they happen.
+
+        Args:
+            since: the revision already seen (a previous watch's ``.revision``, or
+                :meth:`revision` read before the container); None (default): from now.
+            key: only changes of this key (plus changes of the whole container, ``clear``).
+            prefix: only changes of str (or bytes) keys starting with it (plus those).
+            timeout: stop iterating when no event came for this many seconds (default
+                None: wait for ever).
+            limit: most events fetched per round trip (1 to 1000).
+
+        Returns:
+            A :class:`~kvclient.Watch` yielding :class:`~kvclient.Event` in revision order
+            (``async for`` on an asyncio proxy); its ``revision`` is where to resume.
+        """
+        factory = self._watch_class or Watch
+        return factory(self, since, key, prefix, timeout, limit)
+
+
+class DictProxy(_NamedProxy, _Watchable):
     """A proxy that behaves like a ``dict``, plus atomic ``incr``, ``cas`` and batch get/set."""
 
     __slots__ = ()
@@ -144,6 +186,67 @@ class DictProxy(_NamedProxy):
     def get(self, key: Any, default: Any = None) -> Any:
         """Return ``d[key]``, or ``default`` when missing."""
         return self._client.call(self._kind, self._name, "get", [key, default])
+
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        nx: bool = False,
+        ephemeral: bool = False,
+        lease: float = EPHEMERAL_LEASE,
+    ) -> bool:
+        """Store ``d[key] = value``, with a time to live or only if absent; return whether it did.
+
+        Args:
+            key: the key.
+            value: its value.
+            ttl: seconds until the key expires and vanishes for every reader (> 0, at most a
+                year; watchers see an ``expire`` event); None (default): it never expires,
+                and an earlier ttl of the key is cleared.
+            nx: store only if the key is absent (False is returned when it is present).
+            ephemeral: bind the key to this client: its lease keeper renews it every
+                ``lease / 3`` seconds, and when the client dies, closes, or is cut off for
+                longer than ``lease``, the key expires (watchers see ``expire``). Not with
+                ``ttl``; not in a batch.
+            lease: an ephemeral key's lease, seconds (default 10).
+
+        Raises:
+            TypeError, ValueError: a ttl or lease that is not a number in range (checked
+                before sending), or ``ephemeral`` with ``ttl`` or in a batch.
+        """
+        if ttl is not None:
+            check_ttl(ttl)
+        if not ephemeral:
+            return cast(bool, self._call("set", [key, value, ttl, nx]))
+        if ttl is not None:
+            raise ValueError("an ephemeral key lives as long as its lease: leave out ttl")
+        keeper = self._client.leases
+        if keeper is None:
+            raise TypeError("an ephemeral key cannot be set in a batch; set it on the client")
+        lease = check_lease(lease)
+        stored = self._call("set", [key, value, lease, nx, keeper.owner])
+        if stored is True:  # an asyncio proxy's call is awaited by its own set()
+            keeper.track((self._name, keeper.owner), lease, 0)
+        return cast(bool, stored)
+
+    def expire(self, key: Any, ttl: float) -> bool:
+        """Give an existing key ``ttl`` seconds to live from now; return False if it is absent."""
+        check_ttl(ttl)
+        return cast(bool, self._call("set_ttl", [key, ttl]))
+
+    def ttl(self, key: Any) -> float | None:
+        """Return the seconds ``key`` has left to live, None if it never expires.
+
+        Raises:
+            KeyError: no such key.
+        """
+        return cast("float | None", self._call("ttl", [key]))
+
+    def persist(self, key: Any) -> bool:
+        """Make ``key`` never expire; return whether it had a ttl."""
+        return cast(bool, self._call("persist", [key]))
 
     def keys(self) -> list[Any]:
         """Return a snapshot list of the keys."""
@@ -223,7 +326,7 @@ def _slice_args(index: slice) -> list[Any]:
     return [index.start, index.stop, index.step]
 
 
-class ListProxy(_NamedProxy):
+class ListProxy(_NamedProxy, _Watchable):
     """A proxy that behaves like a ``list`` (indexes and slices included)."""
 
     __slots__ = ()
@@ -340,7 +443,7 @@ class ListProxy(_NamedProxy):
         return result
 
 
-class NamespaceProxy(Proxy):
+class NamespaceProxy(_Watchable):
     """A proxy that behaves like a ``Namespace``: ``ns.x = 1``, ``ns.x``, ``del ns.x``.
 
     Attribute names starting with ``_`` stay local to this proxy object and are not sent to
@@ -382,7 +485,7 @@ class NamespaceProxy(Proxy):
         return result
 
 
-class QueueProxy(_NamedProxy):
+class QueueProxy(_NamedProxy, _Watchable):
     """A proxy that behaves like ``queue.Queue``, joinable as it is (``task_done``/``join``).
 
     A blocked ``get``/``put`` waits on the server without holding a server thread, and never

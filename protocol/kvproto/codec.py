@@ -52,10 +52,12 @@ import msgpack
 
 from kvproto.errors import (
     AuthError,
+    CompactedError,
     KindError,
     KVConnectionError,
     KVError,
     NoSuchContainerError,
+    NotSupportedError,
     ProtocolError,
     ReadOnlyError,
     RemoteError,
@@ -202,6 +204,8 @@ _EXCEPTIONS.update(
         "KVError": KVError,
         "KVConnectionError": KVConnectionError,
         "AuthError": AuthError,
+        "CompactedError": CompactedError,
+        "NotSupportedError": NotSupportedError,
         "KindError": KindError,
         "NoSuchContainerError": NoSuchContainerError,
         "ProtocolError": ProtocolError,

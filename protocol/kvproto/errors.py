@@ -13,6 +13,8 @@ KVError
 +-- NoSuchContainerError(KVError, LookupError)     the container was dropped
 +-- ReadOnlyError(KVError, PermissionError)        a write on a read-only-key connection
 +-- TLSError(KVError)                              TLS setup or verification failed
++-- CompactedError(KVError, LookupError)          a watch asked for history no longer kept
++-- NotSupportedError(KVError, NotImplementedError)  this backend lacks the operation
 ```
 
 Errors a local container would raise (``KeyError``, ``IndexError``, ``ValueError``,
@@ -31,11 +33,13 @@ import socket
 
 __all__ = [
     "AuthError",
+    "CompactedError",
     "KVConnectionError",
     "KVError",
     "KVTimeoutError",
     "KindError",
     "NoSuchContainerError",
+    "NotSupportedError",
     "ProtocolError",
     "ReadOnlyError",
     "RemoteError",
@@ -99,6 +103,31 @@ class TLSError(KVError):
 
     Not a :class:`KVConnectionError`: retrying cannot fix a certificate.
     """
+
+
+class CompactedError(KVError, LookupError):
+    """A watch asked to resume from a revision the server no longer keeps the history of.
+
+    Raised too when the revision is ahead of the container's (it was dropped and created
+    again, or the server lost unsynced writes). Either way: re-read the container, then watch
+    again from :attr:`revision` (or from ``since=None``).
+
+    Attributes:
+        oldest: the oldest ``since`` the server can still resume from.
+        revision: the container's current revision.
+    """
+
+    def __init__(self, message: str = "", oldest: int = 0, revision: int = 0) -> None:
+        super().__init__(message, oldest, revision)
+        self.oldest = oldest
+        self.revision = revision
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NotSupportedError(KVError, NotImplementedError):
+    """The backend serving this container does not offer the operation (say, watch or TTL)."""
 
 
 _HINTS = {

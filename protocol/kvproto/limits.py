@@ -11,10 +11,13 @@ from typing import Any, Final
 __all__ = [
     "MAX_LEASE",
     "MAX_TIMEOUT",
+    "MAX_TTL",
+    "MAX_WATCH_EVENTS",
     "check_bool",
     "check_int64",
     "check_lease",
     "check_timeout",
+    "check_ttl",
 ]
 
 MAX_TIMEOUT: Final = 366 * 86400.0
@@ -88,3 +91,25 @@ def check_int64(value: Any, what: str) -> int:
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"{what} must fit in 64 bits")
     return value
+
+
+MAX_TTL: Final = 366 * 86400.0
+"""Longest time to live a key may be given, seconds (a year)."""
+
+
+def check_ttl(ttl: Any) -> float:
+    """Return a key's time to live as seconds, checked.
+
+    Raises:
+        TypeError: not a number (bool included).
+        ValueError: not more than 0, not finite, or above :data:`MAX_TTL`.
+    """
+    if type(ttl) is bool or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
+    if not 0 < ttl <= MAX_TTL:  # also false for nan
+        raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL:.0f} seconds (got {ttl!r})")
+    return float(ttl)
+
+
+MAX_WATCH_EVENTS: Final = 1000
+"""Most events one ``watch`` call answers; a client calls again for the rest."""

@@ -12,6 +12,8 @@ wire accepts and, for each, an :class:`Op` saying:
   ``block_arg`` that of a ``block`` flag that turns the wait off: a client waits for the
   reply that long plus its call timeout.
 - **caller**: the server passes ``caller=`` (the session token) to the method.
+- **clock**: the server passes ``now=`` (its wall clock, ``time.time()``) to the method and
+  logs it with the call, so a replay computes the same deadlines (a key's TTL).
 
 The server builds each kind's exposed, mutating and read-only sets from here
 (:func:`exposed`, :func:`mutating`); clients decide request ids and reply timeouts from here
@@ -34,6 +36,7 @@ __all__ = [
     "mutating",
     "op",
     "register_kind",
+    "unsupported",
 ]
 
 
@@ -56,6 +59,11 @@ class Op(NamedTuple):
         idempotent: applying it twice is applying it once (get-or-create), so a client
             retries it freely and sends it without a request id: an id would take one of the
             server's remembered answers and could evict another client's pending retry.
+        clock: the server passes ``now=`` (wall-clock seconds) and logs it with the call.
+        feature: the optional capability it belongs to (``"watch"``, ``"ttl"``), "" for the
+            core every backend has. A backend without a feature raises
+            :class:`~kvproto.errors.NotSupportedError` for its operations (see
+            :func:`unsupported`), never a silent difference.
     """
 
     mutates: bool = False
@@ -66,6 +74,8 @@ class Op(NamedTuple):
     logged: bool | None = None
     own_policy: bool = False
     idempotent: bool = False
+    clock: bool = False
+    feature: str = ""
 
     @property
     def is_logged(self) -> bool:
@@ -92,6 +102,13 @@ def _ops(read: str = "", write: str = "", **special: Op) -> Mapping[str, Op]:
 # Leased primitives: acquire [owner, blocking, timeout, lease, wait_id] waits unless blocking
 # is False; release, renew and the rest answer at once.
 _ACQUIRE: Final = Op(mutates=True, blocks=True, wait_arg=2, block_arg=1)
+# Every data container keeps a revision and a bounded history of its changes. watch [since,
+# timeout, key, prefix, limit] answers the changes after revision ``since``, parked until there
+# is one (it changes nothing, so the read-only key may watch).
+_WATCH: Final = {
+    "revision": Op(feature="watch"),
+    "watch": Op(blocks=True, wait_arg=1, feature="watch"),
+}
 _RLOCK: Final = _ops("locked status", "release renew", acquire=_ACQUIRE)
 # A Lock's hold may also be ended by the fencing token it was issued (kvctl lock release).
 _LOCK: Final = _ops("locked status", "release release_token renew", acquire=_ACQUIRE)
@@ -101,13 +118,24 @@ KINDS: dict[str, Mapping[str, Op]] = {
     "dict": _ops(
         "__contains__ __getitem__ __len__ copy get get_many items keys values",
         "__delitem__ __setitem__ cas clear delete_many incr pop popitem set_many setdefault update",
+        **_WATCH,
+        # Time to live: set [key, value, ttl, nx(, owner)] and set_ttl [key, ttl] take a
+        # deadline from the server's clock; ttl [key] reads what is left; persist [key] drops it.
+        set=Op(mutates=True, clock=True, feature="ttl"),
+        set_ttl=Op(mutates=True, clock=True, feature="ttl"),
+        ttl=Op(feature="ttl"),
+        persist=Op(mutates=True, feature="ttl"),
+        # renew [owner, token]: extends the deadlines of the owner's ephemeral keys (the
+        # client's lease keeper sends it, as it does to locks).
+        renew=Op(mutates=True, clock=True, feature="ttl"),
     ),
     "list": _ops(
         "__contains__ __getitem__ __len__ copy count getslice index",
         "__delitem__ __setitem__ append clear delslice extend imul insert pop remove reverse "
         "setslice sort",
+        **_WATCH,
     ),
-    "namespace": _ops("getattr hasattr to_dict", "delattr incr setattr update"),
+    "namespace": _ops("getattr hasattr to_dict", "delattr incr setattr update", **_WATCH),
     "queue": _ops(
         "empty full maxsize qsize unfinished",
         "get_nowait put_nowait task_done",
@@ -116,6 +144,7 @@ KINDS: dict[str, Mapping[str, Op]] = {
         get=Op(mutates=True, blocks=True, wait_arg=1, block_arg=0),
         # join []: waits for ever until every task is done, and changes nothing.
         join=Op(blocks=True),
+        **_WATCH,
     ),
     "lock": _LOCK,
     "rlock": _RLOCK,
@@ -155,6 +184,25 @@ def register_kind(kind: str, ops: Mapping[str, Op]) -> None:
     Register before the first call on that kind: clients and servers cache what they derive.
     """
     KINDS[kind] = MappingProxyType(dict(ops))
+
+
+def unsupported(kind: str, method: str, backend: str) -> str | None:
+    """Return the NotSupportedError message for ``kind.method`` on a backend without it.
+
+    None: a core operation (no ``feature``), which every backend must offer.
+
+    Args:
+        kind: the container kind.
+        method: the operation.
+        backend: the backend's name, for the message ("the Valkey/Redis Cluster backend").
+    """
+    found = op(kind, method)
+    if found is None or not found.feature:
+        return None
+    return (
+        f"{kind}.{method} needs {found.feature!r}, which {backend} does not offer; "
+        "see the guarantees table in the README"
+    )
 
 
 def op(kind: str | None, method: str) -> Op | None:

@@ -30,6 +30,7 @@ from kvproto.tls import server_context
 from kvproto.wire import MAX_FRAME_DEFAULT
 from kvserve._logging import FORMATS
 from kvserve._logging import setup as setup_logging
+from kvserve.history import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_COUNT, MAX_HISTORY_COUNT
 from kvserve.manager import KVManager
 from kvserve.persistence import PROGRESS_EVERY, Persistence
 
@@ -202,6 +203,22 @@ def serve(
             max=10_000,
         ),
     ] = 0,
+    watch_history: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Changes each container keeps for `watch --since` (a watcher further behind "
+            "gets CompactedError).",
+            min=0,
+            max=MAX_HISTORY_COUNT,
+        ),
+    ] = DEFAULT_HISTORY_COUNT,
+    watch_history_age: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS", help="...and for at most this long.", min=1, max=366 * 86400
+        ),
+    ] = DEFAULT_HISTORY_AGE,
     log_format: Annotated[
         str,
         typer.Option(
@@ -263,6 +280,7 @@ def serve(
             metrics=metrics_address,
             slow_ms=slow_ms,
             busy_poll=busy_poll_us / 1e6,
+            history=(watch_history, watch_history_age),
         )
         server = manager.get_server()
     except KVError as exc:

@@ -16,16 +16,19 @@ trip instead of paying one round trip per item as stdlib iterator proxies do.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 from kvproto import schema
 from kvproto.codec import check_key
-from kvproto.limits import MAX_TIMEOUT, check_timeout
+from kvproto.limits import MAX_TIMEOUT, check_timeout, check_ttl
 from kvproto.wire import MAX_REPLY_FRAME
+from kvserve.history import MAX_WATCH_EVENTS, History
 
 __all__ = [
     "KINDS",
@@ -133,6 +136,12 @@ class Container:
     mutating: ClassVar[frozenset[str]]
     caller_methods: ClassVar[frozenset[str]] = frozenset()
     strict_fifo: ClassVar[bool] = True
+    # The revision and retained changes (kvserve.history); None: a kind nobody watches.
+    history: History | None = None
+    # Whether the server asks next_deadline() after every mutating call: set for a kind that
+    # overrides it (leases), unless it says otherwise (a dict's TTLs change only by the calls
+    # the schema marks ``clock``, so its plain writes skip the question).
+    timed: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -141,6 +150,8 @@ class Container:
             cls.exposed = schema.exposed(kind)
             cls.mutating = schema.mutating(kind)
             cls.caller_methods = schema.caller_methods(kind)
+        if "timed" not in cls.__dict__ and cls.next_deadline is not Container.next_deadline:
+            cls.timed = True
 
     def __init__(self, *state: Any) -> None:
         # Subclasses take their state (as returned by `state()`) as constructor arguments.
@@ -186,19 +197,258 @@ class Container:
 
     def copy_container(self) -> Container:
         """Return a shallow copy: a consistent view, since stored values are only replaced."""
-        return self.from_state(self.state())
+        copy = self.from_state(self.state())
+        if self.history is not None:
+            copy.history = self.history.copy()
+        return copy
+
+    def snapshot_meta(self) -> dict[str, Any] | None:
+        """Return what a snapshot keeps beside :meth:`state` (revision and history), or None."""
+        if self.history is None:
+            return None
+        self.history.trim(time.time())
+        return {"history": self.history.to_state()}
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`snapshot_meta` returned (a snapshot being loaded)."""
+        if self.history is not None and "history" in meta:
+            self.history.load_state(meta["history"])
 
 
-class KVDict(Container):
-    """A dict with atomic server-side compound operations."""
+class _Watched(Container):
+    """A container with a revision and a history of changes that ``watch`` reads."""
+
+    def __init__(self, *state: Any) -> None:
+        super().__init__(*state)
+        self.history = History()
+
+    def revision(self) -> int:
+        """Return the revision: the number of changes applied since the container was made."""
+        assert self.history is not None
+        return self.history.revision
+
+    def watch(
+        self,
+        since: int,
+        timeout: float | None = None,
+        key: Any = None,
+        prefix: str | bytes | None = None,
+        limit: int = MAX_WATCH_EVENTS,
+    ) -> list[Any]:
+        """Return ``[cursor, events]``: the changes after revision ``since``, waiting for one.
+
+        Each event is ``[revision, op, key, value]`` (ops in :func:`kvserve.history.events_of`),
+        in revision order. ``cursor`` is the revision to resume from: every change up to it
+        was answered or filtered out. With no change to answer, waits (parked) up to
+        ``timeout`` seconds (None: for ever) and then answers ``[cursor, []]``.
+
+        Args:
+            since: the revision already seen (0: from the start of the history).
+            timeout: seconds to wait for a change; 0 answers at once.
+            key: only changes of this key (and of the whole container).
+            prefix: only changes of str (or bytes) keys starting with it.
+            limit: most events answered, 1 to :data:`MAX_WATCH_EVENTS`.
+
+        Raises:
+            CompactedError: ``since`` is older than the history kept, or ahead of it.
+        """
+        check_timeout(timeout)
+        if type(since) is not int or since < 0:
+            raise TypeError(f"since must be an int >= 0, not {since!r}")
+        if type(limit) is not int or not 0 < limit <= MAX_WATCH_EVENTS:
+            raise ValueError(f"limit must be an int from 1 to {MAX_WATCH_EVENTS}, not {limit!r}")
+        if prefix is not None and type(prefix) is not str and type(prefix) is not bytes:
+            raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")
+        if key is not None:
+            check_key(key)
+        assert self.history is not None
+        cursor, events = self.history.scan(self.kind, type(self), since, key, prefix, limit)
+        if events or timeout == 0:
+            return [cursor, events]
+        # Holds no place in the line of parked calls: a watch must not hold up a queue's get.
+        raise WouldBlock(timeout, result=[cursor, []], in_line=False)
+
+
+class KVDict(_Watched):
+    """A dict with atomic server-side compound operations, and keys that can expire.
+
+    A key given a time to live (``set(..., ttl=)``, ``set_ttl``) has a wall-clock deadline
+    (the ``now=`` the server passes and logs, so a replay or a restart computes the same one);
+    the server's timer removes it at that deadline (``next_deadline``/``expire``), journaled as
+    ``expire_keys`` so the log replays the removal and watchers see an ``expire`` event.
+    Writing the key again without a ttl (``d[k] = v``, ``update``) clears its deadline, as
+    Redis ``SET`` does; ``incr``, ``cas`` and ``setdefault`` keep it.
+    """
 
     kind = "dict"
+    timed = False  # deadlines change only by the schema's clock calls (see Container.timed)
 
     def __init__(self, data: dict[Any, Any] | None = None) -> None:
         super().__init__()
         if data is not None and type(data) is not dict:
             raise TypeError(f"a dict's initial contents must be a map, not {type(data).__name__}")
         self.data: dict[Any, Any] = _uninterned(data) if data else {}
+        self._ttl: dict[Any, float] = {}  # key -> wall-clock deadline
+        self._heap: list[tuple[float, int, Any]] = []  # (deadline, tie-break, key), lazy
+        self._seq = 0
+        # Ephemeral keys: key -> (owner, lease). Their deadline is renewed by the owner's
+        # lease keeper (renew); an entry whose key lost its deadline is stale (dropped there).
+        self._owners: dict[Any, tuple[bytes, float]] = {}
+
+    # -- time to live -----------------------------------------------------------------------
+
+    def _set_deadline(self, key: Any, deadline: float) -> None:
+        self._ttl[key] = deadline
+        self._seq += 1
+        heapq.heappush(self._heap, (deadline, self._seq, key))
+        if len(self._heap) > 2 * len(self._ttl) + 64:  # superseded entries: rebuild
+            self._heap = [(d, i, k) for i, (k, d) in enumerate(self._ttl.items())]
+            heapq.heapify(self._heap)
+
+    def _forget_ttls(self, keys: Iterable[Any]) -> None:
+        ttl = self._ttl
+        for key in keys:
+            ttl.pop(key, None)
+
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        ttl: float | None = None,
+        nx: bool = False,
+        owner: bytes | None = None,
+        *,
+        now: float,
+    ) -> bool:
+        """Store ``d[key] = value``; return whether it did.
+
+        Args:
+            key: the key.
+            value: its new value.
+            ttl: seconds until the key expires (> 0, at most a year); None: no expiry (and
+                any earlier deadline of the key is cleared).
+            nx: only if the key is absent (an expired key is absent).
+            owner: make it an ephemeral key of this owner (a lease keeper's id): ``ttl`` is
+                then its lease, renewed by :meth:`renew`.
+            now: the server's wall clock (set by the server, logged with the call).
+        """
+        if ttl is not None:
+            ttl = check_ttl(ttl)
+        if owner is not None:
+            if type(owner) is not bytes or not 0 < len(owner) <= 64:
+                raise TypeError("owner must be 1 to 64 bytes")
+            if ttl is None:
+                raise ValueError("an ephemeral key needs its lease as ttl")
+        if type(key) is int or type(key) is tuple:
+            check_key(key)
+        if nx and key in self.data:
+            deadline = self._ttl.get(key)
+            if deadline is None or deadline > now:
+                return False
+        self.data[key] = value
+        if ttl is None:
+            self._ttl.pop(key, None)
+        else:
+            self._set_deadline(key, now + ttl)
+        if owner is not None:
+            self._owners[key] = (owner, float(ttl))  # type: ignore[arg-type]
+        elif self._owners:
+            self._owners.pop(key, None)
+        return True
+
+    def renew(self, owner: bytes, token: int = 0, *, now: float) -> int:
+        """Extend each ephemeral key of ``owner`` by its lease; return how many it has here."""
+        if type(owner) is not bytes or not 0 < len(owner) <= 64:
+            raise TypeError("owner must be 1 to 64 bytes")
+        held = 0
+        ttl = self._ttl
+        for key, (who, lease) in list(self._owners.items()):
+            if key not in ttl:
+                del self._owners[key]  # deleted, overwritten or persisted since
+            elif who == owner:
+                self._set_deadline(key, now + lease)
+                held += 1
+        return held
+
+    def set_ttl(self, key: Any, ttl: float, *, now: float) -> bool:
+        """Give an existing key ``ttl`` seconds to live from now; return False if it is absent."""
+        ttl = check_ttl(ttl)
+        if key not in self.data:
+            return False
+        self._set_deadline(key, now + ttl)
+        self._owners.pop(key, None)  # an explicit deadline: no longer the owner's to renew
+        return True
+
+    def ttl(self, key: Any) -> float | None:
+        """Return the seconds ``key`` has left, None if it never expires.
+
+        Raises:
+            KeyError: no such key.
+        """
+        if key not in self.data:
+            raise KeyError(key)
+        deadline = self._ttl.get(key)
+        return None if deadline is None else max(0.0, deadline - time.time())
+
+    def persist(self, key: Any) -> bool:
+        """Remove the key's deadline; return whether it had one."""
+        return self._ttl.pop(key, None) is not None
+
+    def expire_keys(self, keys: list[Any]) -> None:
+        """Remove keys whose time ran out (journaled by :meth:`expire`; replayed from the log)."""
+        for key in keys:
+            self.data.pop(key, None)
+            self._ttl.pop(key, None)
+            self._owners.pop(key, None)
+
+    def next_deadline(self) -> float | None:
+        """Return the ``time.monotonic()`` of the earliest deadline, or None."""
+        heap, ttl = self._heap, self._ttl
+        while heap and ttl.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # superseded or cleared
+        if not heap:
+            return None
+        return heap[0][0] - time.time() + time.monotonic()
+
+    def expire(self, now: float) -> None:
+        """Remove the keys whose deadline has passed (journaled as ``expire_keys``)."""
+        wall = time.time()
+        heap, ttl = self._heap, self._ttl
+        due = []
+        while heap and heap[0][0] <= wall:
+            deadline, _, key = heapq.heappop(heap)
+            if ttl.get(key) == deadline:
+                due.append(key)
+        if due:
+            self.journal.append(["expire_keys", [due]])
+            self.expire_keys(due)
+
+    def snapshot_meta(self) -> dict[str, Any] | None:
+        """Return the revision, the history and the deadlines, for a snapshot."""
+        meta = super().snapshot_meta() or {}
+        if self._ttl:
+            meta["ttl"] = [[k, d] for k, d in self._ttl.items()]
+        if self._owners:
+            meta["owners"] = [[k, o, lease] for k, (o, lease) in self._owners.items()]
+        return meta
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`snapshot_meta` returned."""
+        super().load_meta(meta)
+        for key, deadline in meta.get("ttl", ()):
+            if key in self.data:
+                self._set_deadline(key, float(deadline))
+        for key, owner, lease in meta.get("owners", ()):
+            self._owners[key] = (owner, float(lease))
+
+    def copy_container(self) -> Container:
+        """Return a shallow copy, with the deadlines (a snapshot keeps them)."""
+        copy = super().copy_container()
+        assert isinstance(copy, KVDict)
+        for key, deadline in self._ttl.items():
+            copy._set_deadline(key, deadline)
+        copy._owners.update(self._owners)
+        return copy
 
     def size(self) -> int:
         """Return the number of keys."""
@@ -227,9 +477,13 @@ class KVDict(Container):
         if type(key) is int or type(key) is tuple:
             check_key(key)  # ints beyond 64 bits can be made to collide in the hash table
         self.data[key] = value
+        if self._ttl:
+            self._ttl.pop(key, None)
 
     def __delitem__(self, key: Any) -> None:
         del self.data[key]
+        if self._ttl:
+            self._ttl.pop(key, None)
 
     def __contains__(self, key: Any) -> bool:
         return key in self.data
@@ -262,16 +516,23 @@ class KVDict(Container):
         if not isinstance(other, dict):
             raise TypeError(f"update() needs a mapping, not {type(other).__name__}")
         self.data.update(_uninterned(other))
+        if self._ttl:
+            self._forget_ttls(other)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
         """Remove ``key`` and return its value; ``KeyError`` when missing and no default."""
+        if self._ttl:
+            self._ttl.pop(key, None)
         if default is _MISSING:
             return self.data.pop(key)
         return self.data.pop(key, default)
 
     def popitem(self) -> tuple[Any, Any]:
         """Remove and return the last inserted ``(key, value)``; ``KeyError`` when empty."""
-        return self.data.popitem()
+        item = self.data.popitem()
+        if self._ttl:
+            self._ttl.pop(item[0], None)
+        return item
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         """Return ``d[key]``, first storing ``default`` when missing."""
@@ -282,6 +543,9 @@ class KVDict(Container):
     def clear(self) -> None:
         """Remove every key."""
         self.data.clear()
+        self._ttl.clear()
+        self._heap.clear()
+        self._owners.clear()
 
     def incr(self, key: Any, by: int | float = 1, default: int | float = 0) -> int | float:
         """Add ``by`` to ``d[key]`` (``default`` when missing) and return the new value."""
@@ -323,10 +587,12 @@ class KVDict(Container):
             if k in data:
                 del data[k]
                 count += 1
+        if self._ttl:
+            self._forget_ttls(keys)
         return count
 
 
-class KVList(Container):
+class KVList(_Watched):
     """A list. Slices travel as ``getslice``/``setslice``/``delslice`` calls."""
 
     kind = "list"
@@ -455,7 +721,7 @@ def _index(index: Any) -> int:
     return index
 
 
-class KVNamespace(Container):
+class KVNamespace(_Watched):
     """A Namespace: named attributes, with an atomic ``incr``."""
 
     kind = "namespace"
@@ -524,7 +790,7 @@ class KVNamespace(Container):
         return dict(self.data)
 
 
-class KVQueue(Container):
+class KVQueue(_Watched):
     """A FIFO queue with ``queue.Queue`` semantics; ``maxsize`` is fixed at creation.
 
     Every queue is joinable, as ``queue.Queue`` is: each ``put`` adds an unfinished task,

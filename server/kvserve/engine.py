@@ -46,6 +46,7 @@ from kvproto.wire import (
 )
 from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.counters import Counters
+from kvserve.history import UNCOUNTED
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import MethodTable, Registry, Store
 
@@ -130,6 +131,8 @@ class Engine:
         counters: where the loop and the engine count requests, errors, bytes and lease
             expiries, and keep the slow-request log (``kvctl slowlog``); None: new ones
             with no slow-request log.
+        history: ``(count, age in seconds)`` of the changes each container keeps for
+            ``watch``; None: :mod:`kvserve.history`'s defaults.
     """
 
     def __init__(
@@ -138,8 +141,9 @@ class Engine:
         scheduler: Scheduler,
         persistence: Persistence | None = None,
         counters: Counters | None = None,
+        history: tuple[int, float] | None = None,
     ) -> None:
-        self.store = Store(registry)
+        self.store = Store(registry) if history is None else Store(registry, history)
         self.scheduler = scheduler
         self.persist = persistence
         self.started = time.time()
@@ -355,6 +359,12 @@ class Engine:
             if kwds and kwds.get("caller", caller) != caller:
                 raise ProtocolError("'caller' is set by the server, not the client")
             kwds = message[3] = {**(kwds or {}), "caller": caller}
+        if op.clock:
+            # A deadline from the server's wall clock, logged with the call (as caller= is):
+            # a replay computes the same one, and a restart never extends a TTL.
+            if kwds and "now" in kwds:
+                raise ProtocolError("'now' is set by the server, not the client")
+            kwds = message[3] = {**(kwds or {}), "now": time.time()}
         failed: Exception | None = None
         # No lock: only the loop thread calls containers, one call at a time, so each call
         # is atomic without one (the compactor and dumps copy them from this thread first).
@@ -378,14 +388,20 @@ class Engine:
         if obj.journal:
             self._log_journal(ident, obj)
         if op.mutates:
+            history = obj.history
+            if history is not None and failed is None and method not in UNCOUNTED:
+                # History.record, inlined: this is every write's cost of watch (a call would
+                # double it; measured with callgrind, bench/results/*-watch-engine.md).
+                history.revision = rev = history.revision + 1
+                history.entries.append((rev, method, args, kwds, result))
             if self.persist is not None:
-                if raw is not None and not op.caller:
+                if raw is not None and not (op.caller or op.clock):
                     # The frame as received is already the record, [name, method, args,
                     # kwds(, rid)]: log its bytes rather than pack the same list again.
                     self.persist.append_encoded(raw)
                 else:
                     self.persist.append(message if rid is None else [*message, rid])
-            if type(obj).next_deadline is not Container.next_deadline:
+            if obj.timed or op.clock:
                 self._schedule_deadline(ident, obj)
         if failed is not None:
             raise failed
@@ -395,6 +411,10 @@ class Engine:
         entries, obj.journal = obj.journal, []
         # Every journaled change is a lease running out (evict, evict_waiter) so far.
         self.counters.lease_expiries += sum(1 for e in entries if e[0].startswith("evict"))
+        history = obj.history
+        if history is not None:
+            for method, args in entries:  # a change by the clock (an expired key) is one too
+                history.record(method, args, None, None)
         if self.persist is not None:
             for method, args in entries:
                 self.persist.append([name, method, args, None])
@@ -569,8 +589,7 @@ class Engine:
     def _schedule_deadlines(self) -> None:
         """Ask every container that uses timers when it next needs one (start-up, restore)."""
         for name, obj in list(self.store.objects.items()):
-            if type(obj).next_deadline is not Container.next_deadline:
-                self._schedule_deadline(name, obj)
+            self._schedule_deadline(name, obj)
 
     def _schedule_deadline(self, name: str, obj: Container) -> None:
         at = obj.next_deadline()
@@ -695,7 +714,10 @@ class Engine:
         progress = True
         while queue and progress:
             progress = False
+            held = False  # a strict line stopped: only waits outside the line are retried
             for waiter in list(queue):
+                if held and waiter.blocked.in_line:
+                    continue
                 cached = self.sessions.get(waiter.rid[0]) if waiter.rid else None
                 if cached is not None and waiter.rid is not None and cached[0] == waiter.rid[1]:
                     # The same request parked twice (a retry arrived before the server saw
@@ -706,7 +728,7 @@ class Engine:
                         result = self._call(waiter.message, waiter.rid, waiter.session)
                     except WouldBlock as again:
                         if strict and again.in_line:
-                            break
+                            held = True  # a watch parked behind it still sees the change
                         continue
                     except Exception as exc:
                         self._late_answer(waiter.session, waiter.rid, ERROR, exc)

@@ -57,11 +57,13 @@ look as if it ran past the end of the file, exactly like a write cut short.
 
 Snapshot payloads: first ``{"log_seq": N, "containers": count}`` (the first log segment *not*
 covered), then ``[name, kind, state, part]`` records: a dict or list is written in parts of
-10,000 items (part 0 builds it, later parts extend it), anything else in one; last (version 2)
-the trailer ``{"end": records, "containers": count}``, the number of records before it. A
-snapshot without its trailer, with anything after it, or whose counts disagree is damaged. Log
-payloads are the requests that mutated state, ``[name, method, args, kwds]`` (plus the request
-id when the call had one), or ``[None, "create", [kind, name, *args], {}]`` /
+10,000 items (part 0 builds it, later parts extend it), anything else in one; part 0 of a
+watchable container has a fifth item, a map (``history``: revision and changes, see
+:mod:`kvserve.history`; ``ttl``: a dict's ``[key, deadline]`` pairs, wall-clock); last
+(version 2) the trailer ``{"end": records, "containers": count}``, the number of records
+before it. A snapshot without its trailer, with anything after it, or whose counts disagree is
+damaged. Log payloads are the requests that mutated state, ``[name, method, args, kwds]``
+(plus the request id when the call had one), or ``[None, "create", [kind, name, *args], {}]`` /
 ``[None, "drop", [name], {}]``, and what the clock changed (expired leases) as journaled calls.
 Replaying them in order against the snapshot rebuilds the state: every container operation is
 deterministic given the state it runs on.
@@ -726,10 +728,13 @@ class Persistence:
                     continue
                 try:
                     name, kind, state = record[:3]
-                    if len(record) == 4 and record[3] > 0:
+                    if len(record) >= 4 and record[3] > 0:
                         built[-1][1].extend_state(state)  # the next part of the same container
                     else:
-                        built.append((name, store.kind_class(kind).from_state(state)))
+                        obj = store.kind_class(kind).from_state(state)
+                        if len(record) == 5:
+                            obj.load_meta(record[4])
+                        built.append((name, obj))
                 except Exception as exc:  # CRC-clean but not a container: still damage
                     raise _Damage(offset, f"bad container record ({exc!r:.80})", False) from None
                 records += 1
@@ -1019,7 +1024,11 @@ class Persistence:
                     # In parts: one huge packb would hold the GIL, and stall the serving loop,
                     # for half a second per million keys.
                     for part, chunk in enumerate(obj.state_parts(_SNAPSHOT_PART)):
-                        fh.write(_frame(codec, [name, obj.kind, chunk, part]))
+                        record = [name, obj.kind, chunk, part]
+                        meta = obj.snapshot_meta() if part == 0 else None
+                        if meta is not None:
+                            record.append(meta)  # revision and changes, deadlines
+                        fh.write(_frame(codec, record))
                         records += 1
                 fh.write(_frame(codec, {"end": records, "containers": len(copies)}))
                 fh.flush()
@@ -1116,6 +1125,11 @@ def apply_record(store: Store, record: Any) -> tuple[str, Any]:
                 return RETURN, restore_state(store, args[0])
             return RETURN, None
         obj = store.get(ident)
-        return RETURN, getattr(obj, method)(*args, **(kwds or {}))
+        result = getattr(obj, method)(*args, **(kwds or {}))
     except Exception as exc:  # the same error the original call answered with
         return ERROR, exc
+    if obj.history is not None:
+        # Every logged container call is a change that was applied (or a journaled one):
+        # counting them again gives the revisions they had.
+        obj.history.record(method, args, kwds, result)
+    return RETURN, result

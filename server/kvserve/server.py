@@ -278,6 +278,8 @@ class Server:
             on different CPUs) at the price of CPU spent polling; adaptive: a poll that found
             nothing makes the loop skip polling for the next 1, 2, 4, ... 64 turns, so an
             idle server sleeps and a client pausing between calls costs little.
+        history: ``(count, age in seconds)``: the changes each container keeps for ``watch``
+            (default None: 1,000 changes, one hour; see :mod:`kvserve.history`).
     """
 
     def __init__(
@@ -302,6 +304,7 @@ class Server:
         metrics: tuple[str, int] | None = None,
         slow_ms: float | None = None,
         busy_poll: float = 0.0,
+        history: tuple[int, float] | None = None,
     ) -> None:
         if serializer != "msgpack":
             raise ValueError(f"kvserve speaks msgpack only, not {serializer!r}")
@@ -343,7 +346,7 @@ class Server:
             self._on_request = self._on_request_timed  # type: ignore[method-assign]
             self.counters.timing = True
         # Opens (loads) the persistence.
-        self.engine = Engine(registry, self._timers, persistence, self.counters)
+        self.engine = Engine(registry, self._timers, persistence, self.counters, history)
         self.engine.connection_stats = self._connection_stats
         # With persistence, replies wait in _held until the log holds their writes.
         self._held: HeldReplies[_Conn] | None = None

@@ -15,6 +15,8 @@ from kvproto import schema
 from kvproto.errors import KindError, NoSuchContainerError
 from kvproto.wire import MAX_NAME
 from kvserve.containers import Container
+from kvserve.history import DEFAULT_HISTORY_AGE as DEFAULT_AGE
+from kvserve.history import DEFAULT_HISTORY_COUNT as DEFAULT_COUNT
 
 __all__ = ["Method", "MethodTable", "Registry", "Store", "method_table"]
 
@@ -67,9 +69,14 @@ class Store:
 
     Args:
         registry: ``BaseManager._registry``-shaped mapping from kind to factory.
+        history: ``(count, age)``: how many changes, and for how many seconds, each
+            watchable container keeps for ``watch`` (:mod:`kvserve.history`).
     """
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(
+        self, registry: Registry, history: tuple[int, float] = (DEFAULT_COUNT, DEFAULT_AGE)
+    ) -> None:
+        self.history = history
         self._factories: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {}
         for typeid, (factory, exposed, _m2t, _proxytype) in registry.items():
             if factory is None:
@@ -115,6 +122,8 @@ class Store:
                     f"unknown container kind {kind!r}; known: {', '.join(self.kinds)}"
                 ) from None
             obj = factory(*args, **kwds)
+            if obj.history is not None and self.history != (DEFAULT_COUNT, DEFAULT_AGE):
+                obj.history.configure(*self.history)
             self.objects[name] = obj
             self.exposed[name] = exposed
             self.methods[name] = method_table(type(obj), exposed)
@@ -137,6 +146,8 @@ class Store:
     def install(self, name: str, obj: Container) -> None:
         """Put a ready-made container under ``name`` (start-up, restore), replacing any."""
         factory_exposed = self._factories.get(obj.kind)
+        if obj.history is not None:
+            obj.history.configure(*self.history)
         with self.lock:
             exposed = factory_exposed[1] if factory_exposed else obj.exposed
             self.objects[name] = obj

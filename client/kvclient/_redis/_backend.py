@@ -36,8 +36,15 @@ from kvclient._redis._nodes import Nodes
 from kvclient._redis.scripts import Script, raw_script, scripts
 from kvclient._runner import DERIVED, PLANS, plan
 from kvclient.retry import Retry, call_with_retry
+from kvproto import schema
 from kvproto.codec import MAX_DEPTH, Codec, Ref
-from kvproto.errors import KindError, KVConnectionError, KVError, NoSuchContainerError
+from kvproto.errors import (
+    KindError,
+    KVConnectionError,
+    KVError,
+    NoSuchContainerError,
+    NotSupportedError,
+)
 from kvproto.wire import MAX_NAME
 
 __all__ = ["Call", "Handler", "RedisBackend", "container_keys", "tag"]
@@ -93,6 +100,18 @@ _ERRORS: Final[dict[str, Callable[[str], BaseException]]] = {
     "RuntimeError": RuntimeError,
     "OverflowError": OverflowError,
 }
+
+
+def _no_method(kind: str, ident: str, method: str) -> Exception:
+    """What a call of a method this backend has no handler for raises.
+
+    NotSupportedError for an operation of an optional feature the schema names (watch, TTL:
+    README's guarantees table), AttributeError for one no backend has.
+    """
+    message = schema.unsupported(kind, method, "the Valkey/Redis backend")
+    if message is not None:
+        return NotSupportedError(message)
+    return AttributeError(f"{kind} {ident!r} has no method {method!r}")
 
 
 class _Session:
@@ -343,7 +362,7 @@ class RedisBackend:
             raise KVError(f"{self.endpoint}: a call on {ident!r} must name its kind")
         handler = self._kinds.get(kind, {}).get(method)
         if handler is None:
-            raise AttributeError(f"{kind} {ident!r} has no method {method!r}")
+            raise _no_method(kind, ident, method)
         try:
             op = PLANS[kind][method]
         except KeyError:
@@ -365,7 +384,7 @@ class RedisBackend:
                     raise ValueError(f"a batch holds container calls, not {method!r}")
                 handler = self._kinds.get(kind, {}).get(method)
                 if handler is None:
-                    raise AttributeError(f"{kind} {ident!r} has no method {method!r}")
+                    raise _no_method(kind, ident, method)
                 ctx = self.new_call(kind, ident, method)
                 ctx.in_batch = True
                 out.append([0, self._retrying(functools.partial(handler, ctx, args))])

@@ -25,7 +25,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 from kvclient import _flows
-from kvclient.proxies import DictProxy, ListProxy, NamespaceProxy, Proxy, QueueProxy
+from kvclient._watch import AsyncWatch
+from kvclient.proxies import (
+    EPHEMERAL_LEASE,
+    DictProxy,
+    ListProxy,
+    NamespaceProxy,
+    Proxy,
+    QueueProxy,
+)
 from kvclient.sync import (
     ArrayProxy,
     BarrierProxy,
@@ -73,13 +81,36 @@ def _not_awaitable(what: str, instead: str) -> Callable[..., NoReturn]:
 
 
 class AsyncDictProxy(DictProxy):
-    """An asyncio ``dict`` proxy: ``await d.get(k)``, ``await d[k]``, ``await d.set(k, v)``."""
+    """An asyncio ``dict`` proxy: ``await d.get(k)``, ``await d[k]``, ``await d.set(k, v)``.
+
+    ``set`` is :meth:`DictProxy.set` (``ttl=``, ``nx=``), awaitable.
+    """
+
+    _watch_class = AsyncWatch  # async for ev in d.watch()
+
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        nx: bool = False,
+        ephemeral: bool = False,
+        lease: float = EPHEMERAL_LEASE,
+    ) -> Any:
+        """Store ``d[key] = value`` (awaitable; see :meth:`DictProxy.set`)."""
+        if not ephemeral:
+            return DictProxy.set(self, key, value, ttl=ttl, nx=nx)
+        return self._set_ephemeral(key, value, nx, lease)
+
+    async def _set_ephemeral(self, key: Any, value: Any, nx: bool, lease: float) -> bool:
+        stored = await DictProxy.set(self, key, value, nx=nx, ephemeral=True, lease=lease)  # type: ignore[misc]
+        keeper = self._client.leases
+        if stored is True and keeper is not None:
+            keeper.track((self._name, keeper.owner), lease, 0)
+        return bool(stored)
 
     __slots__ = ()
-
-    def set(self, key: Any, value: Any) -> Any:
-        """Store ``d[key] = value`` (awaitable)."""
-        return DictProxy.__setitem__(self, key, value)
 
     def delete(self, key: Any) -> Any:
         """Delete ``d[key]`` (awaitable); ``KeyError`` when missing."""
@@ -107,6 +138,8 @@ class AsyncDictProxy(DictProxy):
 
 class AsyncListProxy(ListProxy):
     """An asyncio ``list`` proxy: ``await lst.append(x)``, ``await lst[0]``, ``lst.set(0, x)``."""
+
+    _watch_class = AsyncWatch  # async for ev in d.watch()
 
     __slots__ = ()
 
@@ -150,6 +183,8 @@ class AsyncNamespaceProxy(NamespaceProxy):
     ``await ns.to_dict()``.
     """
 
+    _watch_class = AsyncWatch  # async for ev in d.watch()
+
     def set(self, attr: str, value: Any) -> Any:
         """Store attribute ``attr`` (awaitable)."""
         return self._call("setattr", [attr, value])
@@ -185,6 +220,8 @@ class AsyncQueueProxy(QueueProxy):
     Cancelling a task blocked in ``get`` withdraws it on the server; an item the server had
     already handed it is put back (see :mod:`kvclient.aio._backend`).
     """
+
+    _watch_class = AsyncWatch  # async for ev in d.watch()
 
     __slots__ = ()
 

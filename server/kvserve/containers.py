@@ -215,6 +215,18 @@ class KVDict(Container):
         """Add a later part of the items."""
         self.data.update(_uninterned(part))
 
+    def copy_container(self) -> Container:
+        """Return a shallow copy at C speed (dumps, compaction: taken on the loop).
+
+        Not through :meth:`from_state`: its fresh copy of every str key cost 0.4 s of the
+        loop per million keys, and the keys stored here are uninterned already.
+        """
+        if type(self) is not KVDict:
+            return super().copy_container()
+        copy = KVDict()
+        copy.data = dict(self.data)
+        return copy
+
     def __getitem__(self, key: Any) -> Any:
         return self.data[key]
 

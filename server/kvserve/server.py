@@ -712,8 +712,8 @@ class Server:
         conn.wbytes = 0
         conn.rbuf = bytearray()
         conn.wqueue.clear()
-        if conn.parked is not None:
-            self.engine.withdraw(conn)  # a dead client's parked get must not take an item
+        # A dead client's parked get must not take an item; its dump cursors are freed.
+        self.engine.forget(conn)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):

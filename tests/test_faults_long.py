@@ -14,8 +14,6 @@ import os
 import pty
 import socket
 import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import kvclient
 from kvproto.codec import Codec
 from tests import test_faults_wire
 from tests.test_cli import kvctl_script
-from tests.test_faults_wire import PROBE_SECONDS, Target
+from tests.test_faults_wire import Prober, Target
 
 pytestmark = pytest.mark.timeout(180)
 make_target = test_faults_wire.make_target  # the fixtures: kvserve subprocesses under attack
@@ -34,43 +32,6 @@ target = test_faults_wire.target
 
 KEYS = 1_000_000
 SMALL_FRAME = "4194304"  # --max-frame 4 MiB: the data set is ~10x that
-
-
-class Prober:
-    """Pings ``target`` on its own connection in a loop; records the slowest answer."""
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.worst = 0.0
-        self.answered = 0
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            with self.target.client(timeout=5, call_timeout=5) as probe:
-                while not self._stop.is_set():
-                    started = time.monotonic()
-                    probe.ping()
-                    self.worst = max(self.worst, time.monotonic() - started)
-                    self.answered += 1
-                    time.sleep(0.01)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def assert_answered(self) -> None:
-        assert not self.errors, self.errors
-        assert self.answered > 10
-        assert self.worst < PROBE_SECONDS, f"a probe waited {self.worst:.2f} s"
 
 
 def _fill(target: Target, keys: int) -> dict[str, Any]:

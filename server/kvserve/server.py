@@ -41,6 +41,7 @@ import msgpack
 from kvproto.codec import MAX_DEPTH, Codec
 from kvproto.errors import KVConnectionError, KVError, ProtocolError, RemoteError
 from kvproto.handshake import ServerHandshake
+from kvproto.limits import MAX_REQUEST_VALUES
 from kvproto.net import format_address, tune_socket
 from kvproto.wire import (
     ERROR,
@@ -210,7 +211,12 @@ class _Conn:
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
-        self.codec = Codec(encode_exceptions=True, decode_depth=MAX_DEPTH, decode_exceptions=False)
+        self.codec = Codec(
+            encode_exceptions=True,
+            decode_depth=MAX_DEPTH,
+            decode_exceptions=False,
+            decode_values=MAX_REQUEST_VALUES,
+        )
         self.parked: Waiter | None = None
         self.close_after_flush = False
         self.closed = False

@@ -1073,3 +1073,47 @@ def test_decoding_cost_is_bounded_by_what_a_frame_builds_not_its_bytes(target: T
         kv.dict("big").update({i: i for i in range(1_000_000)})
         assert len(kv.dict("big")) == 1_000_000
     target.assert_serving()
+
+
+@pytest.mark.parametrize("data", [False, True], ids=["memory", "data-dir"])
+def test_errors_an_undecodable_frame_is_answered_after_the_replies_before_it(
+    make_target: Callable[..., Target], data: bool
+) -> None:
+    """With a data dir, replies wait for the log; the error for a bad frame overtook them."""
+    target = make_target(data=data)
+    with authed_connection(target.address, target.authkey) as sock:
+        sock.settimeout(10)
+        good = [
+            msgpack.packb(["precious", "__setitem__", [f"k{i}", i], None], use_bin_type=True)
+            for i in range(50)
+        ]
+        frames = [*good, b"\xc1"]  # 0xc1: never valid msgpack
+        sock.sendall(b"".join(len(f).to_bytes(4, "big") + f for f in frames))
+        replies = [Codec().unpack(recv_frame(sock)) for _ in frames]
+        assert [r[0] for r in replies] == ["#RETURN"] * 50 + ["#ERROR"]
+        assert isinstance(replies[-1][1], kvclient.ProtocolError)
+        assert closed_by_peer(sock)
+    target.seeded.update({f"k{i}": i for i in range(50)})
+    target.assert_serving()
+    if data:
+        target.restart()
+        target.assert_serving()
+
+
+def test_long_a_large_tuple_reply_is_encoded_in_slices_exactly(target: Target) -> None:
+    """A stored tuple of tuples (each a Python-encoded ext, ~10 us) was encoded in one go."""
+    value = tuple((i, str(i)) for i in range(60_000))
+    nested = [value[:20_000], {"t": value[:20_000]}]
+    with target.client(call_timeout=60) as kv:
+        d = kv.dict("tuples")
+        for start in range(0, 60_000, 20_000):  # under the request value limit each
+            d[f"part{start}"] = value[start : start + 20_000]
+        d["nested"] = nested
+        parts = [d[f"part{s}"] for s in range(0, 60_000, 20_000)]
+        assert tuple(x for p in parts for x in p) == value
+        with Prober(target) as prober:
+            for _ in range(3):
+                assert d.copy()["nested"] == nested
+                assert d["part0"] == value[:20_000]
+        prober.assert_answered()
+    target.assert_serving()

@@ -64,7 +64,7 @@ from kvproto.errors import (
     ReadOnlyError,
     RemoteError,
 )
-from kvproto.limits import CONTAINER_COST
+from kvproto.limits import CONTAINER_COST, EXT_COST
 
 __all__ = [
     "EXT_BIGINT",
@@ -435,6 +435,8 @@ class Codec:
         # tuples would overflow it and kill the process, below any Python recursion check.
         if self._depth >= MAX_EXT_DEPTH:
             raise ValueError(f"ext types nested deeper than {MAX_EXT_DEPTH}")
+        if self._counted:
+            self._spend(EXT_COST)  # a Python call and a nested unpackb: ~4 us
         self._depth += 1
         try:
             return self._decode_ext(code, data)
@@ -551,8 +553,8 @@ class Codec:
             except _OverBudget:
                 raise ProtocolError(
                     f"undecodable message: it holds more than {limit} values (arrays and maps "
-                    f"count {CONTAINER_COST} more each; see kvproto.limits); split it into "
-                    "several calls"
+                    f"count {CONTAINER_COST} more each, tuples and other ext types "
+                    f"{EXT_COST}; see kvproto.limits); split it into several calls"
                 ) from None
             except (
                 ValueError,

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 __all__ = [
     "CONTAINER_COST",
+    "EXT_COST",
     "MAX_LEASE",
     "MAX_REQUEST_VALUES",
     "MAX_TIMEOUT",
@@ -70,10 +71,12 @@ MAX_REQUEST_VALUES: Final = 4_000_000
 
 Decoding cost follows what is built, not bytes: a 64 MiB frame of empty arrays took 9 s (22 s
 under load) to decode on the loop, stalling every client, where 64 MiB of 100-byte strings
-takes 0.3 s. Each element of an array counts 1, each key and each value of a map 1, and each
-array or map :data:`CONTAINER_COST` more (building one costs ~4 times a scalar). At this limit
-the worst frame decodes in about 0.25 s on the loop (measured on 2 shared vCPUs); an
-``update`` of a million keys costs 2,000,004 and passes.
+takes 0.3 s. Each element of an array counts 1, each key and each value of a map 1, each array
+or map :data:`CONTAINER_COST` more (building one, and counting it, costs ~8 times a scalar),
+and each tuple (or other ext type) :data:`EXT_COST` more (a Python call and a nested decode,
+~4 us). At this limit the worst frame decodes in about 0.35 s on the loop (measured on 2
+shared vCPUs under load); an ``update`` of a million plain keys costs 2,000,008 and passes,
+one with 100,000 pair-tuple keys costs about 5.2 M and must be split in two.
 
 Only the server applies it, to requests above 256 KiB (below, the worst frame decodes in
 ~30 ms): a request over it gets ``ProtocolError`` ("holds more than ... values; split it")
@@ -83,3 +86,7 @@ and the connection is closed, as for any undecodable frame. kvclient's own large
 
 CONTAINER_COST: Final = 8
 """What one array or map costs beyond its elements (see :data:`MAX_REQUEST_VALUES`)."""
+
+EXT_COST: Final = 40
+"""What one tuple (or other ext value) costs beyond its elements (see
+:data:`MAX_REQUEST_VALUES`)."""

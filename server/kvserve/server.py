@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from kvproto.codec import MAX_DEPTH, Codec
+from kvproto.codec import EXT_TUPLE, MAX_DEPTH, Codec
 from kvproto.errors import KVConnectionError, KVError, ProtocolError, RemoteError
 from kvproto.handshake import ServerHandshake
 from kvproto.limits import MAX_REQUEST_VALUES
@@ -175,6 +175,7 @@ class _Conn:
         "close_after_flush",
         "closed",
         "codec",
+        "final",
         "handshake",
         "hello",
         "key_index",
@@ -219,6 +220,9 @@ class _Conn:
         )
         self.parked: Waiter | None = None
         self.close_after_flush = False
+        # With close_after_flush: the reply that must go out before closing, while it waits
+        # for the log (see Server._undecodable); None once sent, or when nothing waits.
+        self.final: bytes | None = None
         self.closed = False
 
     def late_reply(self, kind: str, value: Any) -> None:
@@ -1006,6 +1010,17 @@ class Server:
         queue = conn.wqueue
         was_idle = not queue
         queue.extend(frame_parts(payload))
+        if payload is conn.final:
+            conn.final = None  # the last reply of a closing connection, released by the log
+            if was_idle:
+                self._write(conn)
+                if conn.closed:
+                    return
+                if conn.wqueue:
+                    self._set_events(conn)  # closed by _flush once written
+                else:
+                    self._close(conn)
+            return
         if was_idle:
             # Send now; what the kernel does not take waits for the socket to become writable.
             self._write(conn)
@@ -1063,9 +1078,19 @@ class Server:
         events = 0 if conn.paused else selectors.EVENT_READ
         if conn.wqueue:
             events |= selectors.EVENT_WRITE
-        # Paused with nothing queued: its replies wait for the log (released at the end of
-        # this iteration); _on_readable ignores it meanwhile.
-        self._selector.modify(conn.sock, events or selectors.EVENT_READ, conn)
+        if events:
+            try:
+                self._selector.modify(conn.sock, events, conn)
+            except KeyError:
+                self._selector.register(conn.sock, events, conn)
+        else:
+            # Paused with nothing queued (its replies wait for the log): not polled at all.
+            # Polled for reading, a readable socket woke every select() (a spin while group
+            # commit gathers) only for _on_readable to ignore it.
+            try:
+                self._selector.unregister(conn.sock)
+            except KeyError:
+                pass
 
     def _flush(self, conn: _Conn) -> None:
         if conn.wqueue:
@@ -1073,7 +1098,7 @@ class Server:
             if conn.wqueue or conn.closed:
                 return
             self._set_events(conn)
-        if conn.close_after_flush:
+        if conn.close_after_flush and conn.final is None:
             self._close(conn)
 
     def _reply(self, conn: _Conn, kind: str, value: Any) -> None:
@@ -1151,9 +1176,16 @@ class Server:
     def _undecodable(self, conn: _Conn, exc: ProtocolError) -> None:
         log.warning("closing %s: %s", conn.peer, exc)
         self.counters.error(exc)
-        self._send_now(conn, conn.codec.pack([ERROR, exc]))
+        # Through _send, not _send_now: with a data directory the replies to the requests
+        # before this one may still wait for the log, and this error must not overtake them
+        # (nor close the connection under them: _send_now closes it once they are written).
+        payload = conn.codec.pack([ERROR, exc])
         conn.close_after_flush = True
-        self._flush(conn)
+        if self._held is not None:
+            conn.final = payload
+        self._send(conn, payload)
+        if self._held is None:
+            self._flush(conn)
 
 
 def _log_slow(entry: dict[str, Any]) -> None:
@@ -1169,8 +1201,8 @@ def _log_slow(entry: dict[str, Any]) -> None:
     )
 
 
-_SLICEABLE: Final = (list, dict)
-_NESTING: Final = frozenset({list, dict})
+_SLICEABLE: Final = (list, dict, tuple)
+_NESTING: Final = frozenset({list, dict, tuple})
 _HEADER_PACKER: Final = msgpack.Packer()
 
 
@@ -1190,7 +1222,7 @@ def _larger_than(value: list[Any] | dict[Any, Any], limit: int) -> bool:
         if _NESTING.isdisjoint(map(type, children)):
             continue  # flat: checked at C speed
         for child in children:
-            if type(child) is list or type(child) is dict:
+            if type(child) is list or type(child) is dict or type(child) is tuple:
                 stack.append(child)
     return False
 
@@ -1209,7 +1241,13 @@ def _encode_in_slices(codec: Codec, value: Any, out: list[bytes]) -> Iterator[No
 
 
 def _encode_value(codec: Codec, value: Any, out: list[bytes], budget: list[int]) -> Iterator[None]:
-    if type(value) is list:
+    if type(value) is tuple:
+        # An ext whose payload is the items as an array: encoded in slices like a list,
+        # then wrapped (its header holds the payload's length, known only at the end).
+        inner: list[bytes] = []
+        yield from _encode_value(codec, list(value), inner, budget)
+        out.append(_HEADER_PACKER.pack_ext_type(EXT_TUPLE, b"".join(inner)))
+    elif type(value) is list:
         out.append(_HEADER_PACKER.pack_array_header(len(value)))
         start = 0
         while start < len(value):
@@ -1218,7 +1256,7 @@ def _encode_value(codec: Codec, value: Any, out: list[bytes], budget: list[int])
                 # Each tuple is an ext packed through Python (~10 us): smaller slices.
                 piece = piece[: _SLICE_ITEMS // 16]
             start += len(piece)
-            if any(type(x) is list or type(x) is dict for x in piece):
+            if any(type(x) is list or type(x) is dict or type(x) is tuple for x in piece):
                 for item in piece:
                     yield from _encode_item(codec, item, out, budget)
             else:
@@ -1227,7 +1265,7 @@ def _encode_value(codec: Codec, value: Any, out: list[bytes], budget: list[int])
         out.append(_HEADER_PACKER.pack_map_header(len(value)))
         items = iter(value.items())
         while piece_map := dict(itertools.islice(items, _SLICE_ITEMS)):
-            if any(type(v) is list or type(v) is dict for v in piece_map.values()):
+            if any(type(v) in _SLICEABLE for v in piece_map.values()):
                 for key, item in piece_map.items():
                     out.append(codec.pack(key))
                     yield from _encode_item(codec, item, out, budget)
@@ -1256,11 +1294,11 @@ def _encode_run(
 
 
 def _encode_item(codec: Codec, item: Any, out: list[bytes], budget: list[int]) -> Iterator[None]:
-    if (type(item) is list or type(item) is dict) and _larger_than(item, 64):
+    if type(item) in _SLICEABLE and _larger_than(item, 64):
         yield from _encode_value(codec, item, out, budget)
         return
     out.append(codec.pack(item))
-    budget[0] -= 1 + (len(item) if type(item) is list or type(item) is dict else 0)
+    budget[0] -= 1 + (len(item) if type(item) in _SLICEABLE else 0)
     if budget[0] <= 0:
         budget[0] = _SLICE_ITEMS
         yield

@@ -22,6 +22,7 @@ error. Properties:
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 import queue
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kvclient
 from kvclient.retry import Retry
@@ -1117,3 +1121,139 @@ def test_long_a_large_tuple_reply_is_encoded_in_slices_exactly(target: Target) -
                 assert d["part0"] == value[:20_000]
         prober.assert_answered()
     target.assert_serving()
+
+
+def test_memory_huge_http_headers_on_the_metrics_port_are_bounded(
+    make_target: Callable[..., Target],
+) -> None:
+    """The metrics port takes no key: 16 connections of endless header lines or headers."""
+    target = make_target("--metrics-port", "0")
+    assert target.proc.stderr is not None
+    url = next(
+        line.split("metrics on ", 1)[1].strip()
+        for line in iter(target.proc.stderr.readline, "")
+        if "metrics on " in line
+    )
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    before = target.rss_kib()
+    attackers: list[socket.socket] = []
+    with Prober(target) as prober:
+        for i in range(16):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            attackers.append(sock)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            try:
+                if i % 2:
+                    sock.sendall(b"X-Long: " + b"a" * 4_000_000)  # one endless line
+                else:
+                    for n in range(1_000):  # endless headers
+                        sock.sendall(b"X-%d: %s\r\n" % (n, b"b" * 8000))
+            except OSError:
+                pass  # refused and closed: what we want
+        time.sleep(0.5)
+    prober.assert_answered()
+    for sock in attackers:
+        sock.close()
+    assert target.rss_kib() - before < 100 * 1024, "headers are held without bound"
+    with urllib.request.urlopen(url, timeout=10) as scraped:
+        assert b"kvserve_" in scraped.read()
+    target.assert_serving()
+
+
+_BIG = list(range(30_000))  # a reply encoded in slices (over 8,192 items)
+
+
+@given(
+    ops=st.lists(st.sampled_from(["set", "incr", "big", "bad-key"]), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(1, 70_000), min_size=1, max_size=30),
+    read_late=st.booleans(),
+)
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_memory_frames_split_anywhere_are_answered_in_order_through_slicing_and_group_commit(
+    persistent: _Persistent, ops: list[str], cuts: list[int], read_late: bool
+) -> None:
+    """Pipelined requests cut at arbitrary byte offsets, across sliced replies (a 30,000-item
+    list), backpressure (replies read only after everything is sent) and group commit (a data
+    directory with --fsync always): every reply arrives, in order, exactly."""
+    codec = Codec()
+    frames: list[list[Any]] = []
+    expected: list[tuple[str, Any]] = []
+    counter = persistent.counter
+    for n, op in enumerate(ops):
+        if op == "set":
+            frames.append(["w", "__setitem__", [f"k{n}", n], None])
+            expected.append(("#RETURN", None))
+        elif op == "incr":
+            counter += 1
+            frames.append(["w", "incr", ["n", 1], None])
+            expected.append(("#RETURN", counter))
+        elif op == "big":
+            frames.append(["big", "copy", [], None])
+            expected.append(("#RETURN", _BIG))
+        else:
+            frames.append(["w", "__getitem__", ["missing"], None])
+            expected.append(("#ERROR", KeyError))
+    persistent.counter = counter
+    data = b"".join(len(p).to_bytes(4, "big") + p for p in (codec.pack(f) for f in frames))
+    target = persistent.target
+    with authed_connection(target.address, target.authkey) as sock:
+        sock.settimeout(30)
+        got: list[Any] = []
+
+        def read_all() -> None:
+            got.extend(codec.unpack(recv_frame(sock)) for _ in frames)
+
+        reader = threading.Thread(target=read_all)
+        if not read_late:
+            reader.start()
+        pos = 0
+        for cut in itertools.cycle(cuts):
+            if pos >= len(data):
+                break
+            sock.sendall(data[pos : pos + cut])
+            pos += cut
+            if cut % 7 == 0:
+                time.sleep(0.002)  # let the server see a partial frame on its own
+        if read_late:
+            reader.start()
+        reader.join(30)
+        assert not reader.is_alive()
+    assert len(got) == len(expected)
+    for (kind, value), (want_kind, want) in zip(got, expected, strict=True):
+        assert kind == want_kind
+        if want is KeyError:
+            assert isinstance(value, KeyError)
+        else:
+            assert value == want
+
+
+@dataclass
+class _Persistent:
+    target: Target
+    counter: int = 0
+
+
+@pytest.fixture(scope="module")
+def persistent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Persistent]:
+    key = secrets.token_hex(16).encode()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
+    env.update(HOME=str(tmp_path_factory.mktemp("home")), KV_AUTHKEY=key.decode())
+    data_dir = tmp_path_factory.mktemp("data")
+    args = ("--data-dir", str(data_dir), "--fsync", "always")
+    proc = start_kvserve(env, *args)
+    target = Target(proc, read_listening_line(proc), key, b"", data_dir, env, args)
+    with target.client() as kv:
+        kv.list("big").extend(_BIG)
+        kv.dict("w")["n"] = 0
+    state = _Persistent(target)
+    yield state
+    # Nothing acknowledged is lost: the counter is what the replies said, also after a restart.
+    for _ in range(2):
+        with target.client() as kv:
+            assert kv.dict("w")["n"] == state.counter
+        target.restart()
+    target.stop()

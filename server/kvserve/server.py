@@ -1252,15 +1252,23 @@ def _encode_value(codec: Codec, value: Any, out: list[bytes], budget: list[int])
         start = 0
         while start < len(value):
             piece = value[start : start + _SLICE_ITEMS]
+            weight = 1
             if any(type(x) is tuple for x in piece):
-                # Each tuple is an ext packed through Python (~10 us): smaller slices.
+                # Each tuple is an ext packed through Python (~10 us): smaller runs, each
+                # item counted 16 times against the slice.
                 piece = piece[: _SLICE_ITEMS // 16]
+                weight = 16
             start += len(piece)
-            if any(type(x) is list or type(x) is dict or type(x) is tuple for x in piece):
+            if any(
+                type(x) is list or type(x) is dict or (type(x) is tuple and _larger_than(x, 64))
+                for x in piece
+            ):
                 for item in piece:
                     yield from _encode_item(codec, item, out, budget)
             else:
-                yield from _encode_run(codec, piece, _HEADER_PACKER.pack_array_header, out, budget)
+                yield from _encode_run(
+                    codec, piece, _HEADER_PACKER.pack_array_header, out, budget, weight
+                )
     elif type(value) is dict:
         out.append(_HEADER_PACKER.pack_map_header(len(value)))
         items = iter(value.items())
@@ -1283,11 +1291,12 @@ def _encode_run(
     header: Callable[[int], bytes],
     out: list[bytes],
     budget: list[int],
+    weight: int = 1,
 ) -> Iterator[None]:
     """Pack a run of plain items in one C call, without the header of the run itself."""
     encoded = codec.pack(run)
     out.append(encoded[len(header(len(run))) :])
-    budget[0] -= len(run)
+    budget[0] -= len(run) * weight
     if budget[0] <= 0:
         budget[0] = _SLICE_ITEMS
         yield
@@ -1298,7 +1307,9 @@ def _encode_item(codec: Codec, item: Any, out: list[bytes], budget: list[int]) -
         yield from _encode_value(codec, item, out, budget)
         return
     out.append(codec.pack(item))
-    budget[0] -= 1 + (len(item) if type(item) in _SLICEABLE else 0)
+    # A tuple is packed through Python (an ext): ~16 times a plain item, per item in it.
+    cost = 16 if type(item) is tuple else 1
+    budget[0] -= cost * (1 + (len(item) if type(item) in _SLICEABLE else 0))
     if budget[0] <= 0:
         budget[0] = _SLICE_ITEMS
         yield

@@ -1206,7 +1206,7 @@ _NESTING: Final = frozenset({list, dict, tuple})
 _HEADER_PACKER: Final = msgpack.Packer()
 
 
-def _larger_than(value: list[Any] | dict[Any, Any], limit: int) -> bool:
+def _larger_than(value: list[Any] | dict[Any, Any] | tuple[Any, ...], limit: int) -> bool:
     """Return whether ``value`` holds more than ``limit`` items, counting nested lists/dicts.
 
     Stops counting at ``limit``: the cost is bounded whatever the size of the value.

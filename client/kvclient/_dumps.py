@@ -19,6 +19,7 @@ from typing import Any, Final
 import msgpack
 
 from kvclient._runner import Call, Flow
+from kvproto.limits import rough_size
 from kvproto.schema import PARTED_KINDS
 
 __all__ = [
@@ -144,15 +145,6 @@ class MsgpackDumpWriter:
         self._write(encoded[skip:])
 
 
-def _rough_size(value: Any) -> int:
-    kind = type(value)
-    if kind is str or kind is bytes:
-        return len(value) + 5
-    if kind is list or kind is tuple or kind is dict:
-        return 16 * len(value) + 5
-    return 9
-
-
 def restore_records(containers: Iterable[Any]) -> Iterator[list[Record]]:
     """Yield ``restore_part`` pieces (``[name, kind, state, part]`` records) of a dump."""
     piece: list[Record] = []
@@ -169,7 +161,7 @@ def restore_records(containers: Iterable[Any]) -> Iterator[list[Record]]:
                 end = start
                 while end < len(values) and items < PIECE_ITEMS and size < PIECE_BYTES:
                     item = values[end]
-                    size += _rough_size(item[1] if is_dict else item) + 8
+                    size += rough_size(item[1] if is_dict else item) + 8
                     items += 1
                     end += 1
                 chunk = values[start:end]
@@ -182,7 +174,7 @@ def restore_records(containers: Iterable[Any]) -> Iterator[list[Record]]:
         else:
             piece.append([name, kind, state, 0])
             items += 1
-            size += _rough_size(state)
+            size += rough_size(state)
             if items >= PIECE_ITEMS or size >= PIECE_BYTES:
                 yield piece
                 piece, items, size = [], 0, 0

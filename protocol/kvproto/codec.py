@@ -467,6 +467,22 @@ class Codec:
         raise ValueError(f"unknown ext type {code}")
 
     def _unpack_raw(self, data: Any) -> Any:
+        if self._counted or self._checked_maps:
+            return msgpack.unpackb(data, **self._hooked_options())
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=False, ext_hook=self._ext_hook, use_list=True
+        )
+
+    def _hooked_options(self) -> dict[str, Any]:
+        """Return the unpackb options for checked maps or counted decoding."""
+        options: dict[str, Any] = {
+            "raw": False,
+            "strict_map_key": False,
+            "ext_hook": self._ext_hook,
+            "use_list": True,
+        }
+        if self._checked_maps:
+            options["object_pairs_hook"] = _checked_map
         if self._counted:
             limit = self._decode_values
             assert limit is not None
@@ -474,41 +490,12 @@ class Codec:
             # a payload over budget is refused is bounded by the budget (and, for the one
             # container under construction, by max_array_len/max_map_len, checked in C
             # before anything is allocated).
+            options.update(list_hook=self._count_list, max_array_len=limit, max_map_len=limit)
             if self._checked_maps:
-                return msgpack.unpackb(
-                    data,
-                    raw=False,
-                    strict_map_key=False,
-                    ext_hook=self._ext_hook,
-                    use_list=True,
-                    list_hook=self._count_list,
-                    object_pairs_hook=self._count_checked_map,
-                    max_array_len=limit,
-                    max_map_len=limit,
-                )
-            return msgpack.unpackb(
-                data,
-                raw=False,
-                strict_map_key=False,
-                ext_hook=self._ext_hook,
-                use_list=True,
-                list_hook=self._count_list,
-                object_hook=self._count_map,
-                max_array_len=limit,
-                max_map_len=limit,
-            )
-        if self._checked_maps:
-            return msgpack.unpackb(
-                data,
-                raw=False,
-                strict_map_key=False,
-                ext_hook=self._ext_hook,
-                use_list=True,
-                object_pairs_hook=_checked_map,
-            )
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=False, ext_hook=self._ext_hook, use_list=True
-        )
+                options["object_pairs_hook"] = self._count_checked_map
+            else:
+                options["object_hook"] = self._count_map
+        return options
 
     def _spend(self, cost: int) -> None:
         self._budget -= cost

@@ -16,6 +16,7 @@ __all__ = [
     "MAX_TIMEOUT",
     "check_lease",
     "check_timeout",
+    "rough_size",
 ]
 
 MAX_TIMEOUT: Final = 366 * 86400.0
@@ -90,3 +91,17 @@ CONTAINER_COST: Final = 8
 EXT_COST: Final = 40
 """What one tuple (or other ext value) costs beyond its elements (see
 :data:`MAX_REQUEST_VALUES`)."""
+
+
+def rough_size(value: Any) -> int:
+    """Return a cheap guess of ``value``'s encoded size in bytes, for sizing dump pieces.
+
+    str and bytes by length, lists, tuples and dicts by item count (16 bytes an item, not
+    walked), anything else 9: O(1), so sizing a piece costs nothing next to encoding it.
+    """
+    kind = type(value)
+    if kind is str or kind is bytes:
+        return len(value) + 5
+    if kind is list or kind is tuple or kind is dict:
+        return 16 * len(value) + 5
+    return 9

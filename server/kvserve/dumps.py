@@ -40,6 +40,7 @@ from typing import Any, Final
 
 from kvproto.codec import Codec
 from kvproto.errors import NoSuchContainerError, ProtocolError
+from kvproto.limits import rough_size
 from kvproto.wire import MAX_NAME
 from kvserve.containers import Container
 from kvserve.store import Store
@@ -80,15 +81,6 @@ def _partable(obj: Container) -> bool:
     return type(obj).extend_state is not Container.extend_state
 
 
-def _rough_size(value: Any) -> int:
-    kind = type(value)
-    if kind is str or kind is bytes:
-        return len(value) + 5
-    if kind is list or kind is tuple or kind is dict:
-        return 16 * len(value) + 5
-    return 9
-
-
 def pieces(copies: list[tuple[str, Container]]) -> Iterator[list[list[Any]]]:
     """Yield the records of a dump of ``copies`` in pieces (see the module docstring)."""
     piece: list[list[Any]] = []
@@ -98,7 +90,7 @@ def pieces(copies: list[tuple[str, Container]]) -> Iterator[list[list[Any]]]:
         if not (_partable(obj) and type(state) in (dict, list)):
             piece.append([name, obj.kind, state, 0, None])
             items += 1
-            size += _rough_size(state)
+            size += rough_size(state)
         else:
             is_dict = type(state) is dict
             source: Iterator[Any] = iter(state.items()) if is_dict else iter(state)
@@ -108,7 +100,7 @@ def pieces(copies: list[tuple[str, Container]]) -> Iterator[list[list[Any]]]:
                 # Stops when the piece is full (items or bytes) or the state is exhausted.
                 for entry in itertools.islice(source, max(1, PIECE_ITEMS - items)):
                     chunk.append(entry)
-                    size += _rough_size(entry[1] if is_dict else entry) + 8
+                    size += rough_size(entry[1] if is_dict else entry) + 8
                     if size >= PIECE_BYTES:
                         break
                 if chunk or part == 0:

@@ -519,8 +519,9 @@ class Codec:
         self._depth = 0
         self._checked_maps = False
         limit = self._decode_values
-        self._counted = limit is not None and len(data) > _COUNT_ABOVE
-        self._budget = limit or 0
+        if limit is not None and len(data) > _COUNT_ABOVE:  # not on the small-request path
+            self._counted = True
+            self._budget = limit
         # Decoding millions of small containers triggers a full collection again and again
         # (a 15 MiB frame of empty arrays: 14.5 s); nothing decoded here can form a cycle.
         pause_gc = len(data) > _GC_PAUSE_BYTES and gc.isenabled()
@@ -535,7 +536,7 @@ class Codec:
                     # they are hashed, rather than paying for the hook on every message.
                     self._depth = 0
                     self._checked_maps = True
-                    self._budget = limit or 0
+                    self._budget = limit or 0  # counted again from the start
                     obj = self._unpack_raw(data)
             except _OverBudget:
                 raise ProtocolError(

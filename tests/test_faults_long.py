@@ -24,6 +24,7 @@ import kvclient
 from kvproto.codec import Codec
 from tests import test_faults_wire
 from tests.test_cli import kvctl_script
+from tests.test_faults_disk import small_disk
 from tests.test_faults_wire import Prober, Target
 
 pytestmark = pytest.mark.timeout(180)
@@ -171,6 +172,20 @@ def test_long_a_failed_dump_leaves_no_file_and_frees_its_cursor(
             with pytest.raises(OSError, match="No space"):
                 kv.dump_stream(open_sink)
         assert len(kv.dump()["containers"]) == 2
+    target.assert_serving()
+
+
+def test_long_a_dump_onto_a_full_disk_is_a_usage_error_and_leaves_nothing(
+    target: Target, tmp_path: Path
+) -> None:
+    with target.client() as kv:
+        kv.dict("more").update({i: "x" * 100 for i in range(20_000)})  # ~2.5 MB dumped
+    with small_disk(tmp_path / "full", 256 * 1024) as disk:
+        out = disk / "backup.msgpack"
+        failed = _kvctl(target, "dump", "-o", str(out))
+        assert failed.returncode == 2, failed.stderr
+        assert b"cannot write" in failed.stderr and b"No space" in failed.stderr
+        assert list(disk.iterdir()) == []  # neither the file nor its temporary
     target.assert_serving()
 
 

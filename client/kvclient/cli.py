@@ -38,6 +38,7 @@ import base64
 import contextlib
 import datetime
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -56,6 +57,7 @@ import typer
 from typer.core import TyperGroup
 
 import kvclient
+from kvclient._dumps import Collector, MsgpackDumpWriter, restore_flow
 from kvclient._output import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -68,14 +70,16 @@ from kvclient._output import (
 )
 from kvclient._output import NotFoundError as _NotFoundError
 from kvclient._output import error_line as _error_line
+from kvclient._runner import run_sync
 from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.proxies import make_proxy, to_ref
 from kvclient.sync import DEFAULT_LEASE, ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
 from kvproto.address import FORMS, AddressError, Target, parse_target
 from kvproto.authkey import load_authkey
-from kvproto.codec import Codec, Ref
+from kvproto.codec import STORED_DEPTH, Codec, Ref
 from kvproto.errors import KindError, NoSuchContainerError
 from kvproto.limits import check_ttl
+from kvproto.schema import PARTED_KINDS
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "app"]
 
@@ -1717,36 +1721,151 @@ def dump(
         ),
     ] = None,
 ) -> None:
-    """Write a consistent copy of every container to stdout or FILE (see restore)."""
+    """Write a consistent copy of every container to stdout or FILE (see restore).
+
+    Read from the server in pieces, so the size is unlimited and other clients are served
+    meanwhile; written as it arrives. A progress bar is shown on a terminal (stderr), and a
+    summary line is printed to stderr at the end.
+    """
     _check_format(fmt)
-    with _session(ctx) as session:
-        data = session.client.dump()
-        if fmt == "json":
-            encoded = (json.dumps(_to_tagged_json(data), ensure_ascii=False) + "\n").encode()
-        else:
-            encoded = Codec(to_ref=to_ref).pack(data)
-    # Outside the session: a file error is the user's (exit 2), not the server's.
-    if output is None:
-        out = typer.get_binary_stream("stdout")
-        out.write(encoded)
-        out.flush()
-        return
-    _write_atomically(output, encoded)
-    typer.echo(f"wrote {len(encoded)} bytes to {output}", err=True)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file beside it, fsynced, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A file that cannot be written is the user's error (exit 2), found before connecting.
+    tmp = None if output is None else output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        fh = typer.get_binary_stream("stdout") if tmp is None else open(tmp, "wb")  # noqa: SIM115
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise typer.BadParameter(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise typer.BadParameter(f"cannot write {output}: {exc.strerror or exc}") from None
+    started = time.monotonic()
+    out = _CountingWriter(fh)
+    progress = _Progress("dump")
+    failed: OSError | None = None
+    try:
+        with _session(ctx) as session:
+            try:
+                read = session.client.dump_stream(functools.partial(_dump_sink, fmt, out, progress))
+                if fmt == "json":
+                    out.write(b"]}\n")
+                out.flush(sync=tmp is not None)
+            except _OutputError as exc:
+                failed = exc.error
+            finally:
+                progress.close()
+        if failed is not None:
+            raise typer.BadParameter(
+                f"cannot write {output or 'stdout'}: {failed.strerror or failed}"
+            )
+        if tmp is not None and output is not None:
+            fh.close()
+            try:
+                os.replace(tmp, output)
+            except OSError as exc:
+                raise typer.BadParameter(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            fh.close()
+            tmp.unlink(missing_ok=True)
+    typer.echo(
+        f"dumped {read['containers']} containers, {read['items']} items "
+        f"({_size(out.written)}) in {time.monotonic() - started:.1f} s"
+        + ("" if output is None else f" to {output}"),
+        err=True,
+    )
+
+
+class _OutputError(Exception):
+    """Writing the dump failed (carries the OSError): a usage error, not the server's."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _CountingWriter:
+    """A binary output that counts what it wrote and turns OSError into _OutputError."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise _OutputError(exc) from None
+        self.written += len(data)
+        return len(data)
+
+    def flush(self, *, sync: bool = False) -> None:
+        try:
+            self._fh.flush()
+            if sync:
+                os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise _OutputError(exc) from None
+
+
+class _Progress:
+    """A progress bar on stderr when it is a terminal, redrawn at most ten times a second."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.total = 0
+        self.done = 0
+        self._shown = 0.0
+        stderr = typer.get_text_stream("stderr")
+        self._out = stderr if stderr.isatty() else None
+
+    def advance(self, items: int) -> None:
+        self.done += items
+        now = time.monotonic()
+        if self._out is None or now - self._shown < 0.1:
+            return
+        self._shown = now
+        share = min(1.0, self.done / self.total) if self.total else 1.0
+        bar = "#" * int(share * 30)
+        self._out.write(f"\r{self.label} [{bar:<30}] {share:4.0%} {self.done}/{self.total} items")
+        self._out.flush()
+
+    def close(self) -> None:
+        if self._out is not None and self._shown:
+            self._out.write("\r\033[K")
+            self._out.flush()
+
+
+def _dump_sink(
+    fmt: str, out: _CountingWriter, progress: _Progress, header: dict[str, Any]
+) -> Callable[[list[Any]], None]:
+    """Return what writes each record of a dump as ``fmt`` (see kvclient._dumps)."""
+    progress.total = int(header.get("items", 0))
+    if fmt == "msgpack":
+        writer = MsgpackDumpWriter(out.write, Codec(to_ref=to_ref).pack, header)
+
+        def record(rec: list[Any]) -> None:
+            writer(rec)
+            progress.advance(1 if rec[4] is None else len(rec[2]))
+
+        return record
+    # JSON: the same document as json.dumps of the whole dump, one container at a time (a
+    # container's keys decide its tagging, so each is assembled whole first).
+    out.write(f'{{"format": {json.dumps(header["format"])}, "containers": ['.encode())
+    collect = Collector()
+    count = [0]
+
+    def emit() -> None:
+        entry = collect.containers.pop()
+        text = json.dumps(_to_tagged_json(entry), ensure_ascii=False)
+        out.write(((", " if count[0] else "") + text).encode())
+        count[0] += 1
+
+    def json_record(rec: list[Any]) -> None:
+        if rec[3] == 0 and collect.containers:
+            emit()
+        collect(rec)
+        progress.advance(1 if rec[4] is None else len(rec[2]))
+        done = rec[4] is None or len(collect.containers[-1][2]) >= rec[4]
+        if done:
+            emit()
+
+    return json_record
 
 
 @app.command(
@@ -1756,15 +1875,37 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def restore(
     ctx: typer.Context, fmt: FormatOption = "msgpack", as_json: JsonOutOption = False
 ) -> None:
-    """Load a dump from stdin into an empty server; print how many containers it made."""
+    """Load a dump from stdin into an empty server; print how many containers it made.
+
+    Sent in pieces, so the size is unlimited and other clients are served meanwhile; the
+    containers appear as their pieces arrive, and a restore that fails half-way leaves what
+    it restored (drop it and restore again). Progress bar and summary line on stderr.
+    """
     _check_format(fmt)
+    started = time.monotonic()
     raw = typer.get_binary_stream("stdin").read()
     try:
         data = _from_tagged_json(json.loads(raw)) if fmt == "json" else Codec().unpack(raw)
     except (ValueError, kvclient.ProtocolError) as exc:
         raise typer.BadParameter(f"stdin is not a {fmt} dump ({exc})") from None
+    progress = _Progress("restore")
+    containers = data.get("containers") if isinstance(data, dict) else None
+    if isinstance(containers, list):
+        progress.total = sum(
+            len(e[2]) if isinstance(e, list) and len(e) == 3 and e[1] in PARTED_KINDS else 1
+            for e in containers
+        )
     with _session(ctx, as_json) as session:
-        count = session.client.restore(data)
+        pack = Codec(to_ref=to_ref, encode_depth=STORED_DEPTH).pack
+        try:
+            count = run_sync(session.client, restore_flow(data, pack, progress.advance))
+        finally:
+            progress.close()
+        typer.echo(
+            f"restored {count} containers, {progress.done} items ({_size(len(raw))}) in "
+            f"{time.monotonic() - started:.1f} s",
+            err=True,
+        )
         session.emit({"containers": count}, str(count))
 
 

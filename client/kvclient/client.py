@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from kvclient._backend import SocketBackend
+from kvclient._dumps import Collector, OpenSink, dump_flow, restore_flow
 from kvclient._leases import LeaseKeeper
 from kvclient._runner import DERIVED, Flow, run_sync
 from kvclient.connection import DEFAULT_ADDRESS
@@ -429,20 +430,39 @@ class Client:
         return bool(self.call(None, None, "compact", []))
 
     def dump(self) -> builtins.dict[str, Any]:
-        """Return a consistent point-in-time copy of every container (see :meth:`restore`)."""
-        result: builtins.dict[str, Any] = self.call(None, None, "dump", [])
-        return result
+        """Return a consistent point-in-time copy of every container (see :meth:`restore`).
+
+        Read in pieces of at most a few MiB, whatever the size of the data: other clients
+        are served between them (see :meth:`dump_stream` to write one without holding it).
+        """
+        collect = Collector()
+        header = self.dump_stream(collect.open)
+        return collect.document(header["format"])
+
+    def dump_stream(self, open_sink: OpenSink) -> builtins.dict[str, Any]:
+        """Read a dump piece by piece into the sink ``open_sink(header)`` returns.
+
+        ``header`` is ``{"format", "containers", "items"}`` as the server announces them;
+        the sink is called with each record. Records are ``[name, kind, state, part,
+        total]``: part 0 of a container, then (for a dict or list) further parts of its
+        items; ``total`` is the whole state's length (None for kinds that come in one
+        record). Returns ``{"format", "containers",
+        "records", "items"}``.
+        """
+        return run_sync(self, dump_flow(open_sink))
 
     def restore(self, dump: builtins.dict[str, Any]) -> int:
         """Load a :meth:`dump` into an empty server; return the number of containers.
 
+        Sent in pieces of about 512 KiB, whatever its size. Applied piece by piece: a
+        restore that fails half-way leaves what it restored so far.
+
         Raises:
             ValueError: the server is not empty, or ``dump`` is not a kvmanager dump.
         """
-        # Sent encoded: a request holding the dump would nest its deepest values beyond
-        # MAX_DEPTH (the server decodes the blob with the depth stored data may have).
-        blob = Codec(to_ref=to_ref, encode_depth=STORED_DEPTH).pack(dump)
-        return int(self.call(None, None, "restore", [blob]))
+        # Encoded with the depth stored values may have (see restore_flow).
+        codec = Codec(to_ref=to_ref, encode_depth=STORED_DEPTH)
+        return run_sync(self, restore_flow(dump, codec.pack))
 
     def batch(self) -> Batch:
         """Return a :class:`Batch` (a context manager): calls on any containers, one frame."""

@@ -28,6 +28,7 @@ from typing import Final, NamedTuple
 
 __all__ = [
     "KINDS",
+    "PARTED_KINDS",
     "SERVER",
     "STDLIB_NOOPS",
     "Op",
@@ -166,13 +167,18 @@ KINDS: dict[str, Mapping[str, Op]] = {
 """Operations of each container kind, by kind name then method name."""
 
 SERVER: Final[Mapping[str, Op]] = _ops(
-    "describe dump get_methods names number_of_objects ping slowlog stats",
-    "drop restore",
+    "describe dump dump_close dump_next dump_open get_methods names number_of_objects ping "
+    "slowlog stats",
+    "drop restore restore_part",
     compact=Op(mutates=True, logged=False),
     create=Op(mutates=True, own_policy=True, idempotent=True),
     batch=Op(mutates=True, own_policy=True),
 )
 """Server-level operations (requests whose ``ident`` is nil)."""
+
+PARTED_KINDS: Final = frozenset({"dict", "list"})
+"""Kinds whose state a dump or a restore may carry in several parts (a dict's or list's items;
+``kvserve`` containers with ``extend_state``)."""
 
 STDLIB_NOOPS: Final = frozenset({"dummy", "incref", "decref", "accept_connection"})
 """Server-level calls a stdlib ``BaseManager`` client makes, answered None and ignored."""

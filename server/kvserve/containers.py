@@ -19,7 +19,6 @@ import collections
 import heapq
 import itertools
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
@@ -155,7 +154,6 @@ class Container:
 
     def __init__(self, *state: Any) -> None:
         # Subclasses take their state (as returned by `state()`) as constructor arguments.
-        self.lock = threading.Lock()
         # Changes a call made that its own arguments do not determine (a lease that ran out
         # by the clock): ``[method, args]`` the server logs before the call, so a replay
         # reproduces them. Calls must not depend on the clock otherwise.
@@ -441,15 +439,6 @@ class KVDict(_Watched):
         for key, owner, lease in meta.get("owners", ()):
             self._owners[key] = (owner, float(lease))
 
-    def copy_container(self) -> Container:
-        """Return a shallow copy, with the deadlines (a snapshot keeps them)."""
-        copy = super().copy_container()
-        assert isinstance(copy, KVDict)
-        for key, deadline in self._ttl.items():
-            copy._set_deadline(key, deadline)
-        copy._owners.update(self._owners)
-        return copy
-
     def size(self) -> int:
         """Return the number of keys."""
         return len(self.data)
@@ -469,6 +458,27 @@ class KVDict(_Watched):
     def extend_state(self, part: dict[Any, Any]) -> None:
         """Add a later part of the items."""
         self.data.update(_uninterned(part))
+
+    def copy_container(self) -> Container:
+        """Return a shallow copy at C speed, with history and deadlines (a snapshot keeps them).
+
+        For dumps and compaction, taken on the loop. Not through :meth:`from_state`: its fresh
+        copy of every str key cost 0.4 s of the loop per million keys, and the keys stored
+        here are uninterned already.
+        """
+        copy: Container
+        if type(self) is KVDict:
+            copy = KVDict()
+            copy.data = dict(self.data)
+            if self.history is not None:
+                copy.history = self.history.copy()
+        else:
+            copy = super().copy_container()
+        assert isinstance(copy, KVDict)
+        for key, deadline in self._ttl.items():
+            copy._set_deadline(key, deadline)
+        copy._owners.update(self._owners)
+        return copy
 
     def __getitem__(self, key: Any) -> Any:
         return self.data[key]

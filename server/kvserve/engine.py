@@ -46,6 +46,7 @@ from kvproto.wire import (
 )
 from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.counters import Counters
+from kvserve.dumps import Dumps, restore_records
 from kvserve.history import UNCOUNTED
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import MethodTable, Registry, Store
@@ -60,6 +61,8 @@ _WRITE_PUBLIC: Final = frozenset(
     name for name, op in schema.SERVER.items() if op.mutates and not op.own_policy
 )
 _REMEMBERED_PUBLIC: Final = frozenset(name for name, op in schema.SERVER.items() if op.mutates)
+# Dump cursors are the connection's own (kvserve.dumps): these calls get the session.
+_SESSION_CALLS: Final = frozenset({"dump_open", "dump_next", "dump_close"})
 _MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
 
 
@@ -158,6 +161,7 @@ class Engine:
         # container name -> (when, timer) of its next expire() (leases)
         self._deadlines: dict[str, tuple[float, Handle]] = {}
         self.load_report: LoadReport | None = None
+        self.dumps = Dumps()  # dumps read in pieces (kvserve.dumps)
         if persistence is not None:
             # Set before open(): a repair at start-up writes a snapshot too.
             persistence.answered = self._answered_ids
@@ -175,6 +179,7 @@ class Engine:
             "compact": self._compact,
             "dump": lambda: dump_state(self.store),
             "restore": self._restore,
+            "restore_part": self._restore_part,
         }
 
     def start(self) -> None:
@@ -426,6 +431,8 @@ class Engine:
             return self._batch(args, rid, session)
         if method in schema.STDLIB_NOOPS:
             return None
+        if method in _SESSION_CALLS:
+            return self._session_call(session, method, args, kwds)
         func = self._public.get(method)
         if func is None:
             raise AttributeError(f"kvserve has no function {method!r}")
@@ -534,6 +541,34 @@ class Engine:
         count = restore_state(self.store, dump)
         self._schedule_deadlines()
         return count
+
+    def _restore_part(self, records: Any, first: Any = False) -> int:
+        count, names = restore_records(self.store, records, first)
+        for name in names:
+            obj = self.store.objects[name]
+            if type(obj).next_deadline is not Container.next_deadline:
+                self._schedule_deadline(name, obj)
+        return count
+
+    def _session_call(
+        self, session: Session, method: str, args: list[Any], kwds: dict[str, Any] | None
+    ) -> Any:
+        """The dump cursor calls: they belong to the connection that opened them."""
+        if kwds:
+            raise TypeError(f"{method}() takes no keyword arguments")
+        if method == "dump_open" and not args:
+            return self.dumps.open(session, self.store)
+        if len(args) != 1:
+            raise TypeError(f"{method}() takes one argument, the cursor")
+        if method == "dump_next":
+            return self.dumps.next(session, args[0])
+        return self.dumps.close(session, args[0])
+
+    def forget(self, session: Session) -> None:
+        """Drop what a connection that went away held: its parked call, its dump cursors."""
+        if session.parked is not None:
+            self.withdraw(session)
+        self.dumps.forget(session)
 
     def stats(self) -> dict[str, Any]:
         """Return server facts for ``kvctl stats`` and ``kvctl top`` (``Client.stats()``).
@@ -657,8 +692,7 @@ class Engine:
         withdrawn = waiter.blocked.on_withdraw
         obj = self.store.objects.get(waiter.name)
         if withdrawn is not None and obj is not None:
-            with obj.lock:
-                withdrawn()
+            withdrawn()
 
     def stop_waiters(self, error: BaseException) -> None:
         """Answer every parked call with ``error`` (shutting down)."""

@@ -125,6 +125,7 @@ from kvproto.errors import KVError, ProtocolError, RemoteError
 from kvproto.wire import ERROR, RETURN
 from kvserve.containers import Container
 from kvserve.counters import Histogram
+from kvserve.dumps import DUMP_FORMAT, restore_records, shallow_copy
 from kvserve.store import Store
 
 __all__ = [
@@ -141,7 +142,6 @@ __all__ = [
 log = logging.getLogger("kvserve")
 
 FORMAT_VERSION: Final = 2  # of the files in the data directory; version 1 is still read
-DUMP_FORMAT: Final = 1  # of dump_state()'s output, independent of the file format
 FsyncPolicy = Literal["always", "everysec", "no"]
 AnswerHook = Callable[[bytes, int, str, Any], None]
 _ANSWER_LOST: Final = (
@@ -395,7 +395,7 @@ def dump_state(store: Store) -> dict[str, Any]:
     """Return a point-in-time copy of every container, as ``kvctl dump`` writes it."""
     return {
         "format": DUMP_FORMAT,
-        "containers": [[name, obj.kind, obj.state()] for name, obj in _shallow_copy(store)],
+        "containers": [[name, obj.kind, obj.state()] for name, obj in shallow_copy(store)],
     }
 
 
@@ -430,13 +430,6 @@ def restore_state(store: Store, dump: Any) -> int:
     for name, obj in built.items():
         store.install(name, obj)
     return len(built)
-
-
-def _shallow_copy(store: Store) -> list[tuple[str, Container]]:
-    # On the loop thread, the only one that changes containers: a consistent point in time.
-    with store.lock:
-        items = list(store.objects.items())
-    return [(name, obj.copy_container()) for name, obj in items]
 
 
 class Persistence:
@@ -599,7 +592,7 @@ class Persistence:
             covered = self._seq + 1
             size = self._write_snapshot_file(
                 Codec(),
-                _shallow_copy(store),
+                shallow_copy(store),
                 covered,
                 lambda: self._move_aside(aside, report),
                 self.answered() if self.answered is not None else None,
@@ -971,7 +964,7 @@ class Persistence:
                 self._compaction_failed(f"cannot start log segment {covered}: {exc}")
             raise
         self._log_bytes = 0
-        copies = _shallow_copy(store)
+        copies = shallow_copy(store)
         answered = self.answered() if self.answered is not None else None
         self._compactor = threading.Thread(
             target=self._write_snapshot,
@@ -1123,6 +1116,8 @@ def apply_record(store: Store, record: Any) -> tuple[str, Any]:
                 return RETURN, store.drop(*args)
             if method == "restore":
                 return RETURN, restore_state(store, args[0])
+            if method == "restore_part":
+                return RETURN, restore_records(store, *args)[0]
             return RETURN, None
         obj = store.get(ident)
         result = getattr(obj, method)(*args, **(kwds or {}))

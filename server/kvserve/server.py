@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from kvproto.codec import MAX_DEPTH, Codec
+from kvproto.codec import EXT_TUPLE, MAX_DEPTH, Codec
 from kvproto.errors import KVConnectionError, KVError, ProtocolError, RemoteError
 from kvproto.handshake import ServerHandshake
+from kvproto.limits import MAX_REQUEST_VALUES
 from kvproto.net import format_address, tune_socket
 from kvproto.wire import (
     ERROR,
@@ -178,6 +179,7 @@ class _Conn:
         "close_after_flush",
         "closed",
         "codec",
+        "final",
         "handshake",
         "hello",
         "key_index",
@@ -214,9 +216,17 @@ class _Conn:
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
         self.key_index = -1
-        self.codec = Codec(encode_exceptions=True, decode_depth=MAX_DEPTH, decode_exceptions=False)
+        self.codec = Codec(
+            encode_exceptions=True,
+            decode_depth=MAX_DEPTH,
+            decode_exceptions=False,
+            decode_values=MAX_REQUEST_VALUES,
+        )
         self.parked: Waiter | None = None
         self.close_after_flush = False
+        # With close_after_flush: the reply that must go out before closing, while it waits
+        # for the log (see Server._undecodable); None once sent, or when nothing waits.
+        self.final: bytes | None = None
         self.closed = False
 
     def late_reply(self, kind: str, value: Any) -> None:
@@ -753,8 +763,8 @@ class Server:
         conn.wbytes = 0
         conn.rbuf = bytearray()
         conn.wqueue.clear()
-        if conn.parked is not None:
-            self.engine.withdraw(conn)  # a dead client's parked get must not take an item
+        # A dead client's parked get must not take an item; its dump cursors are freed.
+        self.engine.forget(conn)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -1041,6 +1051,17 @@ class Server:
         queue = conn.wqueue
         was_idle = not queue
         queue.extend(frame_parts(payload))
+        if payload is conn.final:
+            conn.final = None  # the last reply of a closing connection, released by the log
+            if was_idle:
+                self._write(conn)
+                if conn.closed:
+                    return
+                if conn.wqueue:
+                    self._set_events(conn)  # closed by _flush once written
+                else:
+                    self._close(conn)
+            return
         if was_idle:
             # Send now; what the kernel does not take waits for the socket to become writable.
             self._write(conn)
@@ -1098,9 +1119,19 @@ class Server:
         events = 0 if conn.paused else selectors.EVENT_READ
         if conn.wqueue:
             events |= selectors.EVENT_WRITE
-        # Paused with nothing queued: its replies wait for the log (released at the end of
-        # this iteration); _on_readable ignores it meanwhile.
-        self._selector.modify(conn.sock, events or selectors.EVENT_READ, conn)
+        if events:
+            try:
+                self._selector.modify(conn.sock, events, conn)
+            except KeyError:
+                self._selector.register(conn.sock, events, conn)
+        else:
+            # Paused with nothing queued (its replies wait for the log): not polled at all.
+            # Polled for reading, a readable socket woke every select() (a spin while group
+            # commit gathers) only for _on_readable to ignore it.
+            try:
+                self._selector.unregister(conn.sock)
+            except KeyError:
+                pass
 
     def _flush(self, conn: _Conn) -> None:
         if conn.wqueue:
@@ -1108,7 +1139,7 @@ class Server:
             if conn.wqueue or conn.closed:
                 return
             self._set_events(conn)
-        if conn.close_after_flush:
+        if conn.close_after_flush and conn.final is None:
             self._close(conn)
 
     def _reply(self, conn: _Conn, kind: str, value: Any) -> None:
@@ -1186,9 +1217,16 @@ class Server:
     def _undecodable(self, conn: _Conn, exc: ProtocolError) -> None:
         log.warning("closing %s: %s", conn.peer, exc)
         self.counters.error(exc)
-        self._send_now(conn, conn.codec.pack([ERROR, exc]))
+        # Through _send, not _send_now: with a data directory the replies to the requests
+        # before this one may still wait for the log, and this error must not overtake them
+        # (nor close the connection under them: _send_now closes it once they are written).
+        payload = conn.codec.pack([ERROR, exc])
         conn.close_after_flush = True
-        self._flush(conn)
+        if self._held is not None:
+            conn.final = payload
+        self._send(conn, payload)
+        if self._held is None:
+            self._flush(conn)
 
 
 def _log_slow(entry: dict[str, Any]) -> None:
@@ -1204,12 +1242,12 @@ def _log_slow(entry: dict[str, Any]) -> None:
     )
 
 
-_SLICEABLE: Final = (list, dict)
-_NESTING: Final = frozenset({list, dict})
+_SLICEABLE: Final = (list, dict, tuple)
+_NESTING: Final = frozenset({list, dict, tuple})
 _HEADER_PACKER: Final = msgpack.Packer()
 
 
-def _larger_than(value: list[Any] | dict[Any, Any], limit: int) -> bool:
+def _larger_than(value: list[Any] | dict[Any, Any] | tuple[Any, ...], limit: int) -> bool:
     """Return whether ``value`` holds more than ``limit`` items, counting nested lists/dicts.
 
     Stops counting at ``limit``: the cost is bounded whatever the size of the value.
@@ -1225,7 +1263,7 @@ def _larger_than(value: list[Any] | dict[Any, Any], limit: int) -> bool:
         if _NESTING.isdisjoint(map(type, children)):
             continue  # flat: checked at C speed
         for child in children:
-            if type(child) is list or type(child) is dict:
+            if type(child) is list or type(child) is dict or type(child) is tuple:
                 stack.append(child)
     return False
 
@@ -1244,25 +1282,39 @@ def _encode_in_slices(codec: Codec, value: Any, out: list[bytes]) -> Iterator[No
 
 
 def _encode_value(codec: Codec, value: Any, out: list[bytes], budget: list[int]) -> Iterator[None]:
-    if type(value) is list:
+    if type(value) is tuple:
+        # An ext whose payload is the items as an array: encoded in slices like a list,
+        # then wrapped (its header holds the payload's length, known only at the end).
+        inner: list[bytes] = []
+        yield from _encode_value(codec, list(value), inner, budget)
+        out.append(_HEADER_PACKER.pack_ext_type(EXT_TUPLE, b"".join(inner)))
+    elif type(value) is list:
         out.append(_HEADER_PACKER.pack_array_header(len(value)))
         start = 0
         while start < len(value):
             piece = value[start : start + _SLICE_ITEMS]
+            weight = 1
             if any(type(x) is tuple for x in piece):
-                # Each tuple is an ext packed through Python (~10 us): smaller slices.
+                # Each tuple is an ext packed through Python (~10 us): smaller runs, each
+                # item counted 16 times against the slice.
                 piece = piece[: _SLICE_ITEMS // 16]
+                weight = 16
             start += len(piece)
-            if any(type(x) is list or type(x) is dict for x in piece):
+            if any(
+                type(x) is list or type(x) is dict or (type(x) is tuple and _larger_than(x, 64))
+                for x in piece
+            ):
                 for item in piece:
                     yield from _encode_item(codec, item, out, budget)
             else:
-                yield from _encode_run(codec, piece, _HEADER_PACKER.pack_array_header, out, budget)
+                yield from _encode_run(
+                    codec, piece, _HEADER_PACKER.pack_array_header, out, budget, weight
+                )
     elif type(value) is dict:
         out.append(_HEADER_PACKER.pack_map_header(len(value)))
         items = iter(value.items())
         while piece_map := dict(itertools.islice(items, _SLICE_ITEMS)):
-            if any(type(v) is list or type(v) is dict for v in piece_map.values()):
+            if any(type(v) in _SLICEABLE for v in piece_map.values()):
                 for key, item in piece_map.items():
                     out.append(codec.pack(key))
                     yield from _encode_item(codec, item, out, budget)
@@ -1280,22 +1332,25 @@ def _encode_run(
     header: Callable[[int], bytes],
     out: list[bytes],
     budget: list[int],
+    weight: int = 1,
 ) -> Iterator[None]:
     """Pack a run of plain items in one C call, without the header of the run itself."""
     encoded = codec.pack(run)
     out.append(encoded[len(header(len(run))) :])
-    budget[0] -= len(run)
+    budget[0] -= len(run) * weight
     if budget[0] <= 0:
         budget[0] = _SLICE_ITEMS
         yield
 
 
 def _encode_item(codec: Codec, item: Any, out: list[bytes], budget: list[int]) -> Iterator[None]:
-    if (type(item) is list or type(item) is dict) and _larger_than(item, 64):
+    if type(item) in _SLICEABLE and _larger_than(item, 64):
         yield from _encode_value(codec, item, out, budget)
         return
     out.append(codec.pack(item))
-    budget[0] -= 1 + (len(item) if type(item) is list or type(item) is dict else 0)
+    # A tuple is packed through Python (an ext): ~16 times a plain item, per item in it.
+    cost = 16 if type(item) is tuple else 1
+    budget[0] -= cost * (1 + (len(item) if type(item) in _SLICEABLE else 0))
     if budget[0] <= 0:
         budget[0] = _SLICE_ITEMS
         yield

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from kvclient import client as _sync
+from kvclient._dumps import Collector, OpenSink, dump_flow, restore_flow
 from kvclient._runner import DERIVED, Flow
 from kvclient.aio._backend import DEFAULT_MAX_CONNECTIONS, AsyncBackend
 from kvclient.aio._leases import AsyncLeaseKeeper
@@ -360,14 +361,19 @@ class Client:
         return bool(await self.call(None, None, "compact", []))
 
     async def dump(self) -> builtins.dict[str, Any]:
-        """Return a consistent point-in-time copy of every container."""
-        result: builtins.dict[str, Any] = await self.call(None, None, "dump", [])
-        return result
+        """Return a consistent point-in-time copy of every container (read in pieces)."""
+        collect = Collector()
+        header = await self.run(dump_flow(collect.open))
+        return collect.document(header["format"])
+
+    async def dump_stream(self, open_sink: OpenSink) -> builtins.dict[str, Any]:
+        """Read a dump piece by piece (as :meth:`kvclient.Client.dump_stream`)."""
+        return await self.run(dump_flow(open_sink))
 
     async def restore(self, dump: builtins.dict[str, Any]) -> int:
-        """Load a :meth:`dump` into an empty server; return the number of containers."""
-        blob = Codec(to_ref=to_ref, encode_depth=STORED_DEPTH).pack(dump)
-        return int(await self.call(None, None, "restore", [blob]))
+        """Load a :meth:`dump` into an empty server in pieces; return the containers made."""
+        codec = Codec(to_ref=to_ref, encode_depth=STORED_DEPTH)
+        return await self.run(restore_flow(dump, codec.pack))
 
     async def ping(self) -> None:
         """Make one round trip; raises if the server does not answer."""

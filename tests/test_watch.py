@@ -198,6 +198,37 @@ def test_a_watch_parked_behind_a_blocked_get_sees_the_change(
     assert got == ["b"]
 
 
+def test_a_parked_filtered_watch_outlives_a_history_of_other_changes(
+    kv: kvclient.Client, kv2: kvclient.Client
+) -> None:
+    # A watch of one key, parked while more changes to other keys than the history keeps
+    # (1,000 by default) go by: it skipped them, so it must neither fall behind the history
+    # (CompactedError) nor miss the change to its key that comes after.
+    d = kv.dict("busy")
+    d["quiet"] = 0
+    since = d.revision()
+    watch = kv2.dict("busy").watch(since=since, key="quiet", timeout=60)
+    box: list[Any] = []
+
+    def follow() -> None:
+        try:
+            box.append(next(watch))
+        except Exception as exc:  # the assertion below shows it
+            box.append(exc)
+
+    watcher = threading.Thread(target=follow)
+    watcher.start()
+    time.sleep(0.3)
+    for start in range(0, 1200, 400):
+        with kv.batch() as batch:
+            busy = batch.dict("busy")
+            for i in range(start, start + 400):
+                busy.set(f"k{i}", i)
+    d["quiet"] = 1
+    watcher.join(30)
+    assert box == [Event(since + 1201, "set", "quiet", 1)]
+
+
 def test_bad_watch_arguments_are_refused(kv: kvclient.Client) -> None:
     d = kv.dict("bad")
     with pytest.raises(TypeError):

@@ -534,14 +534,17 @@ class Codec:
         try:
             try:
                 try:
-                    # _unpack_raw's unchecked case, inline: this runs once per message.
-                    obj = msgpack.unpackb(
-                        data,
-                        raw=False,
-                        strict_map_key=False,
-                        ext_hook=self._ext_hook,
-                        use_list=True,
-                    )
+                    if self._counted:  # a large request: its decoding work is budgeted
+                        obj = self._unpack_raw(data)
+                    else:
+                        # _unpack_raw's unchecked case, inline: this runs once per message.
+                        obj = msgpack.unpackb(
+                            data,
+                            raw=False,
+                            strict_map_key=False,
+                            ext_hook=self._ext_hook,
+                            use_list=True,
+                        )
                 except _NeedsCheckedMaps:
                     # Rare: build maps through a hook that refuses colliding-prone keys before
                     # they are hashed, rather than paying for the hook on every message.

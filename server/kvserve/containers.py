@@ -77,6 +77,10 @@ class WouldBlock(Exception):
         on_withdraw: called under the container's lock when the caller goes away while it
             waits (its connection closed: a cancelled asyncio task, a killed process), so
             what the wait noted for ``status()`` goes with it.
+        resume: ``(position, name, value)``: retry the parked call with this argument
+            (positional ``position``, or keyword ``name``) set to ``value``, not the one it
+            came with. A filtered watch moves its cursor past the changes it skipped, so its
+            retries neither scan them again nor fall behind the history kept.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class WouldBlock(Exception):
         on_expire: Callable[[], None] | None = None,
         in_line: bool = True,
         on_withdraw: Callable[[], None] | None = None,
+        resume: tuple[int, str, Any] | None = None,
     ) -> None:
         super().__init__(timeout)
         self.timeout = timeout
@@ -96,6 +101,7 @@ class WouldBlock(Exception):
         self.on_expire = on_expire
         self.in_line = in_line
         self.on_withdraw = on_withdraw
+        self.resume = resume
 
 
 def _uninterned(mapping: dict[Any, Any]) -> dict[Any, Any]:
@@ -264,7 +270,8 @@ class _Watched(Container):
         if events or timeout == 0:
             return [cursor, events]
         # Holds no place in the line of parked calls: a watch must not hold up a queue's get.
-        raise WouldBlock(timeout, result=[cursor, []], in_line=False)
+        # Retried from the cursor: the changes up to it were filtered out, not to be seen again.
+        raise WouldBlock(timeout, result=[cursor, []], in_line=False, resume=(0, "since", cursor))
 
 
 class KVDict(_Watched):

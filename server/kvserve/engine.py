@@ -761,6 +761,9 @@ class Engine:
                     try:
                         result = self._call(waiter.message, waiter.rid, waiter.session)
                     except WouldBlock as again:
+                        if again.resume is not None:
+                            waiter.message = _resumed(waiter.message, again.resume)
+                            waiter.blocked.result = again.result  # its timeout answer too
                         if strict and again.in_line:
                             held = True  # a watch parked behind it still sees the change
                         continue
@@ -777,6 +780,19 @@ class Engine:
             self.parked.pop(name, None)
         for session in resumed:
             session.resume()
+
+
+def _resumed(message: list[Any], resume: tuple[int, str, Any]) -> list[Any]:
+    """Return a parked call's ``message`` with one argument replaced (``WouldBlock.resume``)."""
+    ident, method, args, kwds = message
+    position, name, value = resume
+    if kwds and name in kwds:
+        kwds = {**kwds, name: value}
+    elif position < len(args):
+        args = [*args[:position], value, *args[position + 1 :]]
+    else:
+        kwds = {**(kwds or {}), name: value}
+    return [ident, method, args, kwds]
 
 
 def scrub(exc: BaseException) -> None:

@@ -359,6 +359,34 @@ def test_history_older_than_the_count_raises_compacted_with_the_oldest(
         _stop(proc)
 
 
+def test_a_history_longer_than_the_default_survives_a_restart_from_a_snapshot(
+    clean_env: dict[str, str], authkey: bytes, tmp_path: Path
+) -> None:
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    args = ["--watch-history", "3000", "--data-dir", str(tmp_path / "data")]
+    proc, address = _start(env, *args)
+    try:
+        with kvclient.connect(address, authkey) as kv:
+            with kv.batch() as batch:
+                long = batch.dict("long")
+                for i in range(2500):  # more than the default history of 1,000
+                    long.set("k", i)
+            assert kv.compact()
+            deadline = time.monotonic() + 30
+            while kv.stats()["persistence"]["compactions"] < 1:  # a snapshot holds it all
+                assert time.monotonic() < deadline, "the compaction did not finish in 30 s"
+                time.sleep(0.05)
+    finally:
+        _stop(proc)
+    proc, address = _start(env, *args)
+    try:
+        with kvclient.connect(address, authkey) as kv:
+            events = list(kv.dict("long").watch(since=0, timeout=0))
+            assert [e.value for e in events] == list(range(2500))
+    finally:
+        _stop(proc)
+
+
 def test_history_older_than_the_age_is_dropped(clean_env: dict[str, str], authkey: bytes) -> None:
     env = dict(clean_env, KV_AUTHKEY=authkey.decode())
     proc, address = _start(env, "--watch-history-age", "1")

@@ -182,8 +182,10 @@ class History:
         """Restore what :meth:`to_state` returned (a snapshot being loaded)."""
         revision, entries, marks = state
         self.revision = int(revision)
-        self.entries.clear()
-        self.entries.extend(tuple(e) for e in entries)
+        # Loaded before the server's retention is applied (configure): keep everything the
+        # snapshot held, so a larger --watch-history than the default survives a restart.
+        kept = [tuple(e) for e in entries]
+        self.entries = collections.deque(kept, maxlen=max(self.entries.maxlen or 0, len(kept)))
         self.marks = collections.deque((int(r), float(t)) for r, t in marks)
 
     def copy(self) -> History:

@@ -201,6 +201,8 @@ def test_long_dump_cursors_are_bounded_and_the_connections_own(target: Target) -
         assert kv.call(None, None, "dump_next", [cursors[0]]) is None  # the end closes it
         with pytest.raises(ValueError, match="no dump cursor"):
             kv.call(None, None, "dump_next", [cursors[0]])
+        with pytest.raises(TypeError, match="takes no arguments"):
+            kv.call(None, None, "dump_open", [cursors[1]])  # never read as a close
         assert kv.call(None, None, "dump_close", [cursors[1]]) is True
     target.assert_serving()
 

@@ -556,7 +556,9 @@ class Engine:
         """The dump cursor calls: they belong to the connection that opened them."""
         if kwds:
             raise TypeError(f"{method}() takes no keyword arguments")
-        if method == "dump_open" and not args:
+        if method == "dump_open":
+            if args:
+                raise TypeError("dump_open() takes no arguments")
             return self.dumps.open(session, self.store)
         if len(args) != 1:
             raise TypeError(f"{method}() takes one argument, the cursor")

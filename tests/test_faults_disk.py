@@ -451,8 +451,9 @@ def test_compaction_fires_repeatedly_under_a_bounded_write_loop(
         stats = kv.stats()["persistence"]
     assert stats["compactions"] >= 5, stats  # it was once per process
     assert stats["last_error"] is None
-    # ~460 KB were written; the directory holds a snapshot and a few thresholds of log at most.
-    assert persistence.disk_bytes() < 128 * 1024, persistence.disk_bytes()
+    # ~460 KB were written; the directory holds a snapshot (with the watch history it keeps:
+    # up to 1,000 changes of ~110 bytes here) and a few thresholds of log at most.
+    assert persistence.disk_bytes() < 256 * 1024, persistence.disk_bytes()
     srv.stop()
     assert srv.wait_stopped(10)
     again = KVManager(

@@ -389,10 +389,13 @@ def test_a_killed_master_fails_over_and_writers_continue(durability: str | None)
                 assert w.exitcode == 0, "a writer did not ride out the failover"
             took = time.monotonic() - killed_at
             total = d["n"]
-            assert kv.dict("done")["workers"] == procs
+            done = kv.dict("done")["workers"]
         assert total <= n * procs, f"{total} > {n * procs}: a retry was applied twice"
+        assert done <= procs, f"{done} > {procs}: a retry was applied twice"
         if durability == "replica":
-            assert total == n * procs
+            # Without it, acknowledged writes not yet replicated may be lost in the failover
+            # (the guarantees table): a run here lost one worker's final "done" increment.
+            assert (total, done) == (n * procs, procs)
         print(
             f"failover after {failover:.1f}s; writers done {took:.1f}s after the kill; "
             f"total {total}/{n * procs}"

@@ -284,6 +284,10 @@ MUTATING_CALLS: dict[str, list[tuple[str, list[Any]]]] = {
         ("cas", ["k", 1, 5]),
         ("set_many", [{"a": 1}]),
         ("delete_many", [["k"]]),
+        ("set", ["k", 2, 30.0]),
+        ("set_ttl", ["k", 30.0]),
+        ("persist", ["k"]),
+        ("renew", [b"owner", 0]),
     ],
     "list": [
         ("__setitem__", [0, 9]),

@@ -65,6 +65,9 @@ class Op(NamedTuple):
             core every backend has. A backend without a feature raises
             :class:`~kvproto.errors.NotSupportedError` for its operations (see
             :func:`unsupported`), never a silent difference.
+        session: a server-level call on state the calling connection owns (a dump's
+            cursors), answered by the engine with that connection's session; it goes when
+            the connection does.
     """
 
     mutates: bool = False
@@ -77,6 +80,7 @@ class Op(NamedTuple):
     idempotent: bool = False
     clock: bool = False
     feature: str = ""
+    session: bool = False
 
     @property
     def is_logged(self) -> bool:
@@ -167,9 +171,12 @@ KINDS: dict[str, Mapping[str, Op]] = {
 """Operations of each container kind, by kind name then method name."""
 
 SERVER: Final[Mapping[str, Op]] = _ops(
-    "describe dump dump_close dump_next dump_open get_methods names number_of_objects ping "
-    "slowlog stats",
+    "describe dump get_methods names number_of_objects ping slowlog stats",
     "drop restore restore_part",
+    # A dump in pieces: a cursor of the connection's own (dump_open, dump_next, dump_close).
+    dump_open=Op(session=True),
+    dump_next=Op(session=True),
+    dump_close=Op(session=True),
     compact=Op(mutates=True, logged=False),
     create=Op(mutates=True, own_policy=True, idempotent=True),
     batch=Op(mutates=True, own_policy=True),

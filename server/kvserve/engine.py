@@ -61,8 +61,8 @@ _WRITE_PUBLIC: Final = frozenset(
     name for name, op in schema.SERVER.items() if op.mutates and not op.own_policy
 )
 _REMEMBERED_PUBLIC: Final = frozenset(name for name, op in schema.SERVER.items() if op.mutates)
-# Dump cursors are the connection's own (kvserve.dumps): these calls get the session.
-_SESSION_CALLS: Final = frozenset({"dump_open", "dump_next", "dump_close"})
+# Server-level calls on state the calling connection owns (kvproto.schema.Op.session).
+_SESSION_CALLS: Final = frozenset(m for m, op in schema.SERVER.items() if op.session)
 _MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
 
 

@@ -2208,9 +2208,13 @@ def top(
             while count is None or shown < count:
                 time.sleep(interval)
                 facts, now = client.stats(), time.monotonic()
+                seconds = now - then
                 if facts.get("uptime", 0) < before.get("uptime", 0):
-                    before = {}  # the server restarted (the client reconnected): since then
-                rates = _rates(before, facts, now - then)
+                    # The server restarted (the client reconnected): its counts are since
+                    # then, uptime seconds ago, not since the last refresh.
+                    before = {}
+                    seconds = min(seconds, max(float(facts.get("uptime", 0)), 1e-3))
+                rates = _rates(before, facts, seconds)
                 if session.json:
                     typer.echo(_top_json(facts, rates))
                 elif screen:

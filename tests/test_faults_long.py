@@ -231,6 +231,12 @@ def test_long_a_bad_restore_piece_changes_nothing(target: Target) -> None:
             == 0
         )
         assert kv.dict("a").copy() == {"k": 1, "y": 2}
+        kv.dict("live")["own"] = 1  # made by a client, not by the restore
+        with pytest.raises(kvclient.NoSuchContainerError, match="of this restore"):
+            kv.call(
+                None, None, "restore_part", [codec.pack([["live", "dict", {"x": 1}, 1]]), False]
+            )
+        assert kv.dict("live").copy() == {"own": 1}
 
 
 def test_long_dump_and_restore_show_progress_on_a_terminal(

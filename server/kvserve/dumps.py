@@ -222,14 +222,19 @@ def restore_records(store: Store, records: Any, first: Any) -> tuple[int, list[s
                 raise ValueError(f"restore: a container named {name!r} exists already")
             built[name] = store.kind_class(kind).from_state(state)
             continue
-        target = built.get(name) or store.objects.get(name)
+        target = built.get(name) or (store.objects.get(name) if name in store.restoring else None)
         if target is None:
-            raise NoSuchContainerError(f"restore: part {part} of {name!r} comes before part 0")
+            raise NoSuchContainerError(
+                f"restore: part {part} of {name!r} comes before part 0 (of this restore)"
+            )
         if target.kind != kind or not _partable(target) or type(state) is not type(target.state()):
             raise ValueError(f"restore: part {part} of {name!r} does not fit a {target.kind}")
         extend.append((target, state))
     for target, state in extend:
         target.extend_state(state)
+    if first:
+        store.restoring.clear()
     for name, obj in built.items():
         store.install(name, obj)
+    store.restoring.update(built)
     return len(built), list(built)

@@ -84,6 +84,9 @@ class Store:
             names = frozenset(getattr(factory, "exposed", ()) if exposed is None else exposed)
             self._factories[typeid] = (factory, names)
         self.objects: dict[str, Container] = {}
+        # The containers the restore in progress made (kvserve.dumps.restore_records): only
+        # these may be extended by its later pieces, never a container made otherwise.
+        self.restoring: set[str] = set()
         self.exposed: dict[str, frozenset[str]] = {}
         # name -> the method table of its container (see method_table), kept with `exposed`.
         self.methods: dict[str, MethodTable] = {}
@@ -183,4 +186,5 @@ class Store:
         with self.lock:
             self.exposed.pop(name, None)
             self.methods.pop(name, None)
+            self.restoring.discard(name)
             return self.objects.pop(name, None) is not None

@@ -65,6 +65,8 @@ class Op(NamedTuple):
             core every backend has. A backend without a feature raises
             :class:`~kvproto.errors.NotSupportedError` for its operations (see
             :func:`unsupported`), never a silent difference.
+        unwatched: it changes state no watcher sees (a lease renewal moves deadlines only):
+            no revision, no event, so renewals every few seconds do not fill the history.
         session: a server-level call on state the calling connection owns (a dump's
             cursors), answered by the engine with that connection's session; it goes when
             the connection does.
@@ -81,6 +83,7 @@ class Op(NamedTuple):
     clock: bool = False
     feature: str = ""
     session: bool = False
+    unwatched: bool = False
 
     @property
     def is_logged(self) -> bool:
@@ -132,7 +135,7 @@ KINDS: dict[str, Mapping[str, Op]] = {
         persist=Op(mutates=True, feature="ttl"),
         # renew [owner, token]: extends the deadlines of the owner's ephemeral keys (the
         # client's lease keeper sends it, as it does to locks).
-        renew=Op(mutates=True, clock=True, feature="ttl"),
+        renew=Op(mutates=True, clock=True, feature="ttl", unwatched=True),
     ),
     "list": _ops(
         "__contains__ __getitem__ __len__ copy count getslice index",

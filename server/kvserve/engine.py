@@ -47,7 +47,6 @@ from kvproto.wire import (
 from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.counters import Counters
 from kvserve.dumps import Dumps, restore_records
-from kvserve.history import UNCOUNTED
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
 from kvserve.store import MethodTable, Registry, Store
 
@@ -394,7 +393,7 @@ class Engine:
             self._log_journal(ident, obj)
         if op.mutates:
             history = obj.history
-            if history is not None and failed is None and method not in UNCOUNTED:
+            if history is not None and failed is None and not op.unwatched:
                 # History.record, inlined: this is every write's cost of watch (a call would
                 # double it; measured with callgrind, bench/results/*-watch-engine.md).
                 history.revision = rev = history.revision + 1

@@ -40,7 +40,6 @@ __all__ = [
     "DEFAULT_HISTORY_COUNT",
     "MAX_HISTORY_COUNT",
     "MAX_WATCH_EVENTS",
-    "UNCOUNTED",
     "History",
     "events_of",
 ]
@@ -50,9 +49,6 @@ DEFAULT_HISTORY_COUNT: Final = 1000
 DEFAULT_HISTORY_AGE: Final = 3600.0
 """Seconds a change is kept by default (``kvserve --watch-history-age``)."""
 MAX_HISTORY_COUNT: Final = 10_000_000
-# Mutating calls that change no value: a lease keeper's renewals would otherwise fill the
-# history and move the revision every few seconds.
-UNCOUNTED: Final = frozenset({"renew"})
 _REPLY_BUDGET: Final = 1 << 20  # rough bytes of values per watch reply (at least one change)
 _NEAR: Final = 4096  # changes behind the newest at most, to walk the history from its end
 
@@ -91,9 +87,7 @@ class History:
     def record(
         self, method: str, args: list[Any], kwds: dict[str, Any] | None, result: Any
     ) -> None:
-        """Count one applied change and keep it (a lease renewal is none)."""
-        if method in UNCOUNTED:
-            return
+        """Count one applied change and keep it (callers skip ``Op.unwatched`` calls)."""
         self.revision = rev = self.revision + 1
         self.entries.append((rev, method, args, kwds, result))
 

@@ -120,6 +120,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from kvproto import schema
 from kvproto.codec import Codec
 from kvproto.errors import KVError, ProtocolError, RemoteError
 from kvproto.wire import ERROR, RETURN
@@ -1123,7 +1124,8 @@ def apply_record(store: Store, record: Any) -> tuple[str, Any]:
         result = getattr(obj, method)(*args, **(kwds or {}))
     except Exception as exc:  # the same error the original call answered with
         return ERROR, exc
-    if obj.history is not None:
+    op = schema.op(obj.kind, method)
+    if obj.history is not None and not (op is not None and op.unwatched):
         # Every logged container call is a change that was applied (or a journaled one):
         # counting them again gives the revisions they had.
         obj.history.record(method, args, kwds, result)

@@ -181,7 +181,7 @@ def test_a_server_op_that_polices_itself_is_one_the_engine_would_otherwise_refus
 
 def test_op_lookup() -> None:
     assert schema.op("queue", "get") == schema.Op(
-        mutates=True, blocks=True, wait_arg=1, block_arg=0
+        mutates=True, blocks=True, wait_arg=1, block_arg=0, fenced=True
     )
     assert schema.op("dict", "get") == schema.Op()
     assert schema.op("dict", "nope") is None

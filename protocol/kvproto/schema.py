@@ -65,6 +65,10 @@ class Op(NamedTuple):
             core every backend has. A backend without a feature raises
             :class:`~kvproto.errors.NotSupportedError` for its operations (see
             :func:`unsupported`), never a silent difference.
+        fenced: a blocking call that hands its caller something taken from everyone else (a
+            queue's item, a lock's hold): a client that gives up on it while it waits (a
+            cancelled asyncio task) must find out whether it was answered and undo it, or
+            the item or the hold is lost (kvclient.aio's cancellation fences).
         unwatched: it changes state no watcher sees (a lease renewal moves deadlines only):
             no revision, no event, so renewals every few seconds do not fill the history.
         session: a server-level call on state the calling connection owns (a dump's
@@ -84,6 +88,7 @@ class Op(NamedTuple):
     feature: str = ""
     session: bool = False
     unwatched: bool = False
+    fenced: bool = False
 
     @property
     def is_logged(self) -> bool:
@@ -109,7 +114,7 @@ def _ops(read: str = "", write: str = "", **special: Op) -> Mapping[str, Op]:
 
 # Leased primitives: acquire [owner, blocking, timeout, lease, wait_id] waits unless blocking
 # is False; release, renew and the rest answer at once.
-_ACQUIRE: Final = Op(mutates=True, blocks=True, wait_arg=2, block_arg=1)
+_ACQUIRE: Final = Op(mutates=True, blocks=True, wait_arg=2, block_arg=1, fenced=True)
 # Every data container keeps a revision and a bounded history of its changes. watch [since,
 # timeout, key, prefix, limit] answers the changes after revision ``since``, parked until there
 # is one (it changes nothing, so the read-only key may watch).
@@ -149,7 +154,7 @@ KINDS: dict[str, Mapping[str, Op]] = {
         "get_nowait put_nowait task_done",
         # put [item, block, timeout], get [block, timeout]: they consume or add an item.
         put=Op(mutates=True, blocks=True, wait_arg=2, block_arg=1),
-        get=Op(mutates=True, blocks=True, wait_arg=1, block_arg=0),
+        get=Op(mutates=True, blocks=True, wait_arg=1, block_arg=0, fenced=True),
         # join []: waits for ever until every task is done, and changes nothing.
         join=Op(blocks=True),
         **_WATCH,

@@ -66,12 +66,6 @@ _MAX_OPENING = 8
 
 # Longer than any method's positional parameters: a fence fails to bind, changing nothing.
 _FENCE_ARGS = [None] * 24
-_ACQUIRE_KINDS = frozenset({"lock", "rlock", "semaphore", "bounded_semaphore", "condition"})
-
-
-def _fenced(kind: str | None, method: str) -> bool:
-    """Return whether a cancelled call of ``method`` may have been applied unseen and undone."""
-    return (kind == "queue" and method == "get") or (kind in _ACQUIRE_KINDS and method == "acquire")
 
 
 class _Slot:
@@ -227,7 +221,7 @@ class AsyncBackend:
         try:
             result = await self._call_on(slot, message, wait)
         except asyncio.CancelledError:
-            if len(message) == 5 and _fenced(kind, method):
+            if op is not None and op.fenced and len(message) == 5:
                 self._start_fence(slot, kind, ident, method, args, message[4])
             else:
                 self._give(slot)

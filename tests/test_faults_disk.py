@@ -13,17 +13,14 @@ import copy
 import os
 import secrets
 import shutil
-import signal
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,86 +34,18 @@ import kvclient
 from kvclient.errors import KVError, RemoteError
 from kvserve import KVManager, Server
 from kvserve.persistence import Persistence
-from tests.conftest import read_listening_line
+from tests.durable import DurableServer
 from tests.wire import authed_connection, recv_frame
 
 FILE_HEADER = 16
 RECORD_HEADER = 12  # format version 2: length, payload crc32, header crc32
 
 
-@dataclass
-class Kvserve:
-    """A ``kvserve --data-dir`` subprocess that can be stopped, killed and started again."""
-
-    env: dict[str, str]
-    data_dir: Path
-    authkey: bytes
-    extra: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[str] | None = None
-    address: str = ""
-    stderr: str = ""
-    started: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def popen(self, *more: str) -> subprocess.Popen[str]:
-        args = ["--port", "0", "--data-dir", str(self.data_dir), *self.extra, *more]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvserve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-            umask=0o022,  # the modes kvserve gives its files must not depend on the umask
-        )
-        self.started.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        """Kill every server this object started that still runs (teardown after a failure)."""
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=30)
-
-    def start(self, *more: str) -> Kvserve:
-        self.proc = self.popen(*more)
-        self.address = read_listening_line(self.proc)
-        return self
-
-    def refuses(self, *more: str) -> str:
-        """Start, expect exit 3 before listening, return stderr."""
-        proc = self.popen(*more)
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # it started instead of refusing
-            out, err = proc.communicate()
-        assert (proc.returncode, out) == (3, ""), (proc.returncode, out, err)
-        assert "Traceback" not in err
-        return err
-
-    def client(self) -> kvclient.Client:
-        return kvclient.connect(self.address, self.authkey, retry=None, call_timeout=10)
-
-    def wait(self) -> int:
-        assert self.proc is not None
-        _, err = self.proc.communicate(timeout=30)
-        self.stderr += err
-        return self.proc.returncode
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.terminate()
-        return self.wait()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.wait()
-
-
 @pytest.fixture
-def disk(clean_env: dict[str, str], authkey: bytes, tmp_path: Path) -> Iterator[Kvserve]:
-    server = Kvserve(dict(clean_env, KV_AUTHKEY=authkey.decode()), tmp_path / "data", authkey)
+def disk(clean_env: dict[str, str], authkey: bytes, tmp_path: Path) -> Iterator[DurableServer]:
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    server = DurableServer(env, tmp_path / "data", authkey)
+    server.client_options = {"retry": None, "call_timeout": 10}
     yield server
     server.kill_all()
 
@@ -205,7 +134,7 @@ def fill_keys(kv: kvclient.Client, n: int, value: Any = None) -> dict[str, Any]:
 
 
 def test_damage_a_flipped_length_bit_in_the_last_segment_refuses_and_truncates_nothing(
-    disk: Kvserve,
+    disk: DurableServer,
 ) -> None:
     """The reported instance: 901 of 1000 acknowledged keys were truncated away silently."""
     disk.start()
@@ -243,7 +172,7 @@ def test_damage_a_flipped_length_bit_in_the_last_segment_refuses_and_truncates_n
 )
 @pytest.mark.parametrize("which", ["middle", "last"])
 def test_damage_any_flipped_bit_in_a_record_refuses_to_start(
-    disk: Kvserve, field_offset: int, bit: int, which: str
+    disk: DurableServer, field_offset: int, bit: int, which: str
 ) -> None:
     disk.start()
     with disk.client() as kv:
@@ -258,7 +187,7 @@ def test_damage_any_flipped_bit_in_a_record_refuses_to_start(
     assert segment.read_bytes() == damaged
 
 
-def test_damage_in_an_older_segment_refuses_even_at_its_end(disk: Kvserve) -> None:
+def test_damage_in_an_older_segment_refuses_even_at_its_end(disk: DurableServer) -> None:
     """Only the newest segment is ever appended to, so only it can end in a torn write."""
     disk.start()
     with disk.client() as kv:
@@ -281,7 +210,7 @@ def test_damage_in_an_older_segment_refuses_even_at_its_end(disk: Kvserve) -> No
 
 
 @pytest.mark.parametrize("how", ["cut-payload", "cut-header", "torn-append", "zeros", "header"])
-def test_torn_tail_provably_torn_final_writes_are_recovered(disk: Kvserve, how: str) -> None:
+def test_torn_tail_provably_torn_final_writes_are_recovered(disk: DurableServer, how: str) -> None:
     disk.start()
     with disk.client() as kv:
         expected = fill_keys(kv, 10)
@@ -324,7 +253,7 @@ def _v1_records(n: int) -> list[list[Any]]:
 
 @pytest.mark.parametrize("tail", ["cut", "zeros"])
 def test_torn_tail_version_1_files_still_load_and_a_torn_tail_is_recovered(
-    disk: Kvserve, tail: str
+    disk: DurableServer, tail: str
 ) -> None:
     disk.data_dir.mkdir()
     whole = v1_log(_v1_records(20))
@@ -345,7 +274,7 @@ def test_torn_tail_version_1_files_still_load_and_a_torn_tail_is_recovered(
     assert (disk.data_dir / "snapshot.kvs").read_bytes()[8:12] == struct.pack(">I", 2)
 
 
-def test_damage_version_1_length_flip_is_not_taken_for_a_torn_tail(disk: Kvserve) -> None:
+def test_damage_version_1_length_flip_is_not_taken_for_a_torn_tail(disk: DurableServer) -> None:
     """Version 1 has no header CRC: the valid records after the bad length give it away."""
     data = bytearray(v1_log(_v1_records(50)))
     offset = FILE_HEADER
@@ -363,7 +292,7 @@ def test_damage_version_1_length_flip_is_not_taken_for_a_torn_tail(disk: Kvserve
 # -- 2. A snapshot is checked whole before it is used ---------------------------------------
 
 
-def _snapshot_of_three(disk: Kvserve) -> Path:
+def _snapshot_of_three(disk: DurableServer) -> Path:
     disk.start()
     with disk.client() as kv:
         kv.dict("a")["x"] = 1
@@ -379,7 +308,7 @@ def _snapshot_of_three(disk: Kvserve) -> Path:
 
 
 @pytest.mark.parametrize("cut", ["before-trailer", "before-last-container", "after-header"])
-def test_snapshot_cut_at_a_record_boundary_refuses_to_start(disk: Kvserve, cut: str) -> None:
+def test_snapshot_cut_at_a_record_boundary_refuses_to_start(disk: DurableServer, cut: str) -> None:
     snapshot = _snapshot_of_three(disk)
     boundaries = records(snapshot)  # header record, a, b, c, trailer
     assert len(boundaries) == 5
@@ -400,7 +329,7 @@ def test_snapshot_cut_at_a_record_boundary_refuses_to_start(disk: Kvserve, cut: 
     assert disk.stop() == 0
 
 
-def test_snapshot_with_anything_after_its_trailer_refuses_to_start(disk: Kvserve) -> None:
+def test_snapshot_with_anything_after_its_trailer_refuses_to_start(disk: DurableServer) -> None:
     snapshot = _snapshot_of_three(disk)
     data = snapshot.read_bytes()
     header_record = data[FILE_HEADER : FILE_HEADER + records(snapshot)[0][1]]
@@ -409,7 +338,7 @@ def test_snapshot_with_anything_after_its_trailer_refuses_to_start(disk: Kvserve
     assert "after the trailer" in err
 
 
-def test_snapshot_version_1_with_a_missing_container_refuses_to_start(disk: Kvserve) -> None:
+def test_snapshot_version_1_with_a_missing_container_refuses_to_start(disk: DurableServer) -> None:
     """Version-1 snapshots have no trailer; their container count still catches a cut."""
     out = b"KVSNAP\0\0" + struct.pack(">II", 1, 0)
     for record in [{"log_seq": 1, "containers": 2}, ["a", "dict", {"x": 1}, 0]]:
@@ -465,7 +394,7 @@ def test_compaction_fires_repeatedly_under_a_bounded_write_loop(
         again.close()
 
 
-def test_compaction_counts_the_log_left_by_earlier_runs(disk: Kvserve) -> None:
+def test_compaction_counts_the_log_left_by_earlier_runs(disk: DurableServer) -> None:
     """A server restarted before each run fills --compact-at must still compact."""
     disk.extra = ["--compact-at", "20000"]
     for run in range(4):
@@ -482,7 +411,7 @@ def test_compaction_counts_the_log_left_by_earlier_runs(disk: Kvserve) -> None:
 
 
 def test_fatal_a_full_disk_stops_with_exit_1_and_the_reason_and_loses_nothing_acked(
-    disk: Kvserve, tmp_path: Path
+    disk: DurableServer, tmp_path: Path
 ) -> None:
     with small_disk(tmp_path / "mnt", 256 * 1024) as mnt:
         disk.data_dir = mnt / "data"
@@ -510,7 +439,7 @@ def test_fatal_a_full_disk_stops_with_exit_1_and_the_reason_and_loses_nothing_ac
 
 
 def test_compaction_set_then_compact_in_one_iteration_on_a_full_disk_acks_nothing_it_loses(
-    disk: Kvserve, tmp_path: Path
+    disk: DurableServer, tmp_path: Path
 ) -> None:
     """The reported instance: the set was acknowledged, compact's flush lost it."""
     with small_disk(tmp_path / "mnt", 512 * 1024) as mnt:
@@ -558,7 +487,7 @@ def test_compaction_set_then_compact_in_one_iteration_on_a_full_disk_acks_nothin
 
 
 def test_compaction_failed_snapshot_keeps_serving_logs_once_and_loses_nothing(
-    disk: Kvserve, tmp_path: Path
+    disk: DurableServer, tmp_path: Path
 ) -> None:
     with small_disk(tmp_path / "mnt", 1024 * 1024) as mnt:
         disk.data_dir = mnt / "data"
@@ -598,7 +527,7 @@ def test_compaction_failed_snapshot_keeps_serving_logs_once_and_loses_nothing(
 
 
 def test_compaction_that_cannot_start_a_segment_is_an_error_to_its_caller_not_a_stop(
-    disk: Kvserve, tmp_path: Path
+    disk: DurableServer, tmp_path: Path
 ) -> None:
     with small_disk(tmp_path / "mnt", 256 * 1024) as mnt:
         disk.data_dir = mnt / "data"
@@ -628,7 +557,7 @@ def test_compaction_that_cannot_start_a_segment_is_an_error_to_its_caller_not_a_
 
 @pytest.mark.parametrize("how", ["a-file", "under-a-file", "read-only"])
 def test_data_dir_unusable_is_reported_as_a_data_dir_error(
-    disk: Kvserve, tmp_path: Path, how: str
+    disk: DurableServer, tmp_path: Path, how: str
 ) -> None:
     target = tmp_path / "data"
     if how == "a-file":
@@ -652,7 +581,9 @@ def test_data_dir_unusable_is_reported_as_a_data_dir_error(
     assert "cannot listen" not in err
 
 
-def test_data_dir_a_missing_parent_is_created_and_every_file_is_private(disk: Kvserve) -> None:
+def test_data_dir_a_missing_parent_is_created_and_every_file_is_private(
+    disk: DurableServer,
+) -> None:
     disk.data_dir = disk.data_dir / "deeper" / "still"
     disk.start()
     with disk.client() as kv:
@@ -669,7 +600,7 @@ def test_data_dir_a_missing_parent_is_created_and_every_file_is_private(disk: Kv
     assert stat.S_IMODE(disk.data_dir.stat().st_mode) == 0o700
 
 
-def test_data_dir_a_snapshot_left_half_written_by_a_crash_is_removed(disk: Kvserve) -> None:
+def test_data_dir_a_snapshot_left_half_written_by_a_crash_is_removed(disk: DurableServer) -> None:
     disk.start()
     with disk.client() as kv:
         fill_keys(kv, 3)
@@ -683,7 +614,9 @@ def test_data_dir_a_snapshot_left_half_written_by_a_crash_is_removed(disk: Kvser
     assert not stale.exists()
 
 
-def test_data_dir_files_an_older_version_left_readable_are_made_private(disk: Kvserve) -> None:
+def test_data_dir_files_an_older_version_left_readable_are_made_private(
+    disk: DurableServer,
+) -> None:
     disk.data_dir.mkdir(mode=0o755)
     os.chmod(disk.data_dir, 0o755)
     segment = disk.data_dir / "log.0000000001.kvl"
@@ -734,7 +667,7 @@ class DiskModel(RuleBasedStateMachine):
         env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
         authkey = secrets.token_hex(16).encode()
         env.update(HOME=str(self.tmp / "home"), KV_AUTHKEY=authkey.decode())
-        self.server = Kvserve(env, self.tmp / "data", authkey, extra=["--fsync", "no"])
+        self.server = DurableServer(env, self.tmp / "data", authkey, extra=["--fsync", "no"])
         self.model: State = {"d": {}, "l": [], "ns": {}}
         self.kv: kvclient.Client | None = None
         try:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,44 +17,8 @@ import kvclient
 from kvclient.proxies import to_ref
 from kvserve import KVManager, Server
 from kvserve.persistence import Persistence, PersistenceError
-from tests.conftest import read_listening_line, start_kvserve
-
-
-@dataclass
-class DurableServer:
-    """A `kvserve --data-dir` subprocess that can be stopped, killed and started again."""
-
-    env: dict[str, str]
-    data_dir: Path
-    authkey: bytes
-    extra: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[str] | None = None
-    address: str = ""
-    stderr: str = ""
-
-    def start(self, *more: str) -> DurableServer:
-        self.proc = start_kvserve(self.env, "--data-dir", str(self.data_dir), *self.extra, *more)
-        self.address = read_listening_line(self.proc)
-        return self
-
-    def client(self) -> kvclient.Client:
-        return kvclient.connect(self.address, self.authkey)
-
-    def _finish(self) -> int:
-        assert self.proc is not None
-        _, err = self.proc.communicate(timeout=30)
-        self.stderr += err
-        return self.proc.returncode
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.terminate()
-        return self._finish()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self._finish()
+from tests.conftest import start_kvserve
+from tests.durable import DurableServer
 
 
 @pytest.fixture

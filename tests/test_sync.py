@@ -813,7 +813,7 @@ def test_a_lease_that_ran_out_stays_released_after_a_restart(
     clean_env: dict[str, str], authkey: bytes, tmp_path: Path
 ) -> None:
     """Expiry depends on the clock; the log must record it, or a replay hands the lock back."""
-    from tests.test_persistence import DurableServer
+    from tests.durable import DurableServer
 
     server = DurableServer(dict(clean_env, KV_AUTHKEY=authkey.decode()), tmp_path / "d", authkey)
     server.start()

@@ -37,15 +37,17 @@ from kvserve.persistence import Persistence
 from tests.durable import DurableServer
 from tests.wire import authed_connection, recv_frame
 
+# These tests see each failure as it happens: the client neither retries nor waits long.
+NO_RETRY: dict[str, Any] = {"client_options": {"retry": None, "call_timeout": 10}}
 FILE_HEADER = 16
 RECORD_HEADER = 12  # format version 2: length, payload crc32, header crc32
 
 
 @pytest.fixture
 def disk(clean_env: dict[str, str], authkey: bytes, tmp_path: Path) -> Iterator[DurableServer]:
-    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
-    server = DurableServer(env, tmp_path / "data", authkey)
-    server.client_options = {"retry": None, "call_timeout": 10}
+    server = DurableServer(
+        dict(clean_env, KV_AUTHKEY=authkey.decode()), tmp_path / "data", authkey, **NO_RETRY
+    )
     yield server
     server.kill_all()
 
@@ -667,7 +669,9 @@ class DiskModel(RuleBasedStateMachine):
         env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
         authkey = secrets.token_hex(16).encode()
         env.update(HOME=str(self.tmp / "home"), KV_AUTHKEY=authkey.decode())
-        self.server = DurableServer(env, self.tmp / "data", authkey, extra=["--fsync", "no"])
+        self.server = DurableServer(
+            env, self.tmp / "data", authkey, extra=["--fsync", "no"], **NO_RETRY
+        )
         self.model: State = {"d": {}, "l": [], "ns": {}}
         self.kv: kvclient.Client | None = None
         try:

@@ -90,6 +90,27 @@ class Node:
         )
         return out.stdout
 
+    def replicated(self, key: str, timeout_ms: int = 5000) -> int:
+        """Write ``key`` here, then ``WAIT 1``: how many replicas have everything written so far.
+
+        One connection for both: ``WAIT`` counts the replicas that have *that connection's*
+        writes, so a ``WAIT`` on a fresh connection returns at once and proves nothing. A
+        replica that has this write has every earlier one (the stream is in order). ``key``
+        must be in a slot this node serves (give it the hash tag of the keys in question).
+        """
+        out = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port)],
+            input=f"SET {key} 1\nWAIT 1 {timeout_ms}\n",
+            capture_output=True,
+            text=True,
+            timeout=timeout_ms / 1000 + 10,
+            check=False,
+        )
+        lines = out.stdout.split()
+        if lines[:1] != ["OK"] or len(lines) < 2:
+            raise ClusterError(f"SET then WAIT on {self.port} answered {out.stdout!r}")
+        return int(lines[1])
+
 
 @dataclass
 class Cluster:
@@ -235,6 +256,33 @@ class Cluster:
             for node in self.nodes
             if "role:slave" in node.cli("info", "replication")
         )
+
+    def master_of(self, key: str, ask: Node | None = None) -> Node | None:
+        """Return the node serving ``key``'s slot as master as ``ask`` sees it (None: none now)."""
+        witness = ask or self.nodes[0]
+        slot = int(witness.cli("cluster", "keyslot", key).strip())
+        for line in witness.cli("cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 8 or "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for part in fields[8:]:
+                first, _, last = part.partition("-")
+                if first.isdigit() and int(first) <= slot <= int(last or first):
+                    port = int(fields[1].split(":")[1].split("@")[0])
+                    return next(n for n in self.nodes if n.port == port)
+        return None
+
+    def replica_of(self, master: Node) -> Node:
+        """Return the (first) replica attached to ``master``.
+
+        Raises:
+            ClusterError: it has none.
+        """
+        for line in master.cli("info", "replication").splitlines():
+            if line.startswith("slave0:"):
+                port = int(line.split("port=", 1)[1].split(",", 1)[0])
+                return next(n for n in self.nodes if n.port == port)
+        raise ClusterError(f"node {master.port} has no replica attached")
 
     def kill(self, node: Node, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to one node (failover tests)."""

@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Cluster", "ClusterError", "available", "free_port_pair", "running_cluster"]
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "Standalone",
+    "TLSFiles",
+    "available",
+    "free_port_pair",
+    "running_cluster",
+]
 
 _BUS_OFFSET: Final = 10000
 _START_TIMEOUT: Final = 30.0
@@ -66,6 +74,32 @@ def free_port_pair(taken: set[int]) -> int:
     raise ClusterError("no free port pair (port and port + 10000) found in 200 tries")
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for TLS-only nodes: the CA both sides trust, and a certificate with its key.
+
+    The nodes serve with the certificate and present it to each other (cluster bus,
+    replication); redis-cli presents it too (``tls-auth-clients`` is on by default).
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_args(self, port: int) -> list[str]:
+        """redis-server options: TLS only, on ``port``, between nodes too."""
+        return [
+            *("--port", "0", "--tls-port", str(port)),
+            *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
+            *("--tls-ca-cert-file", str(self.ca)),
+            *("--tls-cluster", "yes", "--tls-replication", "yes"),
+        ]
+
+    def cli_args(self) -> list[str]:
+        """redis-cli options to reach such a node."""
+        return ["--tls", "--cacert", str(self.ca), "--cert", str(self.cert), "--key", str(self.key)]
+
+
 @dataclass
 class Node:
     """One redis-server process of the cluster."""
@@ -73,6 +107,19 @@ class Node:
     port: int
     directory: Path
     proc: subprocess.Popen[bytes] | None = None
+    tls: TLSFiles | None = None
+
+    def _cli(self) -> list[str]:
+        return ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *self._tls_args()]
+
+    def _tls_args(self) -> list[str]:
+        return [] if self.tls is None else self.tls.cli_args()
+
+    def port_args(self) -> list[str]:
+        """redis-server options for where it listens (TLS only when the node has ``tls``)."""
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return self.tls.server_args(self.port)
 
     @property
     def address(self) -> str:
@@ -82,7 +129,7 @@ class Node:
     def cli(self, *args: str, timeout: float = 10.0) -> str:
         """Run ``redis-cli -p PORT ARGS...`` and return its output."""
         out = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            [*self._cli(), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -99,7 +146,7 @@ class Node:
         must be in a slot this node serves (give it the hash tag of the keys in question).
         """
         out = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port)],
+            self._cli(),
             input=f"SET {key} 1\nWAIT 1 {timeout_ms}\n",
             capture_output=True,
             text=True,
@@ -121,6 +168,7 @@ class Cluster:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kv-cluster-")))
     nodes: list[Node] = field(default_factory=list)
     _owns_base: bool = True
+    tls: TLSFiles | None = None
 
     @property
     def seeds(self) -> list[str]:
@@ -142,7 +190,7 @@ class Cluster:
             for _ in range(self.masters * (1 + self.replicas)):
                 port = free_port_pair(taken)
                 taken.update({port, port + _BUS_OFFSET})
-                node = Node(port, self.base / str(port))
+                node = Node(port, self.base / str(port), tls=self.tls)
                 node.directory.mkdir(parents=True)
                 self._spawn(node)
                 self.nodes.append(node)
@@ -153,6 +201,7 @@ class Cluster:
             create = subprocess.run(
                 [
                     "redis-cli",
+                    *([] if self.tls is None else self.tls.cli_args()),
                     "--cluster",
                     "create",
                     *self.seeds,
@@ -178,8 +227,7 @@ class Cluster:
         node.proc = subprocess.Popen(
             [
                 "redis-server",
-                "--port",
-                str(node.port),
+                *node.port_args(),
                 "--bind",
                 "127.0.0.1",
                 "--cluster-enabled",
@@ -304,9 +352,11 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(masters: int = 3, replicas: int = 1) -> Iterator[Cluster]:
-    """Start a cluster for the ``with`` block, stop it after."""
-    cluster = Cluster(masters, replicas).start()
+def running_cluster(
+    masters: int = 3, replicas: int = 1, tls: TLSFiles | None = None
+) -> Iterator[Cluster]:
+    """Start a cluster for the ``with`` block (TLS only with ``tls``), stop it after."""
+    cluster = Cluster(masters, replicas, tls=tls).start()
     try:
         yield cluster
     finally:
@@ -335,12 +385,13 @@ class Standalone:
 
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kv-redis-")))
     node: Node | None = None
+    tls: TLSFiles | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
+        """``redis://127.0.0.1:PORT/0`` (``rediss://`` with TLS)."""
         assert self.node is not None
-        return f"redis://{self.node.address}/0"
+        return f"redis{'' if self.tls is None else 's'}://{self.node.address}/0"
 
     def start(self) -> Standalone:
         """Start it and wait until it answers PING (bounded: 30 s).
@@ -352,12 +403,11 @@ class Standalone:
         if reason is not None:
             raise ClusterError(reason)
         port = free_port_pair(set())
-        node = Node(port, self.base)
+        node = Node(port, self.base, tls=self.tls)
         node.proc = subprocess.Popen(
             [
                 "redis-server",
-                "--port",
-                str(port),
+                *node.port_args(),
                 "--bind",
                 "127.0.0.1",
                 "--dir",

@@ -62,7 +62,10 @@ def translate(exc: BaseException, endpoint: str) -> BaseException:
         return AuthError(f"{endpoint} refused the credentials: {exc}")
     if isinstance(exc, rx.ConnectionError):
         if isinstance(exc.__context__, ssl.SSLError) or "SSL" in str(exc):
-            return TLSError(f"TLS with {endpoint} failed: {exc}")
+            hint = ""
+            if "EOF occurred" in str(exc):  # what a server that wants a client cert does
+                hint = " (the server closed it: it may require a client certificate, cert=/key=)"
+            return TLSError(f"TLS with {endpoint} failed: {exc}{hint}")
         return KVConnectionError(f"lost or could not open the connection to {endpoint}: {exc}")
     if isinstance(exc, rx.ClusterDownError | rx.TryAgainError | rx.ReadOnlyError):
         return KVConnectionError(f"{endpoint} cannot serve the call now ({exc}); retrying helps")

@@ -21,6 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -151,3 +152,36 @@ def test_a_fencing_token_is_issued_twice_unless_grants_are_confirmed(
         if durability is None:
             # Two clients were granted the lock with fencing token 2.
             assert lock.token == later.token
+
+
+def _calls(node: Node, command: str) -> int:
+    for line in node.cli("info", "commandstats").splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return 0
+
+
+def test_durability_replica_confirms_with_wait_where_waitaof_cannot_serve(
+    redis_cluster_url: str, redis_cluster_session: Cluster
+) -> None:
+    """``WAITAOF 1 1`` needs Redis 7.2 (every Valkey) and the master's AOF on; else ``WAIT 1``.
+
+    The harness runs without AOF (and this machine's redis-server is 7.0), so this is the
+    ``WAIT`` path; a node wrongly believed to have ``WAITAOF`` refuses it, and the retry
+    confirms with ``WAIT`` and applies the call once.
+    """
+    with kvclient.connect(redis_cluster_url, durability="replica") as kv:
+        d = kv.dict("aof")
+        nodes: Any = kv._backend.nodes  # type: ignore[attr-defined]
+        target = nodes.node_for(b"kv{aof}:m")
+        master = next(n for n in redis_cluster_session.nodes if n.port == target[1])
+        waits = _calls(master, "wait")
+        d["k"] = 1
+        assert nodes._waitaof[target] is False
+        waited = _calls(master, "wait")
+        assert waited > waits and _calls(master, "waitaof") == 0
+        nodes._waitaof[target] = True  # as if it had WAITAOF and its AOF on
+        assert d.incr("n") == 1  # WAITAOF refused, retried with WAIT, applied once
+        assert nodes._waitaof[target] is False
+        assert d.copy() == {"k": 1, "n": 1}
+        assert _calls(master, "wait") == waited + 1

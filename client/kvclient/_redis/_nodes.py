@@ -95,6 +95,8 @@ class Nodes:
         # slot -> master (host, port); empty until the first refresh.
         self._slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._stale = cluster
+        # node -> whether it confirms with WAITAOF (see _confirmation); learnt on first use.
+        self._waitaof: dict[tuple[str, int], bool] = {}
 
     def client(self, node: tuple[str, int]) -> redis.Redis:
         """Return the client (connection pool) of ``node``, making it on first use."""
@@ -193,7 +195,9 @@ class Nodes:
 
         ``then``: a second command sent right after it on the same connection (``WAIT``,
         which counts the replicas that have the writes of *this* connection); the reply is
-        then ``(first reply, second reply)``.
+        then ``(first reply, second reply)``. ``("WAIT", 1, ms)`` is sent as
+        ``WAITAOF 1 1 ms`` to a node that has it and its AOF on (see :meth:`_confirmation`):
+        its reply is then ``[local fsyncs, replica fsyncs]``.
 
         Raises:
             KVConnectionError, KVTimeoutError, AuthError, TLSError: see :func:`translate`;
@@ -218,6 +222,8 @@ class Nodes:
     ) -> Any:
         client = self.client(target)
         try:
+            if then is not None and then[0] == "WAIT":
+                then = self._confirmation(target, then)
             if asking or then is not None:
                 # A pipeline holds one connection for its commands: ASKING applies to the
                 # next command on its connection, WAIT to the writes made on it.
@@ -246,11 +252,38 @@ class Nodes:
         ) as exc:
             self.mark_stale()
             raise translate(exc, format_address(*target)) from exc
-        except rx.ResponseError:
+        except rx.ResponseError as exc:
+            if then is not None and then[0] == "WAITAOF" and "(WAITAOF" in str(exc):
+                # Its AOF was turned off, or it was downgraded: learn anew on the retry (the
+                # script ran; its request id makes the retry apply nothing twice).
+                self._waitaof.pop(target, None)
+                raise KVConnectionError(
+                    f"{format_address(*target)} refused WAITAOF ({exc}); retrying helps"
+                ) from exc
             raise
         except rx.RedisError as exc:
             self.mark_stale()
             raise translate(exc, format_address(*target)) from exc
+
+    def _confirmation(self, target: tuple[str, int], wait: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Return ``WAIT n ms`` as ``WAITAOF 1 n ms`` where ``target`` can answer it.
+
+        ``WAITAOF`` (Redis 7.2, so every Valkey) confirms that the write is fsynced to the
+        AOF of the master and of ``n`` replicas: what ``WAIT`` confirms (a replica has it)
+        and that it survives a restart of those nodes. It needs the master's AOF on (else the
+        server refuses ``numlocal`` 1), so a node without it is confirmed with ``WAIT``. Learnt
+        once per node from ``INFO`` (``COMMAND INFO`` of an unknown command breaks redis-py's
+        reply parser); Valkey reports the Redis version it is compatible with there.
+        """
+        found = self._waitaof.get(target)
+        if found is None:
+            info = self.client(target).info("server", "persistence")
+            version = tuple(
+                int(part) for part in str(info.get("redis_version", "0")).split(".")[:2]
+            )
+            found = version >= (7, 2) and str(info.get("aof_enabled", "0")) == "1"
+            self._waitaof[target] = found
+        return ("WAITAOF", 1, *wait[1:]) if found else wait
 
 
 def _redirect_target(exc: rx.ResponseError) -> tuple[int, str, int]:

@@ -6,8 +6,10 @@ container shares its hash tag, so one slot); :meth:`Nodes.execute` sends it to t
 master. ``MOVED`` updates the map and resends at once, ``ASK`` resends once to the node named
 with ``ASKING`` before it on the same connection: neither ran the command, so resending applies
 nothing twice. Anything else (a connection lost, ``CLUSTERDOWN``, ``READONLY`` from a demoted
-master, ``TRYAGAIN``) is raised translated, for the caller's one retry loop
-(:class:`kvclient.retry.Retry`) to decide; the map is re-read before the next attempt.
+master, ``TRYAGAIN`` while a slot migrates, ``NOREPLICAS`` from a master that has
+``min-replicas-to-write`` and no replica in sync) is raised translated, for the caller's one
+retry loop (:class:`kvclient.retry.Retry`) to decide; the map is re-read before the next
+attempt.
 
 redis-py's own retries are off (``Retry(NoBackoff(), 0)``): it would resend a script whose
 reply was lost without the request id check, and kvclient's retry is the only loop.
@@ -37,6 +39,8 @@ __all__ = ["SLOTS", "Nodes", "translate"]
 SLOTS: Final = 16384
 # Redirections followed for one call before giving up (a map in flux resettles in a few).
 _MAX_REDIRECTS: Final = 16
+# A master with min-replicas-to-write refusing writes: no replica in sync (yet), retryable.
+_NOREPLICAS: Final = "NOREPLICAS "
 
 
 class _Redirect(Exception):
@@ -69,7 +73,7 @@ def translate(exc: BaseException, endpoint: str) -> BaseException:
         return KVConnectionError(f"lost or could not open the connection to {endpoint}: {exc}")
     if isinstance(exc, rx.ClusterDownError | rx.TryAgainError | rx.ReadOnlyError):
         return KVConnectionError(f"{endpoint} cannot serve the call now ({exc}); retrying helps")
-    if isinstance(exc, rx.BusyLoadingError):
+    if isinstance(exc, rx.BusyLoadingError) or _NOREPLICAS in str(exc):
         return KVConnectionError(f"{endpoint} cannot serve the call now ({exc}); retrying helps")
     return exc
 
@@ -134,6 +138,7 @@ class Nodes:
 
         Raises:
             KVConnectionError: no node answered.
+            AuthError: a node refused the credentials.
         """
         known = [*self.seeds, *(n for n in self._clients if n not in self.seeds)]
         error: BaseException | None = None
@@ -144,6 +149,8 @@ class Nodes:
                 )
             except rx.RedisError as exc:
                 error = translate(exc, format_address(*node))
+                if isinstance(error, AuthError):
+                    raise error from exc  # every node has the same password: not retryable
                 continue
             slots: list[tuple[str, int] | None] = [None] * SLOTS
             for entry in ranges:
@@ -260,6 +267,8 @@ class Nodes:
                 raise KVConnectionError(
                     f"{format_address(*target)} refused WAITAOF ({exc}); retrying helps"
                 ) from exc
+            if _NOREPLICAS in str(exc):
+                raise translate(exc, format_address(*target)) from exc
             raise
         except rx.RedisError as exc:
             self.mark_stale()

@@ -37,6 +37,7 @@ __all__ = [
     "TLSFiles",
     "available",
     "free_port_pair",
+    "require",
     "running_cluster",
 ]
 
@@ -55,6 +56,17 @@ def available() -> str | None:
     if missing:
         return f"{' and '.join(missing)} not on PATH (apt-get install redis-server)"
     return None
+
+
+def require() -> None:
+    """In a test: skip it without redis-server, or fail it in CI, where ``.ci/run`` installs it."""
+    import pytest
+
+    reason = available()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() not in {"", "0", "false", "no"}:
+            pytest.fail(f"the Valkey/Redis tests must run in CI: {reason}")
+        pytest.skip(reason)
 
 
 def free_port_pair(taken: set[int]) -> int:

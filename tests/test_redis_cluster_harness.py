@@ -8,24 +8,19 @@ tests skip with the reason, except in CI (``CI=true``), where a missing engine i
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.redis_cluster import Cluster, available, running_cluster
+from tests.redis_cluster import Cluster, require, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    reason = available()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the cluster tests must run in CI: {reason}")
-        pytest.skip(reason)
+    require()
     with running_cluster() as running:
         yield running
 

@@ -17,7 +17,6 @@ the replica reads it on waking before it takes over.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import pytest
 
 import kvclient
 from kvclient.retry import Retry
-from tests.redis_cluster import Cluster, Node, available, running_cluster
+from tests.redis_cluster import Cluster, Node, require, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,11 +38,7 @@ PROBE = "kv{%s}:probe"
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     """A 3-master / 3-replica cluster of this test's own (it will lose a master)."""
-    reason = available()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the cluster tests must run in CI: {reason}")
-        pytest.skip(reason)
+    require()
     with running_cluster(3, 1) as running:
         yield running
 

@@ -13,7 +13,6 @@ target; and the first call after the move gets ``MOVED`` and updates the slot ma
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,18 +23,14 @@ from redis.crc import key_slot
 
 import kvclient
 from kvclient.retry import ConstantBackoff, Retry
-from tests.redis_cluster import Cluster, Node, available, running_cluster
+from tests.redis_cluster import Cluster, Node, require, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    reason = available()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the cluster tests must run in CI: {reason}")
-        pytest.skip(reason)
+    require()
     with running_cluster(3, 0) as running:
         yield running
 

@@ -9,7 +9,6 @@ host name is ``TLSError``, a plain client at a TLS port ``KVConnectionError``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 import trustme
 
 import kvclient
-from tests.redis_cluster import Standalone, TLSFiles, available, running_cluster
+from tests.redis_cluster import Standalone, TLSFiles, require, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,11 +50,7 @@ def _client_files(pki: dict[str, Path]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(pki: dict[str, Path]) -> Iterator[Standalone]:
-    reason = available()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the Redis tests must run in CI: {reason}")
-        pytest.skip(reason)
+    require()
     running = Standalone(tls=_files(pki)).start()
     yield running
     running.stop()
@@ -99,11 +94,7 @@ def test_tls_failures_say_what_failed(
 
 
 def test_redis_clusters_routes_and_replicates_over_tls(pki: dict[str, Path]) -> None:
-    reason = available()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the cluster tests must run in CI: {reason}")
-        pytest.skip(reason)
+    require()
     with running_cluster(3, 1, tls=_files(pki)) as cluster:
         url = "redis-clusters://" + cluster.seeds[0]
         # Confirmed writes: each reached a replica over TLS replication.

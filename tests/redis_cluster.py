@@ -12,6 +12,11 @@ By hand::
 
 Ports are chosen free (the port and its cluster bus port, port + 10000), so parallel runs and
 other services on the machine do not collide.
+
+Unlike deploy/redis-cluster/compose.yaml (whose own command lines tests/test_deploy_redis.py
+runs), the nodes keep no AOF, set no ``min-replicas-to-write`` and fail over after a 2 s node
+timeout: the failover tests need a master that acknowledges writes no replica has, and a
+killed node that comes back empty. With ``tls`` the nodes listen on TLS only.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ By hand::
 
 Ports are chosen free (the port and its cluster bus port, port + 10000), so parallel runs and
 other services on the machine do not collide.
+
+Unlike deploy/redis-cluster/compose.yaml (whose own command lines tests/test_deploy_redis.py
+runs), the nodes keep no AOF, set no ``min-replicas-to-write`` and fail over after a 2 s node
+timeout: the failover tests need a master that acknowledges writes no replica has, and a
+killed node that comes back empty. With ``tls`` the nodes listen on TLS only.
 """
 
 from __future__ import annotations
@@ -30,7 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Cluster", "ClusterError", "available", "free_port_pair", "running_cluster"]
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "Standalone",
+    "TLSFiles",
+    "available",
+    "free_port_pair",
+    "require",
+    "running_cluster",
+]
 
 _BUS_OFFSET: Final = 10000
 _START_TIMEOUT: Final = 30.0
@@ -47,6 +61,17 @@ def available() -> str | None:
     if missing:
         return f"{' and '.join(missing)} not on PATH (apt-get install redis-server)"
     return None
+
+
+def require() -> None:
+    """In a test: skip it without redis-server, or fail it in CI, where ``.ci/run`` installs it."""
+    import pytest
+
+    reason = available()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() not in {"", "0", "false", "no"}:
+            pytest.fail(f"the Valkey/Redis tests must run in CI: {reason}")
+        pytest.skip(reason)
 
 
 def free_port_pair(taken: set[int]) -> int:
@@ -66,6 +91,32 @@ def free_port_pair(taken: set[int]) -> int:
     raise ClusterError("no free port pair (port and port + 10000) found in 200 tries")
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for TLS-only nodes: the CA both sides trust, and a certificate with its key.
+
+    The nodes serve with the certificate and present it to each other (cluster bus,
+    replication); redis-cli presents it too (``tls-auth-clients`` is on by default).
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_args(self, port: int) -> list[str]:
+        """redis-server options: TLS only, on ``port``, between nodes too."""
+        return [
+            *("--port", "0", "--tls-port", str(port)),
+            *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
+            *("--tls-ca-cert-file", str(self.ca)),
+            *("--tls-cluster", "yes", "--tls-replication", "yes"),
+        ]
+
+    def cli_args(self) -> list[str]:
+        """redis-cli options to reach such a node."""
+        return ["--tls", "--cacert", str(self.ca), "--cert", str(self.cert), "--key", str(self.key)]
+
+
 @dataclass
 class Node:
     """One redis-server process of the cluster."""
@@ -73,6 +124,19 @@ class Node:
     port: int
     directory: Path
     proc: subprocess.Popen[bytes] | None = None
+    tls: TLSFiles | None = None
+
+    def _cli(self) -> list[str]:
+        return ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *self._tls_args()]
+
+    def _tls_args(self) -> list[str]:
+        return [] if self.tls is None else self.tls.cli_args()
+
+    def port_args(self) -> list[str]:
+        """redis-server options for where it listens (TLS only when the node has ``tls``)."""
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return self.tls.server_args(self.port)
 
     @property
     def address(self) -> str:
@@ -82,13 +146,34 @@ class Node:
     def cli(self, *args: str, timeout: float = 10.0) -> str:
         """Run ``redis-cli -p PORT ARGS...`` and return its output."""
         out = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            [*self._cli(), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
         return out.stdout
+
+    def replicated(self, key: str, timeout_ms: int = 5000) -> int:
+        """Write ``key`` here, then ``WAIT 1``: how many replicas have everything written so far.
+
+        One connection for both: ``WAIT`` counts the replicas that have *that connection's*
+        writes, so a ``WAIT`` on a fresh connection returns at once and proves nothing. A
+        replica that has this write has every earlier one (the stream is in order). ``key``
+        must be in a slot this node serves (give it the hash tag of the keys in question).
+        """
+        out = subprocess.run(
+            self._cli(),
+            input=f"SET {key} 1\nWAIT 1 {timeout_ms}\n",
+            capture_output=True,
+            text=True,
+            timeout=timeout_ms / 1000 + 10,
+            check=False,
+        )
+        lines = out.stdout.split()
+        if lines[:1] != ["OK"] or len(lines) < 2:
+            raise ClusterError(f"SET then WAIT on {self.port} answered {out.stdout!r}")
+        return int(lines[1])
 
 
 @dataclass
@@ -100,6 +185,7 @@ class Cluster:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kv-cluster-")))
     nodes: list[Node] = field(default_factory=list)
     _owns_base: bool = True
+    tls: TLSFiles | None = None
 
     @property
     def seeds(self) -> list[str]:
@@ -121,7 +207,7 @@ class Cluster:
             for _ in range(self.masters * (1 + self.replicas)):
                 port = free_port_pair(taken)
                 taken.update({port, port + _BUS_OFFSET})
-                node = Node(port, self.base / str(port))
+                node = Node(port, self.base / str(port), tls=self.tls)
                 node.directory.mkdir(parents=True)
                 self._spawn(node)
                 self.nodes.append(node)
@@ -132,6 +218,7 @@ class Cluster:
             create = subprocess.run(
                 [
                     "redis-cli",
+                    *([] if self.tls is None else self.tls.cli_args()),
                     "--cluster",
                     "create",
                     *self.seeds,
@@ -157,8 +244,7 @@ class Cluster:
         node.proc = subprocess.Popen(
             [
                 "redis-server",
-                "--port",
-                str(node.port),
+                *node.port_args(),
                 "--bind",
                 "127.0.0.1",
                 "--cluster-enabled",
@@ -236,6 +322,33 @@ class Cluster:
             if "role:slave" in node.cli("info", "replication")
         )
 
+    def master_of(self, key: str, ask: Node | None = None) -> Node | None:
+        """Return the node serving ``key``'s slot as master as ``ask`` sees it (None: none now)."""
+        witness = ask or self.nodes[0]
+        slot = int(witness.cli("cluster", "keyslot", key).strip())
+        for line in witness.cli("cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 8 or "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for part in fields[8:]:
+                first, _, last = part.partition("-")
+                if first.isdigit() and int(first) <= slot <= int(last or first):
+                    port = int(fields[1].split(":")[1].split("@")[0])
+                    return next(n for n in self.nodes if n.port == port)
+        return None
+
+    def replica_of(self, master: Node) -> Node:
+        """Return the (first) replica attached to ``master``.
+
+        Raises:
+            ClusterError: it has none.
+        """
+        for line in master.cli("info", "replication").splitlines():
+            if line.startswith("slave0:"):
+                port = int(line.split("port=", 1)[1].split(",", 1)[0])
+                return next(n for n in self.nodes if n.port == port)
+        raise ClusterError(f"node {master.port} has no replica attached")
+
     def kill(self, node: Node, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to one node (failover tests)."""
         if node.proc is not None and node.proc.poll() is None:
@@ -256,9 +369,11 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(masters: int = 3, replicas: int = 1) -> Iterator[Cluster]:
-    """Start a cluster for the ``with`` block, stop it after."""
-    cluster = Cluster(masters, replicas).start()
+def running_cluster(
+    masters: int = 3, replicas: int = 1, tls: TLSFiles | None = None
+) -> Iterator[Cluster]:
+    """Start a cluster for the ``with`` block (TLS only with ``tls``), stop it after."""
+    cluster = Cluster(masters, replicas, tls=tls).start()
     try:
         yield cluster
     finally:
@@ -287,12 +402,13 @@ class Standalone:
 
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kv-redis-")))
     node: Node | None = None
+    tls: TLSFiles | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
+        """``redis://127.0.0.1:PORT/0`` (``rediss://`` with TLS)."""
         assert self.node is not None
-        return f"redis://{self.node.address}/0"
+        return f"redis{'' if self.tls is None else 's'}://{self.node.address}/0"
 
     def start(self) -> Standalone:
         """Start it and wait until it answers PING (bounded: 30 s).
@@ -304,12 +420,11 @@ class Standalone:
         if reason is not None:
             raise ClusterError(reason)
         port = free_port_pair(set())
-        node = Node(port, self.base)
+        node = Node(port, self.base, tls=self.tls)
         node.proc = subprocess.Popen(
             [
                 "redis-server",
-                "--port",
-                str(port),
+                *node.port_args(),
                 "--bind",
                 "127.0.0.1",
                 "--dir",

@@ -329,19 +329,7 @@ def test_durability_replica_confirms_writes_or_raises(
 
 def _master_of(cluster: Any, key: bytes, ask: Any = None) -> Any:
     """Return the harness node serving ``key``'s slot as master (as node ``ask`` sees it)."""
-    from redis.crc import key_slot
-
-    slot = key_slot(key)
-    for line in (ask or cluster.nodes[0]).cli("cluster", "nodes").splitlines():
-        fields = line.split()
-        if "master" not in fields[2] or "fail" in fields[2]:
-            continue
-        for part in fields[8:]:
-            first, _, last = part.partition("-")
-            if first.isdigit() and int(first) <= slot <= int(last or first):
-                port = int(fields[1].split(":")[1].split("@")[0])
-                return next(n for n in cluster.nodes if n.port == port)
-    return None  # none right now (failing over)
+    return cluster.master_of(key.decode(), ask)
 
 
 @pytest.mark.parametrize("durability", [None, "replica"])

@@ -217,10 +217,11 @@ def test_a_lock_and_its_waiter_carry_on_across_a_master_failover() -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             nodes = holder._backend.nodes  # type: ignore[attr-defined]
-            host, port = nodes.node_for(_tag("failover") + b"m")
+            _host, port = nodes.node_for(_tag("failover") + b"m")
             master = next(node for node in cluster.nodes if node.port == port)
-            # The hold and the waiter's place reached the replica before the kill.
-            assert redis.Redis(host=host, port=port).wait(1, 2000) == 1
+            # The hold and the waiter's place reached the replica before the kill (a WAIT on
+            # a connection of its own that wrote nothing would prove nothing).
+            assert master.replicated((_tag("failover") + b"probe").decode(), 2000) == 1
             cluster.kill(master)
             started = time.monotonic()
             lock.release()  # fails over to the replica, retried within the Retry window

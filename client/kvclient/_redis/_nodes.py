@@ -6,8 +6,10 @@ container shares its hash tag, so one slot); :meth:`Nodes.execute` sends it to t
 master. ``MOVED`` updates the map and resends at once, ``ASK`` resends once to the node named
 with ``ASKING`` before it on the same connection: neither ran the command, so resending applies
 nothing twice. Anything else (a connection lost, ``CLUSTERDOWN``, ``READONLY`` from a demoted
-master, ``TRYAGAIN``) is raised translated, for the caller's one retry loop
-(:class:`kvclient.retry.Retry`) to decide; the map is re-read before the next attempt.
+master, ``TRYAGAIN`` while a slot migrates, ``NOREPLICAS`` from a master that has
+``min-replicas-to-write`` and no replica in sync) is raised translated, for the caller's one
+retry loop (:class:`kvclient.retry.Retry`) to decide; the map is re-read before the next
+attempt.
 
 redis-py's own retries are off (``Retry(NoBackoff(), 0)``): it would resend a script whose
 reply was lost without the request id check, and kvclient's retry is the only loop.
@@ -37,6 +39,8 @@ __all__ = ["SLOTS", "Nodes", "translate"]
 SLOTS: Final = 16384
 # Redirections followed for one call before giving up (a map in flux resettles in a few).
 _MAX_REDIRECTS: Final = 16
+# A master with min-replicas-to-write refusing writes: no replica in sync (yet), retryable.
+_NOREPLICAS: Final = "NOREPLICAS "
 
 
 class _Redirect(Exception):
@@ -62,11 +66,14 @@ def translate(exc: BaseException, endpoint: str) -> BaseException:
         return AuthError(f"{endpoint} refused the credentials: {exc}")
     if isinstance(exc, rx.ConnectionError):
         if isinstance(exc.__context__, ssl.SSLError) or "SSL" in str(exc):
-            return TLSError(f"TLS with {endpoint} failed: {exc}")
+            hint = ""
+            if "EOF occurred" in str(exc):  # what a server that wants a client cert does
+                hint = " (the server closed it: it may require a client certificate, cert=/key=)"
+            return TLSError(f"TLS with {endpoint} failed: {exc}{hint}")
         return KVConnectionError(f"lost or could not open the connection to {endpoint}: {exc}")
     if isinstance(exc, rx.ClusterDownError | rx.TryAgainError | rx.ReadOnlyError):
         return KVConnectionError(f"{endpoint} cannot serve the call now ({exc}); retrying helps")
-    if isinstance(exc, rx.BusyLoadingError):
+    if isinstance(exc, rx.BusyLoadingError) or _NOREPLICAS in str(exc):
         return KVConnectionError(f"{endpoint} cannot serve the call now ({exc}); retrying helps")
     return exc
 
@@ -92,6 +99,8 @@ class Nodes:
         # slot -> master (host, port); empty until the first refresh.
         self._slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._stale = cluster
+        # node -> whether it confirms with WAITAOF (see _confirmation); learnt on first use.
+        self._waitaof: dict[tuple[str, int], bool] = {}
 
     def client(self, node: tuple[str, int]) -> redis.Redis:
         """Return the client (connection pool) of ``node``, making it on first use."""
@@ -129,6 +138,7 @@ class Nodes:
 
         Raises:
             KVConnectionError: no node answered.
+            AuthError: a node refused the credentials.
         """
         known = [*self.seeds, *(n for n in self._clients if n not in self.seeds)]
         error: BaseException | None = None
@@ -139,6 +149,8 @@ class Nodes:
                 )
             except rx.RedisError as exc:
                 error = translate(exc, format_address(*node))
+                if isinstance(error, AuthError):
+                    raise error from exc  # every node has the same password: not retryable
                 continue
             slots: list[tuple[str, int] | None] = [None] * SLOTS
             for entry in ranges:
@@ -190,7 +202,9 @@ class Nodes:
 
         ``then``: a second command sent right after it on the same connection (``WAIT``,
         which counts the replicas that have the writes of *this* connection); the reply is
-        then ``(first reply, second reply)``.
+        then ``(first reply, second reply)``. ``("WAIT", 1, ms)`` is sent as
+        ``WAITAOF 1 1 ms`` to a node that has it and its AOF on (see :meth:`_confirmation`):
+        its reply is then ``[local fsyncs, replica fsyncs]``.
 
         Raises:
             KVConnectionError, KVTimeoutError, AuthError, TLSError: see :func:`translate`;
@@ -215,6 +229,8 @@ class Nodes:
     ) -> Any:
         client = self.client(target)
         try:
+            if then is not None and then[0] == "WAIT":
+                then = self._confirmation(target, then)
             if asking or then is not None:
                 # A pipeline holds one connection for its commands: ASKING applies to the
                 # next command on its connection, WAIT to the writes made on it.
@@ -243,11 +259,40 @@ class Nodes:
         ) as exc:
             self.mark_stale()
             raise translate(exc, format_address(*target)) from exc
-        except rx.ResponseError:
+        except rx.ResponseError as exc:
+            if then is not None and then[0] == "WAITAOF" and "(WAITAOF" in str(exc):
+                # Its AOF was turned off, or it was downgraded: learn anew on the retry (the
+                # script ran; its request id makes the retry apply nothing twice).
+                self._waitaof.pop(target, None)
+                raise KVConnectionError(
+                    f"{format_address(*target)} refused WAITAOF ({exc}); retrying helps"
+                ) from exc
+            if _NOREPLICAS in str(exc):
+                raise translate(exc, format_address(*target)) from exc
             raise
         except rx.RedisError as exc:
             self.mark_stale()
             raise translate(exc, format_address(*target)) from exc
+
+    def _confirmation(self, target: tuple[str, int], wait: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Return ``WAIT n ms`` as ``WAITAOF 1 n ms`` where ``target`` can answer it.
+
+        ``WAITAOF`` (Redis 7.2, so every Valkey) confirms that the write is fsynced to the
+        AOF of the master and of ``n`` replicas: what ``WAIT`` confirms (a replica has it)
+        and that it survives a restart of those nodes. It needs the master's AOF on (else the
+        server refuses ``numlocal`` 1), so a node without it is confirmed with ``WAIT``. Learnt
+        once per node from ``INFO`` (``COMMAND INFO`` of an unknown command breaks redis-py's
+        reply parser); Valkey reports the Redis version it is compatible with there.
+        """
+        found = self._waitaof.get(target)
+        if found is None:
+            info = self.client(target).info("server", "persistence")
+            version = tuple(
+                int(part) for part in str(info.get("redis_version", "0")).split(".")[:2]
+            )
+            found = version >= (7, 2) and str(info.get("aof_enabled", "0")) == "1"
+            self._waitaof[target] = found
+        return ("WAITAOF", 1, *wait[1:]) if found else wait
 
 
 def _redirect_target(exc: rx.ResponseError) -> tuple[int, str, int]:

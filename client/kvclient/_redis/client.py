@@ -71,6 +71,7 @@ def connect_redis(
         key = key or os.environ.get("KV_TLS_KEY") or None
         options.update(
             ssl=True,
+            ssl_check_hostname=True,  # redis-py 5 did not by default; kvserve's TLS does
             ssl_ca_certs=None if ca is None else os.fspath(ca),
             ssl_certfile=None if cert is None else os.fspath(cert),
             ssl_keyfile=None if key is None else os.fspath(key),

@@ -2,5 +2,6 @@
 local reply = run()
 if TOK ~= '' and reply[1] ~= 'again' then
   redis.call('HSET', R, TOK, cmsgpack.pack({SEQ, reply}))
+  keep_request_id()
 end
 return reply

@@ -1,5 +1,6 @@
 -- Prepended to every operation script (kvclient/_redis/scripts/__init__.py builds them).
--- KEYS: 1 meta hash, 2 request ids, 3 data, 4 aux (dict: original keys), 5 aux (dict: order)
+-- KEYS: 1 meta hash, 2 request ids (R; R..'t' when each is forgotten), 3 data, 4 aux (dict:
+-- original keys), 5 aux (dict: order)
 -- ARGV: 1 kind, 2 request-id token ('' for none), 3 its sequence number, 4.. the op's own
 -- A reply is a table: {'ok', ...} or {'err', ExceptionName, detail} or {'again', ...} (not
 -- an answer yet: the client waits or retries, and nothing is recorded under the request id).
@@ -8,6 +9,29 @@ local KIND, TOK, SEQ = ARGV[1], ARGV[2], ARGV[3]
 local have = redis.call('HGET', M, 'kind')
 if not have then return {'err', 'NoSuchContainerError', ''} end
 if have ~= KIND then return {'err', 'KindError', have} end
+-- The serving node's clock, in milliseconds: leases never depend on a client's clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Keep TOK's answer in R until its window ends (the token ends in ':<ms>', its client's retry
+-- window: kvclient/_redis/_retention.py), in the sorted set R..'t' by that end. A token new
+-- here forgets up to two whose window has ended and, beyond 65536, the nearest its end; so
+-- the table holds about the client threads that wrote within their windows, and no retry
+-- of a kept token is missed.
+local function keep_request_id()
+  local T, now = R .. 't', now_ms()
+  local ends = now + (tonumber(string.match(TOK, ':(%d+)$')) or 600000)
+  if redis.call('ZADD', T, ends, TOK) == 0 then return end
+  local gone = redis.call('ZRANGEBYSCORE', T, '-inf', now, 'LIMIT', 0, 2)
+  if #gone > 0 then
+    redis.call('ZREM', T, unpack(gone))
+    redis.call('HDEL', R, unpack(gone))
+  end
+  if redis.call('ZCARD', T) > 65536 then
+    redis.call('HDEL', R, redis.call('ZPOPMIN', T)[1])
+  end
+end
 if TOK ~= '' then
   local prev = redis.call('HGET', R, TOK)
   if prev then
@@ -17,6 +41,7 @@ if TOK ~= '' then
       -- connection after the original one in the replication stream, so a WAIT after it
       -- (durability='replica') confirms the original too.
       redis.call('HSET', R, TOK, prev)
+      keep_request_id()
       return p[2]
     end
   end

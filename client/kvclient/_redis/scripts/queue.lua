@@ -1,11 +1,30 @@
--- queue: KEYS[3] D a Redis list of encoded items; KEYS[4] K2 the set of this queue's
--- in-flight keys; KEYS[5] K3 this client thread's in-flight key: where a blocked get's
--- BLMOVE puts the item it takes, so that an item whose reply is lost stays there for the
--- retry (same request id) to answer with, instead of being dropped. Meta 'check' is maxsize,
--- 'unf' the unfinished tasks.
+-- queue: KEYS[3] D a Redis list of encoded items; KEYS[4] K2 a sorted set of this queue's
+-- in-flight lists, each by the time (server ms) its lease ends; KEYS[5] K3 this client
+-- thread's in-flight list: where a blocked get's BLMOVE puts the item it takes, so that an
+-- item whose reply is lost stays there for the retry (same request id) to answer with,
+-- instead of being dropped. Meta 'check' is maxsize, 'unf' the unfinished tasks.
+
+--- @common
+-- Put back at the head of D, in the order their leases ended, the items of in-flight lists
+-- whose lease has ended (their consumer died, or was cut off longer than its lease, between
+-- its BLMOVE and its get): at most 8 lists per script, so that a queue script stays short.
+-- A consumer that comes back later finds its list empty and takes from D like any other.
+local function reclaim()
+  local first = redis.call('ZRANGE', K2, 0, 0, 'WITHSCORES')
+  if #first == 0 then return nil end
+  local now = now_ms()
+  if tonumber(first[2]) > now then return now end
+  local ended = redis.call('ZRANGEBYSCORE', K2, '-inf', now, 'LIMIT', 0, 8)
+  for i = #ended, 1, -1 do
+    while redis.call('LMOVE', ended[i], D, 'RIGHT', 'LEFT') do end
+  end
+  redis.call('ZREM', K2, unpack(ended))
+  return now
+end
 
 --- @op put
 -- A: item, '1' if it may wait. Answer: ok, Full, or 'again' (full: the client waits).
+reclaim()
 local max = tonumber(redis.call('HGET', M, 'check')) or 0
 if max > 0 and redis.call('LLEN', D) >= max then
   if A[2] == '1' then return {'again'} end
@@ -16,26 +35,32 @@ redis.call('HINCRBY', M, 'unf', 1)
 return {'ok'}
 
 --- @op get
--- A: '1' if it may wait. Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in
--- BLMOVE D -> K3, then calls this again with the same request id to take what it moved).
+-- A: '1' if it may wait, then the ms to keep K3 in flight (the BLMOVE's wait plus the lease).
+-- Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in BLMOVE D -> K3, then
+-- calls this again with the same request id to take what it moved). Taking the item from K3
+-- ends its lease in the same step as recording the answer: an item answered is never put back.
 local v = redis.call('LPOP', K3)
 if v then
-  if redis.call('LLEN', K3) == 0 then redis.call('SREM', K2, K3) end
+  if redis.call('LLEN', K3) == 0 then redis.call('ZREM', K2, K3) end
+  reclaim()
   return {'ok', v}
 end
+local now = reclaim()
 v = redis.call('LPOP', D)
 if v then return {'ok', v} end
 if A[1] == '1' then
-  redis.call('SADD', K2, K3)
+  redis.call('ZADD', K2, (now or now_ms()) + tonumber(A[2]), K3)
   return {'again'}
 end
 return fail('Empty')
 
 --- @op qsize
+reclaim()
 return {'ok', redis.call('LLEN', D)}
 
 --- @op info
 -- Answer: {'ok', maxsize, unfinished, length}
+reclaim()
 return {'ok', redis.call('HGET', M, 'check') or '0', redis.call('HGET', M, 'unf') or '0',
   redis.call('LLEN', D)}
 

@@ -18,7 +18,8 @@ gets ``(token, seq)``, a per-thread random token and a sequence number; the scri
 retry after a lost reply (kvclient's :class:`~kvclient.retry.Retry`, the only retry loop)
 gets the recorded answer. One answer is kept per client thread per container: a thread makes
 one call at a time, so only its last one can still be retried. It is kept for as long as this
-client can still retry (:mod:`kvclient._redis._retention`; the token carries that window).
+client can still retry (:mod:`kvclient._redis._retention`; the token carries that window), in
+two generations (``kv{name}:r`` and ``kv{name}:r0``) that the scripts turn over.
 """
 
 from __future__ import annotations

@@ -4,18 +4,22 @@ Two things on the server wait for a retry that may never come, because the clien
 send it died: the answer recorded under a request id (``kv{name}:r``), and a queue item a
 blocked ``get`` moved into its in-flight list. Both are kept for a time derived from the
 client's own settings (its :class:`~kvclient.retry.Retry`, ``timeout`` and ``call_timeout``),
-so each client's entries last as long as that client can still retry, and no longer:
+so each client's entries last as long as that client can still retry (request ids: at most
+about twice that):
 
 - **request ids**: the whole retry window, every attempt taking its longest (connecting for
   ``timeout``, waiting ``call_timeout`` for the reply) plus the longest backoff between them.
   A retry later than that (only possible with a custom backoff whose waits vary by more than
-  twice) may be applied again. The scripts forget an entry past its window when a new client
-  thread first writes to the container, so the table holds about the client threads that
-  wrote within their windows (and never more than ``MAX_REQUEST_IDS``, as kvserve bounds its
-  sessions).
+  twice) may be applied again. The scripts keep request ids in two generations
+  (``kv{name}:r`` and ``kv{name}:r0``, scripts/_prologue.lua): a client thread's first write
+  in a generation may retire it, once the previous one has outlived the longest window of
+  its writers, or once it holds ``MAX_REQUEST_IDS`` (as kvserve bounds its sessions). So
+  the table holds about the client threads that wrote within two windows, at most twice
+  ``MAX_REQUEST_IDS``, and a thread's further writes cost nothing extra.
 - **in-flight queue items**: the backoff plus one attempt: long enough for a consumer whose
   connection failed after the ``BLMOVE`` to reconnect through a restart or failover and take
-  its item; after that, any queue script puts the item back at the head of the queue. A
+  its item; after that, the next ``get`` that finds the queue empty (or every 16th ``get``
+  of a client thread) puts the item back at the head of the queue. A
   later retry still gets an item exactly once (the item is in one place at any time: the
   queue, one in-flight list, or one recorded answer), just not necessarily the same one.
 
@@ -32,7 +36,7 @@ from kvclient.retry import Backoff, ConstantBackoff, ExponentialWithJitterBackof
 __all__ = ["MAX_REQUEST_IDS", "Windows", "windows"]
 
 MAX_REQUEST_IDS: Final = 65536
-"""Most request ids one container keeps (scripts/_prologue.lua has the same number)."""
+"""Most request ids in one generation of a container's (scripts/_prologue.lua has it too)."""
 
 _FOREVER: Final = 86400.0  # a timeout of None (wait for ever) counts as a day
 _MARGIN: Final = 1.0  # seconds added to both: the client's clock is not the server's

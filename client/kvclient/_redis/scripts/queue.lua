@@ -11,20 +11,16 @@
 -- A consumer that comes back later finds its list empty and takes from D like any other.
 local function reclaim()
   local first = redis.call('ZRANGE', K2, 0, 0, 'WITHSCORES')
-  if #first == 0 then return nil end
-  local now = now_ms()
-  if tonumber(first[2]) > now then return now end
-  local ended = redis.call('ZRANGEBYSCORE', K2, '-inf', now, 'LIMIT', 0, 8)
+  if #first == 0 or tonumber(first[2]) > now_ms() then return end
+  local ended = redis.call('ZRANGEBYSCORE', K2, '-inf', now_ms(), 'LIMIT', 0, 8)
   for i = #ended, 1, -1 do
     while redis.call('LMOVE', ended[i], D, 'RIGHT', 'LEFT') do end
   end
   redis.call('ZREM', K2, unpack(ended))
-  return now
 end
 
 --- @op put
 -- A: item, '1' if it may wait. Answer: ok, Full, or 'again' (full: the client waits).
-reclaim()
 local max = tonumber(redis.call('HGET', M, 'check')) or 0
 if max > 0 and redis.call('LLEN', D) >= max then
   if A[2] == '1' then return {'again'} end
@@ -39,28 +35,32 @@ return {'ok'}
 -- Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in BLMOVE D -> K3, then
 -- calls this again with the same request id to take what it moved). Taking the item from K3
 -- ends its lease in the same step as recording the answer: an item answered is never put back.
+-- Ended leases are reclaimed by a get that finds D empty, and by every 16th get of a client
+-- thread (its request-id sequence), so that a backlog never keeps one waiting for long.
 local v = redis.call('LPOP', K3)
 if v then
   if redis.call('LLEN', K3) == 0 then redis.call('ZREM', K2, K3) end
-  reclaim()
   return {'ok', v}
 end
-local now = reclaim()
 v = redis.call('LPOP', D)
+if not v then
+  reclaim()
+  v = redis.call('LPOP', D)
+elseif tonumber(SEQ) % 16 == 0 then
+  reclaim()
+end
 if v then return {'ok', v} end
 if A[1] == '1' then
-  redis.call('ZADD', K2, (now or now_ms()) + tonumber(A[2]), K3)
+  redis.call('ZADD', K2, now_ms() + tonumber(A[2]), K3)
   return {'again'}
 end
 return fail('Empty')
 
 --- @op qsize
-reclaim()
 return {'ok', redis.call('LLEN', D)}
 
 --- @op info
 -- Answer: {'ok', maxsize, unfinished, length}
-reclaim()
 return {'ok', redis.call('HGET', M, 'check') or '0', redis.call('HGET', M, 'unf') or '0',
   redis.call('LLEN', D)}
 

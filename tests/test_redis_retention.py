@@ -34,6 +34,7 @@ import kvclient
 from kvclient._redis._backend import container_keys
 from kvclient._redis._retention import MAX_REQUEST_IDS, windows
 from kvclient._redis.scripts import scripts
+from kvclient.retry import Retry
 from tests.redis_cluster import available
 from tests.redis_retention_workers import SHORT, short_retry
 
@@ -303,3 +304,18 @@ def test_one_generation_holds_at_most_65536_request_ids(redis_standalone_url: st
         assert not r.hexists(ids + b"0", f"{0:08x}:600000")  # the first generations are gone
         assert r.hexists(ids, f"{total - 1:08x}:600000")
         assert kv.queue("many").qsize() == total  # and every put applied
+
+
+def test_the_windows_follow_the_clients_settings(redis_standalone_url: str) -> None:
+    """Default: 7.6 min for request ids, 54 s in flight; a new Retry renews every thread's token."""
+    assert windows(Retry(), 10.0, 30.0) == (454_100, 54_100)
+    assert windows(None, 1.0, 2.0) == (4_000, 4_000)
+    assert windows(Retry(retries=2), None, 1.0).in_flight == 86_400_000  # a day at most
+    with kvclient.connect(redis_standalone_url) as kv:
+        backend: Any = kv._backend
+        kv.dict("d").incr("n")
+        assert backend.session().token.endswith(":454100")
+        kv.retry = Retry(retries=20)
+        assert backend.session().token.endswith(f":{windows(kv.retry, 10.0, 30.0).request_ids}")
+        assert backend.windows == windows(kv.retry, 10.0, 30.0)
+        assert kv.dict("d").incr("n") == 2

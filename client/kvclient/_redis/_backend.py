@@ -17,7 +17,9 @@ gets ``(token, seq)``, a per-thread random token and a sequence number; the scri
 ``kv{name}:r[token]`` and records its answer there in the same atomic step as the change. A
 retry after a lost reply (kvclient's :class:`~kvclient.retry.Retry`, the only retry loop)
 gets the recorded answer. One answer is kept per client thread per container: a thread makes
-one call at a time, so only its last one can still be retried.
+one call at a time, so only its last one can still be retried. It is kept for as long as this
+client can still retry (:mod:`kvclient._redis._retention`; the token carries that window), in
+two generations (``kv{name}:r`` and ``kv{name}:r0``) that the scripts turn over.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Final
 from redis import exceptions as rx
 
 from kvclient._redis._nodes import Nodes
+from kvclient._redis._retention import Windows, windows
 from kvclient._redis.scripts import Script, raw_script, scripts
 from kvclient._runner import DERIVED, PLANS, plan
 from kvclient.retry import Retry, call_with_retry
@@ -55,6 +58,7 @@ Handler = Callable[["Call", list[Any]], Any]
 _BACKENDS: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
 _fork_hook_registered = False
 _PREFIX: Final = "kv{"
+_WINDOWED: Final = frozenset({"retry", "timeout", "call_timeout"})  # what the windows derive from
 _ESCAPES: Final = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
 
 
@@ -119,9 +123,9 @@ class _Session:
 
     __slots__ = ("codec", "seq", "token")
 
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: Codec, keep_ms: int) -> None:
         self.codec = codec
-        self.token = secrets.token_hex(16)
+        self.token = f"{secrets.token_hex(16)}:{keep_ms}"  # the scripts keep its answer keep_ms
         self.seq = 0
 
 
@@ -159,6 +163,11 @@ class Call:
     def call_timeout(self) -> float | None:
         """The client's call timeout (seconds, None for ever)."""
         return self._backend.call_timeout
+
+    @property
+    def windows(self) -> Windows:
+        """How long the server keeps what this client may still retry (milliseconds)."""
+        return self._backend.windows
 
     def pack(self, value: Any) -> bytes:
         """Encode ``value`` as stored (kvclient's codec: tuples stay tuples, bytes bytes)."""
@@ -275,12 +284,23 @@ class RedisBackend:
         if durability not in (None, "replica"):
             raise ValueError(f"durability must be None or 'replica', not {durability!r}")
         self.durability = durability
-        self._local = threading.local()
+        self._renew_windows()
         self.closed = False
         _BACKENDS.add(self)
         if not _fork_hook_registered:
             _fork_hook_registered = True
             os.register_at_fork(after_in_child=_after_fork_in_child)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set an attribute; a new retry, timeout or call_timeout renews :attr:`windows`."""
+        object.__setattr__(self, name, value)
+        if name in _WINDOWED and "_local" in self.__dict__:
+            self._renew_windows()
+
+    def _renew_windows(self) -> None:
+        """Derive the windows from the settings; each thread's next call takes a new token."""
+        self.windows = windows(self.retry, self.timeout, self.call_timeout)
+        self._local = threading.local()
 
     def close(self) -> None:
         """Close every connection."""
@@ -293,7 +313,7 @@ class RedisBackend:
             found: _Session = self._local.session
         except AttributeError:
             codec = Codec(make_ref=self._make_ref, to_ref=self._to_ref, encode_depth=MAX_DEPTH)
-            found = self._local.session = _Session(codec)
+            found = self._local.session = _Session(codec, self.windows.request_ids)
         return found
 
     def evalsha(

@@ -5,8 +5,14 @@ an empty queue waits in ``BLMOVE`` on its own connection only (the server wakes 
 arrival order), moving the item into this client thread's in-flight list, and then runs the
 ``get`` script again with the same request id, which takes it from there and records the
 answer: if the reply of either is lost, the retry finds the item (in flight, or recorded)
-rather than dropping it. A ``put`` on a full queue, and ``join``, poll (5 ms doubling to
-50 ms): Redis has no blocking wait on a count.
+rather than dropping it. The in-flight list has a lease (the wait, then the client's
+retry window: :mod:`kvclient._redis._retention`): once it ends, because its consumer died or was cut
+off between the ``BLMOVE`` and the ``get``, the next ``get`` that finds the queue empty (or
+every 16th ``get`` of a client thread) puts the item back at the head of the queue, for the
+next getter, as kvserve hands a dead getter's item on.
+
+A ``put`` on a full queue, and ``join``, poll (5 ms doubling to 50 ms): Redis has no blocking
+wait on a count.
 """
 
 from __future__ import annotations
@@ -60,15 +66,19 @@ def _get(ctx: Call, args: list[Any]) -> Any:
     block, deadline = _deadline(args[0] if args else True, args[1] if len(args) > 1 else None, ctx)
     _inflight(ctx)
     while True:
-        found = ctx.run(_S["get"], "1" if block else "0")
-        if found is not None:
-            return ctx.unpack(found[0])
         left = _CHUNK if deadline is None else deadline - time.monotonic()
-        if left <= 0:
-            raise queue.Empty
         wait = min(left, _CHUNK)
         if ctx.call_timeout is not None:
             wait = min(wait, max(0.01, ctx.call_timeout / 2))
+        if block:  # the in-flight list is kept for the wait that may fill it, then the lease
+            hold = int(max(wait, 0.0) * 1000) + ctx.windows.in_flight
+            found = ctx.run(_S["get"], "1", str(hold))
+        else:  # answers an item or raises queue.Empty
+            found = ctx.run(_S["get"], "0")
+        if found is not None:
+            return ctx.unpack(found[0])
+        if left <= 0:
+            raise queue.Empty
         moved = ctx.execute("BLMOVE", ctx.keys[2], ctx.keys[4], "LEFT", "RIGHT", f"{wait:.3f}")
         if moved is None and deadline is not None and time.monotonic() >= deadline:
             raise queue.Empty

@@ -1,5 +1,6 @@
 -- Prepended to every operation script (kvclient/_redis/scripts/__init__.py builds them).
--- KEYS: 1 meta hash, 2 request ids, 3 data, 4 aux (dict: original keys), 5 aux (dict: order)
+-- KEYS: 1 meta hash, 2 request ids (R; R..'0' the previous generation), 3 data, 4 aux (dict:
+-- original keys), 5 aux (dict: order)
 -- ARGV: 1 kind, 2 request-id token ('' for none), 3 its sequence number, 4.. the op's own
 -- A reply is a table: {'ok', ...} or {'err', ExceptionName, detail} or {'again', ...} (not
 -- an answer yet: the client waits or retries, and nothing is recorded under the request id).
@@ -8,15 +9,56 @@ local KIND, TOK, SEQ = ARGV[1], ARGV[2], ARGV[3]
 local have = redis.call('HGET', M, 'kind')
 if not have then return {'err', 'NoSuchContainerError', ''} end
 if have ~= KIND then return {'err', 'KindError', have} end
+-- The serving node's clock, in milliseconds (read once per script): leases and windows never
+-- depend on a client's clock.
+local clock_ms
+local function now_ms()
+  if not clock_ms then
+    local t = redis.call('TIME')
+    clock_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock_ms
+end
+-- Request ids are kept in two generations: R, and the previous one, R..'0'. An answer goes
+-- to R; the first answer of a token in this generation (FRESH) may first start a new one (R
+-- becomes R..'0', the one before is dropped) when R..'0' has been retired for longer than
+-- the longest retry window of its tokens (each token ends in ':<ms>', its client's window:
+-- kvclient/_redis/_retention.py; meta 'rw0', and 'rw' for R), or when R holds 65536 ids (as
+-- kvserve keeps 65536 sessions). So an answer is kept at least its client's window after
+-- it was written, unless 65536 other client threads wrote here since, and the table holds
+-- at most 131072. A token's next calls in the same generation pay nothing for it.
+local R0, FRESH = R .. '0', false
+local function keep_request_id(record)
+  if FRESH then
+    local window = tonumber(string.match(TOK, ':(%d+)$')) or 600000
+    local gen = redis.call('HMGET', M, 'rgen', 'rw', 'rw0')
+    local now, born = now_ms(), tonumber(gen[1])
+    local rw, rw0 = tonumber(gen[2]) or 0, tonumber(gen[3]) or 0
+    if not born or now - born > rw0 or redis.call('HLEN', R) >= 65536 then
+      if born then
+        redis.call('UNLINK', R0)
+        if redis.call('EXISTS', R) == 1 then redis.call('RENAME', R, R0) end
+      end
+      redis.call('HSET', M, 'rgen', now, 'rw0', rw, 'rw', window)
+    elseif window > rw then
+      redis.call('HSET', M, 'rw', window)
+    end
+  end
+  redis.call('HSET', R, TOK, record)
+end
 if TOK ~= '' then
   local prev = redis.call('HGET', R, TOK)
+  if not prev then
+    FRESH = true
+    prev = redis.call('HGET', R0, TOK)
+  end
   if prev then
     local p = cmsgpack.unpack(prev)
     if p[1] == SEQ then
       -- A retry: answer as first answered. Writing the record again puts a write of this
       -- connection after the original one in the replication stream, so a WAIT after it
       -- (durability='replica') confirms the original too.
-      redis.call('HSET', R, TOK, prev)
+      keep_request_id(prev)
       return p[2]
     end
   end

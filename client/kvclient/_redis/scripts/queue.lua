@@ -1,8 +1,23 @@
--- queue: KEYS[3] D a Redis list of encoded items; KEYS[4] K2 the set of this queue's
--- in-flight keys; KEYS[5] K3 this client thread's in-flight key: where a blocked get's
--- BLMOVE puts the item it takes, so that an item whose reply is lost stays there for the
--- retry (same request id) to answer with, instead of being dropped. Meta 'check' is maxsize,
--- 'unf' the unfinished tasks.
+-- queue: KEYS[3] D a Redis list of encoded items; KEYS[4] K2 a sorted set of this queue's
+-- in-flight lists, each by the time (server ms) its lease ends; KEYS[5] K3 this client
+-- thread's in-flight list: where a blocked get's BLMOVE puts the item it takes, so that an
+-- item whose reply is lost stays there for the retry (same request id) to answer with,
+-- instead of being dropped. Meta 'check' is maxsize, 'unf' the unfinished tasks.
+
+--- @common
+-- Put back at the head of D, in the order their leases ended, the items of in-flight lists
+-- whose lease has ended (their consumer died, or was cut off longer than its lease, between
+-- its BLMOVE and its get): at most 8 lists per script, so that a queue script stays short.
+-- A consumer that comes back later finds its list empty and takes from D like any other.
+local function reclaim()
+  local first = redis.call('ZRANGE', K2, 0, 0, 'WITHSCORES')
+  if #first == 0 or tonumber(first[2]) > now_ms() then return end
+  local ended = redis.call('ZRANGEBYSCORE', K2, '-inf', now_ms(), 'LIMIT', 0, 8)
+  for i = #ended, 1, -1 do
+    while redis.call('LMOVE', ended[i], D, 'RIGHT', 'LEFT') do end
+  end
+  redis.call('ZREM', K2, unpack(ended))
+end
 
 --- @op put
 -- A: item, '1' if it may wait. Answer: ok, Full, or 'again' (full: the client waits).
@@ -16,17 +31,27 @@ redis.call('HINCRBY', M, 'unf', 1)
 return {'ok'}
 
 --- @op get
--- A: '1' if it may wait. Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in
--- BLMOVE D -> K3, then calls this again with the same request id to take what it moved).
+-- A: '1' if it may wait, then the ms to keep K3 in flight (the BLMOVE's wait plus the lease).
+-- Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in BLMOVE D -> K3, then
+-- calls this again with the same request id to take what it moved). Taking the item from K3
+-- ends its lease in the same step as recording the answer: an item answered is never put back.
+-- Ended leases are reclaimed by a get that finds D empty, and by every 16th get of a client
+-- thread (its request-id sequence), so that a backlog never keeps one waiting for long.
 local v = redis.call('LPOP', K3)
 if v then
-  if redis.call('LLEN', K3) == 0 then redis.call('SREM', K2, K3) end
+  if redis.call('LLEN', K3) == 0 then redis.call('ZREM', K2, K3) end
   return {'ok', v}
 end
 v = redis.call('LPOP', D)
+if not v then
+  reclaim()
+  v = redis.call('LPOP', D)
+elseif tonumber(SEQ) % 16 == 0 then
+  reclaim()
+end
 if v then return {'ok', v} end
 if A[1] == '1' then
-  redis.call('SADD', K2, K3)
+  redis.call('ZADD', K2, now_ms() + tonumber(A[2]), K3)
   return {'again'}
 end
 return fail('Empty')

@@ -1,0 +1,321 @@
+"""What the Valkey/Redis backend keeps for retries, and how long (kvclient/_redis/_retention.py).
+
+- A queue item a consumer's ``BLMOVE`` took is in that consumer's in-flight list until its
+  ``get`` script answers with it. A consumer killed in between (here: stopped while blocked
+  in ``BLMOVE``, the item put, then killed: what a host that froze or died does) leaves it
+  there; once the lease ends, the next queue script puts it back at the head for another
+  consumer. An item answered is never put back.
+- The request-id table of a container forgets a client thread's answer once that client's
+  retry window has passed, so short-lived writers do not grow it for ever; a retry within
+  the window still gets the recorded answer.
+
+Real redis-server processes (standalone, and the 3-master cluster of tests/redis_cluster.py),
+real client processes (tests/redis_retention_workers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kvclient
+from kvclient._redis._backend import container_keys
+from kvclient._redis._retention import MAX_REQUEST_IDS, windows
+from kvclient._redis.scripts import scripts
+from kvclient.retry import Retry
+from tests.redis_cluster import available
+from tests.redis_retention_workers import SHORT, short_retry
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE = windows(short_retry(), SHORT["timeout"], SHORT["call_timeout"]).in_flight / 1000
+KEEP = windows(short_retry(), SHORT["timeout"], SHORT["call_timeout"]).request_ids / 1000
+
+
+@pytest.fixture(params=["redis_standalone_url", "redis_cluster_url"], ids=["standalone", "cluster"])
+def url(request: pytest.FixtureRequest) -> str:
+    found: str = request.getfixturevalue(request.param)
+    return found
+
+
+@pytest.fixture
+def r(url: str) -> Iterator[Any]:
+    """A plain redis-py client of the same server or cluster, to look at the keys."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    if url.startswith("redis-cluster://"):
+        host, port = url.removeprefix("redis-cluster://").split(",")[0].rsplit(":", 1)
+        client: Any = RedisCluster(host=host, port=int(port))
+    else:
+        client = redis.Redis.from_url(url)
+    yield client
+    client.close()
+
+
+class Worker:
+    """A client process of tests/redis_retention_workers.py; its JSON lines, as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.redis_retention_workers", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self.lines: list[Any] = []
+        self._new = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._new:
+                self.lines.append(json.loads(line))
+                self._new.notify_all()
+
+    def wait_lines(self, n: int, timeout: float) -> list[Any]:
+        """Return the first ``n`` lines, waiting up to ``timeout`` seconds for them."""
+        with self._new:
+            assert self._new.wait_for(lambda: len(self.lines) >= n, timeout), self.lines
+            return self.lines[:n]
+
+    def finish(self, timeout: float) -> list[Any]:
+        """Wait for the process to exit 0; return all its lines."""
+        assert self.proc.wait(timeout) == 0
+        self._reader.join(10)  # it drained the pipe
+        return list(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.kill()
+
+
+def _in_flight(r: Any, name: str) -> dict[bytes, int]:
+    """The queue's in-flight lists, each with its length."""
+    (_m, _r, _d, lists, _o) = container_keys(name, "k", "o")
+    return {key: r.llen(key) for key in r.zrange(lists, 0, -1)}
+
+
+def strand(url: str, r: Any, q: Any, name: str, item: Any, workers: list[Worker]) -> bytes:
+    """Leave ``item`` in the in-flight list of a consumer that is then killed; return the list.
+
+    The consumer (short windows) blocks in ``get``; it is stopped (SIGSTOP) while its
+    ``BLMOVE`` waits on the server, ``item`` is put (the server moves it into the stopped
+    consumer's list, as it would for a consumer whose host froze), and it is killed.
+    Stopped elsewhere (between two ``BLMOVE`` waits of 1 s), the item stays queued: it is taken
+    back and a new consumer tried, at most 5 times.
+    """
+    for _ in range(5):
+        before = set(_in_flight(r, name))
+        victim = Worker("consume", url, name, "60", "1")
+        workers.append(victim)
+        victim.wait_lines(1, 60)
+        end = time.monotonic() + 30
+        while not set(_in_flight(r, name)) - before and time.monotonic() < end:
+            time.sleep(0.02)
+        (mine,) = set(_in_flight(r, name)) - before
+        time.sleep(0.2)  # into its BLMOVE
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        q.put(item)
+        landed = r.llen(mine) == 1
+        victim.kill()
+        if landed:
+            assert victim.lines == ["ready"]  # it never received it
+            return bytes(mine)
+        assert q.get_nowait() == item
+    raise AssertionError("no consumer was stopped in its BLMOVE in 5 tries")
+
+
+def test_an_item_a_killed_consumer_took_goes_to_the_next_consumer(
+    url: str, r: Any, workers: list[Worker]
+) -> None:
+    with kvclient.connect(url) as kv:
+        q = kv.queue("jobs")
+        stranded = strand(url, r, q, "jobs", ["job", 1], workers)
+        taken = time.monotonic()
+        # Off the queue, in the dead consumer's list: within its lease, queue calls leave it.
+        assert q.qsize() == 0 and _in_flight(r, "jobs")[stranded] == 1
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.5)
+        assert _in_flight(r, "jobs")[stranded] == 1
+        taker = Worker("consume", url, "jobs", "30")  # default settings
+        workers.append(taker)
+        assert taker.wait_lines(2, LEASE + 30) == ["ready", ["job", 1]]
+        waited = time.monotonic() - taken
+        # After the lease, within one BLMOVE wait (5 s) of the taker, which then reclaims it.
+        assert LEASE - 1.5 < waited < LEASE + 5 + 10, waited
+        taker.kill()
+        assert stranded not in _in_flight(r, "jobs")
+        assert q.qsize() == 0
+        assert r.exists(stranded) == 0
+
+
+def test_an_item_answered_is_not_put_back(url: str, r: Any, workers: list[Worker]) -> None:
+    with kvclient.connect(url) as kv:
+        q = kv.queue("once")
+        consumer = Worker("consume", url, "once", "60", "1")
+        workers.append(consumer)
+        consumer.wait_lines(1, 60)
+        end = time.monotonic() + 30
+        while not _in_flight(r, "once") and time.monotonic() < end:
+            time.sleep(0.02)
+        q.put("only")
+        assert consumer.wait_lines(2, 30)[1] == "only"
+        end = time.monotonic() + 30  # taking it ended its list's lease; its next get renews it
+        while not _in_flight(r, "once") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert list(_in_flight(r, "once").values()) == [0]
+        consumer.kill()  # blocked in its next get, with an empty in-flight list
+        time.sleep(LEASE + 1.5)
+        with pytest.raises(queue.Empty):
+            q.get_nowait()  # finds the queue empty: reclaims, which drops the empty list
+        assert _in_flight(r, "once") == {} and q.qsize() == 0
+
+
+def test_exact_totals_with_consumers_killed_holding_items(
+    url: str, r: Any, workers: list[Worker]
+) -> None:
+    """Two consumers die holding an item each; 3 producers, 3 consumers: each item once."""
+    with kvclient.connect(url) as kv:
+        q = kv.queue("work")
+        stranded = [strand(url, r, q, "work", ["stranded", i], workers) for i in range(2)]
+        consumers = [Worker("consume", url, "work", str(LEASE + 10)) for _ in range(3)]
+        producers = [Worker("produce", url, "work", f"p{i}", "150") for i in range(3)]
+        workers.extend(consumers + producers)
+        for p in producers:
+            assert p.finish(120) == ["done"]
+        got: Counter[str] = Counter()
+        for c in consumers:
+            lines = c.finish(120)
+            assert lines[0] == "ready"
+            got.update(json.dumps(item) for item in lines[1:])
+        expected = [["stranded", i] for i in range(2)]
+        expected += [[f"p{p}", i] for p in range(3) for i in range(150)]
+        assert got == Counter(json.dumps(item) for item in expected)  # none lost, none twice
+        assert q.qsize() == 0
+        assert sum(_in_flight(r, "work").values()) == 0
+        assert all(key not in _in_flight(r, "work") for key in stranded)
+
+
+# -- request ids ---------------------------------------------------------------------------------
+
+
+def _ids(r: Any, name: str) -> int:
+    """How many request ids the container keeps (both generations)."""
+    (_m, ids, *_rest) = container_keys(name)
+    return int(r.hlen(ids)) + int(r.hlen(ids + b"0"))
+
+
+def test_short_lived_writers_are_forgotten_after_their_window(
+    url: str, r: Any, workers: list[Worker]
+) -> None:
+    """400 client threads write once each, in 4 rounds a window apart: the table keeps ~200."""
+    clients = [kvclient.connect(url, **SHORT, retry=short_retry()) for _ in range(2)]
+    try:
+        d = clients[0].dict("hits")
+        incr = clients[0]._backend._kinds["dict"]["incr"]  # type: ignore[attr-defined]
+
+        def call(client: kvclient.Client) -> Any:
+            """A call made once, to be retried later with its request id (as Retry does)."""
+            return client._backend.new_call("dict", "hits", "incr")  # type: ignore[attr-defined]
+
+        early = call(clients[0])
+        assert incr(early, ["n"]) == 1
+        sizes, n = [], 1
+        for round_ in range(4):
+            if round_:
+                time.sleep(KEEP + 0.5)  # every writer's window so far has ended
+            writers = [Worker("write_once", url, "hits", "25") for _ in range(4)]
+            workers.extend(writers)
+            for w in writers:
+                assert w.finish(120) == ["done"]
+            n += 100
+            sizes.append(_ids(r, "hits"))
+            if round_ == 1:
+                # Two windows later its generation is gone: a retry that late applies again
+                # (README: a retry later than its client's window may be).
+                n += 1
+                assert incr(early, ["n"]) == n
+                mid = call(clients[1])
+                n += 1
+                assert incr(mid, ["n"]) == n
+            if round_ == 2:
+                # A window later, across a new generation: answered as first, not applied.
+                assert incr(mid, ["n"]) == n - 100
+        assert d["n"] == n == 403
+        # Without forgetting: 101, 203, 303, 403; each round keeps its own 100 and the last's.
+        assert 100 <= sizes[0] <= 101 and all(size <= 203 for size in sizes), sizes
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_one_generation_holds_at_most_65536_request_ids(redis_standalone_url: str) -> None:
+    """As kvserve keeps at most 65,536 sessions: two generations of that many, at most."""
+    import redis
+
+    with (
+        redis.Redis.from_url(redis_standalone_url) as r,
+        kvclient.connect(redis_standalone_url) as kv,
+    ):
+        kv.queue("many")
+        put = scripts("queue")["put"]
+        r.script_load(put.text)
+        keys = container_keys("many", "k", "o")
+        total = 2 * MAX_REQUEST_IDS + 500
+        for first in range(0, total, 5000):
+            pipe = r.pipeline(transaction=False)
+            for i in range(first, min(first + 5000, total)):
+                pipe.evalsha(
+                    put.sha, len(keys), *keys, "queue", f"{i:08x}:600000", "1", b"\x01", "0"
+                )
+            assert all(reply == [b"ok"] for reply in pipe.execute())
+        (_m, ids, *_rest) = keys
+        assert r.hlen(ids) <= MAX_REQUEST_IDS and r.hlen(ids + b"0") == MAX_REQUEST_IDS
+        assert MAX_REQUEST_IDS < _ids(r, "many") <= 2 * MAX_REQUEST_IDS
+        assert not r.hexists(ids + b"0", f"{0:08x}:600000")  # the first generations are gone
+        assert r.hexists(ids, f"{total - 1:08x}:600000")
+        assert kv.queue("many").qsize() == total  # and every put applied
+
+
+def test_the_windows_follow_the_clients_settings(redis_standalone_url: str) -> None:
+    """Default: 7.6 min for request ids, 54 s in flight; a new Retry renews every thread's token."""
+    assert windows(Retry(), 10.0, 30.0) == (454_100, 54_100)
+    assert windows(None, 1.0, 2.0) == (4_000, 4_000)
+    assert windows(Retry(retries=2), None, 1.0).in_flight == 86_400_000  # a day at most
+    with kvclient.connect(redis_standalone_url) as kv:
+        backend: Any = kv._backend
+        kv.dict("d").incr("n")
+        assert backend.session().token.endswith(":454100")
+        kv.retry = Retry(retries=20)
+        assert backend.session().token.endswith(f":{windows(kv.retry, 10.0, 30.0).request_ids}")
+        assert backend.windows == windows(kv.retry, 10.0, 30.0)
+        assert kv.dict("d").incr("n") == 2

@@ -21,13 +21,18 @@ Operations: ``get`` and ``set`` of a 100-char str on one key (the benchmark's pa
 ``grow``: SET of ``{'a': 1, 'b': [1, 2, 3]}`` to ``--ops`` new keys, which adds objects the
 collector tracks and so provokes collections (a full one walks every tracked object).
 
-Systems: ``kvserve`` (this tree), ``kvserve-NAME`` (``--tree DIR``, e.g. main exported with
-``git archive``), ``raw`` (:mod:`bench.floor`). Rounds are interleaved (system order rotating),
-every server fresh per phase and pinned to cpu 0; ``--pin same`` puts the client on cpu 0 too.
-The report, ``bench/results/<date>-tail.md`` and ``.json``: per system and op, median over
-rounds of the in-server percentiles of all requests and of those not switched out, the share
-switched out, collections per 100k requests and their pauses, and the client's p50/p99 with
-the load average.
+Systems: ``kvserve`` (this tree), ``kvserve-bpN`` (this tree with ``--busy-poll-us N``, from
+``--busy-poll-us N``, repeatable), ``kvserve-NAME`` (``--tree DIR``, e.g. main exported with
+``git archive``; ``kvserve-NAME-bpN`` with each ``--busy-poll-us``), ``raw``
+(:mod:`bench.floor`), ``control`` (no server: the same timing of a fixed piece of work, for
+the machine's own tail). Rounds are interleaved (system order
+rotating), every server fresh per phase and pinned to cpu 0; ``--pin same`` puts the client on
+cpu 0 too, ``--pin cross`` on cpu 1. The server also records how long it waits for the client
+between a reply and the next request (what busy polling has to cover). The report,
+``bench/results/<date>-tail.md`` and ``.json``: per system and op, median over rounds of the
+in-server percentiles of all requests and of those not switched out, the share switched out,
+collections per 100k requests and their pauses, the waits, and the client's p50/p99 with the
+load average.
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ class _Recorder:
         self.cpu = array("q")
         self.switched = array("b")
         self.gc_in = array("q")  # collector pause inside each request, ns
+        # From the end of one reply's send to the start of the next request: how long the
+        # server waits for its client (what --busy-poll-us must cover to find it awake).
+        self.gaps = array("q")
+        self._sent = 0
         self.collections: list[tuple[int, int, int]] = []  # generation, pause ns, request
         self._gc_start = 0
         self._gc_total = 0  # ns paused in collections so far
@@ -96,6 +105,7 @@ class _Recorder:
         vCPU, the send wakes the client, which runs at once and would be counted.
         """
         wall, cpu, switched, gc_in = self.wall, self.cpu, self.switched, self.gc_in
+        gaps = self.gaps
         clock, thread_clock = time.perf_counter_ns, time.thread_time_ns
         usage, who = resource.getrusage, resource.RUSAGE_THREAD
         recorder = self
@@ -106,6 +116,9 @@ class _Recorder:
             start[1] = recorder._gc_total
             start[2] = thread_clock()
             start[3] = clock()
+            if recorder._sent:
+                gaps.append(start[3] - recorder._sent)
+                recorder._sent = 0
             try:
                 handler(server, conn)
             finally:
@@ -123,11 +136,12 @@ class _Recorder:
                 switched.append((u1.ru_nvcsw + u1.ru_nivcsw) != (u0.ru_nvcsw + u0.ru_nivcsw))
                 gc_in.append(recorder._gc_total - start[1])
             send(server, conn, payload)
+            recorder._sent = clock()
 
         return timed, timed_send
 
     def reset(self, signum: int, frame: FrameType | None) -> None:
-        for values in (self.wall, self.cpu, self.switched, self.gc_in):
+        for values in (self.wall, self.cpu, self.switched, self.gc_in, self.gaps):
             del values[:]
         self.collections.clear()
 
@@ -138,6 +152,7 @@ class _Recorder:
             "cpu": self.cpu.tolist(),
             "switched": self.switched.tolist(),
             "gc_in": self.gc_in.tolist(),
+            "gaps": self.gaps.tolist(),
             "collections": self.collections,
             "threshold": gc.get_threshold(),
             "frozen": gc.get_freeze_count(),
@@ -282,7 +297,10 @@ def _phase(
     kind = "raw" if system == "raw" else "kvserve"
     out = Path(f"/tmp/bench-tail-{os.getpid()}-{system}-{op}-{rnd}.json")
     wrapper = [sys.executable, "-m", "bench.tail", "--wrap", str(out), "--"]
-    server = start_server(kind, path, wrapper=wrapper)
+    server_args: tuple[str, ...] = ()
+    if kind == "kvserve" and "-bp" in system:
+        server_args = ("--busy-poll-us", system.rpartition("-bp")[2])
+    server = start_server(kind, path, wrapper=wrapper, server_args=server_args)
     result: dict[str, Any] = {"system": system, "op": op, "round": rnd, "load": loadavg()}
     try:
         server_cpu, client_cpu = PINS[args.pin]
@@ -354,7 +372,7 @@ def _analyse(data: dict[str, Any]) -> dict[str, Any]:
     wall, cpu, switched, gc_in = data["wall"], data["cpu"], data["switched"], data["gc_in"]
     n = len(wall)
     calm = sorted(w for w, s in zip(wall, switched, strict=True) if not s)
-    walls, cpus = sorted(wall), sorted(cpu)
+    walls, cpus, gaps = sorted(wall), sorted(cpu), sorted(data.get("gaps", []))
 
     def q(values: list[int], fraction: float) -> float:
         return percentile(values, fraction) / 1e3
@@ -390,14 +408,20 @@ def _analyse(data: dict[str, Any]) -> dict[str, Any]:
         "gc_pause_total_us_per_100k": sum(pauses) / 1e3 * per,
         "gc_threshold": data["threshold"],
         "gc_frozen": data["frozen"],
+        "gap_p10": q(gaps, 0.10),
+        "gap_p50": q(gaps, 0.50),
+        "gap_p90": q(gaps, 0.90),
     }
 
 
 def _systems(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
     systems: list[tuple[str, tuple[str, ...]]] = [("kvserve", ())]
+    systems += [(f"kvserve-bp{n}", ()) for n in args.busy_poll_us]
     if args.tree:
         tree = args.tree.resolve()
-        systems.append((f"kvserve-{args.tree_name}", (str(tree / "server"), str(tree / "client"))))
+        path = (str(tree / "server"), str(tree / "client"))
+        systems.append((f"kvserve-{args.tree_name}", path))
+        systems += [(f"kvserve-{args.tree_name}-bp{n}", path) for n in args.busy_poll_us]
     systems.append(("raw", ()))
     if not args.no_control:
         systems.append(("control", ()))
@@ -417,6 +441,7 @@ _COLUMNS: Final = (
     ("spikes /100k", "spikes_per_100k", "{:.1f}"),
     ("gc /100k (gen 0,1,2)", "gc", "{}"),
     ("gc max pause µs", "gc_pause_max_us", "{:.0f}"),
+    ("server waits p10 / p50 / p90 µs", "gap", "{}"),
     ("client p50 / p99 µs", "client", "{}"),
     ("client p99/p50", "client_ratio", "{:.1f}"),
 )
@@ -437,6 +462,8 @@ def _row(results: list[dict[str, Any]]) -> list[str]:
             value = statistics.median(ratios) if ratios else 0.0
         elif key == "cpu":
             value = f"{med('cpu_p50'):.1f} / {med('cpu_p99'):.1f}"
+        elif key == "gap":
+            value = " / ".join(f"{med(f'gap_p{p}'):.0f}" for p in (10, 50, 90))
         elif key == "client":
             value = f"{med('p50_us'):.0f} / {med('p99_us'):.0f}"
         elif key == "gc":
@@ -504,6 +531,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", dest="ops_kinds", action="append", choices=OPS)
     parser.add_argument("--tree", type=Path)
     parser.add_argument("--tree-name", default="base")
+    parser.add_argument(
+        "--busy-poll-us",
+        type=int,
+        action="append",
+        default=[],
+        help="add kvserve-bpN: this tree with --busy-poll-us N (repeatable)",
+    )
     parser.add_argument("--name", default="tail")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--no-control", action="store_true", help="skip the control")

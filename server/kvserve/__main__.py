@@ -198,8 +198,9 @@ def serve(
             "server and client run on different CPUs (each request then skips waking a "
             "sleeping server: 1.5x the GETs/s measured on a 2-vCPU VM); costs up to US "
             "of CPU per request when the next one does not come in time. Adaptive: polls "
-            "that find nothing back off (skipped for up to 64 turns), so an idle server "
-            "sleeps and a client pausing between calls costs little. Try 50.",
+            "that find nothing twice in a row back off (skipped for up to 64 turns), so an "
+            "idle server sleeps and a client pausing between calls costs little. Try 50 "
+            "(100-200 on a busy machine, where clients take longer to come back).",
             min=0,
             max=10_000,
         ),

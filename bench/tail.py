@@ -54,7 +54,16 @@ from typing import Any, Final
 if not __package__:  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cpu import PHASE_TIMEOUT, PINS, _Client, _pin_process
+from bench.cpu import (
+    AUTHKEY_ENV,
+    PHASE_TIMEOUT,
+    PINS,
+    System,
+    _Client,
+    _pin_process,
+    client_argv,
+    client_env,
+)
 from bench.measure import environment, loadavg, percentile, write_results
 from bench.systems import DICT_VALUE, STR_VALUE, Endpoint, make_driver, start_server
 
@@ -63,7 +72,6 @@ __all__ = ["main"]
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 BENCH_ROOT: Final = Path(__file__).resolve().parent.parent
 OPS: Final = ("get", "set", "grow")
-_AUTHKEY_ENV: Final = "BENCH_TAIL_AUTHKEY"
 _CONTROL_REPEAT: Final = 8
 _SPIKE: Final = 10.0
 """A request is a spike when its wall time is this many times the median or more."""
@@ -197,7 +205,7 @@ def _wrap_main(out: str, argv: list[str]) -> None:
 def _client_main(args: argparse.Namespace) -> int:
     """One phase's client (the same stdin/stdout protocol as :mod:`bench.cpu`'s)."""
     os.sched_setaffinity(0, {args.cpu})
-    endpoint = Endpoint(args.system, args.host, args.port, os.environ.get(_AUTHKEY_ENV, ""))
+    endpoint = Endpoint(args.system, args.host, args.port, os.environ.get(AUTHKEY_ENV, ""))
     driver = make_driver(endpoint)
     try:
         if args.op == "grow":
@@ -306,25 +314,8 @@ def _phase(
         server_cpu, client_cpu = PINS[args.pin]
         _pin_process(server.pid, server_cpu)
         endpoint = server.endpoint
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KV_", "BENCH_"))}
-        env[_AUTHKEY_ENV] = endpoint.authkey
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (*path, str(BENCH_ROOT), os.environ.get("PYTHONPATH")) if p
-        )
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.tail",
-            "--client",
-            f"--system={endpoint.system}",
-            f"--host={endpoint.host}",
-            f"--port={endpoint.port}",
-            f"--cpu={client_cpu}",
-            f"--op={op}",
-            f"--ops={args.ops}",
-            f"--warmup={args.warmup}",
-            f"--prefix=r{rnd}",
-        ]
+        env = client_env(System(system, kind, path), endpoint)
+        argv = client_argv("bench.tail", endpoint, client_cpu, op, args, f"r{rnd}")
         client = _Client(argv, env)
         try:
             client.read(PHASE_TIMEOUT, f"{system} {op}: warm-up")

@@ -51,7 +51,7 @@ from bench.measure import (
 )
 from bench.systems import STR_VALUE, Endpoint, Server, start_server
 
-__all__ = ["Phase", "main"]
+__all__ = ["Phase", "client_argv", "client_env", "main"]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 BENCH_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -62,7 +62,8 @@ PHASE_TIMEOUT: Final = 60.0
 """Seconds one phase (client start, warm-up, or the measured ops) may take before it is aborted."""
 BUSY_OTHER: Final = 0.2
 """Cores of other processes' work during a phase above which its cells are marked noisy."""
-_AUTHKEY_ENV: Final = "BENCH_CPU_AUTHKEY"
+AUTHKEY_ENV: Final = "BENCH_CPU_AUTHKEY"
+"""Where a phase's client process finds the server's authkey (never on its command line)."""
 _DEADLINE_EVERY: Final = 1000
 """The client looks at the clock once per this many ops (a clock read costs ~50 ns)."""
 
@@ -79,7 +80,7 @@ def _client_main(args: argparse.Namespace) -> int:
     from bench.systems import make_driver
 
     os.sched_setaffinity(0, {args.cpu})
-    endpoint = Endpoint(args.system, args.host, args.port, os.environ.get(_AUTHKEY_ENV, ""))
+    endpoint = Endpoint(args.system, args.host, args.port, os.environ.get(AUTHKEY_ENV, ""))
     driver = make_driver(endpoint)
     try:
         op = driver.op(args.op, args.prefix, 0, STR_VALUE, 1)
@@ -280,9 +281,29 @@ class _Client:
             self.kill()
 
 
-def _client_env(system: System, endpoint: Endpoint) -> dict[str, str]:
+def client_argv(
+    module: str, endpoint: Endpoint, cpu: int, op: str, args: argparse.Namespace, prefix: str
+) -> list[str]:
+    """Return the command of one phase's client process (``python -m MODULE --client ...``)."""
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--client",
+        f"--system={endpoint.system}",
+        f"--host={endpoint.host}",
+        f"--port={endpoint.port}",
+        f"--cpu={cpu}",
+        f"--op={op}",
+        f"--ops={args.ops}",
+        f"--warmup={args.warmup}",
+        f"--prefix={prefix}",
+    ]
+
+
+def client_env(system: System, endpoint: Endpoint) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KV_", "BENCH_"))}
-    env[_AUTHKEY_ENV] = endpoint.authkey  # not on the command line, where ps shows it
+    env[AUTHKEY_ENV] = endpoint.authkey  # not on the command line, where ps shows it
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (*system.path, str(BENCH_ROOT), os.environ.get("PYTHONPATH")) if p
     )
@@ -296,18 +317,7 @@ def _measure(
     server_cpu, client_cpu = PINS[pin]
     endpoint = server.endpoint
     argv = [
-        sys.executable,
-        "-m",
-        "bench.cpu",
-        "--client",
-        f"--system={endpoint.system}",
-        f"--host={endpoint.host}",
-        f"--port={endpoint.port}",
-        f"--cpu={client_cpu}",
-        f"--op={op}",
-        f"--ops={args.ops}",
-        f"--warmup={args.warmup}",
-        f"--prefix=r{rnd}:{pin}:{op}",
+        *client_argv("bench.cpu", endpoint, client_cpu, op, args, f"r{rnd}:{pin}:{op}"),
         f"--pause-us={args.pause_us}",
         f"--latency-ops={args.latency_ops}",
     ]
@@ -318,7 +328,7 @@ def _measure(
     if allowed != [server_cpu]:
         phase.error = f"{what}: server threads allowed on cpus {allowed}, not [{server_cpu}]"
         return phase
-    client = _Client(argv, _client_env(system, endpoint))
+    client = _Client(argv, client_env(system, endpoint))
     try:
         warm = client.read(PHASE_TIMEOUT, f"{what}: start and warm-up")
         expected = system.path[1] if system.path else ""

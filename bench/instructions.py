@@ -39,7 +39,7 @@ from typing import Any, Final
 if not __package__:  # run as a script, `python bench/instructions.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cpu import System, _client_env
+from bench.cpu import System, client_env
 from bench.measure import environment, loadavg, write_results
 from bench.systems import STR_VALUE, Endpoint, Server, start_server
 
@@ -52,7 +52,7 @@ SIDES: Final = ("server", "client")
 RUN_TIMEOUT: Final = 180.0
 """Seconds one run (client start, warm-up and ops, or the counted server's exit) may take."""
 HASH_SEED: Final = {"PYTHONHASHSEED": "0"}
-_AUTHKEY_ENV: Final = "BENCH_CPU_AUTHKEY"  # what bench.cpu._client_env sets
+_AUTHKEY_ENV: Final = "BENCH_CPU_AUTHKEY"  # what bench.cpu.client_env sets
 
 
 def _log(message: str) -> None:
@@ -188,7 +188,7 @@ def _count(system: System, op: str, side: str, n: int, warmup: int, scratch: Pat
     counted = _valgrind(out_file)
     server = start_server(system.kind, system.path, counted if side == "server" else (), HASH_SEED)
     try:
-        env = _client_env(system, server.endpoint) | HASH_SEED
+        env = client_env(system, server.endpoint) | HASH_SEED
         argv = _client_argv(server.endpoint, op, n, warmup)
         result = _run_client(counted + argv if side == "client" else argv, env, what)
         expected = system.path[1] if system.path else str(BENCH_ROOT / "client")
@@ -204,7 +204,7 @@ def _prime(system: System, scratch: Path) -> None:
     server = start_server(system.kind, system.path, (), HASH_SEED)
     try:
         for op in OPS:
-            env = _client_env(system, server.endpoint) | HASH_SEED
+            env = client_env(system, server.endpoint) | HASH_SEED
             _run_client(_client_argv(server.endpoint, op, 10, 10), env, f"{system.name} prime")
     finally:
         _stop(server, f"{system.name} prime")

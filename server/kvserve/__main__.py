@@ -11,6 +11,7 @@ could not start (authkey, TLS, data directory unusable, damaged or locked, addre
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import math
@@ -197,8 +198,9 @@ def serve(
             "server and client run on different CPUs (each request then skips waking a "
             "sleeping server: 1.5x the GETs/s measured on a 2-vCPU VM); costs up to US "
             "of CPU per request when the next one does not come in time. Adaptive: polls "
-            "that find nothing back off (skipped for up to 64 turns), so an idle server "
-            "sleeps and a client pausing between calls costs little. Try 50.",
+            "that find nothing twice in a row back off (skipped for up to 64 turns), so an "
+            "idle server sleeps and a client pausing between calls costs little. Try 50 "
+            "(100-200 on a busy machine, where clients take longer to come back).",
             min=0,
             max=10_000,
         ),
@@ -323,6 +325,12 @@ def serve(
     else:
         # Persistence logged what it loaded and the totals, as it loaded them.
         log.info("authkey from %s; data in %s (fsync %s)", source.origin, data_dir, fsync)
+    # What start-up made (modules, typer, the data loaded from --data-dir) lives as long as
+    # the server: collect its garbage once now, then freeze the rest out of the collector's
+    # generations, so no collection while serving walks it again (a full one walked 1M
+    # loaded dict values in ~0.5 s, in the middle of some request; bench/tail.py).
+    gc.collect()
+    gc.freeze()
     print(f"kvserve listening on {server.endpoint}", flush=True)
     server.serve_forever()
     reason = server.fatal_error or (persistence.failed if persistence is not None else None)

@@ -90,8 +90,8 @@ _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 # Replies up to this size are sent with one send() of header + payload when nothing is queued
 # (the same size below which frame_parts joins them).
 _DIRECT_SEND: Final = 64 * 1024
-# --busy-poll-us: at most 10 ms; after a poll that found nothing, the loop skips polling for
-# 1, 2, 4, ... up to this many turns (reset by the next poll that finds something).
+# --busy-poll-us: at most 10 ms; after polls that found nothing twice or more in a row, the
+# loop skips polling for 1, 2, 4, ... up to this many turns (reset by a poll that finds one).
 _BUSY_POLL_MAX: Final = 0.01
 _BUSY_POLL_BACKOFF: Final = 64
 
@@ -285,9 +285,10 @@ class Server:
         busy_poll: after a loop turn, poll the sockets without sleeping for up to this many
             seconds before blocking in epoll (default 0: never). It saves the wake-up of a
             sleeping server (~20 µs of kernel time per request when client and server run
-            on different CPUs) at the price of CPU spent polling; adaptive: a poll that found
-            nothing makes the loop skip polling for the next 1, 2, 4, ... 64 turns, so an
-            idle server sleeps and a client pausing between calls costs little.
+            on different CPUs) at the price of CPU spent polling; adaptive: a second poll in
+            a row that found nothing makes the loop skip polling for the next 1, then 2, 4,
+            ... 64 turns, so an idle server sleeps and a client pausing between calls costs
+            little, while one late request (its client lost its CPU once) costs nothing.
         history: ``(count, age in seconds)``: the changes each container keeps for ``watch``
             (default None: 1,000 changes, one hour; see :mod:`kvserve.history`).
     """
@@ -476,7 +477,9 @@ class Server:
         held = self._held
         busy = self.busy_poll
         skip = 0  # loop turns left without busy polling (after a poll that found nothing)
-        backoff = 1
+        # Turns to skip after the next miss: 0 after a hit, so one miss alone (a client that
+        # lost its vCPU once) costs nothing; a second in a row skips 1, then 2, 4, ... 64.
+        backoff = 0
         try:
             while not self._stop.is_set():
                 # Inline, not a method of _Timers: this runs once per request served.
@@ -497,9 +500,9 @@ class Server:
                         while not events and time.monotonic() < end:
                             events = sel.select(0)
                     if events:
-                        backoff = 1
+                        backoff = 0
                     else:
-                        skip, backoff = backoff, min(2 * backoff, _BUSY_POLL_BACKOFF)
+                        skip, backoff = backoff, min(2 * backoff or 1, _BUSY_POLL_BACKOFF)
                         if timeout is not None:
                             timeout = max(0.0, timeout - busy)
                         events = sel.select(timeout)

@@ -98,7 +98,7 @@ def test_lock_run_gives_the_token_and_exits_with_the_commands_status(
 def test_lock_run_excludes_others_and_renews_its_lease(
     env: dict[str, str], kvctl: Run, kv: kvclient.Client
 ) -> None:
-    holder = start(env, "lock", "run", "job", "--lease", "2", "--", "sleep", "4")
+    holder = start(env, "lock", "run", "job", "--lease", "2", "--", "sleep", "8")
     try:
         token = wait_held(kv, "job")["token"]
         time.sleep(2.5)  # past the 2 s lease: only renewals keep it

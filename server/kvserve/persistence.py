@@ -478,6 +478,9 @@ class Persistence:
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self._compactor: threading.Thread | None = None
+        # True from compact() until the snapshot's outcome is known; cleared before the
+        # outcome is counted, so whoever sees the count change may compact again at once.
+        self._compacting = False
         self._retry_after = 0.0  # monotonic time before which no automatic compaction runs
         self.compactions = 0
         self.compaction_failures = 0  # consecutive; reset by a successful compaction
@@ -941,7 +944,7 @@ class Persistence:
     @property
     def compacting(self) -> bool:
         """True while a background snapshot is being written."""
-        return self._compactor is not None and self._compactor.is_alive()
+        return self._compacting
 
     def compact(self, store: Store) -> bool:
         """Start a background snapshot of ``store``; False if one is already running.
@@ -973,6 +976,7 @@ class Persistence:
             name="kvserve-compact",
             daemon=True,
         )
+        self._compacting = True
         self._compactor.start()
         return True
 
@@ -1056,8 +1060,13 @@ class Persistence:
             self._snapshot_bytes = size
             self._delete_covered(covered)
         except Exception as exc:  # the log still holds everything; report and keep serving
+            self._compacting = False
             self._compaction_failed(str(exc))
             return
+        except BaseException:
+            self._compacting = False
+            raise
+        self._compacting = False
         if self.compaction_failures:
             log.info("compaction works again after %d failures", self.compaction_failures)
         self.compaction_failures = 0

@@ -2,8 +2,8 @@
 
 ``names`` and ``describe`` scan every master for meta keys (``kv{*}:m``): they see each
 container, but not at one instant across nodes (kvserve's are consistent). ``dump``,
-``restore`` and ``compact`` are kvserve's: Redis persists by its own configuration
-(``appendonly``, ``save``) and is backed up with its own tools.
+``restore``, ``compact`` and ``slowlog`` are kvserve's (NotSupportedError): Redis persists by
+its own configuration (``appendonly``, ``save``) and is backed up with its own tools.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kvclient._redis._backend import (
 from kvclient._redis._nodes import translate
 from kvclient._redis.kinds import KINDS
 from kvproto._version import __version__
-from kvproto.errors import KindError
+from kvproto.errors import KindError, NotSupportedError
 from kvproto.net import format_address
 from kvproto.wire import ERROR, RETURN
 
@@ -168,12 +168,19 @@ def stats(backend: RedisBackend, args: list[Any]) -> dict[str, Any]:
 
 def _kvserve_only(what: str) -> Any:
     def refuse(backend: RedisBackend, args: list[Any]) -> Any:
-        raise ValueError(
+        raise NotSupportedError(
             f"{what} is kvserve's (kvserve --data-dir); on Valkey/Redis, persistence and "
             "backups are the server's own (appendonly, save, BGSAVE, redis-cli --rdb)"
         )
 
     return refuse
+
+
+def _no_slowlog(backend: RedisBackend, args: list[Any]) -> Any:
+    raise NotSupportedError(
+        "slowlog is kvserve's (kvserve --slow-ms); on Valkey/Redis, read the server's own: "
+        "redis-cli SLOWLOG GET on each master"
+    )
 
 
 SERVER: Final = {
@@ -183,9 +190,14 @@ SERVER: Final = {
     "describe": describe,
     "drop": drop,
     "dump": _kvserve_only("dump"),
+    "dump_open": _kvserve_only("dump"),
+    "dump_next": _kvserve_only("dump"),
+    "dump_close": _kvserve_only("dump"),
     "names": names,
     "ping": ping,
     "restore": _kvserve_only("restore"),
+    "restore_part": _kvserve_only("restore"),
+    "slowlog": _no_slowlog,
     "stats": stats,
 }
 """Server-level method -> handler (a :class:`~kvclient.client.Batch` of the client calls

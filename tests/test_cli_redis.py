@@ -2,9 +2,9 @@
 
 Real `kvctl` processes against a real standalone redis-server and a real 3-master cluster
 (tests/redis_cluster.py), exact stdout, stderr and exit codes. The commands that are kvserve's
-(dump, restore, compact, slowlog, watch, --ttl) exit 3 with one `NotSupportedError:` line and
-no traceback; a malformed URL or an authkey option is a usage error (exit 2) before anything
-is sent.
+(dump, restore, compact, slowlog, watch, --ttl) exit 3 with one line (`NotSupportedError:`;
+`ValueError:` for compact, as kvserve's without --data-dir) and no traceback; a malformed
+URL or an authkey option is a usage error (exit 2) before anything is sent.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ _BACKUPS = (
         (
             ["compact"],
             None,
-            f"NotSupportedError: compact is kvserve's (kvserve --data-dir); {_BACKUPS}",
+            f"ValueError: compact is kvserve's (kvserve --data-dir); {_BACKUPS}",
         ),
         (
             ["slowlog"],

@@ -141,7 +141,7 @@ be a Valkey/Redis URL, for the same commands on that backend (README "Outgrowing
 redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), or
 redis-cluster://HOST:PORT[,HOST:PORT...] (any nodes of a Redis Cluster); the password may
 come from env REDIS_PASSWORD instead. There dump, restore, compact, slowlog, watch and --ttl
-exit 3 (NotSupportedError: kvserve's only). A VALUE of - is stdin, whole (--bytes: as bytes).
+exit 3: they are kvserve's only. A VALUE of - is stdin, whole (--bytes: as bytes).
 Connection options may also follow the command.
 
 The authkey is read from --authkey-file or the file the address names, else env KV_AUTHKEY

@@ -2,8 +2,9 @@
 
 ``names`` and ``describe`` scan every master for meta keys (``kv{*}:m``): they see each
 container, but not at one instant across nodes (kvserve's are consistent). ``dump``,
-``restore``, ``compact`` and ``slowlog`` are kvserve's (NotSupportedError): Redis persists by
-its own configuration (``appendonly``, ``save``) and is backed up with its own tools.
+``restore`` and ``slowlog`` are kvserve's (NotSupportedError; ``compact`` a ValueError, as
+kvserve's without ``--data-dir``): Redis persists by its own configuration (``appendonly``,
+``save``) and is backed up with its own tools.
 """
 
 from __future__ import annotations
@@ -176,6 +177,14 @@ def _kvserve_only(what: str) -> Any:
     return refuse
 
 
+def _no_compact(backend: RedisBackend, args: list[Any]) -> Any:
+    # A ValueError, as kvserve's without --data-dir: there is no log to compact.
+    raise ValueError(
+        "compact is kvserve's (kvserve --data-dir); on Valkey/Redis, persistence and "
+        "backups are the server's own (appendonly, save, BGSAVE, redis-cli --rdb)"
+    )
+
+
 def _no_slowlog(backend: RedisBackend, args: list[Any]) -> Any:
     raise NotSupportedError(
         "slowlog is kvserve's (kvserve --slow-ms); on Valkey/Redis, read the server's own: "
@@ -185,7 +194,7 @@ def _no_slowlog(backend: RedisBackend, args: list[Any]) -> Any:
 
 SERVER: Final = {
     "batch": batch,
-    "compact": _kvserve_only("compact"),
+    "compact": _no_compact,
     "create": create,
     "describe": describe,
     "drop": drop,

@@ -22,12 +22,12 @@ from kvclient.retry import Retry
 from kvproto.address import RedisTarget, parse_redis_url
 from kvproto.errors import KVConnectionError
 
-__all__ = ["RedisClient", "connect_redis"]
+__all__ = ["RedisClient", "connect_redis", "import_error", "redis_settings"]
 
 _CLIENTS: weakref.WeakSet[RedisClient] = weakref.WeakSet()
 
 
-def _import_error() -> ImportError:
+def import_error() -> ImportError:
     return ImportError(
         "redis:// addresses need redis-py: pip install 'kvmanager[redis]' (or redis hiredis)"
     )
@@ -52,6 +52,24 @@ def connect_redis(
         KVConnectionError: no node answered.
         AuthError: the credentials were refused.
     """
+    target, options = redis_settings(address, timeout, call_timeout, tls, ca, cert, key)
+    return RedisClient(target, options, timeout, call_timeout, retry, durability)
+
+
+def redis_settings(
+    address: str | RedisTarget,
+    timeout: float | None,
+    call_timeout: float | None,
+    tls: bool | ssl.SSLContext | None,
+    ca: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+) -> tuple[RedisTarget, dict[str, Any]]:
+    """Return the target and the redis-py client options of a connect (sync or asyncio).
+
+    Raises:
+        ValueError: a malformed address, or TLS asked for and refused.
+    """
     target = parse_redis_url(address) if isinstance(address, str) else address
     if tls is False and target.tls:
         raise ValueError("the address asks for TLS (rediss://), and tls=False refuses it")
@@ -75,7 +93,7 @@ def connect_redis(
             ssl_certfile=None if cert is None else os.fspath(cert),
             ssl_keyfile=None if key is None else os.fspath(key),
         )
-    return RedisClient(target, options, timeout, call_timeout, retry, durability)
+    return target, options
 
 
 class RedisClient(Client):
@@ -101,7 +119,7 @@ class RedisClient(Client):
             from kvclient._redis.kinds import KINDS  # noqa: PLC0415
         except ModuleNotFoundError as exc:
             if exc.name == "redis" or (exc.name or "").startswith("redis."):
-                raise _import_error() from exc
+                raise import_error() from exc
             raise
         self.target = target
         self.durability = durability

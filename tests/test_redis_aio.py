@@ -139,3 +139,5 @@ def test_waiting_calls_do_not_hold_up_others(redis_url: str) -> None:
 def test_connect_refuses_an_authkey_for_a_redis_url() -> None:
     with pytest.raises(ValueError, match="authkey= is kvserve's"):
         kvclient.aio.connect("redis://127.0.0.1:6379/0", b"k" * 32)
+    with pytest.raises(ValueError, match="max_connections= is for kvserve"):
+        kvclient.aio.connect("redis://127.0.0.1:6379/0", max_connections=2)

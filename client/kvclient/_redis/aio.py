@@ -54,7 +54,7 @@ from redis.backoff import NoBackoff
 from kvclient._redis import _bridge
 from kvclient._redis._backend import Call, Handler, RedisBackend, _no_method, _Session
 from kvclient._redis._nodes import Nodes
-from kvclient._redis.client import RedisClient, redis_settings
+from kvclient._redis.client import RedisClient, redis_settings, settle
 from kvclient._runner import DERIVED, PLANS, plan
 from kvclient.aio._leases import AsyncLeaseKeeper
 from kvclient.aio.client import Client
@@ -323,22 +323,12 @@ class AsyncRedisClient(Client):
         retry: Retry | None,
     ) -> None:
         # Not Client.__init__: it resolves a kvserve address and authkey.
-        from kvclient._redis._server import SERVER  # noqa: PLC0415
-        from kvclient._redis.kinds import KINDS  # noqa: PLC0415
-
-        self.target = target
-        self.durability = None
-        self._options = options
-        self.tls = None
-        self._authkey = b""
         nodes = AsyncNodes(target.nodes, target.cluster, options)
-        self.address = nodes.seeds[0]
-        self.endpoint = ("redis-cluster://" if target.cluster else "redis://") + nodes.endpoint
-        self._closed = False
+        kinds, server = settle(self, target, options, nodes, None)
         self._backend = AsyncRedisBackend(  # type: ignore[assignment]
             nodes,
-            {kind: spec.methods for kind, spec in KINDS.items()},
-            SERVER,
+            kinds,
+            server,
             timeout,
             call_timeout,
             retry,

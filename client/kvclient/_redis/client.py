@@ -22,7 +22,7 @@ from kvclient.retry import Retry
 from kvproto.address import RedisTarget, parse_redis_url
 from kvproto.errors import KVConnectionError
 
-__all__ = ["RedisClient", "connect_redis", "import_error", "redis_settings"]
+__all__ = ["RedisClient", "connect_redis", "import_error", "redis_settings", "settle"]
 
 _CLIENTS: weakref.WeakSet[RedisClient] = weakref.WeakSet()
 
@@ -96,12 +96,38 @@ def redis_settings(
     return target, options
 
 
+def settle(
+    client: Any, target: RedisTarget, options: dict[str, Any], nodes: Any, durability: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Set what a client of ``target`` (sync or asyncio) is; return its backend's handlers.
+
+    Returns:
+        ``(kind -> method -> handler, server method -> handler)``.
+    """
+    from kvclient._redis._server import SERVER  # noqa: PLC0415 - needs redis-py
+    from kvclient._redis.kinds import KINDS  # noqa: PLC0415
+
+    client.target = target
+    client.durability = durability
+    client._options = options
+    client.tls = None
+    client._authkey = b""
+    client.address = nodes.seeds[0]
+    client.endpoint = ("redis-cluster://" if target.cluster else "redis://") + nodes.endpoint
+    client._closed = False
+    return {kind: spec.methods for kind, spec in KINDS.items()}, SERVER
+
+
 class RedisClient(Client):
     """A :class:`~kvclient.client.Client` of a Valkey/Redis server or cluster.
 
     Use :func:`kvclient.connect` with a ``redis://``, ``rediss://`` or ``redis-cluster://``
     address to make one.
     """
+
+    target: RedisTarget
+    durability: str | None
+    _options: dict[str, Any]
 
     def __init__(
         self,
@@ -115,25 +141,16 @@ class RedisClient(Client):
         try:
             from kvclient._redis._backend import RedisBackend  # noqa: PLC0415
             from kvclient._redis._nodes import Nodes  # noqa: PLC0415
-            from kvclient._redis._server import SERVER  # noqa: PLC0415
-            from kvclient._redis.kinds import KINDS  # noqa: PLC0415
         except ModuleNotFoundError as exc:
             if exc.name == "redis" or (exc.name or "").startswith("redis."):
                 raise import_error() from exc
             raise
-        self.target = target
-        self.durability = durability
-        self._options = options
-        self.tls = None
-        self._authkey = b""
         nodes = Nodes(target.nodes, target.cluster, options)
-        self.address = nodes.seeds[0]
-        self.endpoint = ("redis-cluster://" if target.cluster else "redis://") + nodes.endpoint
-        self._closed = False
+        kinds, server = settle(self, target, options, nodes, durability)
         self._backend = RedisBackend(  # type: ignore[assignment]
             nodes,
-            {kind: spec.methods for kind, spec in KINDS.items()},
-            SERVER,
+            kinds,
+            server,
             timeout,
             call_timeout,
             retry,

@@ -78,6 +78,10 @@ def connect(
 ) -> _Connecting:
     """Connect to a kvserve server: await the result for a Client, or use it in async with.
 
+    A ``redis://``, ``rediss://`` or ``redis-cluster://`` address gives the same client on the
+    Valkey/Redis backend (:mod:`kvclient._redis.aio`; an authkey or ``max_connections`` is
+    then a ValueError: each call in flight has a connection of its own there).
+
     Args: as :func:`kvclient.connect` (the same address forms, environment variables, authkey
     search, TLS options and :class:`~kvclient.retry.Retry` policy), and:
 
@@ -90,6 +94,8 @@ def connect(
     """
     address = address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS
     if isinstance(address, str) and address.strip().partition("://")[0].lower() in REDIS_SCHEMES:
+        if max_connections != DEFAULT_MAX_CONNECTIONS:
+            raise ValueError("max_connections= is for kvserve addresses, not Valkey/Redis ones")
         return _Connecting(
             _redis_client(address, authkey, timeout, call_timeout, retry, tls, ca, cert, key)
         )

@@ -134,6 +134,10 @@ class SyncOverAsync(kvclient.Client):
             self.leases = self._child.leases
         return self._child
 
+    def rebuild_info(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """Pickle as the asyncio client does (a sync client of its server, kvserve or Redis)."""
+        return self.aclient.rebuild_info()
+
     def run(self, flow: Flow[_T]) -> _T:
         """Run a flow with the asyncio client's driver, on its loop."""
         owner = self.current()

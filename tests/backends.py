@@ -118,6 +118,13 @@ def redis_connect(address: str, authkey: bytes) -> kvclient.Client:
     return kvclient.connect(address)
 
 
+def redis_aio_connect(address: str, authkey: bytes) -> kvclient.Client:
+    """Connect the asyncio client (kvclient.aio) to a redis URL, behind the sync-shaped adapter."""
+    from tests.aio_adapter import SyncOverAsync  # only when this front end runs
+
+    return SyncOverAsync(address, None)
+
+
 def _redis_unavailable() -> str | None:
     from tests.redis_cluster import available
 
@@ -153,6 +160,18 @@ REDIS_DIFFERENCES: dict[str, str] = {
 }
 
 
+_AIO_PREDICATE = (
+    "Condition.wait_for's predicate is a plain function the asyncio client calls on its event "
+    "loop (kvclient.aio docs: checked locally); this test's predicate reads a list through the "
+    "sync-shaped adapter, a blocking call that cannot run on that loop (tests/aio_adapter.py "
+    "refuses it)"
+)
+_AIO_DIFFERENCES = {
+    "tests/test_sync.py::test_condition_wait_and_notify_across_processes": _AIO_PREDICATE
+}
+# The asyncio front end on Valkey/Redis: the backend's differences and the front end's.
+REDIS_AIO_DIFFERENCES: dict[str, str] = {**REDIS_DIFFERENCES, **_AIO_DIFFERENCES}
+
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation(
         id="kvserve-sync",
@@ -164,14 +183,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         id="kvserve-asyncio",
         start=kvserve_in_thread,
         connect=kvclient_aio_connect,
-        expected_differences={
-            "tests/test_sync.py::test_condition_wait_and_notify_across_processes": (
-                "Condition.wait_for's predicate is a plain function the asyncio client calls "
-                "on its event loop (kvclient.aio docs: checked locally); this test's predicate "
-                "reads a list through the sync-shaped adapter, a blocking call that cannot "
-                "run on that loop (tests/aio_adapter.py refuses it)"
-            ),
-        },
+        expected_differences=_AIO_DIFFERENCES,
     ),
     Implementation(
         id="redis-cluster",
@@ -186,6 +198,20 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         connect=redis_connect,
         unavailable=_redis_unavailable,
         expected_differences=REDIS_DIFFERENCES,
+    ),
+    Implementation(
+        id="redis-cluster-asyncio",
+        start=redis_cluster_start,
+        connect=redis_aio_connect,
+        unavailable=_redis_unavailable,
+        expected_differences=REDIS_AIO_DIFFERENCES,
+    ),
+    Implementation(
+        id="redis-standalone-asyncio",
+        start=redis_standalone_start,
+        connect=redis_aio_connect,
+        unavailable=_redis_unavailable,
+        expected_differences=REDIS_AIO_DIFFERENCES,
     ),
 )
 

@@ -15,9 +15,10 @@ recognises the plain form of three commands::
 :class:`~kvclient.Client`, as the typer commands do, with its request ids and retries: a write
 retried after a lost connection is still applied once.
 
-Whatever it does not recognise, or is not sure to handle the same way (TLS, ``--json`` or
-``-`` values of ``set``, a usage error, a value holding a container reference, a dict name
-that is another kind), it leaves to ``kvclient.cli`` by returning None *before it has sent a
+Whatever it does not recognise, or is not sure to handle the same way (TLS, a Valkey/Redis
+URL, which :func:`~kvproto.address.parse_target` refuses, ``--json`` or ``-`` values of
+``set``, a usage error, a value holding a container reference, a dict name that is another
+kind), it leaves to ``kvclient.cli`` by returning None *before it has sent a
 write or printed anything*: a connection or auth error at connect time, or anything ``get``
 meets, falls back harmlessly, where falling back after a write was sent might apply it twice.
 After that point, errors are reported here, through the same

@@ -74,7 +74,15 @@ from kvclient._runner import run_sync
 from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.proxies import make_proxy, to_ref
 from kvclient.sync import DEFAULT_LEASE, ConditionProxy, LockProxy, SemaphoreProxy, ValueProxy
-from kvproto.address import FORMS, AddressError, Target, parse_target
+from kvproto.address import (
+    FORMS,
+    REDIS_FORMS,
+    REDIS_SCHEMES,
+    AddressError,
+    Target,
+    parse_redis_url,
+    parse_target,
+)
 from kvproto.authkey import load_authkey
 from kvproto.codec import STORED_DEPTH, Codec, Ref
 from kvproto.errors import KindError, NoSuchContainerError
@@ -128,8 +136,13 @@ lists, maps, true, false, null). A str result prints as is, anything else as JSO
 put -- before values that start with "-": kvctl list push jobs -- -1.
 
 ADDRESS is HOST:PORT, [IPv6]:PORT, kv://[KEY@]HOST:PORT or kvs://[KEY@]HOST:PORT (TLS); KEY
-names the authkey file, ~/.config/kvmanager/KEY.key, or is a path to one. A VALUE of - is
-stdin, whole (--bytes: as bytes). Connection options may also follow the command.
+names the authkey file, ~/.config/kvmanager/KEY.key, or is a path to one. ADDRESS may also
+be a Valkey/Redis URL, for the same commands on that backend (README "Outgrowing one host"):
+redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), or
+redis-cluster://HOST:PORT[,HOST:PORT...] (any nodes of a Redis Cluster); the password may
+come from env REDIS_PASSWORD instead. There dump, restore, compact, slowlog, watch and --ttl
+exit 3: they are kvserve's only. A VALUE of - is stdin, whole (--bytes: as bytes).
+Connection options may also follow the command.
 
 The authkey is read from --authkey-file or the file the address names, else env KV_AUTHKEY
 (the key itself), else the file named by env KV_AUTHKEY_FILE, else
@@ -392,9 +405,17 @@ def _ttl_seconds(text: str) -> float:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _is_redis(address: str) -> bool:
+    """Return whether ``address`` is a Valkey/Redis URL (``redis://``, ``redis-cluster://``...)."""
+    return address.strip().partition("://")[0].lower() in REDIS_SCHEMES
+
+
 def _check_address(value: str) -> str:
     try:
-        parse_target(value)
+        if _is_redis(value):
+            parse_redis_url(value)
+        else:
+            parse_target(value)
     except AddressError as exc:
         raise typer.BadParameter(str(exc)) from None
     return value
@@ -445,6 +466,17 @@ class _Session:
     @property
     def client(self) -> kvclient.Client:
         """The connected client; connects on first use."""
+        if self._client is None and _is_redis(self.settings.address):
+            # The same API on Valkey/Redis: the password is the URL's or REDIS_PASSWORD's.
+            self._client = kvclient.connect(
+                self.settings.address,
+                None,
+                self.settings.timeout,
+                call_timeout=self.settings.timeout,
+                ca=self.settings.tls_ca,
+                cert=self.settings.tls_cert,
+                key=self.settings.tls_key,
+            )
         if self._client is None:
             target = _target(self.settings)
             key = load_authkey(authkey_file=self.settings.authkey_file or target.key_file).key
@@ -607,7 +639,8 @@ def main(
             envvar="KV_ADDRESS",
             callback=_check_address,
             help=f"The kvserve server to talk to: {FORMS} (TLS; KEY names the authkey file "
-            "~/.config/kvmanager/KEY.key, or is a path).",
+            "~/.config/kvmanager/KEY.key, or is a path); or a Valkey/Redis server or cluster: "
+            f"{REDIS_FORMS}.",
         ),
     ] = DEFAULT_ADDRESS,
     authkey_file: Annotated[
@@ -667,7 +700,14 @@ def main(
     ] = False,
 ) -> None:
     """Read and write a kvserve server's dicts, lists, queues and namespaces from the shell."""
-    if authkey_file is not None and parse_target(address).key_file is not None:
+    if _is_redis(address):
+        if authkey_file is not None:
+            raise typer.BadParameter(
+                "an authkey is kvserve's; a Valkey/Redis server takes a password in the URL "
+                "(redis://:PASSWORD@host) or in REDIS_PASSWORD",
+                param_hint="'--authkey-file'",
+            )
+    elif authkey_file is not None and parse_target(address).key_file is not None:
         raise typer.BadParameter(
             "the address names an authkey file (KEY@) and --authkey-file names one too; "
             "give one of them",

@@ -108,11 +108,13 @@ def call_with_retry(
     endpoint: str,
     attempt: Callable[[], _T],
     error: KVConnectionError | None = None,
+    sleep: Callable[[float], object] = time.sleep,
 ) -> _T:
     """Run ``attempt`` until it answers, retrying a failed connection as ``retry`` allows.
 
     The one retry loop of every backend (a call that changes state carries a request id, so
-    running it again applies it at most once). ``error``: a first attempt that already failed.
+    running it again applies it at most once). ``error``: a first attempt that already failed;
+    ``sleep``: how to wait out a backoff (the asyncio Valkey/Redis backend pauses its task).
 
     Raises:
         KVConnectionError: the last failure, once the retries ran out (naming ``endpoint``
@@ -131,7 +133,7 @@ def call_with_retry(
                 ) from error
             attempts += 1
             assert retry is not None
-            time.sleep(retry.backoff.compute(attempts))
+            sleep(retry.backoff.compute(attempts))
         try:
             return attempt()
         except AuthError:

@@ -10,7 +10,9 @@ ones; only the backend under them differs:
   request ids checked and recorded inside them, kvclient's ``Retry`` the only retry loop;
 - :mod:`.kinds`: one module of handlers per container kind, and :mod:`.scripts` its Lua;
 - :mod:`._server`: create, names, describe, drop, ping, stats;
-- :mod:`.client`: :func:`~.client.connect_redis` and the client class.
+- :mod:`.client`: :func:`~.client.connect_redis` and the client class;
+- :mod:`.aio` and :mod:`._bridge`: the same backend for ``kvclient.aio``, its IO on
+  ``redis.asyncio`` (each call's logic in a greenlet).
 
 Needs redis-py: ``pip install 'kvmanager[redis]'``.
 """

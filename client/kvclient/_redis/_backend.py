@@ -28,6 +28,7 @@ import functools
 import os
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
@@ -241,6 +242,10 @@ class Call:
         """Send one plain command to this container's node (its first key's slot)."""
         return self._backend.nodes.execute(self.keys[0], *command)
 
+    def sleep(self, seconds: float) -> None:
+        """Pause this call (a poll's interval): the thread, or on asyncio only its task."""
+        self._backend.sleep(seconds)
+
 
 class RedisBackend:
     """Calls to one Valkey/Redis server or cluster, made as Lua scripts.
@@ -306,6 +311,10 @@ class RedisBackend:
         """Close every connection."""
         self.closed = True
         self.nodes.close()
+
+    def sleep(self, seconds: float) -> None:
+        """Pause the calling thread (:mod:`kvclient._redis.aio` pauses only the task)."""
+        time.sleep(seconds)
 
     def session(self) -> _Session:
         """Return this thread's session (codec, request-id sequence)."""

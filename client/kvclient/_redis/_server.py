@@ -2,8 +2,9 @@
 
 ``names`` and ``describe`` scan every master for meta keys (``kv{*}:m``): they see each
 container, but not at one instant across nodes (kvserve's are consistent). ``dump``,
-``restore`` and ``compact`` are kvserve's: Redis persists by its own configuration
-(``appendonly``, ``save``) and is backed up with its own tools.
+``restore`` and ``slowlog`` are kvserve's (NotSupportedError; ``compact`` a ValueError, as
+kvserve's without ``--data-dir``): Redis persists by its own configuration (``appendonly``,
+``save``) and is backed up with its own tools.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from kvclient._redis._backend import (
 from kvclient._redis._nodes import translate
 from kvclient._redis.kinds import KINDS
 from kvproto._version import __version__
-from kvproto.errors import KindError
+from kvproto.errors import KindError, NotSupportedError
 from kvproto.net import format_address
 from kvproto.wire import ERROR, RETURN
 
@@ -168,7 +169,7 @@ def stats(backend: RedisBackend, args: list[Any]) -> dict[str, Any]:
 
 def _kvserve_only(what: str) -> Any:
     def refuse(backend: RedisBackend, args: list[Any]) -> Any:
-        raise ValueError(
+        raise NotSupportedError(
             f"{what} is kvserve's (kvserve --data-dir); on Valkey/Redis, persistence and "
             "backups are the server's own (appendonly, save, BGSAVE, redis-cli --rdb)"
         )
@@ -176,16 +177,36 @@ def _kvserve_only(what: str) -> Any:
     return refuse
 
 
+def _no_compact(backend: RedisBackend, args: list[Any]) -> Any:
+    # A ValueError, as kvserve's without --data-dir: there is no log to compact.
+    raise ValueError(
+        "compact is kvserve's (kvserve --data-dir); on Valkey/Redis, persistence and "
+        "backups are the server's own (appendonly, save, BGSAVE, redis-cli --rdb)"
+    )
+
+
+def _no_slowlog(backend: RedisBackend, args: list[Any]) -> Any:
+    raise NotSupportedError(
+        "slowlog is kvserve's (kvserve --slow-ms); on Valkey/Redis, read the server's own: "
+        "redis-cli SLOWLOG GET on each master"
+    )
+
+
 SERVER: Final = {
     "batch": batch,
-    "compact": _kvserve_only("compact"),
+    "compact": _no_compact,
     "create": create,
     "describe": describe,
     "drop": drop,
     "dump": _kvserve_only("dump"),
+    "dump_open": _kvserve_only("dump"),
+    "dump_next": _kvserve_only("dump"),
+    "dump_close": _kvserve_only("dump"),
     "names": names,
     "ping": ping,
     "restore": _kvserve_only("restore"),
+    "restore_part": _kvserve_only("restore"),
+    "slowlog": _no_slowlog,
     "stats": stats,
 }
 """Server-level method -> handler (a :class:`~kvclient.client.Batch` of the client calls

@@ -22,12 +22,12 @@ from kvclient.retry import Retry
 from kvproto.address import RedisTarget, parse_redis_url
 from kvproto.errors import KVConnectionError
 
-__all__ = ["RedisClient", "connect_redis"]
+__all__ = ["RedisClient", "connect_redis", "import_error", "redis_settings", "settle"]
 
 _CLIENTS: weakref.WeakSet[RedisClient] = weakref.WeakSet()
 
 
-def _import_error() -> ImportError:
+def import_error() -> ImportError:
     return ImportError(
         "redis:// addresses need redis-py: pip install 'kvmanager[redis]' (or redis hiredis)"
     )
@@ -51,6 +51,24 @@ def connect_redis(
         ValueError: a malformed address (the message never shows the password).
         KVConnectionError: no node answered.
         AuthError: the credentials were refused.
+    """
+    target, options = redis_settings(address, timeout, call_timeout, tls, ca, cert, key)
+    return RedisClient(target, options, timeout, call_timeout, retry, durability)
+
+
+def redis_settings(
+    address: str | RedisTarget,
+    timeout: float | None,
+    call_timeout: float | None,
+    tls: bool | ssl.SSLContext | None,
+    ca: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+) -> tuple[RedisTarget, dict[str, Any]]:
+    """Return the target and the redis-py client options of a connect (sync or asyncio).
+
+    Raises:
+        ValueError: a malformed address, or TLS asked for and refused.
     """
     target = parse_redis_url(address) if isinstance(address, str) else address
     if tls is False and target.tls:
@@ -76,7 +94,29 @@ def connect_redis(
             ssl_certfile=None if cert is None else os.fspath(cert),
             ssl_keyfile=None if key is None else os.fspath(key),
         )
-    return RedisClient(target, options, timeout, call_timeout, retry, durability)
+    return target, options
+
+
+def settle(
+    client: Any, target: RedisTarget, options: dict[str, Any], nodes: Any, durability: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Set what a client of ``target`` (sync or asyncio) is; return its backend's handlers.
+
+    Returns:
+        ``(kind -> method -> handler, server method -> handler)``.
+    """
+    from kvclient._redis._server import SERVER  # noqa: PLC0415 - needs redis-py
+    from kvclient._redis.kinds import KINDS  # noqa: PLC0415
+
+    client.target = target
+    client.durability = durability
+    client._options = options
+    client.tls = None
+    client._authkey = b""
+    client.address = nodes.seeds[0]
+    client.endpoint = ("redis-cluster://" if target.cluster else "redis://") + nodes.endpoint
+    client._closed = False
+    return {kind: spec.methods for kind, spec in KINDS.items()}, SERVER
 
 
 class RedisClient(Client):
@@ -85,6 +125,10 @@ class RedisClient(Client):
     Use :func:`kvclient.connect` with a ``redis://``, ``rediss://`` or ``redis-cluster://``
     address to make one.
     """
+
+    target: RedisTarget
+    durability: str | None
+    _options: dict[str, Any]
 
     def __init__(
         self,
@@ -98,25 +142,16 @@ class RedisClient(Client):
         try:
             from kvclient._redis._backend import RedisBackend  # noqa: PLC0415
             from kvclient._redis._nodes import Nodes  # noqa: PLC0415
-            from kvclient._redis._server import SERVER  # noqa: PLC0415
-            from kvclient._redis.kinds import KINDS  # noqa: PLC0415
         except ModuleNotFoundError as exc:
             if exc.name == "redis" or (exc.name or "").startswith("redis."):
-                raise _import_error() from exc
+                raise import_error() from exc
             raise
-        self.target = target
-        self.durability = durability
-        self._options = options
-        self.tls = None
-        self._authkey = b""
         nodes = Nodes(target.nodes, target.cluster, options)
-        self.address = nodes.seeds[0]
-        self.endpoint = ("redis-cluster://" if target.cluster else "redis://") + nodes.endpoint
-        self._closed = False
+        kinds, server = settle(self, target, options, nodes, durability)
         self._backend = RedisBackend(  # type: ignore[assignment]
             nodes,
-            {kind: spec.methods for kind, spec in KINDS.items()},
-            SERVER,
+            kinds,
+            server,
             timeout,
             call_timeout,
             retry,

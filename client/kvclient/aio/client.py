@@ -31,7 +31,7 @@ from kvclient.connection import DEFAULT_ADDRESS
 from kvclient.proxies import P, Proxy, to_ref
 from kvclient.retry import Retry
 from kvclient.sync import DEFAULT_LEASE
-from kvproto.address import parse_target
+from kvproto.address import REDIS_SCHEMES, parse_target
 from kvproto.authkey import load_authkey
 from kvproto.codec import STORED_DEPTH, Codec, Ref
 from kvproto.net import format_address
@@ -78,6 +78,10 @@ def connect(
 ) -> _Connecting:
     """Connect to a kvserve server: await the result for a Client, or use it in async with.
 
+    A ``redis://``, ``rediss://`` or ``redis-cluster://`` address gives the same client on the
+    Valkey/Redis backend (:mod:`kvclient._redis.aio`; an authkey or ``max_connections`` is
+    then a ValueError: each call in flight has a connection of its own there).
+
     Args: as :func:`kvclient.connect` (the same address forms, environment variables, authkey
     search, TLS options and :class:`~kvclient.retry.Retry` policy), and:
 
@@ -89,6 +93,12 @@ def connect(
     a malformed address or a missing key are raised at once.
     """
     address = address or os.environ.get("KV_ADDRESS") or DEFAULT_ADDRESS
+    if isinstance(address, str) and address.strip().partition("://")[0].lower() in REDIS_SCHEMES:
+        if max_connections != DEFAULT_MAX_CONNECTIONS:
+            raise ValueError("max_connections= is for kvserve addresses, not Valkey/Redis ones")
+        return _Connecting(
+            _redis_client(address, authkey, timeout, call_timeout, retry, tls, ca, cert, key)
+        )
     target = parse_target(address)
     if target.tls:
         if tls is False:
@@ -114,6 +124,43 @@ def connect(
             key=key,
             max_connections=max_connections,
         )
+    )
+
+
+def _redis_client(
+    address: str,
+    authkey: bytes | str | None,
+    timeout: float | None,
+    call_timeout: float | None,
+    retry: Retry | None,
+    tls: bool | ssl.SSLContext | None,
+    ca: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+) -> Client:
+    """The asyncio client of a Valkey/Redis address (README "Outgrowing one host")."""
+    if authkey is not None:
+        raise ValueError(
+            "authkey= is kvserve's; a Valkey/Redis server takes a password in the URL "
+            "(redis://:PASSWORD@host) or in REDIS_PASSWORD"
+        )
+    try:
+        from kvclient._redis.aio import async_client  # noqa: PLC0415 - needs redis-py
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] in ("redis", "greenlet"):
+            from kvclient._redis.client import import_error  # noqa: PLC0415
+
+            raise import_error() from exc
+        raise
+    return async_client(
+        address,
+        timeout,
+        call_timeout,
+        Retry() if retry is _DEFAULT_RETRY else retry,
+        tls,
+        ca,
+        cert,
+        key,
     )
 
 

@@ -18,7 +18,9 @@ from typing import Any, Final
 
 from kvclient._redis._backend import Call, Handler, kind_scripts
 from kvclient._redis.kinds import Kind, register
+from kvproto import schema
 from kvproto.codec import check_key
+from kvproto.errors import NotSupportedError
 
 __all__ = ["DICT", "NAMESPACE", "canonical"]
 
@@ -97,6 +99,17 @@ def _len(ctx: Call, args: list[Any]) -> int:
 def _setitem(ctx: Call, args: list[Any]) -> None:
     key, value = args
     _ok(ctx, "set", *_keys(ctx, key), ctx.pack(value))
+
+
+def _set(ctx: Call, args: list[Any]) -> bool:
+    """Store ``d[key] = value``: ``set`` without a ttl, nx or lease, as kvclient.aio stores one.
+
+    The rest of ``set`` is TTL's, which this backend does not offer yet.
+    """
+    if len(args) == 4 and args[2] is None and args[3] is False:
+        _setitem(ctx, args[:2])
+        return True
+    raise NotSupportedError(schema.unsupported("dict", "set", "the Valkey/Redis backend"))
 
 
 def _triples(ctx: Call, mapping: Any) -> list[bytes]:
@@ -218,6 +231,7 @@ DICT: Final[dict[str, Handler]] = {
     "keys": _keys_list,
     "pop": _pop,
     "popitem": _popitem,
+    "set": _set,
     "set_many": _update,
     "setdefault": _setdefault,
     "update": _update,

@@ -58,7 +58,7 @@ def _put(ctx: Call, args: list[Any]) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             raise queue.Full
         left = pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
-        time.sleep(left)
+        ctx.sleep(left)
         pause = min(pause * 2, _POLL_MOST)
 
 
@@ -128,7 +128,7 @@ def _join(ctx: Call, args: list[Any]) -> None:
     while unfinished := _info(ctx)[1]:
         if ctx.in_batch:
             raise ValueError(f"{unfinished} task(s) unfinished; join() cannot wait in a batch")
-        time.sleep(pause)
+        ctx.sleep(pause)
         pause = min(pause * 2, _POLL_MOST)
 
 

@@ -70,7 +70,7 @@ from kvclient._redis.kinds import Kind, register
 from kvproto.errors import KVError, release_error
 from kvproto.limits import check_bool, check_int64, check_lease, check_timeout
 
-__all__ = ["BARRIER", "CONDITION", "EVENT", "LOCK", "RLOCK", "SEMAPHORE"]
+__all__ = ["BARRIER", "CONDITION", "EVENT", "LOCK", "RLOCK", "SEMAPHORE", "withdraw"]
 
 _S: Final = kind_scripts("sync")
 _OWNER_MAX: Final = 64
@@ -188,6 +188,20 @@ def _acquire(ctx: Call, args: list[Any]) -> int | bool:
     else:
         found = _blocking(ctx, "acquire", wid, timeout, argv)
     return False if found[0] is None else int(found[0])
+
+
+def withdraw(ctx: Call, args: list[Any]) -> int | None:
+    """End a cancelled ``acquire`` with its request id: return the token it got, or None.
+
+    ``args`` are the acquire's, with its ``wait_id`` (the asyncio front end gives every
+    acquire one, for this). Run again as a last phase, the script answers what it answered
+    (the id is recorded), or hands over a hold given to the waiter meanwhile, or takes a free
+    one, or takes the waiter out of the line: afterwards the acquire can win nothing.
+    """
+    owner, blocking, timeout, lease, wait_id = _acquire_args(args)
+    waits = blocking and timeout != 0 and not ctx.in_batch
+    found = _ok(ctx, "acquire", owner, "1" if waits else "0", wait_id or b"", _ms(lease), "last")
+    return None if found[0] is None else int(found[0])
 
 
 def _acquire_args(args: list[Any]) -> tuple[bytes, bool, float | None, float, bytes | None]:

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from msgpack import unpackb as _unpackb
+
 from kvproto.address import DEFAULT_PORT, parse_address
 from kvproto.codec import MAX_DEPTH, Codec, Ref
 from kvproto.errors import (
@@ -319,8 +321,13 @@ class Connection:
             size, head = _REPLY_HEAD.unpack_from(data) if n > _VALUE_AT else _SHORT
             if size == n - 4 and size <= self.max_frame:
                 if head == RETURN_HEAD:
-                    # [RETURN, value]: only the value is decoded (no list, no tag string).
-                    return codec.unpack_reply(data[_VALUE_AT:])
+                    # [RETURN, value]: only the value is decoded (no list, no tag string),
+                    # as Codec.unpack_reply does, inline: this codec has no decode limits.
+                    value = data[_VALUE_AT:]
+                    try:
+                        return _unpackb(value, strict_map_key=False, ext_hook=codec.ext_hook)
+                    except Exception:  # a tuple, a bigint, or garbage: unpack() decides
+                        return codec.unpack(value)
                 reply = codec.unpack_reply(memoryview(data)[4:])
             else:
                 reply = codec.unpack_reply(self._recv_frame(self.max_frame, data))

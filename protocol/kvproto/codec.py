@@ -315,6 +315,7 @@ class Codec:
         "_packer",
         "_plain_decode",
         "_to_ref",
+        "ext_hook",
     )
 
     def __init__(
@@ -344,6 +345,8 @@ class Codec:
         self._make_ref: Callable[[Ref], Any] = make_ref or (lambda ref: ref)
         self._to_ref = to_ref
         self._depth = 0
+        # Bound once: unpackb(..., ext_hook=self._ext_hook) would bind a new method per call.
+        self.ext_hook: Final = self._ext_hook
         self._packer = msgpack.Packer(
             default=self._default, use_bin_type=True, strict_types=True, autoreset=True
         )
@@ -434,7 +437,7 @@ class Codec:
             self._bigint_packed = False
             _check_keys(obj)  # what the decoder would refuse, refused before it is sent
         limit = self._encode_depth
-        if limit is not None:
+        if limit is not None and len(out) > limit:  # a shorter payload cannot nest deeper
             _refuse_deep(obj, out, limit)
         return out
 
@@ -560,7 +563,7 @@ class Codec:
         """
         if self._plain_decode and len(data) <= _GC_PAUSE_BYTES:
             try:
-                return msgpack.unpackb(data, strict_map_key=False, ext_hook=self._ext_hook)
+                return msgpack.unpackb(data, strict_map_key=False, ext_hook=self.ext_hook)
             except Exception:  # noqa: S110 - unpack() decodes it again and decides
                 pass
         return self.unpack(data)

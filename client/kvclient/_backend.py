@@ -16,13 +16,12 @@ its own.
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kvclient._runner import DERIVED, PLANS, plan, reply_timeout
+from kvclient._runner import DERIVED, PLANS, RequestIds, plan, reply_timeout
 from kvclient.connection import Connection
 from kvclient.retry import Retry, call_with_retry
 from kvproto.codec import Ref
@@ -38,15 +37,14 @@ _BACKENDS: weakref.WeakSet[SocketBackend] = weakref.WeakSet()
 _fork_hook_registered = False
 
 
-class _Session:
-    """One thread's connection and request-id sequence (kept across reconnects)."""
+class _Session(RequestIds):
+    """One thread's connection and request ids (kept across reconnects)."""
 
-    __slots__ = ("conn", "seq", "token")
+    __slots__ = ("conn",)
 
     def __init__(self) -> None:
+        super().__init__()
         self.conn: Connection | None = None
-        self.token = secrets.token_bytes(16)
-        self.seq = 0
 
 
 class SocketBackend:
@@ -157,17 +155,15 @@ class SocketBackend:
             KVConnectionError: the connection failed, and retrying did not help.
             BaseException: what the call raised on the server.
         """
-        # The hot path: a plain read on a thread that has its connection is two dict
-        # lookups, a list and Connection.call.
-        session: _Session | None
-        try:
-            session = self._local.session
-        except AttributeError:  # this thread's first call
-            session = None
+        # The hot path: two dict lookups, this thread's session, a list and Connection.call.
         try:
             op = PLANS[kind][method]
         except KeyError:
             op = plan(kind, method)
+        try:
+            session: _Session = self._local.session
+        except AttributeError:  # this thread's first call
+            session = self._local.session = _Session()
         if op is None:
             message = [ident, method, args, kwds]
             if timeout is DERIVED:
@@ -177,15 +173,12 @@ class SocketBackend:
                 # reply_timeout() is False for an op that cannot block: skip the call.
                 timeout = reply_timeout(op, args, self.call_timeout) if op.blocks else False
             if op.mutates and not op.idempotent:  # op.needs_id, without the property's call
-                if session is None:
-                    session = self._local.session = _Session()
                 # A request id makes the call safe to retry: the server answers a repeated
                 # id with the first answer instead of applying the call again.
-                session.seq += 1
-                message = [ident, method, args, kwds, [session.token, session.seq]]
+                message = [ident, method, args, kwds, session.next_id()]
             else:
                 message = [ident, method, args, kwds]
-        conn = None if session is None else session.conn
+        conn = session.conn
         if conn is not None and not conn.closed:
             try:
                 return conn.call(message, timeout)

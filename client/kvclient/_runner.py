@@ -20,6 +20,7 @@ generators with ``await``.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
@@ -32,6 +33,7 @@ __all__ = [
     "PLANS",
     "Call",
     "Flow",
+    "RequestIds",
     "Runner",
     "plan",
     "reply_timeout",
@@ -63,6 +65,27 @@ def plan(kind: str | None, method: str) -> Op | None:
     found = None if not (op.needs_id or op.blocks) else op
     PLANS.setdefault(kind, {})[method] = found
     return found
+
+
+class RequestIds:
+    """A request-id session: a random token and a sequence number, kept across reconnects.
+
+    The socket backends give every call that needs one (``Op.needs_id``) the next id of the
+    session making it (a thread's, or an asyncio pooled connection's): the server answers a
+    repeated id with its first answer, so a retry after a lost connection applies nothing
+    twice. A session makes one call at a time: the server keeps one answer per token.
+    """
+
+    __slots__ = ("seq", "token")
+
+    def __init__(self) -> None:
+        self.token = secrets.token_bytes(16)
+        self.seq = 0
+
+    def next_id(self) -> list[Any]:
+        """Return the request id of the session's next call, ``[token, seq]``."""
+        self.seq += 1
+        return [self.token, self.seq]
 
 
 def reply_timeout(op: Op, args: list[Any], call_timeout: float | None) -> float | bool | None:

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from msgpack import unpackb as _unpackb
+
 from kvproto.address import DEFAULT_PORT, parse_address
 from kvproto.codec import MAX_DEPTH, Codec, Ref
 from kvproto.errors import (
@@ -32,7 +34,7 @@ from kvproto.wire import (
     HEADER,
     MAX_HANDSHAKE_FRAME,
     MAX_REPLY_FRAME,
-    RETURN,
+    RETURN_HEAD,
     FrameTooLargeError,
     MalformedReplyError,
     frame_parts,
@@ -57,6 +59,13 @@ _RECV_CHUNK: Final = 64 * 1024
 # Requests up to this size are sent as header + payload joined, as kvproto.wire.frame_parts
 # sends them (a copy cheaper than a second send), but inline; larger ones go through it.
 _INLINE_SEND: Final = 64 * 1024
+_VALUE_AT: Final = 4 + len(RETURN_HEAD)  # where a [RETURN, value] frame's value begins
+# A reply frame's length and first payload bytes, read in one call; _SHORT for a reply too
+# short to be [RETURN, value] (it goes the long way, as one split over several recvs does).
+_REPLY_HEAD: Final = struct.Struct(f">I{len(RETURN_HEAD)}s")
+_SHORT: Final = (-1, b"")
+# Bound once: `HEADER.pack(size)` in a call's argument list binds a new method object per call.
+_pack_header: Final = HEADER.pack
 
 _MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (a year)
 
@@ -290,27 +299,38 @@ class Connection:
             KVConnectionError: the connection failed or timed out; it is now closed.
             ProtocolError: the reply was not understood; the connection is now closed.
         """
-        payload = self.codec.pack(message)
+        codec = self.codec
+        payload = codec.pack_request(message)
         sock = self._sock
         if sock is None:
             raise ProtocolError(f"connection to {self.endpoint} is closed")
         try:
             wanted = self.timeout if timeout is False else timeout
-            if wanted != self._applied_timeout:
+            applied = self._applied_timeout
+            if wanted is not applied and wanted != applied:
                 self._apply_timeout(sock, wanted)
             size = len(payload)
             if size <= _INLINE_SEND:
                 # The common small request as one sendall, without _send_frame's two calls.
-                sock.sendall(HEADER.pack(size) + payload)
+                sock.sendall(_pack_header(size) + payload)
             else:
                 self._send_frame(payload)
             # The common small reply, whole in the first recv, inline; else _recv_frame.
             data = sock.recv(_RECV_CHUNK)
             n = len(data)
-            if n > 4 and HEADER.unpack_from(data)[0] == n - 4 and n - 4 <= self.max_frame:
-                reply = self.codec.unpack(memoryview(data)[4:])
+            size, head = _REPLY_HEAD.unpack_from(data) if n > _VALUE_AT else _SHORT
+            if size == n - 4 and size <= self.max_frame:
+                if head == RETURN_HEAD:
+                    # [RETURN, value]: only the value is decoded (no list, no tag string),
+                    # as Codec.unpack_reply does, inline: this codec has no decode limits.
+                    value = data[_VALUE_AT:]
+                    try:
+                        return _unpackb(value, strict_map_key=False, ext_hook=codec.ext_hook)
+                    except Exception:  # a tuple, a bigint, or garbage: unpack() decides
+                        return codec.unpack(value)
+                reply = codec.unpack_reply(memoryview(data)[4:])
             else:
-                reply = self.codec.unpack(self._recv_frame(self.max_frame, data))
+                reply = codec.unpack_reply(self._recv_frame(self.max_frame, data))
         except (OSError, EOFError) as exc:
             self.close()
             raise translate_os_error(exc, self.endpoint, "call") from exc
@@ -319,9 +339,6 @@ class Connection:
             # and reading it later would pair it with the wrong call.
             self.close()
             raise
-        # The common answer inline (a value), without the two calls of unwrap().
-        if type(reply) is list and len(reply) == 2 and reply[0] == RETURN:
-            return reply[1]
         return self.unwrap(reply)
 
     def unwrap(self, reply: Any) -> Any:

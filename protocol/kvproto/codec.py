@@ -100,6 +100,9 @@ _CONTAINER_CODES: Final = bytes(
 )
 _SCAN_LIMIT: Final = 64 * 1024  # above this, walk the decoded value instead of scanning bytes
 _NESTING: Final = frozenset({list, tuple, dict})
+# Values msgpack writes with no nesting (an int beyond 64 bits goes through `default`, which
+# Codec.pack_request sees): args of only these make a request two levels deep.
+_SCALARS: Final = frozenset({str, bytes, int, float, bool, type(None)})
 _GC_PAUSE_BYTES: Final = 256 * 1024  # above this, decoding pauses the garbage collector
 # Above this, a decoder with a value limit counts what it builds (a Python call per array and
 # map: ~0.1 us each, not worth it below, where the worst payload decodes in ~30 ms).
@@ -310,7 +313,9 @@ class Codec:
         "_nest",
         "_nested",
         "_packer",
+        "_plain_decode",
         "_to_ref",
+        "ext_hook",
     )
 
     def __init__(
@@ -325,6 +330,8 @@ class Codec:
         decode_values: int | None = None,
     ) -> None:
         self._decode_values = decode_values
+        # unpack_reply's one-call decode: nothing to count or to check the depth of.
+        self._plain_decode = decode_values is None and decode_depth is None
         self._counted = False
         self._budget = 0
         self._encode_exceptions = encode_exceptions
@@ -338,6 +345,8 @@ class Codec:
         self._make_ref: Callable[[Ref], Any] = make_ref or (lambda ref: ref)
         self._to_ref = to_ref
         self._depth = 0
+        # Bound once: unpackb(..., ext_hook=self._ext_hook) would bind a new method per call.
+        self.ext_hook: Final = self._ext_hook
         self._packer = msgpack.Packer(
             default=self._default, use_bin_type=True, strict_types=True, autoreset=True
         )
@@ -428,8 +437,34 @@ class Codec:
             self._bigint_packed = False
             _check_keys(obj)  # what the decoder would refuse, refused before it is sent
         limit = self._encode_depth
-        if limit is not None and _may_be_deep(out, limit) and too_deep(obj, limit):
-            raise TypeError(f"cannot encode value: nested deeper than {limit} levels")
+        if limit is not None and len(out) > limit:  # a shorter payload cannot nest deeper
+            _refuse_deep(obj, out, limit)
+        return out
+
+    def pack_request(self, message: list[Any]) -> bytes:
+        """Encode a request ``[ident, method, args, kwds(, request id)]`` as :meth:`pack` does.
+
+        The client's per-call encoder: a request whose args are all scalars, with no kwds,
+        nests two levels, so its depth check (a scan of every payload byte, most of the cost
+        of encoding a 100-byte SET) is skipped.
+        """
+        try:
+            out: bytes = self._packer.pack(message)
+        except Exception:  # pack() raises it again, as the TypeError it is
+            return self.pack(message)
+        if self._bigint_packed:
+            self._bigint_packed = False
+            _check_keys(message)
+        limit = self._encode_depth
+        if limit is None or len(out) <= limit:
+            return out
+        if message[3] is None:
+            for arg in message[2]:
+                if type(arg) not in _SCALARS:
+                    break
+            else:
+                return out
+        _refuse_deep(message, out, limit)
         return out
 
     # -- decoding ---------------------------------------------------------------------------
@@ -518,6 +553,21 @@ class Codec:
         self._spend(2 * len(pairs) + CONTAINER_COST)
         return _checked_map(pairs)
 
+    def unpack_reply(self, data: Any) -> Any:
+        """Decode one payload as :meth:`unpack` does: the client's per-call decoder.
+
+        A codec without decode limits (a client's: ``decode_depth`` and ``decode_values``
+        None) decodes a small payload in one ``unpackb`` call; anything it does not decode
+        there (a tuple or a bigint, whose maps need the checked path; a malformed payload)
+        goes through :meth:`unpack`, which decides.
+        """
+        if self._plain_decode and len(data) <= _GC_PAUSE_BYTES:
+            try:
+                return msgpack.unpackb(data, strict_map_key=False, ext_hook=self.ext_hook)
+            except Exception:  # noqa: S110 - unpack() decodes it again and decides
+                pass
+        return self.unpack(data)
+
     def unpack(self, data: Any) -> Any:
         """Decode one payload; anything malformed raises :class:`ProtocolError`."""
         self._depth = 0
@@ -575,6 +625,12 @@ class Codec:
             if pause_gc:
                 gc.enable()
         return obj
+
+
+def _refuse_deep(obj: Any, out: bytes, limit: int) -> None:
+    """Raise ``TypeError`` if ``obj`` (encoded as ``out``) nests deeper than ``limit``."""
+    if _may_be_deep(out, limit) and too_deep(obj, limit):
+        raise TypeError(f"cannot encode value: nested deeper than {limit} levels")
 
 
 def _check_keys(obj: Any) -> None:

@@ -86,6 +86,7 @@ __all__ = [
     "MAX_REPLY_FRAME",
     "NONCE_SIZE",
     "RETURN",
+    "RETURN_HEAD",
     "VERSION",
     "WELCOME",
     "WIRE_VERSION",
@@ -118,6 +119,9 @@ VERSION: Final = b"#KV-VERSION#"
 
 RETURN: Final = "#RETURN"
 ERROR: Final = "#ERROR"
+RETURN_HEAD: Final = b"\x92\xa7" + RETURN.encode()
+"""The first payload bytes of a ``[RETURN, value]`` reply as msgpack writes it (an array of
+two, the tag as a 7-byte str): a client seeing them decodes only what follows, the value."""
 MAX_BATCH: Final = 10_000
 MAX_NAME: Final = 1024
 MAX_METHOD: Final = 64

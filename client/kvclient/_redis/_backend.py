@@ -43,6 +43,7 @@ from kvclient.retry import Retry, call_with_retry
 from kvproto import schema
 from kvproto.codec import MAX_DEPTH, Codec, Ref
 from kvproto.errors import (
+    AuthError,
     KindError,
     KVConnectionError,
     KVError,
@@ -77,6 +78,12 @@ def container_keys(name: str, *suffixes: str) -> list[bytes]:
     """Return the keys of container ``name``: meta, request ids, data, then ``suffixes``."""
     base = f"{_PREFIX}{tag(name)}}}:"
     return [(base + suffix).encode() for suffix in ("m", "r", "d", *suffixes)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _call_keys(name: str) -> tuple[bytes, ...]:
+    """The keys every call's context starts with (cached: a name's keys never change)."""
+    return tuple(container_keys(name, "k", "o"))
 
 
 def _name_of(meta_key: bytes) -> str:
@@ -151,7 +158,7 @@ class Call:
         self._backend = backend
         self.kind = kind
         self.name = name
-        self.keys = container_keys(name, "k", "o")
+        self.keys = list(_call_keys(name))
         self.codec = session.codec
         self.in_batch = False
         if rid:
@@ -407,7 +414,12 @@ class RedisBackend:
         except KeyError:
             op = plan(kind, method)
         ctx = Call(self, kind, ident, self.session(), op is not None and op.needs_id)
-        return self._retrying(lambda: handler(ctx, args))
+        try:  # the first attempt without the retry loop's frames; a failed one enters it
+            return handler(ctx, args)
+        except AuthError:
+            raise
+        except KVConnectionError as exc:
+            return call_with_retry(self.retry, self.endpoint, lambda: handler(ctx, args), exc)
 
     def batch(self, calls: list[list[Any]], kinds: list[str | None]) -> list[list[Any]]:
         """Make the calls of a :class:`~kvclient.client.Batch` in order; errors as values.

@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kvclient._runner import DERIVED, PLANS, plan, reply_timeout
+from kvclient._runner import DERIVED, PLANS, RequestIds, plan, reply_timeout
 from kvclient.aio._connection import AsyncConnection, make_codec, open_connection
 from kvclient.retry import Retry
 from kvproto.codec import Ref
@@ -68,15 +67,14 @@ _MAX_OPENING = 8
 _FENCE_ARGS = [None] * 24
 
 
-class _Slot:
+class _Slot(RequestIds):
     """One pooled connection and its request-id session (kept across reconnects)."""
 
-    __slots__ = ("conn", "seq", "token")
+    __slots__ = ("conn",)
 
     def __init__(self) -> None:
+        super().__init__()
         self.conn: AsyncConnection | None = None
-        self.token = secrets.token_bytes(16)
-        self.seq = 0
 
 
 class AsyncBackend:
@@ -216,8 +214,7 @@ class AsyncBackend:
         slot = await self._take()
         message: list[Any] = [ident, method, args, kwds]
         if op is not None and op.needs_id:
-            slot.seq += 1
-            message.append([slot.token, slot.seq])
+            message.append(slot.next_id())
         try:
             result = await self._call_on(slot, message, wait)
         except asyncio.CancelledError:
@@ -294,21 +291,15 @@ class AsyncBackend:
                 )
             except Exception:
                 return  # the fence's own TypeError, or the call's error: nothing was given
-            slot.seq += 1
             if kind == "queue":
                 log.info("a cancelled get on %r had taken an item; putting it back", ident)
                 await self._call_on(
-                    slot, [ident, "put", [result, False, None], None, [slot.token, slot.seq]], None
+                    slot, [ident, "put", [result, False, None], None, slot.next_id()], None
                 )
-                slot.seq += 1
-                await self._call_on(
-                    slot, [ident, "task_done", [], None, [slot.token, slot.seq]], None
-                )
+                await self._call_on(slot, [ident, "task_done", [], None, slot.next_id()], None)
             elif result is not False:
                 log.info("a cancelled acquire of %r had been granted; releasing it", ident)
-                await self._call_on(
-                    slot, [ident, "release", [args[0]], None, [slot.token, slot.seq]], None
-                )
+                await self._call_on(slot, [ident, "release", [args[0]], None, slot.next_id()], None)
         except Exception as exc:
             log.warning(
                 "could not undo a cancelled %s on %r at %s: %s", method, ident, self.endpoint, exc

@@ -86,6 +86,7 @@ __all__ = [
     "MAX_REPLY_FRAME",
     "NONCE_SIZE",
     "RETURN",
+    "RID_TOKEN_MAX",
     "VERSION",
     "WELCOME",
     "WIRE_VERSION",
@@ -121,7 +122,8 @@ ERROR: Final = "#ERROR"
 MAX_BATCH: Final = 10_000
 MAX_NAME: Final = 1024
 MAX_METHOD: Final = 64
-_RID_TOKEN_MAX: Final = 64
+RID_TOKEN_MAX: Final = 64
+"""Most bytes of a request id's session token."""
 # Below this a payload is copied behind its header (one small copy beats a two-part send);
 # above, header and payload go out as two parts and the payload is never copied.
 _CONCAT_LIMIT: Final = 64 * 1024
@@ -257,7 +259,7 @@ def valid_rid(rid: Any) -> bool:
         type(rid) is list
         and len(rid) == 2
         and type(rid[0]) is bytes
-        and 0 < len(rid[0]) <= _RID_TOKEN_MAX
+        and 0 < len(rid[0]) <= RID_TOKEN_MAX
         and type(rid[1]) is int
     )
 

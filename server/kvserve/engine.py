@@ -41,6 +41,7 @@ from kvproto.wire import (
     MAX_METHOD,
     MAX_NAME,
     RETURN,
+    RID_TOKEN_MAX,
     check_args,
     parse_request,
 )
@@ -48,7 +49,7 @@ from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.counters import Counters
 from kvserve.dumps import Dumps, restore_records
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
-from kvserve.store import MethodTable, Registry, Store
+from kvserve.store import GENERAL, READ, WRITE, Method, MethodTable, Registry, Store
 
 __all__ = ["Engine", "Handle", "Scheduler", "Session", "Waiter", "scrub"]
 
@@ -146,6 +147,7 @@ class Engine:
         history: tuple[int, float] | None = None,
     ) -> None:
         self.store = Store(registry) if history is None else Store(registry, history)
+        self._calls = self.store.calls  # looked up on every call
         self.scheduler = scheduler
         self.persist = persistence
         self.started = time.time()
@@ -201,6 +203,22 @@ class Engine:
 
         Every failure of the call is in the reply; an exception from here is a bug.
         """
+        if type(message) is list and 3 < len(message) < 6:
+            # The common call, a plain READ or WRITE of an existing container (store.Method)
+            # with positional args and no keywords: one lookup, then inline what _invoke and
+            # the general path below would do for it. Anything else takes the general path.
+            try:
+                target, table = self._calls[message[0]]
+                function, op, path = table[message[1]]
+            except (KeyError, TypeError):
+                path = GENERAL
+            if (
+                path
+                and type(message[2]) is list
+                and message[3] is None
+                and (path == READ or not session.readonly)
+            ):
+                return self._plain(session, message, raw, target, function, op, path)  # type: ignore[arg-type]
         if (
             type(message) is list
             and len(message) == 4
@@ -246,18 +264,94 @@ class Engine:
                 self._lookup(ident, method)  # raises what is missing
             assert obj is not None and entry is not None
             result = self._invoke(obj, entry, message, rid, session, raw)
-        except WouldBlock as wb:
-            return self._park(session, message, wb, rid)
         except Exception as exc:
-            scrub(exc)
-            if rid is not None:
-                self.remember(rid[0], rid[1], ERROR, exc)
-            return ERROR, exc
+            return self._failure(session, message, rid, exc)
         if rid is not None:
             self.remember(rid[0], rid[1], RETURN, result)
         if ident in self.parked:
             self._retry_parked(ident)
         return RETURN, result
+
+    def _plain(
+        self,
+        session: Session,
+        message: list[Any],
+        raw: bytes | memoryview | None,
+        obj: Container,
+        function: Callable[..., Any],
+        op: schema.Op,
+        path: int,
+    ) -> tuple[str, Any] | None:
+        """:meth:`handle` of a READ or WRITE call (:data:`kvserve.store.READ`), checked there.
+
+        The same steps as the general path and :meth:`_invoke`, in the same order, without
+        the ones such a call never needs.
+        """
+        rid = None
+        if len(message) == 5:
+            rid = message.pop()
+            # kvproto.wire.valid_rid, inline.
+            if not (
+                type(rid) is list
+                and len(rid) == 2
+                and type(rid[0]) is bytes
+                and 0 < len(rid[0]) <= RID_TOKEN_MAX
+                and type(rid[1]) is int
+            ):
+                return ERROR, ProtocolError("malformed request id")
+        self.ops_served += 1
+        self.requests_served += 1
+        if rid is not None:
+            if path == READ:
+                rid = None  # changes nothing: answered without remembering (see handle)
+            else:
+                cached = self.sessions.get(rid[0])
+                if cached is not None and cached[0] >= rid[1]:
+                    return self._answered(rid)
+        ident = message[0]
+        args = message[2]
+        try:
+            result = function(obj, *args)
+        except Exception as exc:
+            try:
+                self._applied(obj, op, message, rid, raw, None, exc)
+            except Exception as other:  # journaling or logging it failed
+                exc = other
+            return self._failure(session, message, rid, exc)
+        try:
+            if obj.journal:
+                self._log_journal(ident, obj)
+            if path == WRITE:
+                history = obj.history
+                if history is not None:
+                    # History.record, inlined: every write's cost of watch (a call would
+                    # double it; measured with callgrind, bench/results/*-watch-engine.md).
+                    history.revision = rev = history.revision + 1
+                    history.entries.append((rev, message[1], args, None, result))
+                if self.persist is not None:
+                    self._log_request(op, message, rid, raw)
+        except Exception as exc:
+            return self._failure(session, message, rid, exc)
+        if rid is not None:  # a WRITE's: remember(), inline
+            sessions = self.sessions
+            sessions.pop(rid[0], None)
+            sessions[rid[0]] = (rid[1], RETURN, result)
+            if len(sessions) > _MAX_SESSIONS:
+                del sessions[next(iter(sessions))]
+        if ident in self.parked:
+            self._retry_parked(ident)
+        return RETURN, result
+
+    def _failure(
+        self, session: Session, message: list[Any], rid: list[Any] | None, exc: Exception
+    ) -> tuple[str, Any] | None:
+        """Park a call that would block, or answer (and remember) the error it raised."""
+        if isinstance(exc, WouldBlock):
+            return self._park(session, message, exc, rid)
+        scrub(exc)
+        if rid is not None:
+            self.remember(rid[0], rid[1], ERROR, exc)
+        return ERROR, exc
 
     def _handle_public(
         self, session: Session, message: list[Any], rid: list[Any] | None
@@ -271,13 +365,8 @@ class Engine:
                 return cached
         try:
             result = self._call_public(session, message, rid)
-        except WouldBlock as wb:  # no server-level call blocks; kept for symmetry with calls
-            return self._park(session, message, wb, rid)
-        except Exception as exc:
-            scrub(exc)
-            if rid is not None:
-                self.remember(rid[0], rid[1], ERROR, exc)
-            return ERROR, exc
+        except Exception as exc:  # no server-level call blocks; _failure would park one
+            return self._failure(session, message, rid, exc)
         if rid is not None:
             self.remember(rid[0], rid[1], RETURN, result)
         return RETURN, result
@@ -337,7 +426,7 @@ class Engine:
     def _invoke(
         self,
         obj: Container,
-        entry: tuple[Callable[..., Any] | None, schema.Op],
+        entry: Method,
         message: list[Any],
         rid: list[Any] | None,
         session: Session,
@@ -345,7 +434,7 @@ class Engine:
     ) -> Any:
         """Check and run one container call, then log it (see the comments for the order)."""
         ident, method, args, kwds = message
-        function, op = entry
+        function, op, _ = entry
         if (type(args) is not list and type(args) is not tuple) or (
             kwds is not None and type(kwds) is not dict
         ):
@@ -369,7 +458,6 @@ class Engine:
             if kwds and "now" in kwds:
                 raise ProtocolError("'now' is set by the server, not the client")
             kwds = message[3] = {**(kwds or {}), "now": time.time()}
-        failed: Exception | None = None
         # No lock: only the loop thread calls containers, one call at a time, so each call
         # is atomic without one (the compactor and dumps copy them from this thread first).
         try:
@@ -378,38 +466,60 @@ class Engine:
                 result = bound(*args, **kwds) if kwds else bound(*args)
             else:
                 result = function(obj, *args, **kwds) if kwds else function(obj, *args)
-        except WouldBlock:
-            if obj.journal:
-                self._log_journal(ident, obj)
-            raise  # not applied: it is logged when a retry completes it
         except Exception as exc:
-            # A mutating call may raise halfway (delete_many(["a", ["x"]]) deletes "a",
-            # then fails on the list; sort() of mixed types leaves the list reordered).
-            # It is logged all the same: replay raises the same way at the same point,
-            # so memory and the log never disagree. (Validating everything first would
-            # have to be done, and kept right, in every method.)
-            failed = exc
+            self._applied(obj, op, message, rid, raw, None, exc)
+            raise
+        self._applied(obj, op, message, rid, raw, result, None)
+        return result
+
+    def _applied(
+        self,
+        obj: Container,
+        op: schema.Op,
+        message: list[Any],
+        rid: list[Any] | None,
+        raw: bytes | memoryview | None,
+        result: Any,
+        failed: Exception | None,
+    ) -> None:
+        """Journal, record, log and schedule what one call did (``failed``: what it raised).
+
+        A call that would block (:class:`WouldBlock`) was not applied: it is logged when a
+        retry completes it. A mutating call may raise halfway (delete_many(["a", ["x"]])
+        deletes "a", then fails on the list; sort() of mixed types leaves the list
+        reordered): it is logged all the same, since replay raises the same way at the same
+        point, so memory and the log never disagree. (Validating everything first would have
+        to be done, and kept right, in every method.)
+        """
+        ident = message[0]
         if obj.journal:
             self._log_journal(ident, obj)
+        if isinstance(failed, WouldBlock):
+            return
         if op.mutates:
             history = obj.history
             if history is not None and failed is None and not op.unwatched:
-                # History.record, inlined: this is every write's cost of watch (a call would
-                # double it; measured with callgrind, bench/results/*-watch-engine.md).
-                history.revision = rev = history.revision + 1
-                history.entries.append((rev, method, args, kwds, result))
+                history.record(message[1], message[2], message[3], result)
             if self.persist is not None:
-                if raw is not None and not (op.caller or op.clock):
-                    # The frame as received is already the record, [name, method, args,
-                    # kwds(, rid)]: log its bytes rather than pack the same list again.
-                    self.persist.append_encoded(raw)
-                else:
-                    self.persist.append(message if rid is None else [*message, rid])
+                self._log_request(op, message, rid, raw)
             if obj.timed or op.clock:
                 self._schedule_deadline(ident, obj)
-        if failed is not None:
-            raise failed
-        return result
+
+    def _log_request(
+        self,
+        op: schema.Op,
+        message: list[Any],
+        rid: list[Any] | None,
+        raw: bytes | memoryview | None,
+    ) -> None:
+        """Append one applied container call to the log."""
+        assert self.persist is not None
+        if raw is not None and not (op.caller or op.clock):
+            # The frame as received is already the record, [name, method, args, kwds(, rid)]:
+            # log its bytes rather than pack the same list again.
+            self.persist.append_encoded(raw)
+        else:
+            self.persist.append(message if rid is None else [*message, rid])
 
     def _log_journal(self, name: str, obj: Container) -> None:
         entries, obj.journal = obj.journal, []

@@ -151,8 +151,8 @@ class Engine:
         self.scheduler = scheduler
         self.persist = persistence
         self.started = time.time()
-        self.ops_served = 0  # operations, counting each call of a batch
         self.requests_served = 0  # request frames
+        self.batched_ops = 0  # the calls of batches beyond one per batch (see ops_served)
         self.counters = Counters() if counters is None else counters
         # Facts about connections for stats(), from the loop: {"clients": n, ...}.
         self.connection_stats: Callable[[], dict[str, Any]] = dict
@@ -183,6 +183,11 @@ class Engine:
             "restore_part": self._restore_part,
         }
 
+    @property
+    def ops_served(self) -> int:
+        """Operations served, counting each call of a batch."""
+        return self.requests_served + self.batched_ops
+
     def start(self) -> None:
         """Schedule the deadlines of what was loaded from disk (leases run out on time too)."""
         self._schedule_deadlines()
@@ -203,22 +208,82 @@ class Engine:
 
         Every failure of the call is in the reply; an exception from here is a bug.
         """
-        if type(message) is list and 3 < len(message) < 6:
+        size = len(message) if type(message) is list else 0
+        if 3 < size < 6:
             # The common call, a plain READ or WRITE of an existing container (store.Method)
-            # with positional args and no keywords: one lookup, then inline what _invoke and
-            # the general path below would do for it. Anything else takes the general path.
+            # with positional args and no keywords: one lookup, then what the general path
+            # below and _invoke do for it, inline and in the same order, without the steps
+            # such a call never needs. Anything else takes the general path.
             try:
                 target, table = self._calls[message[0]]
                 function, op, path = table[message[1]]
             except (KeyError, TypeError):
                 path = GENERAL
+            args = message[2]
             if (
                 path
-                and type(message[2]) is list
+                and type(args) is list
                 and message[3] is None
                 and (path == READ or not session.readonly)
             ):
-                return self._plain(session, message, raw, target, function, op, path)  # type: ignore[arg-type]
+                rid = None
+                if size == 5:
+                    # parse_request and valid_rid, inline.
+                    rid = message[4]
+                    if type(rid) is not list or len(rid) != 2:
+                        return ERROR, ProtocolError("malformed request id")
+                    token, seq = rid
+                    if type(token) is not bytes or type(seq) is not int:
+                        return ERROR, ProtocolError("malformed request id")
+                    if not 0 < len(token) <= RID_TOKEN_MAX:
+                        return ERROR, ProtocolError("malformed request id")
+                    del message[4]
+                self.requests_served += 1
+                if rid is not None:
+                    if path == READ:
+                        rid = None  # it changes nothing: not remembered (see below)
+                    else:
+                        last = self.sessions.get(token)
+                        if last is not None and last[0] >= seq:
+                            return self._answered(rid)
+                ident = message[0]
+                try:
+                    # Positional calls for the usual counts: no args tuple (CALL_FUNCTION_EX).
+                    if len(args) == 1:
+                        result = function(target, args[0])  # type: ignore[misc]
+                    elif len(args) == 2:
+                        result = function(target, args[0], args[1])  # type: ignore[misc]
+                    else:
+                        result = function(target, *args)  # type: ignore[misc]
+                except Exception as exc:
+                    try:
+                        self._applied(target, op, message, rid, raw, None, exc)
+                    except Exception as other:  # journaling or logging it failed
+                        exc = other
+                    return self._failure(session, message, rid, exc)
+                try:
+                    if target.journal:
+                        self._log_journal(ident, target)
+                    if path == WRITE:
+                        history = target.history
+                        if history is not None:
+                            # History.record, inlined: every write's cost of watch (a call
+                            # would double it; callgrind, bench/results/*-watch-engine.md).
+                            history.revision = rev = history.revision + 1
+                            history.entries.append((rev, message[1], args, None, result))
+                        if self.persist is not None:
+                            self._log_request(op, message, rid, raw)
+                except Exception as exc:
+                    return self._failure(session, message, rid, exc)
+                if rid is not None:  # a WRITE's: remember(), inline
+                    sessions = self.sessions
+                    sessions.pop(token, None)
+                    sessions[token] = (seq, RETURN, result)
+                    if len(sessions) > _MAX_SESSIONS:
+                        del sessions[next(iter(sessions))]
+                if ident in self.parked:
+                    self._retry_parked(ident)
+                return RETURN, result
         if (
             type(message) is list
             and len(message) == 4
@@ -234,7 +299,6 @@ class Engine:
             except ProtocolError as exc:
                 return ERROR, exc
         ident, method = message[0], message[1]
-        self.ops_served += 1
         self.requests_served += 1
         if ident is None:
             return self._handle_public(session, message, rid)
@@ -268,76 +332,6 @@ class Engine:
             return self._failure(session, message, rid, exc)
         if rid is not None:
             self.remember(rid[0], rid[1], RETURN, result)
-        if ident in self.parked:
-            self._retry_parked(ident)
-        return RETURN, result
-
-    def _plain(
-        self,
-        session: Session,
-        message: list[Any],
-        raw: bytes | memoryview | None,
-        obj: Container,
-        function: Callable[..., Any],
-        op: schema.Op,
-        path: int,
-    ) -> tuple[str, Any] | None:
-        """:meth:`handle` of a READ or WRITE call (:data:`kvserve.store.READ`), checked there.
-
-        The same steps as the general path and :meth:`_invoke`, in the same order, without
-        the ones such a call never needs.
-        """
-        rid = None
-        if len(message) == 5:
-            rid = message.pop()
-            # kvproto.wire.valid_rid, inline.
-            if not (
-                type(rid) is list
-                and len(rid) == 2
-                and type(rid[0]) is bytes
-                and 0 < len(rid[0]) <= RID_TOKEN_MAX
-                and type(rid[1]) is int
-            ):
-                return ERROR, ProtocolError("malformed request id")
-        self.ops_served += 1
-        self.requests_served += 1
-        if rid is not None:
-            if path == READ:
-                rid = None  # changes nothing: answered without remembering (see handle)
-            else:
-                cached = self.sessions.get(rid[0])
-                if cached is not None and cached[0] >= rid[1]:
-                    return self._answered(rid)
-        ident = message[0]
-        args = message[2]
-        try:
-            result = function(obj, *args)
-        except Exception as exc:
-            try:
-                self._applied(obj, op, message, rid, raw, None, exc)
-            except Exception as other:  # journaling or logging it failed
-                exc = other
-            return self._failure(session, message, rid, exc)
-        try:
-            if obj.journal:
-                self._log_journal(ident, obj)
-            if path == WRITE:
-                history = obj.history
-                if history is not None:
-                    # History.record, inlined: every write's cost of watch (a call would
-                    # double it; measured with callgrind, bench/results/*-watch-engine.md).
-                    history.revision = rev = history.revision + 1
-                    history.entries.append((rev, message[1], args, None, result))
-                if self.persist is not None:
-                    self._log_request(op, message, rid, raw)
-        except Exception as exc:
-            return self._failure(session, message, rid, exc)
-        if rid is not None:  # a WRITE's: remember(), inline
-            sessions = self.sessions
-            sessions.pop(rid[0], None)
-            sessions[rid[0]] = (rid[1], RETURN, result)
-            if len(sessions) > _MAX_SESSIONS:
-                del sessions[next(iter(sessions))]
         if ident in self.parked:
             self._retry_parked(ident)
         return RETURN, result
@@ -608,7 +602,7 @@ class Engine:
             except Exception as exc:
                 scrub(exc)
                 results.append([ERROR, exc])
-        self.ops_served += len(results) - 1
+        self.batched_ops += len(results) - 1
         for name in touched & self.parked.keys():
             self._retry_parked(name)
         return results

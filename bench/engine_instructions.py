@@ -1,4 +1,7 @@
-"""``python bench/engine_instructions.py OP N``: N calls of OP (get, set) through Engine.handle.
+"""``python bench/engine_instructions.py OP N``: N calls of OP through Engine.handle.
+
+OP: ``get``, ``set`` (a ``__setitem__`` without a request id), ``set-rid`` (with one, as
+kvclient sends every write).
 
 No sockets and no client: the engine's own cost of a GET or SET of a 100-char str, after 2,000
 SETs that fill the change history (``kvserve.history``) to its default bound. Run it under
@@ -57,6 +60,10 @@ def main(op: str, n: int) -> None:
     if op == "set":
         for _ in range(n):
             engine.handle(session, ["d", "__setitem__", ["k", value], None])
+    elif op == "set-rid":
+        token = b"t" * 16
+        for seq in range(n):
+            engine.handle(session, ["d", "__setitem__", ["k", value], None, [token, seq + 1]])
     else:
         for _ in range(n):
             engine.handle(session, ["d", "get", ["k", None], None])

@@ -18,6 +18,7 @@ from kvproto.errors import NoSuchContainerError, ProtocolError, ReadOnlyError
 from kvproto.wire import ERROR, RETURN
 from kvserve.engine import Engine, Waiter
 from kvserve.manager import KVManager
+from kvserve.store import GENERAL, READ, WRITE
 
 
 class FakeTimer:
@@ -99,9 +100,15 @@ def test_dispatch_through_the_method_table(engine: Engine) -> None:
     assert reply(engine, session, ["d", "get", ["k"], None]) == (RETURN, "v")
     assert reply(engine, session, ["d", "get_many", [["k", "x"]], None])[1] == {"k": "v"}
     # The table entry is the schema's: one lookup gives the function and what the call is.
-    function, op = engine.store.methods["d"]["incr"]
+    function, op, path = engine.store.methods["d"]["incr"]
+    assert path == WRITE
     assert op is schema.op("dict", "incr") and op.mutates
     assert function is not None and function.__name__ == "incr"
+    # ...and the engine's path for it: plain reads and writes skip what they never need.
+    paths = {name: entry[2] for name, entry in engine.store.methods["d"].items()}
+    assert paths["__setitem__"] == WRITE
+    assert paths["get"] == paths["__getitem__"] == paths["watch"] == READ
+    assert paths["set"] == paths["renew"] == GENERAL  # now=, and renew is unwatched
     kind, exc = reply(engine, session, ["d", "no_such_method", [], None])
     assert kind == ERROR and isinstance(exc, AttributeError)
     kind, exc = reply(engine, session, ["nothing", "get", ["k"], None])

@@ -123,7 +123,8 @@ def _may_be_deep(data: Any, limit: int) -> bool:
         return False
     if size > _SCAN_LIMIT:
         return True  # the walk then decides; it is quick for a few large strings
-    raw = bytes(data)
+    # tobytes(): a server decodes views of its receive buffer, and bytes() of one costs twice.
+    raw = data.tobytes() if type(data) is memoryview else bytes(data)
     return size - len(raw.translate(None, _CONTAINER_CODES)) > limit
 
 
@@ -570,6 +571,30 @@ class Codec:
 
     def unpack(self, data: Any) -> Any:
         """Decode one payload; anything malformed raises :class:`ProtocolError`."""
+        size = len(data)
+        if size > _COUNT_ABOVE or size > _GC_PAUSE_BYTES:
+            return self._unpack(data)
+        # A small payload (a request or reply of one call): no budget to count, no collector
+        # to pause, and no state to reset (the ext hook's depth is back to 0 after every
+        # decode), so only the decode and the depth check. The rest is _unpack's.
+        try:
+            obj = msgpack.unpackb(data, strict_map_key=False, ext_hook=self.ext_hook)
+        except _NeedsCheckedMaps:
+            return self._unpack(data)
+        except (ValueError, TypeError, KeyError, RecursionError, msgpack.UnpackException) as exc:
+            raise _undecodable(exc) from None
+        limit = self._decode_depth
+        if (
+            limit is not None
+            and size > limit
+            and _may_be_deep(data, limit)
+            and too_deep(obj, limit)
+        ):
+            raise _too_deep(limit)
+        return obj
+
+    def _unpack(self, data: Any) -> Any:
+        """:meth:`unpack` of any payload: counted if large, maps checked if it needs them."""
         self._depth = 0
         self._checked_maps = False
         limit = self._decode_values
@@ -615,10 +640,10 @@ class Codec:
                 RecursionError,
                 msgpack.UnpackException,
             ) as exc:
-                raise ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})") from None
+                raise _undecodable(exc) from None
             limit = self._decode_depth
             if limit is not None and _may_be_deep(data, limit) and too_deep(obj, limit):
-                raise ProtocolError(f"undecodable message: nested deeper than {limit} levels")
+                raise _too_deep(limit)
         finally:
             self._checked_maps = False
             self._counted = False
@@ -631,6 +656,14 @@ def _refuse_deep(obj: Any, out: bytes, limit: int) -> None:
     """Raise ``TypeError`` if ``obj`` (encoded as ``out``) nests deeper than ``limit``."""
     if _may_be_deep(out, limit) and too_deep(obj, limit):
         raise TypeError(f"cannot encode value: nested deeper than {limit} levels")
+
+
+def _undecodable(exc: BaseException) -> ProtocolError:
+    return ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})")
+
+
+def _too_deep(limit: int) -> ProtocolError:
+    return ProtocolError(f"undecodable message: nested deeper than {limit} levels")
 
 
 def _check_keys(obj: Any) -> None:

@@ -87,6 +87,7 @@ __all__ = [
     "NONCE_SIZE",
     "RETURN",
     "RETURN_HEAD",
+    "RID_TOKEN_MAX",
     "VERSION",
     "WELCOME",
     "WIRE_VERSION",
@@ -125,7 +126,8 @@ two, the tag as a 7-byte str): a client seeing them decodes only what follows, t
 MAX_BATCH: Final = 10_000
 MAX_NAME: Final = 1024
 MAX_METHOD: Final = 64
-_RID_TOKEN_MAX: Final = 64
+RID_TOKEN_MAX: Final = 64
+"""Most bytes of a request id's session token."""
 # Below this a payload is copied behind its header (one small copy beats a two-part send);
 # above, header and payload go out as two parts and the payload is never copied.
 _CONCAT_LIMIT: Final = 64 * 1024
@@ -261,7 +263,7 @@ def valid_rid(rid: Any) -> bool:
         type(rid) is list
         and len(rid) == 2
         and type(rid[0]) is bytes
-        and 0 < len(rid[0]) <= _RID_TOKEN_MAX
+        and 0 < len(rid[0]) <= RID_TOKEN_MAX
         and type(rid[1]) is int
     )
 

@@ -41,6 +41,7 @@ from kvproto.wire import (
     MAX_METHOD,
     MAX_NAME,
     RETURN,
+    RID_TOKEN_MAX,
     check_args,
     parse_request,
 )
@@ -48,7 +49,7 @@ from kvserve.containers import MAX_TIMEOUT, Container, WouldBlock
 from kvserve.counters import Counters
 from kvserve.dumps import Dumps, restore_records
 from kvserve.persistence import LoadReport, Persistence, dump_state, restore_state
-from kvserve.store import MethodTable, Registry, Store
+from kvserve.store import GENERAL, READ, WRITE, Method, MethodTable, Registry, Store
 
 __all__ = ["Engine", "Handle", "Scheduler", "Session", "Waiter", "scrub"]
 
@@ -146,11 +147,12 @@ class Engine:
         history: tuple[int, float] | None = None,
     ) -> None:
         self.store = Store(registry) if history is None else Store(registry, history)
+        self._calls = self.store.calls  # looked up on every call
         self.scheduler = scheduler
         self.persist = persistence
         self.started = time.time()
-        self.ops_served = 0  # operations, counting each call of a batch
         self.requests_served = 0  # request frames
+        self.batched_ops = 0  # the calls of batches beyond one per batch (see ops_served)
         self.counters = Counters() if counters is None else counters
         # Facts about connections for stats(), from the loop: {"clients": n, ...}.
         self.connection_stats: Callable[[], dict[str, Any]] = dict
@@ -181,6 +183,11 @@ class Engine:
             "restore_part": self._restore_part,
         }
 
+    @property
+    def ops_served(self) -> int:
+        """Operations served, counting each call of a batch."""
+        return self.requests_served + self.batched_ops
+
     def start(self) -> None:
         """Schedule the deadlines of what was loaded from disk (leases run out on time too)."""
         self._schedule_deadlines()
@@ -201,6 +208,82 @@ class Engine:
 
         Every failure of the call is in the reply; an exception from here is a bug.
         """
+        size = len(message) if type(message) is list else 0
+        if 3 < size < 6:
+            # The common call, a plain READ or WRITE of an existing container (store.Method)
+            # with positional args and no keywords: one lookup, then what the general path
+            # below and _invoke do for it, inline and in the same order, without the steps
+            # such a call never needs. Anything else takes the general path.
+            try:
+                target, table = self._calls[message[0]]
+                function, op, path = table[message[1]]
+            except (KeyError, TypeError):
+                path = GENERAL
+            args = message[2]
+            if (
+                path
+                and type(args) is list
+                and message[3] is None
+                and (path == READ or not session.readonly)
+            ):
+                rid = None
+                if size == 5:
+                    # parse_request and valid_rid, inline.
+                    rid = message[4]
+                    if type(rid) is not list or len(rid) != 2:
+                        return ERROR, ProtocolError("malformed request id")
+                    token, seq = rid
+                    if type(token) is not bytes or type(seq) is not int:
+                        return ERROR, ProtocolError("malformed request id")
+                    if not 0 < len(token) <= RID_TOKEN_MAX:
+                        return ERROR, ProtocolError("malformed request id")
+                    del message[4]
+                self.requests_served += 1
+                if rid is not None:
+                    if path == READ:
+                        rid = None  # it changes nothing: not remembered (see below)
+                    else:
+                        last = self.sessions.get(token)
+                        if last is not None and last[0] >= seq:
+                            return self._answered(rid)
+                ident = message[0]
+                try:
+                    # Positional calls for the usual counts: no args tuple (CALL_FUNCTION_EX).
+                    if len(args) == 1:
+                        result = function(target, args[0])  # type: ignore[misc]
+                    elif len(args) == 2:
+                        result = function(target, args[0], args[1])  # type: ignore[misc]
+                    else:
+                        result = function(target, *args)  # type: ignore[misc]
+                except Exception as exc:
+                    try:
+                        self._applied(target, op, message, rid, raw, None, exc)
+                    except Exception as other:  # journaling or logging it failed
+                        exc = other
+                    return self._failure(session, message, rid, exc)
+                try:
+                    if target.journal:
+                        self._log_journal(ident, target)
+                    if path == WRITE:
+                        history = target.history
+                        if history is not None:
+                            # History.record, inlined: every write's cost of watch (a call
+                            # would double it; callgrind, bench/results/*-watch-engine.md).
+                            history.revision = rev = history.revision + 1
+                            history.entries.append((rev, message[1], args, None, result))
+                        if self.persist is not None:
+                            self._log_request(op, message, rid, raw)
+                except Exception as exc:
+                    return self._failure(session, message, rid, exc)
+                if rid is not None:  # a WRITE's: remember(), inline
+                    sessions = self.sessions
+                    sessions.pop(token, None)
+                    sessions[token] = (seq, RETURN, result)
+                    if len(sessions) > _MAX_SESSIONS:
+                        del sessions[next(iter(sessions))]
+                if ident in self.parked:
+                    self._retry_parked(ident)
+                return RETURN, result
         if (
             type(message) is list
             and len(message) == 4
@@ -216,7 +299,6 @@ class Engine:
             except ProtocolError as exc:
                 return ERROR, exc
         ident, method = message[0], message[1]
-        self.ops_served += 1
         self.requests_served += 1
         if ident is None:
             return self._handle_public(session, message, rid)
@@ -246,18 +328,24 @@ class Engine:
                 self._lookup(ident, method)  # raises what is missing
             assert obj is not None and entry is not None
             result = self._invoke(obj, entry, message, rid, session, raw)
-        except WouldBlock as wb:
-            return self._park(session, message, wb, rid)
         except Exception as exc:
-            scrub(exc)
-            if rid is not None:
-                self.remember(rid[0], rid[1], ERROR, exc)
-            return ERROR, exc
+            return self._failure(session, message, rid, exc)
         if rid is not None:
             self.remember(rid[0], rid[1], RETURN, result)
         if ident in self.parked:
             self._retry_parked(ident)
         return RETURN, result
+
+    def _failure(
+        self, session: Session, message: list[Any], rid: list[Any] | None, exc: Exception
+    ) -> tuple[str, Any] | None:
+        """Park a call that would block, or answer (and remember) the error it raised."""
+        if isinstance(exc, WouldBlock):
+            return self._park(session, message, exc, rid)
+        scrub(exc)
+        if rid is not None:
+            self.remember(rid[0], rid[1], ERROR, exc)
+        return ERROR, exc
 
     def _handle_public(
         self, session: Session, message: list[Any], rid: list[Any] | None
@@ -271,13 +359,8 @@ class Engine:
                 return cached
         try:
             result = self._call_public(session, message, rid)
-        except WouldBlock as wb:  # no server-level call blocks; kept for symmetry with calls
-            return self._park(session, message, wb, rid)
-        except Exception as exc:
-            scrub(exc)
-            if rid is not None:
-                self.remember(rid[0], rid[1], ERROR, exc)
-            return ERROR, exc
+        except Exception as exc:  # no server-level call blocks; _failure would park one
+            return self._failure(session, message, rid, exc)
         if rid is not None:
             self.remember(rid[0], rid[1], RETURN, result)
         return RETURN, result
@@ -337,7 +420,7 @@ class Engine:
     def _invoke(
         self,
         obj: Container,
-        entry: tuple[Callable[..., Any] | None, schema.Op],
+        entry: Method,
         message: list[Any],
         rid: list[Any] | None,
         session: Session,
@@ -345,7 +428,7 @@ class Engine:
     ) -> Any:
         """Check and run one container call, then log it (see the comments for the order)."""
         ident, method, args, kwds = message
-        function, op = entry
+        function, op, _ = entry
         if (type(args) is not list and type(args) is not tuple) or (
             kwds is not None and type(kwds) is not dict
         ):
@@ -369,7 +452,6 @@ class Engine:
             if kwds and "now" in kwds:
                 raise ProtocolError("'now' is set by the server, not the client")
             kwds = message[3] = {**(kwds or {}), "now": time.time()}
-        failed: Exception | None = None
         # No lock: only the loop thread calls containers, one call at a time, so each call
         # is atomic without one (the compactor and dumps copy them from this thread first).
         try:
@@ -378,38 +460,60 @@ class Engine:
                 result = bound(*args, **kwds) if kwds else bound(*args)
             else:
                 result = function(obj, *args, **kwds) if kwds else function(obj, *args)
-        except WouldBlock:
-            if obj.journal:
-                self._log_journal(ident, obj)
-            raise  # not applied: it is logged when a retry completes it
         except Exception as exc:
-            # A mutating call may raise halfway (delete_many(["a", ["x"]]) deletes "a",
-            # then fails on the list; sort() of mixed types leaves the list reordered).
-            # It is logged all the same: replay raises the same way at the same point,
-            # so memory and the log never disagree. (Validating everything first would
-            # have to be done, and kept right, in every method.)
-            failed = exc
+            self._applied(obj, op, message, rid, raw, None, exc)
+            raise
+        self._applied(obj, op, message, rid, raw, result, None)
+        return result
+
+    def _applied(
+        self,
+        obj: Container,
+        op: schema.Op,
+        message: list[Any],
+        rid: list[Any] | None,
+        raw: bytes | memoryview | None,
+        result: Any,
+        failed: Exception | None,
+    ) -> None:
+        """Journal, record, log and schedule what one call did (``failed``: what it raised).
+
+        A call that would block (:class:`WouldBlock`) was not applied: it is logged when a
+        retry completes it. A mutating call may raise halfway (delete_many(["a", ["x"]])
+        deletes "a", then fails on the list; sort() of mixed types leaves the list
+        reordered): it is logged all the same, since replay raises the same way at the same
+        point, so memory and the log never disagree. (Validating everything first would have
+        to be done, and kept right, in every method.)
+        """
+        ident = message[0]
         if obj.journal:
             self._log_journal(ident, obj)
+        if isinstance(failed, WouldBlock):
+            return
         if op.mutates:
             history = obj.history
             if history is not None and failed is None and not op.unwatched:
-                # History.record, inlined: this is every write's cost of watch (a call would
-                # double it; measured with callgrind, bench/results/*-watch-engine.md).
-                history.revision = rev = history.revision + 1
-                history.entries.append((rev, method, args, kwds, result))
+                history.record(message[1], message[2], message[3], result)
             if self.persist is not None:
-                if raw is not None and not (op.caller or op.clock):
-                    # The frame as received is already the record, [name, method, args,
-                    # kwds(, rid)]: log its bytes rather than pack the same list again.
-                    self.persist.append_encoded(raw)
-                else:
-                    self.persist.append(message if rid is None else [*message, rid])
+                self._log_request(op, message, rid, raw)
             if obj.timed or op.clock:
                 self._schedule_deadline(ident, obj)
-        if failed is not None:
-            raise failed
-        return result
+
+    def _log_request(
+        self,
+        op: schema.Op,
+        message: list[Any],
+        rid: list[Any] | None,
+        raw: bytes | memoryview | None,
+    ) -> None:
+        """Append one applied container call to the log."""
+        assert self.persist is not None
+        if raw is not None and not (op.caller or op.clock):
+            # The frame as received is already the record, [name, method, args, kwds(, rid)]:
+            # log its bytes rather than pack the same list again.
+            self.persist.append_encoded(raw)
+        else:
+            self.persist.append(message if rid is None else [*message, rid])
 
     def _log_journal(self, name: str, obj: Container) -> None:
         entries, obj.journal = obj.journal, []
@@ -498,7 +602,7 @@ class Engine:
             except Exception as exc:
                 scrub(exc)
                 results.append([ERROR, exc])
-        self.ops_served += len(results) - 1
+        self.batched_ops += len(results) - 1
         for name in touched & self.parked.keys():
             self._retry_parked(name)
         return results

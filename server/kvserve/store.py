@@ -18,16 +18,25 @@ from kvserve.containers import Container
 from kvserve.history import DEFAULT_HISTORY_AGE as DEFAULT_AGE
 from kvserve.history import DEFAULT_HISTORY_COUNT as DEFAULT_COUNT
 
-__all__ = ["Method", "MethodTable", "Registry", "Store", "method_table"]
+__all__ = ["GENERAL", "READ", "WRITE", "Method", "MethodTable", "Registry", "Store", "method_table"]
 
 # typeid -> (callable, exposed, method_to_typeid, proxytype), as BaseManager._registry holds it.
 Registry = dict[str, tuple[Callable[..., Any] | None, Any, Any, Any]]
 
 _NAME_MAX = MAX_NAME
 
-Method = tuple[Callable[..., Any] | None, schema.Op]
+Method = tuple[Callable[..., Any] | None, schema.Op, int]
 """One callable method: its function (called as ``function(obj, *args)``; None: looked up on
-the instance at call time) and what the schema says it is."""
+the instance at call time), what the schema says it is, and the engine's path for it:
+:data:`READ`, :data:`WRITE` or :data:`GENERAL`."""
+GENERAL = 0
+"""The engine's general path: server-set keywords (``caller=``, ``now=``), leases' deadlines,
+unwatched writes, methods looked up at call time."""
+READ = 1
+"""A plain function that changes nothing: called with the request's args, nothing recorded."""
+WRITE = 2
+"""A plain function that changes the container: its revision and history, the log; no
+server-set keywords and no deadline to schedule."""
 MethodTable = Mapping[str, Method]
 """What the wire may call on one container: method name -> :data:`Method`."""
 
@@ -58,7 +67,14 @@ def method_table(cls: type[Container], exposed: frozenset[str]) -> MethodTable:
         function = next((b.__dict__[name] for b in cls.__mro__ if name in b.__dict__), None)
         # Plain functions are called unbound; anything else (a staticmethod, a callable
         # attribute, a name the class lacks) goes through getattr at call time, as before.
-        table[name] = (function if type(function) is types.FunctionType else None, op)
+        plain = function if type(function) is types.FunctionType else None
+        path = GENERAL
+        if plain is not None and not (op.caller or op.clock):
+            if not op.mutates:
+                path = READ
+            elif not (op.unwatched or cls.timed):
+                path = WRITE
+        table[name] = (plain, op, path)
     # A plain dict, not a read-only proxy: it is looked up on every call. Nothing writes it.
     _TABLES[(cls, exposed)] = table
     return table
@@ -90,6 +106,8 @@ class Store:
         self.exposed: dict[str, frozenset[str]] = {}
         # name -> the method table of its container (see method_table), kept with `exposed`.
         self.methods: dict[str, MethodTable] = {}
+        # name -> (container, method table): what a call looks up, in one step.
+        self.calls: dict[str, tuple[Container, MethodTable]] = {}
         # Guards the name table itself; each container has its own lock for its contents.
         self.lock = threading.Lock()
 
@@ -127,9 +145,7 @@ class Store:
             obj = factory(*args, **kwds)
             if obj.history is not None and self.history != (DEFAULT_COUNT, DEFAULT_AGE):
                 obj.history.configure(*self.history)
-            self.objects[name] = obj
-            self.exposed[name] = exposed
-            self.methods[name] = method_table(type(obj), exposed)
+            self._put(name, obj, exposed)
             return obj  # type: ignore[no-any-return]
 
     def kind_class(self, kind: str) -> type[Container]:
@@ -152,10 +168,14 @@ class Store:
         if obj.history is not None:
             obj.history.configure(*self.history)
         with self.lock:
-            exposed = factory_exposed[1] if factory_exposed else obj.exposed
-            self.objects[name] = obj
-            self.exposed[name] = exposed
-            self.methods[name] = method_table(type(obj), exposed)
+            self._put(name, obj, factory_exposed[1] if factory_exposed else obj.exposed)
+
+    def _put(self, name: str, obj: Container, exposed: frozenset[str]) -> None:
+        table = method_table(type(obj), exposed)
+        self.objects[name] = obj
+        self.exposed[name] = exposed
+        self.methods[name] = table
+        self.calls[name] = (obj, table)
 
     def get(self, name: str) -> Container:
         """Return an existing container.
@@ -186,5 +206,6 @@ class Store:
         with self.lock:
             self.exposed.pop(name, None)
             self.methods.pop(name, None)
+            self.calls.pop(name, None)
             self.restoring.discard(name)
             return self.objects.pop(name, None) is not None

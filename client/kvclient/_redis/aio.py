@@ -188,7 +188,7 @@ class AsyncRedisBackend(RedisBackend):
     def _take(self) -> _Session:
         if self.closed:
             raise KVError(f"client for {self.endpoint} is closed")
-        return self._idle.pop() if self._idle else _Session(self.codec)
+        return self._idle.pop() if self._idle else _Session(self.codec, self.windows.request_ids)
 
     async def _run(self, session: _Session, function: Callable[..., Any], *args: Any) -> Any:
         return await _bridge.run(_bridge.Task(function, session), *args)
@@ -204,7 +204,7 @@ class AsyncRedisBackend(RedisBackend):
         if self._fences:
             await asyncio.wait(list(self._fences), timeout=self.timeout)
         self.closed = True
-        await self._run(_Session(self.codec), self.nodes.close)
+        await self._run(_Session(self.codec, self.windows.request_ids), self.nodes.close)
 
     async def call(
         self,

@@ -375,10 +375,11 @@ def _systems(args: argparse.Namespace) -> list[System]:
     systems = [System("kvserve", "kvserve", (), "kvserve + kvclient, this tree")]
     if args.tree:
         tree = args.tree.resolve()
-        path = (str(tree / "server"), str(tree / "client"))
-        systems.append(
-            System(f"kvserve-{args.tree_name}", "kvserve", path, f"kvserve + kvclient, {tree}")
-        )
+        # The other tree's kvproto too when it has one, as bench.instructions does (a compiled
+        # tree's kvserve and kvclient need their own compiled kvproto).
+        path = tuple(str(tree / d) for d in ("server", "client", "protocol") if (tree / d).is_dir())
+        has = "kvserve + kvclient" + (" + kvproto" if (tree / "protocol").is_dir() else "")
+        systems.append(System(f"kvserve-{args.tree_name}", "kvserve", path, f"{has}, {tree}"))
     if args.busy_poll_us:
         n = args.busy_poll_us
         systems.append(

@@ -108,11 +108,13 @@ def _compile(root: Path, modules: list[str], scratch: Path) -> list[tuple[Path, 
             [*modules, "--cache-dir", str(scratch / "mypy-cache")],
             target_dir=str(scratch / "c"),
             group_name=GROUP,
+            multi_file=True,
         )
         # A bare Distribution: setuptools must not read pyproject.toml (hatchling's project).
         command = build_ext(Distribution({"name": GROUP, "ext_modules": extensions}))
         command.build_lib = str(scratch / "lib")
         command.build_temp = str(scratch / "temp")
+        command.parallel = os.cpu_count() or 1
         command.ensure_finalized()
         command.run()
     finally:

@@ -13,12 +13,12 @@ and says ``warm``; the parent samples the server's CPU (all its threads, from /p
 reports; the parent samples the server again. Server CPU per op is the server's user + system
 delta over the ops; the client's likewise. A phase that takes more than 60 s is aborted.
 
-Systems, all in one invocation: ``kvserve`` (this tree), ``kvserve-NAME`` (kvserve and kvclient
-from ``--tree DIR``), ``raw`` (the raw-socket floor, :mod:`bench.floor`, epoll mode) and
-``stdlib`` (:mod:`bench.stdlib_server`). Rounds are interleaved: each round starts every server
-fresh, pinned, then runs every (pin, op) against every system, the system order rotating each
-round. The report, median [min-max] over rounds per cell and the median of per-round ratios,
-goes to ``bench/results/<date>-cpu.md`` and ``.json``.
+Systems, all in one invocation: ``kvserve`` (this tree), ``kvserve-NAME`` (kvserve, kvclient and,
+when it has one, kvproto from ``--tree DIR``), ``raw`` (the raw-socket floor, :mod:`bench.floor`,
+epoll mode) and ``stdlib`` (:mod:`bench.stdlib_server`). Rounds are interleaved: each round starts
+every server fresh, pinned, then runs every (pin, op) against every system, the system order
+rotating each round. The report, median [min-max] over rounds per cell and the median of per-round
+ratios, goes to ``bench/results/<date>-cpu.md`` and ``.json``.
 """
 
 from __future__ import annotations

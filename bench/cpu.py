@@ -13,12 +13,12 @@ and says ``warm``; the parent samples the server's CPU (all its threads, from /p
 reports; the parent samples the server again. Server CPU per op is the server's user + system
 delta over the ops; the client's likewise. A phase that takes more than 60 s is aborted.
 
-Systems, all in one invocation: ``kvserve`` (this tree), ``kvserve-NAME`` (kvserve and kvclient
-from ``--tree DIR``), ``raw`` (the raw-socket floor, :mod:`bench.floor`, epoll mode) and
-``stdlib`` (:mod:`bench.stdlib_server`). Rounds are interleaved: each round starts every server
-fresh, pinned, then runs every (pin, op) against every system, the system order rotating each
-round. The report, median [min-max] over rounds per cell and the median of per-round ratios,
-goes to ``bench/results/<date>-cpu.md`` and ``.json``.
+Systems, all in one invocation: ``kvserve`` (this tree), ``kvserve-NAME`` (kvserve, kvclient and,
+when it has one, kvproto from ``--tree DIR``), ``raw`` (the raw-socket floor, :mod:`bench.floor`,
+epoll mode) and ``stdlib`` (:mod:`bench.stdlib_server`). Rounds are interleaved: each round starts
+every server fresh, pinned, then runs every (pin, op) against every system, the system order
+rotating each round. The report, median [min-max] over rounds per cell and the median of per-round
+ratios, goes to ``bench/results/<date>-cpu.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -385,10 +385,11 @@ def _systems(args: argparse.Namespace) -> list[System]:
     systems = [System("kvserve", "kvserve", (), "kvserve + kvclient, this tree")]
     if args.tree:
         tree = args.tree.resolve()
-        path = (str(tree / "server"), str(tree / "client"))
-        systems.append(
-            System(f"kvserve-{args.tree_name}", "kvserve", path, f"kvserve + kvclient, {tree}")
-        )
+        # The other tree's kvproto too when it has one, as bench.instructions does (a compiled
+        # tree's kvserve and kvclient need their own compiled kvproto).
+        path = tuple(str(tree / d) for d in ("server", "client", "protocol") if (tree / d).is_dir())
+        has = "kvserve + kvclient" + (" + kvproto" if (tree / "protocol").is_dir() else "")
+        systems.append(System(f"kvserve-{args.tree_name}", "kvserve", path, f"{has}, {tree}"))
     if args.busy_poll_us:
         n = args.busy_poll_us
         systems.append(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from msgpack import unpackb as _unpackb
 
+from kvproto._mypyc import mypyc_attr
 from kvproto.address import DEFAULT_PORT, parse_address
 from kvproto.codec import MAX_DEPTH, Codec, Ref
 from kvproto.errors import (
@@ -70,6 +71,8 @@ _pack_header: Final = HEADER.pack
 _MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (a year)
 
 
+# Weakly referenced (SocketBackend._conns): not a mypyc native class in the compiled build.
+@mypyc_attr(native_class=False)
 class Connection:
     """A connected, authenticated socket speaking kvmanager frames.
 

@@ -63,7 +63,9 @@ _WRITE_PUBLIC: Final = frozenset(
 _REMEMBERED_PUBLIC: Final = frozenset(name for name, op in schema.SERVER.items() if op.mutates)
 # Server-level calls on state the calling connection owns (kvproto.schema.Op.session).
 _SESSION_CALLS: Final = frozenset(m for m, op in schema.SERVER.items() if op.session)
-_MAX_SESSIONS: Final = 65536  # request-id memory: one last answer per client thread
+# Request-id memory: one last answer per client thread. Not Final, which mypyc (the optional
+# compiled build) would inline: tests lower it (tests/test_attach_keeps_retry_memory.py).
+_MAX_SESSIONS: int = 65536
 
 
 class Handle(Protocol):

@@ -85,7 +85,9 @@ _SLICE_ITEMS: Final = 8192
 # call, a sliced reply, or pipelined in one burst) must not hold the loop for seconds.
 _FRAMES_PER_TURN: Final = 256
 _ACCEPTS_PER_TURN: Final = 64
-_ACCEPT_BACKOFF: Final = (0.05, 1.0)  # first and longest pause after EMFILE and friends
+# First and longest pause after EMFILE and friends. Not Final: mypyc (the optional compiled
+# build) loses a Final tuple whose first item is a float (mypyc/mypyc#1183: NameError).
+_ACCEPT_BACKOFF: tuple[float, float] = (0.05, 1.0)
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Replies up to this size are sent with one send() of header + payload when nothing is queued
 # (the same size below which frame_parts joins them).
@@ -353,8 +355,11 @@ class Server:
         self.fatal_error: str | None = None  # why the loop stopped on its own; kvserve exits 1
         self._timers = _Timers()
         self.counters = Counters(slow_ms, _log_slow)
+        # What serves a decoded frame, chosen once. An attribute, not a method reassigned on
+        # the instance: a class compiled by mypyc (the optional build) refuses that.
+        self._serve: Callable[[_Conn, bytes | memoryview], None] = self._on_request
         if metrics is not None or slow_ms is not None:
-            self._on_request = self._on_request_timed  # type: ignore[method-assign]
+            self._serve = self._on_request_timed
             self.counters.timing = True
         # Opens (loads) the persistence.
         self.engine = Engine(registry, self._timers, persistence, self.counters, history)
@@ -809,7 +814,7 @@ class Server:
                 # Exactly one whole request, the common case (a client waiting for each
                 # reply): the same checks as _frames, without buffering or the frame loop.
                 try:
-                    self._on_request(conn, view[4:n])
+                    self._serve(conn, view[4:n])
                 except Exception:
                     log.exception("internal error serving %s; closing that connection", conn.peer)
                     self._close(conn)
@@ -913,7 +918,7 @@ class Server:
                 payload = buf[pos + 4 : end]
                 pos = end
                 if conn.authed:
-                    self._on_request(conn, payload)
+                    self._serve(conn, payload)
                 else:
                     self._on_handshake(conn, bytes(payload))
         except Exception:

@@ -286,11 +286,15 @@ class Nodes:
         """
         found = self._waitaof.get(target)
         if found is None:
-            info = self.client(target).info("server", "persistence")
+            node = self.client(target)
+            # One section per INFO: Redis before 7.0 refuses several (and has no WAITAOF).
+            server = node.info("server")
             version = tuple(
-                int(part) for part in str(info.get("redis_version", "0")).split(".")[:2]
+                int(part) for part in str(server.get("redis_version", "0")).split(".")[:2]
             )
-            found = version >= (7, 2) and str(info.get("aof_enabled", "0")) == "1"
+            found = (
+                version >= (7, 2) and str(node.info("persistence").get("aof_enabled", "0")) == "1"
+            )
             self._waitaof[target] = found
         return ("WAITAOF", 1, *wait[1:]) if found else wait
 

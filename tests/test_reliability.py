@@ -55,12 +55,15 @@ class ChaosProxy:
     """A TCP proxy that swallows every `every`-th reply and drops the connection.
 
     The server has applied that call; the client only sees its connection die. Without
-    request ids, the client's retry would apply the call a second time.
+    request ids, the client's retry would apply the call a second time. ``every=0`` drops
+    none; ``split_at=n`` delivers each reply after the handshake in two pieces, its first
+    ``n`` bytes and, 20 ms later, the rest, as a proxy or a congested path may.
     """
 
-    def __init__(self, target: tuple[str, int], every: int) -> None:
+    def __init__(self, target: tuple[str, int], every: int, split_at: int | None = None) -> None:
         self.target = target
         self.every = every
+        self.split_at = split_at
         self.dropped = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
@@ -103,11 +106,16 @@ class ChaosProxy:
                     return
                 with self._lock:
                     self._count += 1
-                    drop = self._count % self.every == 0
+                    drop = self.every > 0 and self._count % self.every == 0
                     self.dropped += drop
                 if drop:
                     return  # the applied call's reply is lost with the connection
-                client.sendall(reply_header + reply)
+                whole = reply_header + reply
+                if self.split_at is not None:
+                    client.sendall(whole[: self.split_at])
+                    time.sleep(0.02)  # the client's first recv() gets the first piece only
+                    whole = whole[self.split_at :]
+                client.sendall(whole)
 
     def close(self) -> None:
         self._closing = True
@@ -121,6 +129,24 @@ def chaos(server: Any) -> Iterator[ChaosProxy]:
     proxy = ChaosProxy(server.address, every=7)
     yield proxy
     proxy.close()
+
+
+@pytest.mark.parametrize("split_at", [1, 2, 3, 4, 5, 6, 9])
+def test_a_reply_split_anywhere_is_read_whole(server: Any, authkey: bytes, split_at: int) -> None:
+    """A reply's first recv() of 3 bytes was taken for a whole frame (ProtocolError)."""
+    proxy = ChaosProxy(server.address, every=0, split_at=split_at)
+    try:
+        with kvclient.connect(proxy.address, authkey, retry=None) as kv:
+            d = kv.dict(f"split{split_at}")
+            d["s"] = "x" * 100
+            assert d["s"] == "x" * 100
+            assert d.incr("n") == 1
+            assert d.get("missing") is None
+            d["t"] = (1, 2)
+            assert d["t"] == (1, 2)
+            assert proxy._count >= 6
+    finally:
+        proxy.close()
 
 
 def test_lost_replies_never_double_apply(chaos: ChaosProxy, authkey: bytes, kv: Any) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from kvclient._leases import LeaseKeeper
 from kvproto import schema
+from kvproto._mypyc import mypyc_attr
 from kvproto.schema import Op
 
 __all__ = [
@@ -67,6 +68,7 @@ def plan(kind: str | None, method: str) -> Op | None:
     return found
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the socket backends' sessions extend it
 class RequestIds:
     """A request-id session: a random token and a sequence number, kept across reconnects.
 

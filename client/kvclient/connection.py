@@ -64,7 +64,7 @@ _VALUE_AT: Final = 4 + len(RETURN_HEAD)  # where a [RETURN, value] frame's value
 # A reply frame's length and first payload bytes, read in one call; _SHORT for a reply too
 # short to be [RETURN, value] (it goes the long way, as one split over several recvs does).
 _REPLY_HEAD: Final = struct.Struct(f">I{len(RETURN_HEAD)}s")
-_SHORT: Final = (-1, b"")
+_SHORT: Final = (-5, b"")  # a size no first recv matches: n - 4 >= -4
 # Bound once: `HEADER.pack(size)` in a call's argument list binds a new method object per call.
 _pack_header: Final = HEADER.pack
 

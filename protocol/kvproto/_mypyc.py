@@ -7,7 +7,9 @@ nothing, and neither build needs mypy_extensions installed.
 
 ``@mypyc_attr(native_class=False)`` keeps a compiled module's class an ordinary Python class
 (its methods are still compiled): needed for one that is weakly referenced, since mypyc's
-native classes take no weak references.
+native classes take no weak references. ``@mypyc_attr(allow_interpreted_subclasses=True)``
+lets interpreted code subclass a compiled class (else creating such an object raises
+``TypeError``; tests/test_compiled.py finds every such pair).
 """
 
 from __future__ import annotations

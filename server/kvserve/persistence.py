@@ -981,11 +981,14 @@ class Persistence:
         return True
 
     def _compaction_failed(self, reason: str) -> None:
-        self.compaction_failures += 1
+        failures = self.compaction_failures + 1
         self.last_error = f"compaction failed: {reason}"
-        delay = min(_RETRY_MAX, _RETRY_FIRST * 2 ** (self.compaction_failures - 1))
+        delay = min(_RETRY_MAX, _RETRY_FIRST * 2 ** (failures - 1))
         self._retry_after = time.monotonic() + delay
-        if self.compaction_failures == 1:  # once, not once per attempt on a full disk
+        # The outcome is settled (backoff included) before it is seen: then no next compaction.
+        self._compacting = False
+        self.compaction_failures = failures
+        if failures == 1:  # once, not once per attempt on a full disk
             log.error(
                 "compaction failed (the log still holds every write; retrying in %.0fs, then "
                 "backing off): %s",
@@ -993,7 +996,7 @@ class Persistence:
                 reason,
             )
         else:
-            log.debug("compaction failed again (%d in a row): %s", self.compaction_failures, reason)
+            log.debug("compaction failed again (%d in a row): %s", failures, reason)
 
     def _write_snapshot_file(
         self,
@@ -1060,18 +1063,18 @@ class Persistence:
             self._snapshot_bytes = size
             self._delete_covered(covered)
         except Exception as exc:  # the log still holds everything; report and keep serving
-            self._compacting = False
             self._compaction_failed(str(exc))
             return
         except BaseException:
             self._compacting = False
             raise
-        self._compacting = False
-        if self.compaction_failures:
-            log.info("compaction works again after %d failures", self.compaction_failures)
+        failed_before = self.compaction_failures
         self.compaction_failures = 0
         self._retry_after = 0.0
+        self._compacting = False  # after the reset, so a next one's failure stays counted
         self.compactions += 1
+        if failed_before:
+            log.info("compaction works again after %d failures", failed_before)
         log.info("compaction done: snapshot of %d containers, %d bytes", len(copies), size)
 
     def wait_compaction(self, timeout: float | None = None) -> None:

@@ -13,6 +13,9 @@ import time
 import pytest
 
 import kvclient.aio
+from kvclient.retry import ConstantBackoff, Retry
+from kvproto.errors import KVConnectionError
+from tests import redis_cluster
 from tests.backends import in_ci
 from tests.redis_cluster import available
 
@@ -141,3 +144,39 @@ def test_connect_refuses_an_authkey_for_a_redis_url() -> None:
         kvclient.aio.connect("redis://127.0.0.1:6379/0", b"k" * 32)
     with pytest.raises(ValueError, match="max_connections= is for kvserve"):
         kvclient.aio.connect("redis://127.0.0.1:6379/0", max_connections=2)
+
+
+def test_a_retrys_backoff_pauses_only_its_task() -> None:
+    """A call whose server went away waits out its backoff in asyncio: other tasks run.
+
+    The server is stopped after connecting, so every attempt of ``d.set`` fails at once
+    (connection refused) and the call spends its time in the four 0.1 s backoffs; a 1 ms
+    ticker task must keep ticking through them (time.sleep there would stop the loop).
+    """
+    server = redis_cluster.Standalone().start()
+
+    async def main() -> int:
+        retry = Retry(ConstantBackoff(0.1), retries=4)
+        async with kvclient.aio.connect(server.url, retry=retry) as kv:
+            d = await kv.dict("d")
+            await d.set("k", 1)
+            server.stop()
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.001)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            await asyncio.sleep(0)
+            with pytest.raises(KVConnectionError):
+                await asyncio.wait_for(d.set("k", 2), 30)
+            ticker.cancel()
+            return ticks
+
+    try:
+        assert asyncio.run(main()) >= 20
+    finally:
+        server.stop()

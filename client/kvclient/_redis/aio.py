@@ -62,7 +62,7 @@ from kvclient.proxies import to_ref
 from kvclient.retry import Retry, call_with_retry
 from kvproto.address import RedisTarget
 from kvproto.codec import MAX_DEPTH, Codec, Ref
-from kvproto.errors import KVError
+from kvproto.errors import KVConnectionError, KVError
 
 __all__ = ["AsyncNodes", "AsyncRedisBackend", "AsyncRedisClient", "async_client"]
 
@@ -182,8 +182,8 @@ class AsyncRedisBackend(RedisBackend):
         """Pause this call's task only."""
         _bridge.wait(asyncio.sleep(seconds))
 
-    def _retrying(self, attempt: Callable[[], Any]) -> Any:
-        return call_with_retry(self.retry, self.endpoint, attempt, sleep=self.sleep)
+    def _retrying(self, attempt: Callable[[], Any], error: KVConnectionError | None = None) -> Any:
+        return call_with_retry(self.retry, self.endpoint, attempt, error, sleep=self.sleep)
 
     def _take(self) -> _Session:
         if self.closed:

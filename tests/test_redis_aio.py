@@ -180,3 +180,39 @@ def test_a_retrys_backoff_pauses_only_its_task() -> None:
         assert asyncio.run(main()) >= 20
     finally:
         server.stop()
+
+
+def test_a_cancelled_gets_fence_takes_only_what_that_get_took(
+    redis_standalone_session: redis_cluster.Standalone, redis_standalone_url: str
+) -> None:
+    """Items queued after a cancelled get stopped waiting are not the fence's: order kept.
+
+    The get is cancelled while it waits; once the server counts no blocked client (its
+    ``BLMOVE`` is over, so it took nothing), A and B are put by a sync client, with the
+    loop held, so before the fence's script runs. The fence must leave them alone: the
+    queue stays [A, B] (a fence taking A from the queue and putting it back made it [B, A],
+    and on a full queue lost it), with two unfinished tasks.
+    """
+    node = redis_standalone_session.node
+    assert node is not None
+
+    async def main() -> None:
+        with kvclient.connect(redis_standalone_url) as sync:
+            async with kvclient.aio.connect(redis_standalone_url) as kv:
+                q = await kv.queue("jobs")
+                waiter = asyncio.create_task(q.get())
+                await asyncio.sleep(0.05)  # waiting in BLMOVE
+                waiter.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+                deadline = time.monotonic() + 10
+                while "blocked_clients:0" not in node.cli("info", "clients"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                sync.queue("jobs").put("A")
+                sync.queue("jobs").put("B")
+                await _settle(kv)
+                assert await q.unfinished_tasks() == 2
+                assert [await q.get_nowait(), await q.get_nowait()] == ["A", "B"]
+
+    asyncio.run(main())

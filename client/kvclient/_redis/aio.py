@@ -24,10 +24,10 @@ before its session is used again, as :mod:`kvclient.aio._backend` does on kvserv
 
 - ``get``: the fence first sends ``CLIENT UNBLOCK`` for the connection its ``BLMOVE`` waited
   on (its ``CLIENT ID`` was read in the same round trip), so that no item can still be moved
-  into the call's in-flight list afterwards; then it runs the ``get`` script once, not
-  waiting, with the same request id: it answers the item if the call had taken one (recorded,
-  or moved in flight), which is put back at the tail with its ``task_done`` (the unfinished
-  count is unchanged), or ``Empty``;
+  into the call's in-flight list afterwards; then one script (the queue's ``unget``) puts
+  back at the tail the item the call had taken (recorded under its request id, or moved in
+  flight), if any, with no maxsize check and the unfinished count unchanged; it never takes
+  an item from the queue itself;
 - ``acquire``: every acquire gets a ``wait_id`` here; the fence runs the acquire script's last
   phase with the same request id and wait id (:func:`kvclient._redis.kinds.sync.withdraw`): a
   hold it had been given or handed is learned and released, and otherwise its place in line
@@ -42,7 +42,6 @@ import asyncio
 import functools
 import logging
 import os
-import queue
 import ssl
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -274,14 +273,10 @@ class AsyncRedisBackend(RedisBackend):
             execute = functools.partial(self.nodes.execute, b"", node=node)
             unblock = functools.partial(execute, "CLIENT", "UNBLOCK", client_id)
             await self._run(session, self._retrying, unblock)
-        get = functools.partial(self._kinds["queue"]["get"], ctx, [False, None])
-        try:
-            item = await self._run(session, self._retrying, get)
-        except queue.Empty:
-            return
-        log.info("a cancelled get on %r had taken an item; putting it back", ctx.name)
-        await self.call("queue", ctx.name, "put", [item, False, None])
-        await self.call("queue", ctx.name, "task_done", [])
+        from kvclient._redis.kinds.queue import unget  # noqa: PLC0415
+
+        if await self._run(session, self._retrying, functools.partial(unget, ctx)):
+            log.info("a cancelled get on %r had taken an item; put it back", ctx.name)
 
     async def _fence_acquire(self, session: _Session, ctx: Call, args: list[Any]) -> None:
         from kvclient._redis.kinds.sync import withdraw  # noqa: PLC0415

@@ -25,7 +25,7 @@ from kvclient._redis._backend import Call, Handler, kind_scripts
 from kvclient._redis.kinds import Kind, register
 from kvproto.limits import check_timeout
 
-__all__ = ["QUEUE"]
+__all__ = ["QUEUE", "unget"]
 
 _S: Final = kind_scripts("queue")
 _POLL_FIRST: Final = 0.005
@@ -82,6 +82,17 @@ def _get(ctx: Call, args: list[Any]) -> Any:
         moved = ctx.execute("BLMOVE", ctx.keys[2], ctx.keys[4], "LEFT", "RIGHT", f"{wait:.3f}")
         if moved is None and deadline is not None and time.monotonic() >= deadline:
             raise queue.Empty
+
+
+def unget(ctx: Call) -> int:
+    """Put back what the cancelled get ``ctx`` took (asyncio's fence); return how many.
+
+    Run once its ``BLMOVE`` can move nothing more. Only that get's item (recorded under its
+    request id, or in its in-flight list) goes back, at the queue's tail, in one script:
+    never one taken from the queue itself, no maxsize check, the unfinished count unchanged.
+    """
+    _inflight(ctx)
+    return int(ctx.read(_S["unget"], ctx.token, ctx.seq)[0])
 
 
 def _put_nowait(ctx: Call, args: list[Any]) -> None:

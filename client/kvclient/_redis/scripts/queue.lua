@@ -56,6 +56,32 @@ if A[1] == '1' then
 end
 return fail('Empty')
 
+--- @op unget
+-- The fence of a cancelled get (kvclient._redis.aio), run without a request id once nothing
+-- can reach K3 any more. A: the get's token and sequence number. Puts back, at the tail of
+-- D, only what that get took: its recorded answer (the record becomes Empty, so a retry of
+-- this puts back nothing), else what is in its in-flight list K3; never takes from D. No
+-- maxsize check and no change to 'unf': the item was never done. Answer: {'ok', n put back}.
+local tok, seq = A[1], A[2]
+local where = R
+local rec = redis.call('HGET', R, tok)
+if not rec then
+  where = R0
+  rec = redis.call('HGET', R0, tok)
+end
+if rec then
+  local p = cmsgpack.unpack(rec)
+  if p[1] == seq and p[2][1] == 'ok' then
+    redis.call('RPUSH', D, p[2][2])
+    redis.call('HSET', where, tok, cmsgpack.pack({seq, {'err', 'Empty', ''}}))
+    return {'ok', 1}
+  end
+end
+local n = 0
+while redis.call('LMOVE', K3, D, 'LEFT', 'RIGHT') do n = n + 1 end
+redis.call('ZREM', K2, K3)
+return {'ok', n}
+
 --- @op qsize
 return {'ok', redis.call('LLEN', D)}
 

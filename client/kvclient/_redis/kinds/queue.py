@@ -7,9 +7,9 @@ arrival order), moving the item into this client thread's in-flight list, and th
 answer: if the reply of either is lost, the retry finds the item (in flight, or recorded)
 rather than dropping it. The in-flight list has a lease (the wait, then the client's
 retry window: :mod:`kvclient._redis._retention`): once it ends, because its consumer died or was cut
-off between the ``BLMOVE`` and the ``get``, the next ``get`` that finds the queue empty (or
-every 16th ``get`` of a client thread) puts the item back at the head of the queue, for the
-next getter, as kvserve hands a dead getter's item on.
+off between the ``BLMOVE`` and the ``get``, the next ``get`` (any consumer's, the queue empty
+or not) puts the item back at the head of the queue and takes it, as kvserve hands a dead
+getter's item on.
 
 A ``put`` on a full queue, and ``join``, poll (5 ms doubling to 50 ms): Redis has no blocking
 wait on a count.

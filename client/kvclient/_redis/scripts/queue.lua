@@ -35,20 +35,16 @@ return {'ok'}
 -- Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in BLMOVE D -> K3, then
 -- calls this again with the same request id to take what it moved). Taking the item from K3
 -- ends its lease in the same step as recording the answer: an item answered is never put back.
--- Ended leases are reclaimed by a get that finds D empty, and by every 16th get of a client
--- thread (its request-id sequence), so that a backlog never keeps one waiting for long.
+-- Every get that does not answer from K3 reclaims ended leases first (one ZRANGE when none
+-- has ended, and TIME only if some list is in flight), so a reclaimed item is the next one
+-- taken, whether or not the queue ever runs empty.
 local v = redis.call('LPOP', K3)
 if v then
   if redis.call('LLEN', K3) == 0 then redis.call('ZREM', K2, K3) end
   return {'ok', v}
 end
+reclaim()
 v = redis.call('LPOP', D)
-if not v then
-  reclaim()
-  v = redis.call('LPOP', D)
-elseif tonumber(SEQ) % 16 == 0 then
-  reclaim()
-end
 if v then return {'ok', v} end
 if A[1] == '1' then
   redis.call('ZADD', K2, now_ms() + tonumber(A[2]), K3)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 import kvclient.aio
+from kvclient._redis._backend import container_keys
 from kvclient.retry import ConstantBackoff, Retry
 from kvproto.errors import KVConnectionError
 from tests import redis_cluster
@@ -216,3 +218,37 @@ def test_a_cancelled_gets_fence_takes_only_what_that_get_took(
                 assert [await q.get_nowait(), await q.get_nowait()] == ["A", "B"]
 
     asyncio.run(main())
+
+
+def test_a_new_retry_gives_pooled_sessions_its_window(redis_standalone_url: str) -> None:
+    """After ``kv.retry = ...`` every call's request id carries the new retention window.
+
+    The token's ``:<ms>`` suffix tells the scripts how long to keep its answer. Sessions
+    idle in the pool, and one in a call in flight (a waiting get) when the setting changes,
+    must not be used again: every token the later calls record ends in the new window.
+    """
+    import redis
+
+    async def main() -> tuple[set[bytes], int, int]:
+        async with kvclient.aio.connect(redis_standalone_url) as kv:
+            before = await kv.dict("before")
+            await asyncio.gather(*(before.set(i, i) for i in range(3)))  # 3 sessions pooled
+            q = await kv.queue("jobs")
+            waiter = asyncio.create_task(q.get())
+            await asyncio.sleep(0.05)  # in flight with a pooled session
+            backend: Any = kv._backend  # an AsyncRedisBackend
+            old = backend.windows.request_ids
+            kv.retry = Retry(ConstantBackoff(0.5), retries=2)
+            new = backend.windows.request_ids
+            await q.put("x")
+            assert await waiter == "x"
+            after = await kv.dict("after")
+            for i in range(3):
+                await after.set(i, i)
+            await asyncio.gather(*(after.set(i, i) for i in range(4)))
+        with redis.Redis.from_url(redis_standalone_url) as r:
+            return set(r.hkeys(container_keys("after")[1])), old, new
+
+    tokens, old, new = asyncio.run(main())
+    assert old != new
+    assert tokens and {t.rsplit(b":", 1)[1] for t in tokens} == {str(new).encode()}

@@ -167,7 +167,6 @@ class AsyncRedisBackend(RedisBackend):
         )
         # One thread: the calls share one codec (nothing switches inside an encode).
         self.codec = Codec(make_ref=make_ref, to_ref=to_ref, encode_depth=MAX_DEPTH)
-        self._idle: list[_Session] = []
         self._fences: set[asyncio.Task[None]] = set()
 
     # -- what differs from the sync backend: sessions, sleeps ------------------------------
@@ -183,6 +182,17 @@ class AsyncRedisBackend(RedisBackend):
 
     def _retrying(self, attempt: Callable[[], Any], error: KVConnectionError | None = None) -> Any:
         return call_with_retry(self.retry, self.endpoint, attempt, error, sleep=self.sleep)
+
+    def _renew_windows(self) -> None:
+        """Renew the windows (a new retry or timeout); pooled sessions keep the old, so go."""
+        super()._renew_windows()
+        self._idle: list[_Session] = []
+        self._suffix = f":{self.windows.request_ids}"
+
+    def _give_back(self, session: _Session) -> None:
+        """Pool ``session`` again, unless its token carries a window renewed since."""
+        if session.token.endswith(self._suffix):
+            self._idle.append(session)
 
     def _take(self) -> _Session:
         if self.closed:
@@ -225,11 +235,11 @@ class AsyncRedisBackend(RedisBackend):
                     session, RedisBackend.call, self, kind, ident, method, args, kwds, timeout
                 )
             finally:
-                self._idle.append(session)
+                self._give_back(session)
         assert kind is not None and ident is not None
         handler = self._kinds.get(kind, {}).get(method)
         if handler is None:
-            self._idle.append(session)
+            self._give_back(session)
             raise _no_method(kind, ident, method)
         ctx = Call(self, kind, ident, session, op.needs_id)
         if kind != "queue":
@@ -244,9 +254,9 @@ class AsyncRedisBackend(RedisBackend):
             made.add_done_callback(self._fences.discard)
             raise
         except BaseException:
-            self._idle.append(session)
+            self._give_back(session)
             raise
-        self._idle.append(session)
+        self._give_back(session)
         return result
 
     async def _fence(
@@ -263,7 +273,7 @@ class AsyncRedisBackend(RedisBackend):
                 "could not undo a cancelled call on %r at %s: %s", ctx.name, self.endpoint, exc
             )
         finally:
-            self._idle.append(session)
+            self._give_back(session)
 
     async def _fence_get(
         self, session: _Session, ctx: Call, blocked: tuple[Any, int] | None

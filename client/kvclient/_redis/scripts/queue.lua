@@ -59,12 +59,7 @@ return fail('Empty')
 -- this puts back nothing), else what is in its in-flight list K3; never takes from D. No
 -- maxsize check and no change to 'unf': the item was never done. Answer: {'ok', n put back}.
 local tok, seq = A[1], A[2]
-local where = R
-local rec = redis.call('HGET', R, tok)
-if not rec then
-  where = R0
-  rec = redis.call('HGET', R0, tok)
-end
+local rec, where = recorded(tok)
 if rec then
   local p = cmsgpack.unpack(rec)
   if p[1] == seq and p[2][1] == 'ok' then

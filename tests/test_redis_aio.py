@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 import kvclient.aio
+from kvclient._redis._backend import container_keys
+from kvclient.retry import ConstantBackoff, Retry
+from kvproto.errors import KVConnectionError
+from tests import redis_cluster
 from tests.backends import in_ci
 from tests.redis_cluster import available
 
@@ -141,3 +146,109 @@ def test_connect_refuses_an_authkey_for_a_redis_url() -> None:
         kvclient.aio.connect("redis://127.0.0.1:6379/0", b"k" * 32)
     with pytest.raises(ValueError, match="max_connections= is for kvserve"):
         kvclient.aio.connect("redis://127.0.0.1:6379/0", max_connections=2)
+
+
+def test_a_retrys_backoff_pauses_only_its_task() -> None:
+    """A call whose server went away waits out its backoff in asyncio: other tasks run.
+
+    The server is stopped after connecting, so every attempt of ``d.set`` fails at once
+    (connection refused) and the call spends its time in the four 0.1 s backoffs; a 1 ms
+    ticker task must keep ticking through them (time.sleep there would stop the loop).
+    """
+    server = redis_cluster.Standalone().start()
+
+    async def main() -> int:
+        retry = Retry(ConstantBackoff(0.1), retries=4)
+        async with kvclient.aio.connect(server.url, retry=retry) as kv:
+            d = await kv.dict("d")
+            await d.set("k", 1)
+            server.stop()
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.001)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            await asyncio.sleep(0)
+            with pytest.raises(KVConnectionError):
+                await asyncio.wait_for(d.set("k", 2), 30)
+            ticker.cancel()
+            return ticks
+
+    try:
+        assert asyncio.run(main()) >= 20
+    finally:
+        server.stop()
+
+
+def test_a_cancelled_gets_fence_takes_only_what_that_get_took(
+    redis_standalone_session: redis_cluster.Standalone, redis_standalone_url: str
+) -> None:
+    """Items queued after a cancelled get stopped waiting are not the fence's: order kept.
+
+    The get is cancelled while it waits; once the server counts no blocked client (its
+    ``BLMOVE`` is over, so it took nothing), A and B are put by a sync client, with the
+    loop held, so before the fence's script runs. The fence must leave them alone: the
+    queue stays [A, B] (a fence taking A from the queue and putting it back made it [B, A],
+    and on a full queue lost it), with two unfinished tasks.
+    """
+    node = redis_standalone_session.node
+    assert node is not None
+
+    async def main() -> None:
+        with kvclient.connect(redis_standalone_url) as sync:
+            async with kvclient.aio.connect(redis_standalone_url) as kv:
+                q = await kv.queue("jobs")
+                waiter = asyncio.create_task(q.get())
+                await asyncio.sleep(0.05)  # waiting in BLMOVE
+                waiter.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+                deadline = time.monotonic() + 10
+                while "blocked_clients:0" not in node.cli("info", "clients"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                sync.queue("jobs").put("A")
+                sync.queue("jobs").put("B")
+                await _settle(kv)
+                assert await q.unfinished_tasks() == 2
+                assert [await q.get_nowait(), await q.get_nowait()] == ["A", "B"]
+
+    asyncio.run(main())
+
+
+def test_a_new_retry_gives_pooled_sessions_its_window(redis_standalone_url: str) -> None:
+    """After ``kv.retry = ...`` every call's request id carries the new retention window.
+
+    The token's ``:<ms>`` suffix tells the scripts how long to keep its answer. Sessions
+    idle in the pool, and one in a call in flight (a waiting get) when the setting changes,
+    must not be used again: every token the later calls record ends in the new window.
+    """
+    import redis
+
+    async def main() -> tuple[set[bytes], int, int]:
+        async with kvclient.aio.connect(redis_standalone_url) as kv:
+            before = await kv.dict("before")
+            await asyncio.gather(*(before.set(i, i) for i in range(3)))  # 3 sessions pooled
+            q = await kv.queue("jobs")
+            waiter = asyncio.create_task(q.get())
+            await asyncio.sleep(0.05)  # in flight with a pooled session
+            backend: Any = kv._backend  # an AsyncRedisBackend
+            old = backend.windows.request_ids
+            kv.retry = Retry(ConstantBackoff(0.5), retries=2)
+            new = backend.windows.request_ids
+            await q.put("x")
+            assert await waiter == "x"
+            after = await kv.dict("after")
+            for i in range(3):
+                await after.set(i, i)
+            await asyncio.gather(*(after.set(i, i) for i in range(4)))
+        with redis.Redis.from_url(redis_standalone_url) as r:
+            return set(r.hkeys(container_keys("after")[1])), old, new
+
+    tokens, old, new = asyncio.run(main())
+    assert old != new
+    assert tokens and {t.rsplit(b":", 1)[1] for t in tokens} == {str(new).encode()}

@@ -225,6 +225,34 @@ def test_exact_totals_with_consumers_killed_holding_items(
         assert all(key not in _in_flight(r, "work") for key in stranded)
 
 
+def test_a_worker_loop_with_a_backlog_reclaims_a_dead_consumers_item(
+    url: str, r: Any, workers: list[Worker]
+) -> None:
+    """``get(); task_done()`` on a queue never empty still puts an ended lease's item back.
+
+    Such a loop never finds the queue empty, so only the reclaim a get makes with items
+    queued can reach the stranded item (it alternated request ids with task_done, so a
+    reclaim keyed on every 16th sequence number never ran).
+    """
+    with kvclient.connect(url) as kv:
+        q = kv.queue("backlog")
+        stranded = strand(url, r, q, "backlog", "stranded", workers)
+        for i in range(100):
+            q.put(i)
+        time.sleep(LEASE + 1.5)
+    with kvclient.connect(url) as kv:
+        q = kv.queue("backlog")
+        backend: Any = kv._backend  # a RedisBackend
+        if backend.session().seq % 2:  # the gets' sequence numbers all odd (worst case)
+            q.put(100)
+        got = []
+        for _ in range(40):
+            got.append(q.get_nowait())
+            q.task_done()
+        assert "stranded" in got
+        assert stranded not in _in_flight(r, "backlog")
+
+
 # -- request ids ---------------------------------------------------------------------------------
 
 

@@ -419,7 +419,7 @@ class RedisBackend:
         except AuthError:
             raise
         except KVConnectionError as exc:
-            return call_with_retry(self.retry, self.endpoint, lambda: handler(ctx, args), exc)
+            return self._retrying(lambda: handler(ctx, args), exc)
 
     def batch(self, calls: list[list[Any]], kinds: list[str | None]) -> list[list[Any]]:
         """Make the calls of a :class:`~kvclient.client.Batch` in order; errors as values.
@@ -450,9 +450,13 @@ class RedisBackend:
             op = plan(kind, method)
         return Call(self, kind, name, self.session(), op is not None and op.needs_id)
 
-    def _retrying(self, attempt: Callable[[], Any]) -> Any:
-        """Run ``attempt`` until it answers or the retries run out (the only retry loop)."""
-        return call_with_retry(self.retry, self.endpoint, attempt)
+    def _retrying(self, attempt: Callable[[], Any], error: KVConnectionError | None = None) -> Any:
+        """Run ``attempt`` until it answers or the retries run out (the only retry loop).
+
+        ``error``: a first attempt already failed so (``call`` makes it outside the loop).
+        The asyncio backend overrides this to sleep its backoff in asyncio.
+        """
+        return call_with_retry(self.retry, self.endpoint, attempt, error)
 
     def _reset_after_fork(self) -> None:
         self._local = threading.local()

@@ -18,8 +18,8 @@ about twice that):
   ``MAX_REQUEST_IDS``, and a thread's further writes cost nothing extra.
 - **in-flight queue items**: the backoff plus one attempt: long enough for a consumer whose
   connection failed after the ``BLMOVE`` to reconnect through a restart or failover and take
-  its item; after that, the next ``get`` that finds the queue empty (or every 16th ``get``
-  of a client thread) puts the item back at the head of the queue. A
+  its item; after that, the next ``get`` (any consumer's, the queue empty or not) puts the
+  item back at the head of the queue and takes it. A
   later retry still gets an item exactly once (the item is in one place at any time: the
   queue, one in-flight list, or one recorded answer), just not necessarily the same one.
 

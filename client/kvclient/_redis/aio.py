@@ -24,10 +24,10 @@ before its session is used again, as :mod:`kvclient.aio._backend` does on kvserv
 
 - ``get``: the fence first sends ``CLIENT UNBLOCK`` for the connection its ``BLMOVE`` waited
   on (its ``CLIENT ID`` was read in the same round trip), so that no item can still be moved
-  into the call's in-flight list afterwards; then it runs the ``get`` script once, not
-  waiting, with the same request id: it answers the item if the call had taken one (recorded,
-  or moved in flight), which is put back at the tail with its ``task_done`` (the unfinished
-  count is unchanged), or ``Empty``;
+  into the call's in-flight list afterwards; then one script (the queue's ``unget``) puts
+  back at the tail the item the call had taken (recorded under its request id, or moved in
+  flight), if any, with no maxsize check and the unfinished count unchanged; it never takes
+  an item from the queue itself;
 - ``acquire``: every acquire gets a ``wait_id`` here; the fence runs the acquire script's last
   phase with the same request id and wait id (:func:`kvclient._redis.kinds.sync.withdraw`): a
   hold it had been given or handed is learned and released, and otherwise its place in line
@@ -42,7 +42,6 @@ import asyncio
 import functools
 import logging
 import os
-import queue
 import ssl
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -62,7 +61,7 @@ from kvclient.proxies import to_ref
 from kvclient.retry import Retry, call_with_retry
 from kvproto.address import RedisTarget
 from kvproto.codec import MAX_DEPTH, Codec, Ref
-from kvproto.errors import KVError
+from kvproto.errors import KVConnectionError, KVError
 
 __all__ = ["AsyncNodes", "AsyncRedisBackend", "AsyncRedisClient", "async_client"]
 
@@ -168,7 +167,6 @@ class AsyncRedisBackend(RedisBackend):
         )
         # One thread: the calls share one codec (nothing switches inside an encode).
         self.codec = Codec(make_ref=make_ref, to_ref=to_ref, encode_depth=MAX_DEPTH)
-        self._idle: list[_Session] = []
         self._fences: set[asyncio.Task[None]] = set()
 
     # -- what differs from the sync backend: sessions, sleeps ------------------------------
@@ -182,8 +180,19 @@ class AsyncRedisBackend(RedisBackend):
         """Pause this call's task only."""
         _bridge.wait(asyncio.sleep(seconds))
 
-    def _retrying(self, attempt: Callable[[], Any]) -> Any:
-        return call_with_retry(self.retry, self.endpoint, attempt, sleep=self.sleep)
+    def _retrying(self, attempt: Callable[[], Any], error: KVConnectionError | None = None) -> Any:
+        return call_with_retry(self.retry, self.endpoint, attempt, error, sleep=self.sleep)
+
+    def _renew_windows(self) -> None:
+        """Renew the windows (a new retry or timeout); pooled sessions keep the old, so go."""
+        super()._renew_windows()
+        self._idle: list[_Session] = []
+        self._suffix = f":{self.windows.request_ids}"
+
+    def _give_back(self, session: _Session) -> None:
+        """Pool ``session`` again, unless its token carries a window renewed since."""
+        if session.token.endswith(self._suffix):
+            self._idle.append(session)
 
     def _take(self) -> _Session:
         if self.closed:
@@ -226,11 +235,11 @@ class AsyncRedisBackend(RedisBackend):
                     session, RedisBackend.call, self, kind, ident, method, args, kwds, timeout
                 )
             finally:
-                self._idle.append(session)
+                self._give_back(session)
         assert kind is not None and ident is not None
         handler = self._kinds.get(kind, {}).get(method)
         if handler is None:
-            self._idle.append(session)
+            self._give_back(session)
             raise _no_method(kind, ident, method)
         ctx = Call(self, kind, ident, session, op.needs_id)
         if kind != "queue":
@@ -245,9 +254,9 @@ class AsyncRedisBackend(RedisBackend):
             made.add_done_callback(self._fences.discard)
             raise
         except BaseException:
-            self._idle.append(session)
+            self._give_back(session)
             raise
-        self._idle.append(session)
+        self._give_back(session)
         return result
 
     async def _fence(
@@ -264,7 +273,7 @@ class AsyncRedisBackend(RedisBackend):
                 "could not undo a cancelled call on %r at %s: %s", ctx.name, self.endpoint, exc
             )
         finally:
-            self._idle.append(session)
+            self._give_back(session)
 
     async def _fence_get(
         self, session: _Session, ctx: Call, blocked: tuple[Any, int] | None
@@ -274,14 +283,10 @@ class AsyncRedisBackend(RedisBackend):
             execute = functools.partial(self.nodes.execute, b"", node=node)
             unblock = functools.partial(execute, "CLIENT", "UNBLOCK", client_id)
             await self._run(session, self._retrying, unblock)
-        get = functools.partial(self._kinds["queue"]["get"], ctx, [False, None])
-        try:
-            item = await self._run(session, self._retrying, get)
-        except queue.Empty:
-            return
-        log.info("a cancelled get on %r had taken an item; putting it back", ctx.name)
-        await self.call("queue", ctx.name, "put", [item, False, None])
-        await self.call("queue", ctx.name, "task_done", [])
+        from kvclient._redis.kinds.queue import unget  # noqa: PLC0415
+
+        if await self._run(session, self._retrying, functools.partial(unget, ctx)):
+            log.info("a cancelled get on %r had taken an item; put it back", ctx.name)
 
     async def _fence_acquire(self, session: _Session, ctx: Call, args: list[Any]) -> None:
         from kvclient._redis.kinds.sync import withdraw  # noqa: PLC0415

@@ -7,9 +7,9 @@ arrival order), moving the item into this client thread's in-flight list, and th
 answer: if the reply of either is lost, the retry finds the item (in flight, or recorded)
 rather than dropping it. The in-flight list has a lease (the wait, then the client's
 retry window: :mod:`kvclient._redis._retention`): once it ends, because its consumer died or was cut
-off between the ``BLMOVE`` and the ``get``, the next ``get`` that finds the queue empty (or
-every 16th ``get`` of a client thread) puts the item back at the head of the queue, for the
-next getter, as kvserve hands a dead getter's item on.
+off between the ``BLMOVE`` and the ``get``, the next ``get`` (any consumer's, the queue empty
+or not) puts the item back at the head of the queue and takes it, as kvserve hands a dead
+getter's item on.
 
 A ``put`` on a full queue, and ``join``, poll (5 ms doubling to 50 ms): Redis has no blocking
 wait on a count.
@@ -25,7 +25,7 @@ from kvclient._redis._backend import Call, Handler, kind_scripts
 from kvclient._redis.kinds import Kind, register
 from kvproto.limits import check_timeout
 
-__all__ = ["QUEUE"]
+__all__ = ["QUEUE", "unget"]
 
 _S: Final = kind_scripts("queue")
 _POLL_FIRST: Final = 0.005
@@ -82,6 +82,17 @@ def _get(ctx: Call, args: list[Any]) -> Any:
         moved = ctx.execute("BLMOVE", ctx.keys[2], ctx.keys[4], "LEFT", "RIGHT", f"{wait:.3f}")
         if moved is None and deadline is not None and time.monotonic() >= deadline:
             raise queue.Empty
+
+
+def unget(ctx: Call) -> int:
+    """Put back what the cancelled get ``ctx`` took (asyncio's fence); return how many.
+
+    Run once its ``BLMOVE`` can move nothing more. Only that get's item (recorded under its
+    request id, or in its in-flight list) goes back, at the queue's tail, in one script:
+    never one taken from the queue itself, no maxsize check, the unfinished count unchanged.
+    """
+    _inflight(ctx)
+    return int(ctx.read(_S["unget"], ctx.token, ctx.seq)[0])
 
 
 def _put_nowait(ctx: Call, args: list[Any]) -> None:

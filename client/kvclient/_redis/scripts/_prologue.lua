@@ -46,12 +46,15 @@ local function keep_request_id(record)
   end
   redis.call('HSET', R, TOK, record)
 end
+-- The answer recorded under token tok (nil if none), and the generation that holds it.
+local function recorded(tok)
+  local found = redis.call('HGET', R, tok)
+  if found then return found, R end
+  return redis.call('HGET', R0, tok), R0
+end
 if TOK ~= '' then
-  local prev = redis.call('HGET', R, TOK)
-  if not prev then
-    FRESH = true
-    prev = redis.call('HGET', R0, TOK)
-  end
+  local prev, where = recorded(TOK)
+  FRESH = where == R0
   if prev then
     local p = cmsgpack.unpack(prev)
     if p[1] == SEQ then

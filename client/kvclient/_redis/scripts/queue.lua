@@ -35,26 +35,43 @@ return {'ok'}
 -- Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in BLMOVE D -> K3, then
 -- calls this again with the same request id to take what it moved). Taking the item from K3
 -- ends its lease in the same step as recording the answer: an item answered is never put back.
--- Ended leases are reclaimed by a get that finds D empty, and by every 16th get of a client
--- thread (its request-id sequence), so that a backlog never keeps one waiting for long.
+-- Every get that does not answer from K3 reclaims ended leases first (one ZRANGE when none
+-- has ended, and TIME only if some list is in flight), so a reclaimed item is the next one
+-- taken, whether or not the queue ever runs empty.
 local v = redis.call('LPOP', K3)
 if v then
   if redis.call('LLEN', K3) == 0 then redis.call('ZREM', K2, K3) end
   return {'ok', v}
 end
+reclaim()
 v = redis.call('LPOP', D)
-if not v then
-  reclaim()
-  v = redis.call('LPOP', D)
-elseif tonumber(SEQ) % 16 == 0 then
-  reclaim()
-end
 if v then return {'ok', v} end
 if A[1] == '1' then
   redis.call('ZADD', K2, now_ms() + tonumber(A[2]), K3)
   return {'again'}
 end
 return fail('Empty')
+
+--- @op unget
+-- The fence of a cancelled get (kvclient._redis.aio), run without a request id once nothing
+-- can reach K3 any more. A: the get's token and sequence number. Puts back, at the tail of
+-- D, only what that get took: its recorded answer (the record becomes Empty, so a retry of
+-- this puts back nothing), else what is in its in-flight list K3; never takes from D. No
+-- maxsize check and no change to 'unf': the item was never done. Answer: {'ok', n put back}.
+local tok, seq = A[1], A[2]
+local rec, where = recorded(tok)
+if rec then
+  local p = cmsgpack.unpack(rec)
+  if p[1] == seq and p[2][1] == 'ok' then
+    redis.call('RPUSH', D, p[2][2])
+    redis.call('HSET', where, tok, cmsgpack.pack({seq, {'err', 'Empty', ''}}))
+    return {'ok', 1}
+  end
+end
+local n = 0
+while redis.call('LMOVE', K3, D, 'LEFT', 'RIGHT') do n = n + 1 end
+redis.call('ZREM', K2, K3)
+return {'ok', n}
 
 --- @op qsize
 return {'ok', redis.call('LLEN', D)}

@@ -1215,12 +1215,13 @@ class Server:
             self._undecodable(conn, exc)
             return
         reply = self.engine.handle(conn, message, payload)
+        # Plain numbers (kvserve.counters), read when something scrapes them; counted before
+        # the reply goes out, so a client holding its reply finds its call in the metrics.
+        self.counters.request(self.engine.store.objects, message, time.perf_counter() - started)
         if reply is not None:
-            self._reply(conn, reply[0], reply[1])
             if reply[0] == ERROR:
                 self.counters.error(reply[1])
-        # Plain numbers (kvserve.counters), read when something scrapes them.
-        self.counters.request(self.engine.store.objects, message, time.perf_counter() - started)
+            self._reply(conn, reply[0], reply[1])
 
     def _undecodable(self, conn: _Conn, exc: ProtocolError) -> None:
         log.warning("closing %s: %s", conn.peer, exc)

@@ -37,6 +37,7 @@ __all__ = [
     "RequestIds",
     "Runner",
     "plan",
+    "plan_of",
     "reply_timeout",
     "run_sync",
 ]
@@ -66,6 +67,18 @@ def plan(kind: str | None, method: str) -> Op | None:
     found = None if not (op.needs_id or op.blocks) else op
     PLANS.setdefault(kind, {})[method] = found
     return found
+
+
+def plan_of(kind: str | None, method: str) -> Op | None:
+    """Return :func:`plan` of ``method`` on ``kind``, from :data:`PLANS` once it is there.
+
+    The one lookup every runner makes before a call. The sync socket backend's per-call path
+    writes the same two lookups inline, to save this function call.
+    """
+    try:
+        return PLANS[kind][method]
+    except KeyError:
+        return plan(kind, method)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # the socket backends' sessions extend it

@@ -38,7 +38,7 @@ from redis import exceptions as rx
 from kvclient._redis._nodes import Nodes
 from kvclient._redis._retention import Windows, windows
 from kvclient._redis.scripts import Script, raw_script, scripts
-from kvclient._runner import DERIVED, PLANS, plan
+from kvclient._runner import DERIVED, plan_of
 from kvclient.retry import Retry, call_with_retry
 from kvproto import schema
 from kvproto.codec import MAX_DEPTH, Codec, Ref
@@ -409,10 +409,7 @@ class RedisBackend:
         handler = self._kinds.get(kind, {}).get(method)
         if handler is None:
             raise _no_method(kind, ident, method)
-        try:
-            op = PLANS[kind][method]
-        except KeyError:
-            op = plan(kind, method)
+        op = plan_of(kind, method)
         ctx = Call(self, kind, ident, self.session(), op is not None and op.needs_id)
         try:  # the first attempt without the retry loop's frames; a failed one enters it
             return handler(ctx, args)
@@ -445,9 +442,7 @@ class RedisBackend:
 
     def new_call(self, kind: str, name: str, method: str) -> Call:
         """Return the context of a call of ``method`` on ``name`` (batches, flows)."""
-        op = PLANS.get(kind, {}).get(method, _MISSING)
-        if op is _MISSING:
-            op = plan(kind, method)
+        op = plan_of(kind, method)
         return Call(self, kind, name, self.session(), op is not None and op.needs_id)
 
     def _retrying(self, attempt: Callable[[], Any], error: KVConnectionError | None = None) -> Any:
@@ -461,9 +456,6 @@ class RedisBackend:
     def _reset_after_fork(self) -> None:
         self._local = threading.local()
         self.nodes.reset_after_fork()
-
-
-_MISSING: Any = object()
 
 
 def _after_fork_in_child() -> None:

@@ -54,7 +54,7 @@ from kvclient._redis import _bridge
 from kvclient._redis._backend import Call, Handler, RedisBackend, _no_method, _Session
 from kvclient._redis._nodes import Nodes
 from kvclient._redis.client import RedisClient, redis_settings, settle
-from kvclient._runner import DERIVED, PLANS, plan
+from kvclient._runner import DERIVED, plan_of
 from kvclient.aio._leases import AsyncLeaseKeeper
 from kvclient.aio.client import Client
 from kvclient.proxies import to_ref
@@ -226,9 +226,7 @@ class AsyncRedisBackend(RedisBackend):
     ) -> Any:
         """Make one call and return its result (as :meth:`RedisBackend.call`), awaited."""
         session = self._take()
-        op = None if ident is None or kind is None else PLANS.get(kind, {}).get(method, DERIVED)
-        if op is DERIVED:
-            op = plan(kind, method)
+        op = None if ident is None or kind is None else plan_of(kind, method)
         if op is None or not op.fenced:
             try:
                 return await self._run(

@@ -43,13 +43,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kvclient._runner import DERIVED, PLANS, RequestIds, plan, reply_timeout
+from kvclient._runner import DERIVED, RequestIds, plan_of, reply_timeout
 from kvclient.aio._connection import AsyncConnection, make_codec, open_connection
 from kvclient.retry import Retry
 from kvproto.codec import Ref
 from kvproto.errors import AuthError, KVConnectionError, KVError
 from kvproto.net import format_address
-from kvproto.schema import Op
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "AsyncBackend"]
 
@@ -203,10 +202,7 @@ class AsyncBackend:
         As :meth:`kvclient._backend.SocketBackend.call`, awaited; cancelling it is safe (see
         the module docstring).
         """
-        try:
-            op: Op | None = PLANS[kind][method]
-        except KeyError:
-            op = plan(kind, method)
+        op = plan_of(kind, method)
         if timeout is DERIVED:
             timeout = False if op is None else reply_timeout(op, args, self.call_timeout)
         wait = self.call_timeout if timeout is False else timeout

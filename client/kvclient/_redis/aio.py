@@ -57,7 +57,6 @@ from kvclient._redis.client import RedisClient, redis_settings, settle
 from kvclient._runner import DERIVED, plan_of
 from kvclient.aio._leases import AsyncLeaseKeeper
 from kvclient.aio.client import Client
-from kvclient.proxies import to_ref
 from kvclient.retry import Retry, call_with_retry
 from kvproto.address import RedisTarget
 from kvproto.codec import MAX_DEPTH, Codec, Ref
@@ -161,9 +160,10 @@ class AsyncRedisBackend(RedisBackend):
         retry: Retry | None,
         make_ref: Callable[[Ref], Any],
         to_ref: Callable[[Any], Ref | None],
+        durability: None = None,
     ) -> None:
         super().__init__(
-            nodes, kinds, server, timeout, call_timeout, retry, make_ref, to_ref, durability=None
+            nodes, kinds, server, timeout, call_timeout, retry, make_ref, to_ref, durability
         )
         # One thread: the calls share one codec (nothing switches inside an encode).
         self.codec = Codec(make_ref=make_ref, to_ref=to_ref, encode_depth=MAX_DEPTH)
@@ -325,20 +325,9 @@ class AsyncRedisClient(Client):
         call_timeout: float | None,
         retry: Retry | None,
     ) -> None:
-        # Not Client.__init__: it resolves a kvserve address and authkey.
-        nodes = AsyncNodes(target.nodes, target.cluster, options)
-        kinds, server = settle(self, target, options, nodes, None)
-        self._backend = AsyncRedisBackend(  # type: ignore[assignment]
-            nodes,
-            kinds,
-            server,
-            timeout,
-            call_timeout,
-            retry,
-            make_ref=self._make_ref,
-            to_ref=to_ref,
+        settle(
+            self, target, options, AsyncNodes, AsyncRedisBackend, timeout, call_timeout, retry, None
         )
-        self.call = self._backend.call
         self.leases = AsyncLeaseKeeper(
             self._backend.call, self.endpoint, asyncio.get_running_loop()
         )

@@ -98,25 +98,48 @@ def redis_settings(
 
 
 def settle(
-    client: Any, target: RedisTarget, options: dict[str, Any], nodes: Any, durability: str | None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Set what a client of ``target`` (sync or asyncio) is; return its backend's handlers.
+    client: Any,
+    target: RedisTarget,
+    options: dict[str, Any],
+    nodes: Callable[..., Any],
+    backend: Callable[..., Any],
+    timeout: float | None,
+    call_timeout: float | None,
+    retry: Retry | None,
+    durability: str | None,
+) -> None:
+    """Make ``client`` (sync or asyncio) a client of ``target``: its attributes and backend.
 
-    Returns:
-        ``(kind -> method -> handler, server method -> handler)``.
+    The one constructor of both Redis clients (not ``Client.__init__``: that resolves a
+    kvserve address and authkey). ``nodes`` and ``backend`` are the classes of the client's
+    flavour (:class:`~kvclient._redis._nodes.Nodes` and
+    :class:`~kvclient._redis._backend.RedisBackend`, or their asyncio counterparts); the
+    caller adds its lease keeper, whose shape differs.
     """
     from kvclient._redis._server import SERVER  # noqa: PLC0415 - needs redis-py
     from kvclient._redis.kinds import KINDS  # noqa: PLC0415
 
+    found = nodes(target.nodes, target.cluster, options)
     client.target = target
     client.durability = durability
     client._options = options
     client.tls = None
     client._authkey = b""
-    client.address = nodes.seeds[0]
-    client.endpoint = ("redis-cluster://" if target.cluster else "redis://") + nodes.endpoint
+    client.address = found.seeds[0]
+    client.endpoint = ("redis-cluster://" if target.cluster else "redis://") + found.endpoint
     client._closed = False
-    return {kind: spec.methods for kind, spec in KINDS.items()}, SERVER
+    client._backend = backend(
+        found,
+        {kind: spec.methods for kind, spec in KINDS.items()},
+        SERVER,
+        timeout,
+        call_timeout,
+        retry,
+        make_ref=client._make_ref,
+        to_ref=to_ref,
+        durability=durability,
+    )
+    client.call = client._backend.call
 
 
 class RedisClient(Client):
@@ -146,20 +169,7 @@ class RedisClient(Client):
             if exc.name == "redis" or (exc.name or "").startswith("redis."):
                 raise import_error() from exc
             raise
-        nodes = Nodes(target.nodes, target.cluster, options)
-        kinds, server = settle(self, target, options, nodes, durability)
-        self._backend = RedisBackend(  # type: ignore[assignment]
-            nodes,
-            kinds,
-            server,
-            timeout,
-            call_timeout,
-            retry,
-            make_ref=self._make_ref,
-            to_ref=to_ref,
-            durability=durability,
-        )
-        self.call = self._backend.call
+        settle(self, target, options, Nodes, RedisBackend, timeout, call_timeout, retry, durability)
         self.leases = LeaseKeeper(self._backend.call, self.endpoint)
         try:
             self.ping()  # fail now, not at the first call, if it is unreachable

@@ -347,3 +347,158 @@ def test_the_windows_follow_the_clients_settings(redis_standalone_url: str) -> N
         assert backend.session().token.endswith(f":{windows(kv.retry, 10.0, 30.0).request_ids}")
         assert backend.windows == windows(kv.retry, 10.0, 30.0)
         assert kv.dict("d").incr("n") == 2
+
+
+# -- hand-made request ids -----------------------------------------------------------------------
+# Any client with the password can call the scripts with a token of its own making; the window
+# travels in it (<hex>:<ms>). The scripts must not let one keep the table from ending
+# generations, grow it by bytes, or stop anyone else's calls.
+
+_DAY_MS = 86_400_000  # MAX_WINDOW_MS
+
+
+def _put(r: Any, name: str, token: str | bytes, seq: str | bytes = "1") -> Any:
+    """Run queue.put on ``name`` as a hand-made client would: the script, raw, via redis-py."""
+    put = scripts("queue")["put"]
+    keys = container_keys(name, "k", "o")
+    return r.eval(put.text, len(keys), *keys, "queue", token, seq, b"\x01", "0")
+
+
+def _meta(r: Any, name: str) -> list[Any]:
+    (meta, *_rest) = container_keys(name)
+    return list(r.hmget(meta, "rgen", "rw", "rw0"))
+
+
+@pytest.mark.parametrize(
+    ("token", "window"),
+    [
+        ("a:" + "9" * 30, _DAY_MS),  # 1e30 ms
+        ("b:" + "9" * 60, _DAY_MS),  # tonumber: 1e60; longer digits (inf) are over 64 bytes
+        (f"c:{_DAY_MS + 1}", _DAY_MS),
+        (f"d:{_DAY_MS}", _DAY_MS),
+        ("e:-5", 600_000),  # not :<digits> at the end: the 10-minute default
+        ("f:1.5", 600_000),
+        ("g:abc", 600_000),
+        ("h:", 600_000),
+        ("i: 5", 600_000),
+        ("j:0x10", 600_000),
+        ("nocolon", 600_000),
+        (":", 600_000),
+        ("k:1:2:3", 3),  # several colons: the last part is the window
+        ("l:0", 0),
+    ],
+    ids=[
+        *("huge", "overflow", "overaday", "aday", "negative", "fraction", "text", "empty"),
+        *("space", "hex", "nocolon", "colononly", "colons", "zero"),
+    ],
+)
+def test_a_hand_made_tokens_window_is_clamped(
+    redis_standalone_url: str, token: str, window: int
+) -> None:
+    import redis
+
+    with (
+        redis.Redis.from_url(redis_standalone_url) as r,
+        kvclient.connect(redis_standalone_url) as kv,
+    ):
+        q = kv.queue("hand")
+        assert _put(r, "hand", token) == [b"ok"]
+        assert _put(r, "hand", token) == [b"ok"]  # a retry: answered as first, not applied
+        rgen, rw, _rw0 = _meta(r, "hand")
+        assert rgen is not None and int(rw) == window
+        assert q.qsize() == 1
+        q.put(2)  # kvclient's own calls, on the same container
+        assert q.get_nowait() == 1 and q.get_nowait() == 2
+
+
+@pytest.mark.parametrize(
+    ("token", "seq"),
+    [
+        ("x" * 65, "1"),  # kvproto.wire.RID_TOKEN_MAX is 64
+        ("9" * 4000 + ":1000", "1"),  # a huge hex part
+        ("a:" + "9" * 100_000, "1"),  # a very long window
+        ("a:1000", "1" * 21),  # more digits than a 64-bit count has
+        ("a:1000", "-1"),
+        ("a:1000", "1.5"),
+        ("a:1000", ""),
+        ("a:1000", "x" * 100_000),
+    ],
+    ids=["token65", "hugehex", "longwindow", "seq21", "seqneg", "seqfrac", "seqempty", "seqlong"],
+)
+def test_a_malformed_request_id_is_refused_and_keeps_nothing(
+    url: str, r: Any, token: str, seq: str
+) -> None:
+    """As kvserve refuses one: nothing applied, nothing recorded; everyone else unaffected."""
+    with kvclient.connect(url) as kv:
+        q = kv.queue("bad")
+        assert _put(r, "bad", token, seq) == [b"err", b"ProtocolError", b"malformed request id"]
+        assert _ids(r, "bad") == 0 and _meta(r, "bad") == [None, None, None]
+        assert q.qsize() == 0
+        assert _put(r, "bad", "f" * 32 + ":1000", "9" * 20) == [b"ok"]  # the longest allowed
+        assert _put(r, "bad", "f" * 62 + ":1", "1") == [b"ok"]  # 64 bytes
+        assert _ids(r, "bad") == 2 and q.qsize() == 2
+        with kvclient.connect(url) as other:
+            assert other.dict("d").incr("n") == 1 and other.queue("bad").get_nowait() == 1
+
+
+def test_kvclient_tokens_fit_what_the_scripts_accept(redis_standalone_url: str) -> None:
+    """The longest window a client can have, in a token no longer than the scripts allow."""
+    assert windows(Retry(retries=1000), None, None).request_ids == _DAY_MS
+    with kvclient.connect(redis_standalone_url, timeout=None, call_timeout=None) as kv:
+        kv.retry = Retry(retries=1000)
+        backend: Any = kv._backend
+        token = backend.session().token
+        assert token.endswith(f":{_DAY_MS}") and len(token) <= 64
+        assert kv.dict("d").incr("n") == 1
+
+
+def test_a_poisoned_window_still_ends_its_generation(redis_standalone_url: str) -> None:
+    """A window stored unclamped ('inf', as a hand-made token left it before it was clamped).
+
+    Counted as a day: a generation older than that ends at the next new writer, instead of
+    only once it holds MAX_REQUEST_IDS.
+    """
+    import redis
+
+    with (
+        redis.Redis.from_url(redis_standalone_url) as r,
+        kvclient.connect(redis_standalone_url) as kv,
+    ):
+        kv.queue("old")
+        (meta, ids, *_rest) = container_keys("old")
+        assert _put(r, "old", "a:1000") == [b"ok"]
+        seconds, micros = r.time()
+        now = seconds * 1000 + micros // 1000
+        r.hset(meta, mapping={"rgen": now - _DAY_MS - 1000, "rw": "inf", "rw0": "1e+30"})
+        assert _put(r, "old", "b:1000") == [b"ok"]
+        assert r.hexists(ids + b"0", "a:1000") and r.hexists(ids, "b:1000")  # a new one
+        _rgen, rw, rw0 = _meta(r, "old")
+        assert int(rw) == 1000 and int(rw0) == _DAY_MS
+        assert _put(r, "old", "a:1000") == [b"ok"]  # a retry, from the generation before
+        assert kv.queue("old").qsize() == 2
+
+
+def test_hand_made_huge_windows_do_not_uncap_the_table(redis_standalone_url: str) -> None:
+    """Writers with a day's window each: the table still ends a generation at 65,536 ids."""
+    import redis
+
+    with (
+        redis.Redis.from_url(redis_standalone_url) as r,
+        kvclient.connect(redis_standalone_url) as kv,
+    ):
+        q = kv.queue("wide")
+        (_meta_key, ids, *_rest) = container_keys("wide")
+        assert _put(r, "wide", "0:" + "9" * 30) == [b"ok"]
+        # Filled as far as the cap by hand (a write of each would take a while): the script
+        # sees a full generation, whoever wrote it.
+        fields = {f"{i:08x}:{_DAY_MS}": b"x" for i in range(1, MAX_REQUEST_IDS)}
+        pipe = r.pipeline(transaction=False)
+        names = list(fields)
+        for first in range(0, len(names), 8192):
+            pipe.hset(ids, mapping={n: fields[n] for n in names[first : first + 8192]})
+        pipe.execute()
+        assert r.hlen(ids) == MAX_REQUEST_IDS
+        assert _put(r, "wide", "1:" + "9" * 30) == [b"ok"]
+        assert r.hlen(ids) == 1 and r.hlen(ids + b"0") == MAX_REQUEST_IDS
+        assert int(_meta(r, "wide")[1]) == _DAY_MS
+        assert q.qsize() == 2

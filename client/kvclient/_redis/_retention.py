@@ -24,7 +24,11 @@ about twice that):
   queue, one in-flight list, or one recorded answer), just not necessarily the same one.
 
 The request-id window travels in the token (``<hex>:<ms>``), so the scripts read it without
-another argument on every call; the in-flight lease goes with the ``get`` that may block.
+another argument on every call; the in-flight lease goes with the ``get`` that may block. Any
+client with the password can send a hand-made token, so the scripts trust it no further than
+this: a token over 64 bytes or a sequence number that is not up to 20 digits is refused (as
+kvserve refuses one), a window that is not ``:<digits>`` at the token's end counts as 10
+minutes, and one over :data:`MAX_WINDOW_MS` as that.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from typing import Final, NamedTuple
 
 from kvclient.retry import Backoff, ConstantBackoff, ExponentialWithJitterBackoff, NoBackoff, Retry
 
-__all__ = ["MAX_REQUEST_IDS", "Windows", "windows"]
+__all__ = ["MAX_REQUEST_IDS", "MAX_WINDOW_MS", "Windows", "windows"]
 
 MAX_REQUEST_IDS: Final = 65536
 """Most request ids in one generation of a container's (scripts/_prologue.lua has it too)."""
 
 _FOREVER: Final = 86400.0  # a timeout of None (wait for ever) counts as a day
+
+MAX_WINDOW_MS: Final = int(_FOREVER * 1000)
+"""Longest window, in ms, of any client (a day); the scripts clamp a token's to it too."""
 _MARGIN: Final = 1.0  # seconds added to both: the client's clock is not the server's
 
 
@@ -73,6 +80,6 @@ def windows(retry: Retry | None, timeout: float | None, call_timeout: float | No
     )
 
     def ms(seconds: float) -> int:
-        return int(min(seconds + _MARGIN, _FOREVER) * 1000)
+        return int(min(seconds + _MARGIN, _FOREVER) * 1000)  # at most MAX_WINDOW_MS
 
     return Windows(ms(backoff + (retries + 1) * attempt), ms(backoff + attempt))

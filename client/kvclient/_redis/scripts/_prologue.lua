@@ -6,6 +6,12 @@
 -- an answer yet: the client waits or retries, and nothing is recorded under the request id).
 local M, R, D, K2, K3 = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local KIND, TOK, SEQ = ARGV[1], ARGV[2], ARGV[3]
+-- Any client with the password can send a hand-made request id: it is checked as kvserve
+-- checks one (kvproto.wire.RID_TOKEN_MAX), so no answer is kept under a token or sequence
+-- number longer than a client's own (the table's bytes stay bounded, not only its count).
+if TOK ~= '' and (#TOK > 64 or #SEQ > 20 or not string.find(SEQ, '^%d+$')) then
+  return {'err', 'ProtocolError', 'malformed request id'}
+end
 local have = redis.call('HGET', M, 'kind')
 if not have then return {'err', 'NoSuchContainerError', ''} end
 if have ~= KIND then return {'err', 'KindError', have} end
@@ -27,13 +33,21 @@ end
 -- kvserve keeps 65536 sessions). So an answer is kept at least its client's window after
 -- it was written, unless 65536 other client threads wrote here since, and the table holds
 -- at most 131072. A token's next calls in the same generation pay nothing for it.
+-- A window is at most a day (86400000 ms, kvclient/_redis/_retention.py's MAX_WINDOW_MS, as
+-- long as any client's): a hand-made token's huge window ('1e+30', 'inf' once stored) would
+-- otherwise stop its container's generations from ever ending by time.
 local R0, FRESH = R .. '0', false
+local function window_ms(v, default)
+  v = tonumber(v)
+  if not v or v ~= v then return default end  -- not a number, or nan
+  return math.max(0, math.min(v, 86400000))
+end
 local function keep_request_id(record)
   if FRESH then
-    local window = tonumber(string.match(TOK, ':(%d+)$')) or 600000
+    local window = window_ms(string.match(TOK, ':(%d+)$'), 600000)
     local gen = redis.call('HMGET', M, 'rgen', 'rw', 'rw0')
     local now, born = now_ms(), tonumber(gen[1])
-    local rw, rw0 = tonumber(gen[2]) or 0, tonumber(gen[3]) or 0
+    local rw, rw0 = window_ms(gen[2], 0), window_ms(gen[3], 0)
     if not born or now - born > rw0 or redis.call('HLEN', R) >= 65536 then
       if born then
         redis.call('UNLINK', R0)

@@ -6,6 +6,8 @@ import datetime
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -113,7 +115,7 @@ def test_plain_client_to_tls_server_fails_fast(
     connect: Connect, tls_server: Server, authkey: bytes
 ) -> None:
     start = time.monotonic()
-    with pytest.raises(kvclient.KVConnectionError, match="tls=True"):
+    with pytest.raises(kvclient.TLSError, match="expects TLS; pass tls=True"):
         connect(tls_server.endpoint, authkey, timeout=20)
     assert time.monotonic() - start < 10  # refused, not left to time out
 
@@ -122,11 +124,83 @@ def test_tls_client_to_plain_server_fails_fast(
     connect: Connect, address: str, authkey: bytes, pki: dict[str, Path]
 ) -> None:
     start = time.monotonic()
-    with pytest.raises(kvclient.TLSError, match="serving TLS"):
+    with pytest.raises(kvclient.TLSError, match="did not answer TLS"):
         connect(address, authkey, ca=pki["ca"], timeout=20)
     assert time.monotonic() - start < 10
     with connect(address, authkey) as kv:  # the plain server is fine
         kv.ping()
+
+
+@pytest.fixture
+def kvserve_pair(clean_env: dict[str, str], authkey: bytes, pki: dict[str, Path]) -> Iterator[Any]:
+    """Two real kvserve processes, ``{"tls": address, "plain": address, "env": env}``."""
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    procs = [start_kvserve(env, "--tls-cert", str(pki["server"])), start_kvserve(env)]
+    try:
+        yield {"tls": read_listening_line(procs[0]), "plain": read_listening_line(procs[1])}
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.communicate(timeout=10)
+
+
+def test_kvserve_tls_mismatch_names_the_endpoint_and_the_cause(
+    connect: Connect, kvserve_pair: dict[str, str], authkey: bytes, pki: dict[str, Path]
+) -> None:
+    """Plain at a TLS port, TLS at a plain one: a TLSError saying which, not a reset."""
+    tls, plain = kvserve_pair["tls"], kvserve_pair["plain"]
+    with pytest.raises(kvclient.TLSError) as told:
+        connect(tls, authkey, retry=None)
+    assert str(told.value) == (
+        f"server at {tls} expects TLS; pass tls=True, or ca= with its CA (or set KV_TLS_CA; "
+        "kvctl: --tls-ca)"
+    )
+    with pytest.raises(kvclient.TLSError) as told:
+        connect(plain, authkey, ca=pki["ca"], retry=None)
+    assert str(told.value).startswith(f"server at {plain} did not answer TLS (")
+    assert str(told.value).endswith("); is it started with --tls-cert?")
+    with connect(tls, authkey, ca=pki["ca"]) as kv, connect(plain, authkey) as other:
+        kv.ping()  # neither server minds
+        other.ping()
+
+
+def test_kvctl_prints_the_tls_mismatch_as_one_line(
+    kvserve_pair: dict[str, str], clean_env: dict[str, str], authkey: bytes, pki: dict[str, Path]
+) -> None:
+    tls, plain = kvserve_pair["tls"], kvserve_pair["plain"]
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    kvctl = str(Path(sys.executable).parent / "kvctl")
+    for args, line in [
+        (["-a", tls, "get", "k"], f"TLSError: server at {tls} expects TLS; pass tls=True"),
+        (["-a", tls, "ping"], f"TLSError: server at {tls} expects TLS; pass tls=True"),
+        (
+            ["-a", plain, "--tls-ca", str(pki["ca"]), "ping"],
+            f"TLSError: server at {plain} did not answer TLS (",
+        ),
+    ]:
+        done = subprocess.run([kvctl, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3 and done.stdout == "", (args, done)
+        assert done.stderr.startswith(line) and done.stderr.count("\n") == 1, (args, done.stderr)
+
+
+def test_a_plain_server_that_closes_at_once_is_not_taken_for_tls(
+    connect: Connect, clean_env: dict[str, str], authkey: bytes
+) -> None:
+    """At its --max-connections limit kvserve closes a new connection unread, as a TLS port
+    does a plain client's: the client asks, and it is no TLS server (retryable, not TLSError).
+    """
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    proc = start_kvserve(env, "--max-connections", "1")
+    try:
+        address = read_listening_line(proc)
+        with connect(address, authkey) as first:
+            first.ping()
+            with pytest.raises(kvclient.KVConnectionError, match="max-connections") as told:
+                connect(address, authkey, retry=None)
+            assert not isinstance(told.value, kvclient.TLSError)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
 
 
 def test_unknown_ca_is_refused(

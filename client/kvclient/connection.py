@@ -2,8 +2,9 @@
 
 A :class:`Connection` belongs to one thread (the :class:`~kvclient.client.Client` keeps one per
 thread, as stdlib proxies do). Every socket error is translated here, through
-:func:`kvclient.errors.translate_os_error`, and any failure or interrupt in the middle of a call
-closes the connection: a late reply can then never be read as the answer to a later call.
+:func:`kvclient.errors.translate_os_error` (while connecting,
+:func:`kvclient.errors.translate_handshake_error`), and any failure or interrupt in the middle of
+a call closes the connection: a late reply can then never be read as the answer to a later call.
 
 A connection also has the ``send``/``recv`` surface of ``multiprocessing.connection``, which
 :mod:`kvclient.stdlib` gives a stdlib ``BaseManager`` to talk to kvserve over.
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import socket
 import struct
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from msgpack import unpackb as _unpackb
 
+from kvclient.errors import needs_tls_probe, translate_handshake_error
 from kvproto._mypyc import mypyc_attr
 from kvproto.address import DEFAULT_PORT, parse_address
 from kvproto.codec import MAX_DEPTH, Codec, Ref
@@ -26,7 +27,6 @@ from kvproto.errors import (
     AuthError,
     KVConnectionError,
     ProtocolError,
-    TLSError,
     translate_os_error,
 )
 from kvproto.handshake import ClientHandshake
@@ -44,7 +44,7 @@ from kvproto.wire import (
 )
 
 if TYPE_CHECKING:
-    import ssl  # loaded only by TLS: see _ssl_errors
+    import ssl  # loaded only by TLS, or by speaks_tls after a failure
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -136,7 +136,7 @@ class Connection:
             tune_socket(self._sock)
             if tls is not None:
                 self._start_tls(tls, address[0])
-            self._handshake(authkey)
+            self._handshake(authkey, address)
             if not self._tls:
                 # Blocking mode from here on, with the call timeout in SO_RCVTIMEO/SNDTIMEO:
                 # Python's own timeouts poll() before every send and recv (two extra
@@ -166,26 +166,14 @@ class Connection:
         self._applied_timeout = seconds
 
     def _start_tls(self, context: ssl.SSLContext, host: str) -> None:
-        import ssl  # noqa: PLC0415 - loaded by the caller's SSLContext already; see _ssl_errors
-
         assert self._sock is not None
         try:
             self._sock = context.wrap_socket(self._sock, server_hostname=host)
             self._tls = True
-        except ssl.SSLCertVerificationError as exc:
-            raise TLSError(
-                f"the certificate of {self.endpoint} was refused ({exc.verify_message}); "
-                "check the CA (ca= or KV_TLS_CA), the host name and the certificate dates"
-            ) from None
-        except (ssl.SSLError, ConnectionError) as exc:
-            raise TLSError(
-                f"TLS handshake with {self.endpoint} failed ({_reason(exc)}); is kvserve "
-                "serving TLS there (--tls-cert)?"
-            ) from None
-        except TimeoutError as exc:
-            raise translate_os_error(exc, self.endpoint, "connect to") from exc
+        except OSError as exc:  # ssl.SSLError is one
+            raise translate_handshake_error(exc, self.endpoint, stage="tls", tls=True) from exc
 
-    def _handshake(self, authkey: bytes) -> None:
+    def _handshake(self, authkey: bytes, address: tuple[str, int]) -> None:
         try:
             # Hello first, without waiting: a TLS server refuses it at once (see kvproto.wire).
             handshake = ClientHandshake(authkey)
@@ -195,35 +183,11 @@ class Connection:
                 handshake.on_welcome(bytes(self._recv_frame(MAX_HANDSHAKE_FRAME)))
             except AuthError as exc:
                 raise AuthError(f"{self.endpoint}: {exc}") from None
-        except _ssl_errors() as exc:
-            if (
-                "CERTIFICATE_REQUIRED" in str(exc).upper()
-                or "CERTIFICATE REQUIRED" in str(exc).upper()
-            ):
-                raise TLSError(
-                    f"{self.endpoint} requires a client certificate; pass cert= and key= "
-                    "(or KV_TLS_CERT and KV_TLS_KEY)"
-                ) from None
-            if "UNKNOWN_CA" in str(exc) or "BAD_CERTIFICATE" in str(exc):
-                raise TLSError(
-                    f"{self.endpoint} refused this client's certificate ({_reason(exc)}); it "
-                    "must be signed by the CA the server trusts (its --tls-ca)"
-                ) from None
-            # The server's "certificate required" alert can be lost to a reset: say so too.
-            raise TLSError(
-                f"TLS session with {self.endpoint} failed during the handshake "
-                f"({_reason(exc)}); if the server requires client certificates (--tls-ca), "
-                "pass cert= and key= (or KV_TLS_CERT and KV_TLS_KEY)"
-            ) from None
-        except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
-            # Retryable: a server at its --max-connections limit does this too.
-            hint = "" if self._tls else "; if it serves TLS, connect with tls=True (or KV_TLS_CA)"
-            raise KVConnectionError(
-                f"{self.endpoint} closed the connection during the handshake (is it kvserve? "
-                f"at its --max-connections limit?){hint}"
+        except (EOFError, OSError) as exc:  # OSError: ssl.SSLError too
+            probe = needs_tls_probe(exc, self._tls) and speaks_tls(address, self.timeout)
+            raise translate_handshake_error(
+                exc, self.endpoint, stage="hello", tls=self._tls, expects_tls=probe
             ) from exc
-        except OSError as exc:
-            raise translate_os_error(exc, self.endpoint, "connect to") from exc
 
     def __del__(self) -> None:
         # A thread's connection dies with the thread's locals; close it rather than leak it.
@@ -380,16 +344,36 @@ class Connection:
         self.close()
 
 
-def _ssl_errors() -> tuple[type[BaseException], ...]:
-    """Return ``(ssl.SSLError,)`` once ssl is loaded, else ``()``, which catches nothing.
+def speaks_tls(address: tuple[str, int], timeout: float | None) -> bool:
+    """Return whether the server at ``address`` answers a TLS ClientHello in TLS.
 
-    ssl costs about 8 ms to import, which a plain-TCP ``kvctl get`` should not pay; a TLS
-    connection has loaded it (its SSLContext comes from ssl), and without one no SSLError can
-    be raised.
+    Asked once a plain connection was closed at its first bytes (as a TLS server does;
+    :func:`kvclient.errors.needs_tls_probe`), to say why: a second connection sends a
+    ClientHello and reads the first two bytes of the answer, a TLS record's (handshake 0x16
+    or alert 0x15, then version 0x03) or not. Nothing is verified or completed: only ssl's
+    in-memory objects make the hello. Each step waits ``timeout`` seconds, 5 at most.
     """
-    module = sys.modules.get("ssl")
-    return () if module is None else (module.SSLError,)
+    import ssl  # noqa: PLC0415 - only after a failure: a plain connection never loads it
 
-
-def _reason(exc: BaseException) -> str:
-    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    session = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    try:
+        session.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # the ClientHello is written, the answer awaited
+    wait = 5.0 if timeout is None else min(timeout, 5.0)
+    head = b""
+    try:
+        with socket.create_connection(address, wait) as sock:
+            sock.sendall(outgoing.read())
+            while len(head) < 2:
+                chunk = sock.recv(2 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] in (0x15, 0x16) and head[1] == 0x03

@@ -22,13 +22,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from kvclient.connection import speaks_tls
+from kvclient.errors import needs_tls_probe, translate_handshake_error
 from kvproto.codec import MAX_DEPTH, Codec, Ref
 from kvproto.errors import (
     AuthError,
     KVConnectionError,
     KVTimeoutError,
     ProtocolError,
-    TLSError,
     translate_os_error,
 )
 from kvproto.handshake import ClientHandshake
@@ -94,29 +95,16 @@ async def _open(
             ssl=tls,
             server_hostname=address[0] if tls else None,
         )
-    except ssl.SSLCertVerificationError as exc:
-        raise TLSError(
-            f"the certificate of {endpoint} was refused ({exc.verify_message}); "
-            "check the CA (ca= or KV_TLS_CA), the host name and the certificate dates"
-        ) from None
-    except ssl.SSLError as exc:
-        raise TLSError(
-            f"TLS handshake with {endpoint} failed ({_reason(exc)}); is kvserve "
-            "serving TLS there (--tls-cert)?"
-        ) from None
-    except (ConnectionError, OSError) as exc:
-        if tls is not None and isinstance(exc, ConnectionResetError):
-            raise TLSError(
-                f"TLS handshake with {endpoint} failed ({_reason(exc)}); is kvserve "
-                "serving TLS there (--tls-cert)?"
-            ) from None
-        raise translate_os_error(exc, endpoint, "connect to") from exc
+    except OSError as exc:  # ssl.SSLError is one
+        if tls is None:
+            raise translate_os_error(exc, endpoint, "connect to") from exc
+        raise translate_handshake_error(exc, endpoint, stage="tls", tls=True) from exc
     conn = AsyncConnection(transport, protocol, endpoint, codec, tls is not None)
     sock = transport.get_extra_info("socket")
     if sock is not None:
         tune_socket(sock)
     try:
-        await conn._handshake(authkey)
+        await conn._handshake(authkey, address)
     except BaseException:
         conn.close()
         raise
@@ -227,7 +215,7 @@ class AsyncConnection:
         # call it parked for it).
         self._transport.abort()
 
-    async def _handshake(self, authkey: bytes) -> None:
+    async def _handshake(self, authkey: bytes, address: tuple[str, int]) -> None:
         handshake = ClientHandshake(authkey)
         try:
             self._send(handshake.hello)
@@ -242,39 +230,14 @@ class AsyncConnection:
                 f"{self.endpoint} does not speak the kvmanager protocol; is that address a "
                 "kvserve server?"
             ) from None
-        except ssl.SSLError as exc:
-            text = str(exc).upper()
-            if "CERTIFICATE_REQUIRED" in text or "CERTIFICATE REQUIRED" in text:
-                raise TLSError(
-                    f"{self.endpoint} requires a client certificate; pass cert= and key= "
-                    "(or KV_TLS_CERT and KV_TLS_KEY)"
-                ) from None
-            if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
-                raise TLSError(
-                    f"{self.endpoint} refused this client's certificate ({_reason(exc)}); it "
-                    "must be signed by the CA the server trusts (its --tls-ca)"
-                ) from None
-            raise TLSError(
-                f"TLS session with {self.endpoint} failed during the handshake "
-                f"({_reason(exc)}); if the server requires client certificates (--tls-ca), "
-                "pass cert= and key= (or KV_TLS_CERT and KV_TLS_KEY)"
-            ) from None
-        except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
-            if self._tls:
-                # As the blocking client finds it: a server refusing our certificate may
-                # reset the connection before its alert is read.
-                raise TLSError(
-                    f"TLS session with {self.endpoint} failed during the handshake "
-                    f"({_reason(exc)}); if the server requires client certificates "
-                    "(--tls-ca), pass cert= and key= (or KV_TLS_CERT and KV_TLS_KEY)"
-                ) from None
-            raise KVConnectionError(
-                f"{self.endpoint} closed the connection during the handshake (is it kvserve? "
-                "at its --max-connections limit?); if it serves TLS, connect with tls=True "
-                "(or KV_TLS_CA)"
+        except (EOFError, OSError) as exc:  # OSError: ssl.SSLError too
+            # In a thread (a few ms; 5 s at most), under connect's own timeout.
+            probe = needs_tls_probe(exc, self._tls) and await asyncio.to_thread(
+                speaks_tls, address, None
+            )
+            raise translate_handshake_error(
+                exc, self.endpoint, stage="hello", tls=self._tls, expects_tls=probe
             ) from exc
-        except OSError as exc:
-            raise translate_os_error(exc, self.endpoint, "connect to") from exc
         self._protocol.decoder.limit = MAX_REPLY_FRAME
 
     def _send(self, payload: bytes) -> None:
@@ -368,7 +331,3 @@ def make_codec(
 ) -> Codec:
     """Return the codec a client's connections share (the blocking connection's setup)."""
     return Codec(make_ref, to_ref, encode_depth=MAX_DEPTH, decode_depth=None)
-
-
-def _reason(exc: BaseException) -> str:
-    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)

@@ -62,7 +62,8 @@ __all__ = [
 # The peer closed the connection (a reset, or a clean end where a reply was due).
 _CLOSED: Final = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 # Reasons OpenSSL gives when the peer's first bytes are not a TLS record: it answered, but not
-# in TLS (a plain kvserve answers a ClientHello with a frame of its own protocol).
+# in TLS (as a plain kvserve does: OpenSSL then says WRONG_VERSION_NUMBER, 3.2+ may say
+# RECORD_LAYER_FAILURE).
 _NOT_TLS: Final = frozenset(
     {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
 )

@@ -42,7 +42,15 @@ if not __package__:  # run as a script, `python bench/instructions.py`: make `be
 from bench.cases import BATCH
 from bench.cpu import System, client_env
 from bench.measure import environment, loadavg, write_results
-from bench.systems import STR_VALUE, Endpoint, Server, start_server
+from bench.systems import (
+    INTERPRETERS,
+    MYPYC,
+    STR_VALUE,
+    Endpoint,
+    Server,
+    python_for,
+    start_server,
+)
 
 __all__ = ["Measurement", "main"]
 
@@ -143,7 +151,7 @@ def _read_total(out_file: Path) -> int:
 
 def _client_argv(endpoint: Endpoint, op: str, n: int, warmup: int) -> list[str]:
     return [
-        sys.executable,
+        python_for(endpoint.system),
         "-m",
         "bench.instructions",
         "--client",
@@ -226,12 +234,16 @@ def _systems(args: argparse.Namespace) -> list[System]:
         System("raw", "raw", (), "raw-socket floor (bench/floor.py, epoll, 1 thread)"),
         System("stdlib", "stdlib", (), "stdlib BaseManager + registered dict"),
     ]
+    if args.mypyc_python:
+        INTERPRETERS[MYPYC] = str(args.mypyc_python)
+        label = f"kvserve + kvclient compiled with mypyc, {args.mypyc_python}"
+        systems.insert(1, System(MYPYC, MYPYC, (), label))
     if args.systems and "redis" in args.systems:
         label = f"redis-server + redis-py (hiredis); `mget` is a pipeline({BATCH}) of GETs"
         systems.append(System("redis", "redis", (), label))
     if args.systems:
         # --systems raw,other: kvserve and the --tree one always run (they are compared).
-        systems = [s for s in systems if s.kind == "kvserve" or s.name in args.systems]
+        systems = [s for s in systems if s.kind in ("kvserve", MYPYC) or s.name in args.systems]
     return systems
 
 
@@ -455,6 +467,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tree-name", help="its name in the tables (default: its .commit file, or its dir name)"
+    )
+    parser.add_argument(
+        "--mypyc-python",
+        type=Path,
+        help=f"also count `{MYPYC}`: server and client run by this Python, of a venv with the "
+        "compiled build (`KVMANAGER_MYPYC=1 pip install '.[bench]'`)",
     )
     parser.add_argument(
         "--name", default="instructions", help="results file name suffix (default instructions)"

@@ -49,7 +49,7 @@ from bench.measure import (
     sample_process,
     write_results,
 )
-from bench.systems import STR_VALUE, Endpoint, Server, start_server
+from bench.systems import INTERPRETERS, MYPYC, STR_VALUE, Endpoint, Server, python_for, start_server
 
 __all__ = ["Phase", "client_argv", "client_env", "main"]
 
@@ -286,7 +286,7 @@ def client_argv(
 ) -> list[str]:
     """Return the command of one phase's client process (``python -m MODULE --client ...``)."""
     return [
-        sys.executable,
+        python_for(endpoint.system),
         "-m",
         module,
         "--client",
@@ -401,6 +401,9 @@ def _systems(args: argparse.Namespace) -> list[System]:
                 ("--busy-poll-us", str(n)),
             )
         )
+    if MYPYC in INTERPRETERS:
+        label = f"kvserve + kvclient compiled with mypyc, {INTERPRETERS[MYPYC]}"
+        systems.append(System(MYPYC, MYPYC, (), label))
     systems += [
         System("raw", "raw", (), "raw-socket floor (bench/floor.py, epoll, 1 thread)"),
         System("stdlib", "stdlib", (), "stdlib BaseManager + registered dict"),

@@ -39,15 +39,27 @@ from typing import Any, Final
 if not __package__:  # run as a script, `python bench/instructions.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cases import BATCH
 from bench.cpu import System, client_env
 from bench.measure import environment, loadavg, write_results
-from bench.systems import STR_VALUE, Endpoint, Server, start_server
+from bench.systems import (
+    INTERPRETERS,
+    MYPYC,
+    STR_VALUE,
+    Endpoint,
+    Server,
+    python_for,
+    start_server,
+)
 
 __all__ = ["Measurement", "main"]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 BENCH_ROOT: Final = Path(__file__).resolve().parent.parent
-OPS: Final = ("get", "set")
+OPS: Final = ("get", "set", "mget")
+"""``mget``: a batched GET of :data:`bench.cases.BATCH` keys (``get_many``, a pipeline of GETs on
+Redis); counted per call, reported per call and per key."""
+DEFAULT_OPS: Final = ("get", "set")
 SIDES: Final = ("server", "client")
 RUN_TIMEOUT: Final = 180.0
 """Seconds one run (client start, warm-up and ops, or the counted server's exit) may take."""
@@ -69,7 +81,7 @@ def _client_main(args: argparse.Namespace) -> int:
     endpoint = Endpoint(args.system, args.host, args.port, os.environ.get(_AUTHKEY_ENV, ""))
     driver = make_driver(endpoint)
     try:
-        op = driver.op(args.op, args.prefix, 0, STR_VALUE, 1)
+        op = driver.op(args.op, args.prefix, 0, STR_VALUE, BATCH)
         for _ in range(args.warmup + args.ops):  # bounded: the parent kills a slow run
             op()
         module = sys.modules.get("kvclient")
@@ -139,7 +151,7 @@ def _read_total(out_file: Path) -> int:
 
 def _client_argv(endpoint: Endpoint, op: str, n: int, warmup: int) -> list[str]:
     return [
-        sys.executable,
+        python_for(endpoint.system),
         "-m",
         "bench.instructions",
         "--client",
@@ -199,11 +211,11 @@ def _count(system: System, op: str, side: str, n: int, warmup: int, scratch: Pat
     return _read_total(out_file)
 
 
-def _prime(system: System, scratch: Path) -> None:
+def _prime(system: System, args: argparse.Namespace) -> None:
     """Run server and client natively once: bytecode caches written before any count."""
     server = start_server(system.kind, system.path, (), HASH_SEED)
     try:
-        for op in OPS:
+        for op in args.ops:
             env = client_env(system, server.endpoint) | HASH_SEED
             _run_client(_client_argv(server.endpoint, op, 10, 10), env, f"{system.name} prime")
     finally:
@@ -222,9 +234,16 @@ def _systems(args: argparse.Namespace) -> list[System]:
         System("raw", "raw", (), "raw-socket floor (bench/floor.py, epoll, 1 thread)"),
         System("stdlib", "stdlib", (), "stdlib BaseManager + registered dict"),
     ]
+    if args.mypyc_python:
+        INTERPRETERS[MYPYC] = str(args.mypyc_python)
+        label = f"kvserve + kvclient compiled with mypyc, {args.mypyc_python}"
+        systems.insert(1, System(MYPYC, MYPYC, (), label))
+    if args.systems and "redis" in args.systems:
+        label = f"redis-server + redis-py (hiredis); `mget` is a pipeline({BATCH}) of GETs"
+        systems.append(System("redis", "redis", (), label))
     if args.systems:
         # --systems raw,other: kvserve and the --tree one always run (they are compared).
-        systems = [s for s in systems if s.kind == "kvserve" or s.name in args.systems]
+        systems = [s for s in systems if s.kind in ("kvserve", MYPYC) or s.name in args.systems]
     return systems
 
 
@@ -233,17 +252,20 @@ def run(args: argparse.Namespace) -> list[Measurement]:
     systems = _systems(args)
     measurements: list[Measurement] = []
     scratch = Path(tempfile.mkdtemp(prefix="bench-instr-"))
-    total = args.rounds * len(args.side) * len(OPS) * len(systems)
+    counted = sum(s.kind != "redis" or "client" in args.side for s in systems)
+    total = args.rounds * len(args.side) * len(args.ops) * counted
     done = 0
     try:
         for system in systems:
-            _prime(system, scratch)
+            _prime(system, args)
         for rnd in range(args.rounds):
             k = rnd % len(systems)
             order = systems[k:] + systems[:k]
             for side in args.side:
-                for op in OPS:
+                for op in args.ops:
                     for system in order:
+                        if side == "server" and system.kind == "redis":
+                            continue  # redis-server is not Python: only its client is counted
                         done += 1
                         m = Measurement(system.name, op, side, rnd, args.n1, args.n2)
                         t0 = time.monotonic()
@@ -290,10 +312,12 @@ def _spread(values: list[float]) -> float | None:
     return (max(values) - min(values)) / mid if mid else None
 
 
-def summary(ms: list[Measurement], systems: list[System], sides: list[str]) -> list[dict[str, Any]]:
+def summary(
+    ms: list[Measurement], systems: list[System], sides: list[str], ops: list[str]
+) -> list[dict[str, Any]]:
     """Return one row per (op, system): median instructions per op per side, spread, ratios."""
     rows: list[dict[str, Any]] = []
-    for op in OPS:
+    for op in ops:
         for system in systems:
             row: dict[str, Any] = {"op": op, "system": system.name}
             for side in sides:
@@ -325,7 +349,7 @@ def markdown(
     systems: list[System],
 ) -> str:
     """Return the report: the method, instructions per op, this tree against the other."""
-    rows = summary(ms, systems, args.side)
+    rows = summary(ms, systems, args.side, args.ops)
     spreads = [s for r in rows for side in args.side if (s := r.get(f"{side}_spread")) is not None]
     out = [
         "# kvmanager benchmark: instructions per operation (callgrind)",
@@ -336,7 +360,9 @@ def markdown(
         f"{header.get('loadavg_start', '?')} at the start, {header.get('loadavg_end', '?')} at "
         f"the end; {header.get('wall_s', 0):.0f} s.",
         "",
-        "One client, GET and SET of a 100-char str. The counted process (the server for "
+        f"One client, {', '.join(args.ops)} of a 100-char str (`mget`: {BATCH} keys per call, "
+        "`get_many` on kvserve and stdlib, the floor's mget, a redis-py pipeline of GETs). "
+        "The counted process (the server for "
         "`server`, the client for `client`) runs under `valgrind --tool=callgrind`, the other "
         f"natively; a fresh client connects, runs {args.warmup:,} warm-up ops and then N ops; "
         "the server then gets SIGTERM. Instructions per op = (total at N2 - total at N1) / "
@@ -353,6 +379,19 @@ def markdown(
         cells = [_num(row.get("server")), _num(row.get("client")), _num(row.get("total"))]
         cells += [_x(row.get(f"{side}_x_{base}")) for base in ("raw", "stdlib") for side in SIDES]
         out.append(f"| {row['op']} | `{row['system']}` | " + " | ".join(cells) + " |")
+    if "mget" in args.ops:
+        out += [
+            "",
+            f"`mget` per key (instructions per call / {BATCH}):",
+            "",
+            "| system | server instr/key | client instr/key | server+client |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in rows:
+            if row["op"] == "mget":
+                per_key = [row.get(key) for key in ("server", "client", "total")]
+                nums = [_num(c / BATCH if c is not None else None) for c in per_key]
+                out.append(f"| `{row['system']}` | " + " | ".join(nums) + " |")
     other = next((s.name for s in systems if s.path), None)
     if other:
         out += [
@@ -363,7 +402,7 @@ def markdown(
             "|---|---:|---:|---:|",
         ]
         by = {(r["op"], r["system"]): r for r in rows}
-        for op in OPS:
+        for op in args.ops:
             mine, theirs = by[(op, "kvserve")], by[(op, other)]
             cells = []
             for key in ("server", "client", "total"):
@@ -412,9 +451,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=500, help="warm-up ops (default 500)")
     parser.add_argument("--side", default="server,client", help="comma list of server, client")
     parser.add_argument(
+        "--kinds", default=",".join(DEFAULT_OPS), help=f"comma list of {', '.join(OPS)} (get,set)"
+    )
+    parser.add_argument(
         "--systems",
         type=lambda text: [s for s in text.split(",") if s],
-        help="of raw, stdlib: the baselines to count (default both; kvserve always runs)",
+        help="of raw, stdlib, redis: the baselines to count (default raw and stdlib; kvserve "
+        "always runs; redis: its client side only)",
     )
     parser.add_argument(
         "--tree",
@@ -426,6 +469,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tree-name", help="its name in the tables (default: its .commit file, or its dir name)"
     )
     parser.add_argument(
+        "--mypyc-python",
+        type=Path,
+        help=f"also count `{MYPYC}`: server and client run by this Python, of a venv with the "
+        "compiled build (`KVMANAGER_MYPYC=1 pip install '.[bench]'`)",
+    )
+    parser.add_argument(
         "--name", default="instructions", help="results file name suffix (default instructions)"
     )
     parser.add_argument(
@@ -434,7 +483,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="print only, write no files")
     # The client of one run, started by the parent; not for use by hand.
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--system", "--host", "--op", "--prefix"):
+    for hidden in ("--system", "--host", "--op", "--prefix"):  # of the client process
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ops", type=int, help=argparse.SUPPRESS)
@@ -444,6 +493,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.side = [s for s in args.side.split(",") if s]
     if not args.side or any(s not in SIDES for s in args.side):
         parser.error(f"--side takes a comma list of {', '.join(SIDES)}")
+    args.ops = [s for s in args.kinds.split(",") if s]
+    if not args.ops or any(s not in OPS for s in args.ops):
+        parser.error(f"--kinds takes a comma list of {', '.join(OPS)}")
     if not 1 <= args.rounds <= 10:
         parser.error("--rounds must be 1..10")
     if not 0 <= args.n1 < args.n2 <= 200_000 or not 0 <= args.warmup <= 100_000:
@@ -498,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             "systems": [asdict(s) for s in systems],
             "measurements": [asdict(m) | {"per_op": m.per_op} for m in ms if m.ok]
             + [asdict(m) for m in ms if not m.ok],
-            "summary": summary(ms, systems, args.side),
+            "summary": summary(ms, systems, args.side, args.ops),
         }
         base = write_results(args.out, args.name, report, data)
         _log(f"wrote {base}.md and {base}.json")

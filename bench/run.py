@@ -47,13 +47,20 @@ from bench.report import (
     summary_json,
 )
 from bench.restart import RestartResult, measure_restart
-from bench.systems import ALL_SYSTEMS, DEFAULT_SYSTEMS, Server, SkipSystemError, start_server
+from bench.systems import (
+    ALL_SYSTEMS,
+    DEFAULT_SYSTEMS,
+    MYPYC,
+    Server,
+    SkipSystemError,
+    start_server,
+)
 from bench.worker import ClientResult, PhaseError, WorkerPool
 
 __all__ = ["main"]
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
-MEMORY_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "redis")
+MEMORY_SYSTEMS: Final = ("kvserve", MYPYC, "stdlib", "raw", "redis")
 _GROUP_WORDS: Final = ("memory", "restart", "startup", "cpu", "instructions")
 """``--only`` words that select a measurement that is not a case."""
 

@@ -30,12 +30,15 @@ __all__ = [
     "ALL_SYSTEMS",
     "DEFAULT_SYSTEMS",
     "DURABLE_SYSTEMS",
+    "INTERPRETERS",
+    "MYPYC",
     "SYSTEM_LABELS",
     "Driver",
     "Endpoint",
     "Server",
     "SkipSystemError",
     "make_driver",
+    "python_for",
     "start_server",
     "value_for",
 ]
@@ -46,8 +49,15 @@ DURABLE_SYSTEMS: Final = {
     "kvserve-always": "always",
 }
 """kvserve with ``--data-dir`` (in the server's scratch directory) and this ``--fsync`` policy."""
+MYPYC: Final = "kvserve-mypyc"
+"""kvserve from the venv of a compiled build (``KVMANAGER_MYPYC=1 pip install .``): started, and
+its :mod:`bench.cpu` client processes run, with the interpreter :data:`INTERPRETERS` names."""
+INTERPRETERS: dict[str, str] = {}
+"""System -> the Python that runs its server (and bench.cpu's clients), when not this one:
+set by ``bench.targets --mypyc-python``. The worker pool's clients stay this interpreter's."""
 ALL_SYSTEMS: Final = (
     "kvserve",
+    MYPYC,
     *DURABLE_SYSTEMS,
     "stdlib",
     "raw",
@@ -58,6 +68,7 @@ ALL_SYSTEMS: Final = (
 DEFAULT_SYSTEMS: Final = ("kvserve", "stdlib", "raw", "redis")
 SYSTEM_LABELS: Final = {
     "kvserve": "kvserve + kvclient",
+    MYPYC: "kvserve compiled (mypyc); pinned clients compiled, pooled clients this tree's",
     **{name: f"kvserve --data-dir --fsync {policy}" for name, policy in DURABLE_SYSTEMS.items()},
     "stdlib": "stdlib BaseManager + registered dict",
     "raw": "raw-socket floor (epoll, 1 thread)",
@@ -192,13 +203,15 @@ def start_server(
     """
     if system.startswith("redis"):
         return _start_redis(system)
+    if system == MYPYC and system not in INTERPRETERS:
+        raise SkipSystemError(f"{MYPYC}: no interpreter of a compiled build given - skipped")
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{system}-"))
     env = _clean_env(workdir)
     log = (workdir / "stderr.log").open("wb")
     key = secrets.token_hex(16)
-    if system == "kvserve" or system in DURABLE_SYSTEMS:
+    if system in ("kvserve", MYPYC) or system in DURABLE_SYSTEMS:
         env["KV_AUTHKEY"] = key
-        argv = [sys.executable, "-m", "kvserve", "--port", "0", "--log-level", "warning"]
+        argv = [python_for(system), "-m", "kvserve", "--port", "0", "--log-level", "warning"]
         if system in DURABLE_SYSTEMS:
             # In the scratch directory, so stop() removes it; tempfile's directory is /tmp
             # unless TMPDIR says otherwise (the report names its filesystem).
@@ -236,6 +249,11 @@ def start_server(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     return Server(Endpoint(system, host, port, key), proc, workdir, log)
+
+
+def python_for(system: str) -> str:
+    """Return the interpreter that runs ``system``'s server: :data:`INTERPRETERS`' or this one."""
+    return INTERPRETERS.get(system, sys.executable)
 
 
 def _start_redis(system: str) -> Server:
@@ -601,6 +619,7 @@ class RedisDriver(Driver):
 
 _DRIVERS: Final[dict[str, type[Driver]]] = {
     "kvserve": KVServeDriver,
+    MYPYC: KVServeDriver,
     **dict.fromkeys(DURABLE_SYSTEMS, KVServeDriver),
     "stdlib": StdlibDriver,
     "raw": RawDriver,

@@ -15,6 +15,11 @@ One run measures, in this order, with the measurement code of the other bench mo
 4. :mod:`bench.memory`: 1,000,000 keys x 100-char str values in kvserve, Redis and a plain
    dict.
 
+With ``--mypyc-python PATH`` (a venv's Python with the compiled build) every kvserve row is
+also measured for ``kvserve-mypyc``, its server (and the pinned clients of 1.) run by that
+Python, each target judged for it in a row of its own beside the pure build's; the clients of
+3. are the worker pool's, this interpreter's pure kvclient, for both.
+
 It prints and writes ``bench/results/<UTC date>-targets.md`` and ``.json``; ``--readme``
 rewrites the README's performance table (between ``<!-- perf-table -->`` markers) from it.
 """
@@ -25,6 +30,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -40,6 +46,7 @@ from bench.measure import environment, loadavg, write_results
 from bench.memory import MemoryResult
 from bench.report import Phase as RunPhase
 from bench.report import Target, _header_table, _memory, _targets, _throughput, ratios
+from bench.systems import INTERPRETERS, MYPYC
 from bench.worker import WorkerPool
 
 __all__ = ["main"]
@@ -112,49 +119,108 @@ def evaluate(
     load: list[RunPhase],
     memory: list[MemoryResult],
     bp: str,
+    builds: tuple[str, ...] = ("kvserve",),
 ) -> list[Target]:
-    """Issue 19's targets from this run's numbers."""
+    """Issue 19's targets from this run's numbers.
+
+    ``builds``: the kvserve systems judged, each in rows of its own (``kvserve``, and
+    ``kvserve-mypyc`` with ``--mypyc-python``); busy polling's rows are the pure build's.
+    """
+    targets: list[Target] = []
+    for name in builds:
+        targets += _build_targets(cpu_phases, load, memory, name)
+        if name == "kvserve":
+            targets += _busy_poll_targets(cpu_phases, paced, bp)
+    # Pure and compiled side by side: each target's rows together, in the issue's order
+    # (busy polling's after the same-vCPU speeds, as the issue lists them).
+    names = [t.name for t in _build_targets([], [], [], "kvserve")]
+    names[5:5] = [t.name for t in _busy_poll_targets([], [], bp)]
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(targets, key=lambda t: order.get(t.name.split(" [")[0], len(order)))
+
+
+def _build_targets(
+    cpu_phases: list[cpu.Phase], load: list[RunPhase], memory: list[MemoryResult], name: str
+) -> list[Target]:
+    """The rows of one build (``name``): CPU per op, throughput, latency, memory."""
+    tag = "" if name == "kvserve" else f" [`{name}`]"
     targets = [
         Target(
-            f"server CPU per {op.upper()} vs floor server, same vCPU",
+            f"server CPU per {op.upper()} vs floor server, same vCPU{tag}",
             "<=",
             limit,
-            [("kvserve", _cpu_ratio(cpu_phases, "kvserve", "raw", op, "same", "server_us"))],
+            [(name, _cpu_ratio(cpu_phases, name, "raw", op, "same", "server_us"))],
             ISSUE,
         )
         for op, limit in (("get", 1.10), ("set", 1.25))
     ]
     targets.append(
         Target(
-            "client CPU per GET / SET vs floor client, same vCPU",
+            f"client CPU per GET / SET vs floor client, same vCPU{tag}",
             "<=",
             1.0,
             [
-                (op, _cpu_ratio(cpu_phases, "kvserve", "raw", op, "same", "client_us"))
+                (op, _cpu_ratio(cpu_phases, name, "raw", op, "same", "client_us"))
                 for op in ("get", "set")
             ],
             ISSUE,
         )
     )
+    for base, limit, what in (("raw", 0.90, "floor"), ("stdlib", 1.45, "stdlib manager")):
+        targets.append(
+            Target(
+                f"1-client GET/s, same vCPU, vs {what}{tag}",
+                ">=",
+                limit,
+                [(name, _speed(cpu_phases, name, base, "get", "same"))],
+                ISSUE,
+            )
+        )
+    for clients in (4, 16):
+        for base, limit in (("raw", 1.0), ("stdlib", 1.6), ("redis", 1.5)):
+            pairs: list[tuple[str, float | None]] = []
+            for op in ("get", "set"):
+                case = f"{op}-str-c{clients}"
+                pairs.append((case, _median(ratios(load, (case, name), (case, base)))))
+            targets.append(
+                Target(
+                    f"{clients} clients unpinned, GET/SET vs {base}{tag}", ">=", limit, pairs, ISSUE
+                )
+            )
+    case = "mget100-str-c1"
     targets.append(
         Target(
-            "1-client GET/s, same vCPU, vs floor",
+            f"batched 100 GET vs redis-py pipeline(100) + hiredis{tag}",
             ">=",
-            0.90,
-            [("kvserve", _speed(cpu_phases, "kvserve", "raw", "get", "same"))],
+            8.0,
+            [(case, _median(ratios(load, (case, name), (case, "redis"))))],
             ISSUE,
         )
     )
+    p99: list[tuple[str, float | None]] = []
+    for op in ("get", "set"):
+        mine = [p for p in cpu_phases if p.ok and p.system == name and p.pin == "same"]
+        p99.append((op, _median([p.p99_us / p.p50_us for p in mine if p.op == op and p.p50_us])))
+    targets.append(Target(f"p99 / p50, 1 client, same vCPU{tag}", "<=", 1.5, p99, ISSUE))
+    mem = {m.system: m for m in memory if not m.error}
     targets.append(
         Target(
-            "1-client GET/s, same vCPU, vs stdlib manager",
-            ">=",
-            1.45,
-            [("kvserve", _speed(cpu_phases, "kvserve", "stdlib", "get", "same"))],
+            (f"memory, {memory[0].keys:,} keys x 100 B str" if memory else "memory") + tag,
+            "<=",
+            200,
+            [(name, mem[name].bytes_per_key if name in mem else None)],
             ISSUE,
+            unit="B/key",
         )
     )
-    targets.append(
+    return targets
+
+
+def _busy_poll_targets(
+    cpu_phases: list[cpu.Phase], paced: list[dict[str, Any]], bp: str
+) -> list[Target]:
+    """The rows of ``--busy-poll-us``: cross-vCPU speed, and what polling costs when idle."""
+    targets = [
         Target(
             f"1-client GET/s, cross vCPU, `{bp}` vs floor and stdlib",
             ">=",
@@ -166,7 +232,7 @@ def evaluate(
             ],
             ISSUE,
         )
-    )
+    ]
     idle = [r["idle_cores"] for r in paced if r["system"] == bp]
     targets.append(
         Target(
@@ -191,41 +257,6 @@ def evaluate(
             1.10,
             [("cores", _median(paced_x))],
             ISSUE,
-        )
-    )
-    for clients in (4, 16):
-        for base, limit in (("raw", 1.0), ("stdlib", 1.6), ("redis", 1.5)):
-            pairs: list[tuple[str, float | None]] = []
-            for op in ("get", "set"):
-                case = f"{op}-str-c{clients}"
-                pairs.append((case, _median(ratios(load, (case, "kvserve"), (case, base)))))
-            targets.append(
-                Target(f"{clients} clients unpinned, GET/SET vs {base}", ">=", limit, pairs, ISSUE)
-            )
-    case = "mget100-str-c1"
-    targets.append(
-        Target(
-            "batched 100 GET vs redis-py pipeline(100) + hiredis",
-            ">=",
-            8.0,
-            [(case, _median(ratios(load, (case, "kvserve"), (case, "redis"))))],
-            ISSUE,
-        )
-    )
-    p99: list[tuple[str, float | None]] = []
-    for op in ("get", "set"):
-        mine = [p for p in cpu_phases if p.ok and p.system == "kvserve" and p.pin == "same"]
-        p99.append((op, _median([p.p99_us / p.p50_us for p in mine if p.op == op and p.p50_us])))
-    targets.append(Target("p99 / p50, 1 client, same vCPU", "<=", 1.5, p99, ISSUE))
-    mem = {m.system: m for m in memory if not m.error}
-    targets.append(
-        Target(
-            f"memory, {memory[0].keys:,} keys x 100 B str" if memory else "memory",
-            "<=",
-            200,
-            [("kvserve", mem["kvserve"].bytes_per_key if "kvserve" in mem else None)],
-            ISSUE,
-            unit="B/key",
         )
     )
     return targets
@@ -338,14 +369,42 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="RESULTS_JSON",
         help="only rewrite README.md's performance table from this results JSON, then exit",
     )
+    parser.add_argument(
+        "--mypyc-python",
+        type=Path,
+        metavar="PATH",
+        help=f"also measure `{MYPYC}`: kvserve (and the pinned clients) run by this Python, of "
+        "a venv with the compiled build (`KVMANAGER_MYPYC=1 pip install '.[bench]'`); "
+        "skipped when not given",
+    )
     args = parser.parse_args(argv)
+    if args.mypyc_python:
+        check = subprocess.run(
+            [str(args.mypyc_python), "-c", "import kvserve.engine as e; print(e.__file__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        if check.returncode != 0 or not check.stdout.strip().endswith(".so"):
+            parser.error(f"--mypyc-python {args.mypyc_python}: its kvserve is not compiled")
+        INTERPRETERS[MYPYC] = str(args.mypyc_python)
     if not args.busy_poll_us > 0:
         parser.error("--busy-poll-us must be > 0 (its targets compare with and without)")
     # What bench.cpu's own functions read.
     args.pin, args.tree, args.tree_name, args.pause_us = ["same", "cross"], None, None, 0
     # What bench.run's read.
-    args.systems, args.no_restart = LOAD_SYSTEMS, True
+    args.systems, args.no_restart = _load_systems(), True
     return args
+
+
+def _builds() -> tuple[str, ...]:
+    """The kvserve systems measured: the pure one, and the compiled one when given."""
+    return ("kvserve", MYPYC) if MYPYC in INTERPRETERS else ("kvserve",)
+
+
+def _load_systems() -> list[str]:
+    return [*_builds(), *LOAD_SYSTEMS[1:]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.monotonic()
     header = environment(None)
-    header.update(rounds=args.rounds, duration=args.duration, systems=LOAD_SYSTEMS, skipped={})
+    systems = _load_systems()
+    header.update(rounds=args.rounds, duration=args.duration, systems=systems, skipped={})
     bp = f"kvserve-bp{args.busy_poll_us}"
     pool = WorkerPool()
     try:
@@ -368,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_load:
             cases = [c for c in CASES if c.name in LOAD_CASES]
             pool.ensure(max(c.clients for c in cases))
-            load = run._run_rounds(args, cases, LOAD_SYSTEMS, pool, header["skipped"])
+            load = run._run_rounds(args, cases, systems, pool, header["skipped"])
         if not args.no_memory:
-            args.systems = ["kvserve", "redis"]
+            args.systems = [*_builds(), "redis"]
             memory = run._run_memory(args, pool, header["skipped"])
     except KeyboardInterrupt:
         _log("interrupted")
@@ -379,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         pool.close()
     header["loadavg_end"] = loadavg()
     header["wall_s"] = time.monotonic() - t0
-    targets = evaluate(cpu_phases, paced, load, memory, bp)
+    targets = evaluate(cpu_phases, paced, load, memory, bp, _builds())
     out = [f"# kvmanager benchmark: issue {ISSUE}'s targets", ""]
     out += _header_table(header)
     out += _targets(targets)
@@ -387,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     out += ["", cpu_md.replace("# kvmanager benchmark: CPU", "## CPU", 1)]
     out += _latency_and_paced(cpu_phases, paced)
     if load:
-        out += _throughput(load, [s for s in LOAD_SYSTEMS if s not in header["skipped"]])
+        out += _throughput(load, [s for s in systems if s not in header["skipped"]])
     if memory:
         out += _memory(memory)
     report = "\n".join(out) + "\n"

@@ -359,6 +359,41 @@ def test_history_older_than_the_count_raises_compacted_with_the_oldest(
         _stop(proc)
 
 
+def test_a_batch_counts_its_keys_against_the_history_bound(
+    clean_env: dict[str, str], authkey: bytes
+) -> None:
+    # 100 set_many batches of 10,000 keys each held 111 B per stored key while the bound
+    # counted calls; counted as keys, the history keeps --watch-history changes, and always
+    # the newest change however large, so a watcher at the latest revision still sees it.
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    proc, address = _start(env, "--watch-history", "100")
+    try:
+        with kvclient.connect(address, authkey) as kv:
+            d = kv.dict("h")
+            for batch in range(3):  # 150 changes in 3 calls: the first no longer fits
+                d.set_many({f"b{batch}:{i}": i for i in range(50)})
+            with pytest.raises(CompactedError) as info:
+                list(d.watch(since=0, timeout=0))
+            assert (info.value.oldest, info.value.revision) == (1, 3)
+            events = list(d.watch(since=1, timeout=0))
+            assert [(e.revision, e.key) for e in events[::50]] == [(2, "b1:0"), (3, "b2:0")]
+            assert len(events) == 100
+            for i in range(30):  # single changes count too, when the next batch comes
+                d[f"s{i}"] = i
+            assert len(list(d.watch(since=1, timeout=0))) == 130
+            d.set_many({"x": 1, "y": 2})  # 30 + 2 + 50 + 50 > 100: batch 2 goes
+            with pytest.raises(CompactedError) as info:
+                list(d.watch(since=1, timeout=0))
+            assert info.value.oldest == 2
+            d.set_many({f"big:{i}": i for i in range(300)})  # alone more than the bound
+            with pytest.raises(CompactedError) as info:
+                list(d.watch(since=d.revision() - 2, timeout=0))
+            newest = list(d.watch(since=d.revision() - 1, timeout=0))
+            assert [e.key for e in newest] == [f"big:{i}" for i in range(300)]
+    finally:
+        _stop(proc)
+
+
 def test_a_history_longer_than_the_default_survives_a_restart_from_a_snapshot(
     clean_env: dict[str, str], authkey: bytes, tmp_path: Path
 ) -> None:

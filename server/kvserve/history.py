@@ -10,8 +10,14 @@ several keys (``update``) gives one event per key, all with that revision.
 
 The history is bounded by count (a ``deque`` with ``maxlen``) and by age (older entries are
 dropped when a watch or a snapshot reads it): it never grows with the number of watchers or
-with how far behind they are. A watcher pulls at most :data:`MAX_WATCH_EVENTS` events (and
-about :data:`_REPLY_BUDGET` bytes) per call, and one that asks for a revision older than the
+with how far behind they are. The count is of changes to keys, not of calls: a call of
+:data:`MANY` (``set_many`` of 10,000 keys) counts as its keys, so the history's memory does not
+grow with the size of batches (100 kept ``set_many`` batches of 10,000 held 111 B per stored
+key, bench/results/*-memory-history.md). The newest change is always kept, whatever its size,
+so a watcher that is up to date never misses one. Single writes are recorded inline by the
+engine and count when the next batch is recorded: at most ``2 * count`` changes plus the
+newest are kept. A watcher pulls at most :data:`MAX_WATCH_EVENTS` events (and about
+:data:`_REPLY_BUDGET` bytes) per call, and one that asks for a revision older than the
 history is told so (:class:`~kvproto.errors.CompactedError`, carrying the oldest revision it can
 resume from), as etcd does after a compaction.
 
@@ -38,6 +44,7 @@ from kvproto.limits import MAX_WATCH_EVENTS
 __all__ = [
     "DEFAULT_HISTORY_AGE",
     "DEFAULT_HISTORY_COUNT",
+    "MANY",
     "MAX_HISTORY_COUNT",
     "MAX_WATCH_EVENTS",
     "History",
@@ -52,6 +59,10 @@ MAX_HISTORY_COUNT: Final = 10_000_000
 _REPLY_BUDGET: Final = 1 << 20  # rough bytes of values per watch reply (at least one change)
 _NEAR: Final = 4096  # changes behind the newest at most, to walk the history from its end
 
+MANY: Final = frozenset({"update", "set_many", "delete_many", "extend", "expire_keys"})
+"""Methods whose first argument holds one change per item: counted as that many changes (the
+engine records them through :meth:`History.record`, never inline)."""
+
 Entry = tuple[int, str, list[Any], dict[str, Any] | None, Any]
 Event = tuple[int, str, Any, Any]  # revision, op, key, value: what crosses the wire
 
@@ -64,7 +75,7 @@ class History:
         age: seconds a change is kept (> 0).
     """
 
-    __slots__ = ("entries", "marks", "max_age", "revision")
+    __slots__ = ("entries", "extra", "heavy", "marks", "max_age", "revision")
 
     def __init__(
         self, count: int = DEFAULT_HISTORY_COUNT, age: float = DEFAULT_HISTORY_AGE
@@ -77,11 +88,18 @@ class History:
         # dropped for age once a checkpoint at or after it is older than max_age (so it is
         # kept at least max_age, and at most max_age plus the time between two reads).
         self.marks: collections.deque[tuple[int, float]] = collections.deque()
+        # (revision, changes beyond the first) of the kept entries of MANY calls, oldest
+        # first, and their sum: len(entries) + extra is the number of changes kept. Entries
+        # dropped by maxlen or age leave theirs behind until the next MANY call clears them.
+        self.heavy: collections.deque[tuple[int, int]] = collections.deque()
+        self.extra = 0
 
     def configure(self, count: int, age: float) -> None:
-        """Apply the server's retention (keeps the newest ``count`` entries)."""
+        """Apply the server's retention (keeps the newest ``count`` changes)."""
         if self.entries.maxlen != count:
             self.entries = collections.deque(self.entries, maxlen=count)
+            self._reweigh()
+            self._evict()
         self.max_age = age
 
     def record(
@@ -90,6 +108,35 @@ class History:
         """Count one applied change and keep it (callers skip ``Op.unwatched`` calls)."""
         self.revision = rev = self.revision + 1
         self.entries.append((rev, method, args, kwds, result))
+        if method in MANY:
+            extra = _weight(args) - 1
+            if extra > 0 and self.entries:
+                self.heavy.append((rev, extra))
+                self.extra += extra
+                self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest entries until at most ``maxlen`` changes are kept (or one entry)."""
+        entries, heavy = self.entries, self.heavy
+        if not entries:
+            heavy.clear()
+            self.extra = 0
+            return
+        first = entries[0][0]
+        while heavy and heavy[0][0] < first:  # gone already (maxlen, age)
+            self.extra -= heavy.popleft()[1]
+        limit = entries.maxlen or 0
+        while len(entries) > 1 and len(entries) + self.extra > limit:
+            rev = entries.popleft()[0]
+            if heavy and heavy[0][0] == rev:
+                self.extra -= heavy.popleft()[1]
+
+    def _reweigh(self) -> None:
+        """Rebuild :attr:`heavy` and :attr:`extra` from the entries (loaded or copied)."""
+        self.heavy = collections.deque(
+            (e[0], w - 1) for e in self.entries if e[1] in MANY and (w := _weight(e[2])) > 1
+        )
+        self.extra = sum(w for _, w in self.heavy)
 
     def trim(self, now: float) -> None:
         """Take a checkpoint, and drop the entries known to be older than the retention age."""
@@ -181,6 +228,7 @@ class History:
         kept = [tuple(e) for e in entries]
         self.entries = collections.deque(kept, maxlen=max(self.entries.maxlen or 0, len(kept)))
         self.marks = collections.deque((int(r), float(t)) for r, t in marks)
+        self._reweigh()
 
     def copy(self) -> History:
         """Return an independent copy (a snapshot's point-in-time view)."""
@@ -188,7 +236,15 @@ class History:
         other.revision = self.revision
         other.entries.extend(self.entries)
         other.marks.extend(self.marks)
+        other.heavy.extend(self.heavy)
+        other.extra = self.extra
         return other
+
+
+def _weight(args: list[Any]) -> int:
+    """Return how many changes a :data:`MANY` call with ``args`` made (1 when malformed)."""
+    items = args[0] if args else None
+    return len(items) if isinstance(items, (dict, list, tuple)) else 1
 
 
 def _size(value: Any) -> int:

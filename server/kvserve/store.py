@@ -17,6 +17,7 @@ from kvproto.wire import MAX_NAME
 from kvserve.containers import Container
 from kvserve.history import DEFAULT_HISTORY_AGE as DEFAULT_AGE
 from kvserve.history import DEFAULT_HISTORY_COUNT as DEFAULT_COUNT
+from kvserve.history import MANY
 
 __all__ = ["GENERAL", "READ", "WRITE", "Method", "MethodTable", "Registry", "Store", "method_table"]
 
@@ -72,8 +73,8 @@ def method_table(cls: type[Container], exposed: frozenset[str]) -> MethodTable:
         if plain is not None and not (op.caller or op.clock):
             if not op.mutates:
                 path = READ
-            elif not (op.unwatched or cls.timed):
-                path = WRITE
+            elif not (op.unwatched or cls.timed or name in MANY):
+                path = WRITE  # MANY: recorded by History.record, which counts their items
         table[name] = (plain, op, path)
     # A plain dict, not a read-only proxy: it is looked up on every call. Nothing writes it.
     _TABLES[(cls, exposed)] = table

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from kvproto.codec import EXT_TUPLE, MAX_DEPTH, Codec
+from kvproto.codec import EXT_TUPLE, MAX_DEPTH, PLAIN, Codec
 from kvproto.errors import KVConnectionError, KVError, ProtocolError, RemoteError
 from kvproto.handshake import ServerHandshake
 from kvproto.limits import MAX_REQUEST_VALUES
@@ -150,6 +150,11 @@ class _Timers:
             heapq.heapify(self.heap)
             self._cancelled = 0
 
+    def discard_first(self) -> None:
+        """Drop the earliest timer, a cancelled one (the loop calls this)."""
+        heapq.heappop(self.heap)
+        self._cancelled = max(0, self._cancelled - 1)
+
     def run_due(self) -> None:
         """Run every timer that is due."""
         now = time.monotonic()
@@ -183,6 +188,7 @@ class _Conn:
         "codec",
         "final",
         "handshake",
+        "handshake_timer",
         "hello",
         "key_index",
         "last_active",
@@ -217,6 +223,7 @@ class _Conn:
         self.hello = False  # sent its first handshake frame (a real client does at once)
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
+        self.handshake_timer: _Timer | None = None
         self.key_index = -1
         self.codec = Codec(
             encode_exceptions=True,
@@ -358,7 +365,8 @@ class Server:
         # What serves a decoded frame, chosen once. An attribute, not a method reassigned on
         # the instance: a class compiled by mypyc (the optional build) refuses that.
         self._serve: Callable[[_Conn, bytes | memoryview], None] = self._on_request
-        if metrics is not None or slow_ms is not None:
+        self._timed = metrics is not None or slow_ms is not None
+        if self._timed:
             self._serve = self._on_request_timed
             self.counters.timing = True
         # Opens (loads) the persistence.
@@ -489,8 +497,16 @@ class Server:
             while not self._stop.is_set():
                 # Inline, not a method of _Timers: this runs once per request served.
                 timeout = None
-                if timers.heap:
-                    timeout = min(_MAX_SLEEP, max(0.0, timers.heap[0].at - time.monotonic()))
+                heap = timers.heap
+                while heap and heap[0].callback is None:
+                    timers.discard_first()  # cancelled: nothing to wake up for
+                if heap:
+                    # Comparisons, not min(max()): two builtin calls per turn.
+                    timeout = heap[0].at - time.monotonic()
+                    if timeout < 0.0:
+                        timeout = 0.0
+                    elif timeout > _MAX_SLEEP:
+                        timeout = _MAX_SLEEP
                 if not busy:
                     self._handle(sel.select(timeout))
                 elif skip or (timeout is not None and timeout < busy):
@@ -679,7 +695,7 @@ class Server:
             self._conns.add(conn)
             self._pending[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
-            self._call_later(
+            conn.handshake_timer = self._call_later(
                 self.handshake_timeout, functools.partial(self._handshake_expired, conn)
             )
             if self.tls is not None:
@@ -814,12 +830,27 @@ class Server:
                 # Exactly one whole request, the common case (a client waiting for each
                 # reply): the same checks as _frames, without buffering or the frame loop.
                 try:
-                    self._serve(conn, view[4:n])
+                    if self._timed:
+                        self._serve(conn, view[4:n])
+                    else:
+                        # _on_request, inline (a Python call per request less).
+                        payload = view[4:n]
+                        try:
+                            message = conn.codec.unpack(payload)
+                        except ProtocolError as exc:
+                            self._undecodable(conn, exc)
+                        else:
+                            reply = self.engine.handle(conn, message, payload)
+                            if reply is not None:
+                                if reply[0] == ERROR:
+                                    self.counters.error(reply[1])
+                                self._reply(conn, reply[0], reply[1])
                 except Exception:
                     log.exception("internal error serving %s; closing that connection", conn.peer)
                     self._close(conn)
                     return
-                conn.last_active = time.monotonic()
+                if self.idle_timeout:  # only the idle sweep reads it
+                    conn.last_active = time.monotonic()
                 if conn.wbytes > _WRITE_HIGH and not conn.paused and not conn.closed:
                     conn.paused = True
                     self._set_events(conn)
@@ -827,7 +858,12 @@ class Server:
                 self._process(conn, view[:n])
             # TLS may hold decrypted bytes that select() cannot see; plain sockets are
             # level-triggered, so one recv per event is enough.
-            if conn.closed or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+            if (
+                conn.closed
+                or self.tls is None
+                or not isinstance(sock, ssl.SSLSocket)
+                or not sock.pending()
+            ):
                 return
 
     def _process(self, conn: _Conn, chunk: memoryview | None = None) -> None:
@@ -926,7 +962,7 @@ class Server:
             log.exception("internal error serving %s; closing that connection", conn.peer)
             self._close(conn)
             return pos
-        if pos and conn.authed:
+        if pos and conn.authed and self.idle_timeout:
             conn.last_active = time.monotonic()  # idle means no complete request, not no byte
         if conn.wbytes > _WRITE_HIGH and not conn.paused and not conn.closed:
             conn.paused = True
@@ -946,6 +982,11 @@ class Server:
             return  # the client's hello; its response comes next
         self._send_now(conn, reply)
         conn.handshake = None
+        if conn.handshake_timer is not None:
+            # Not left to expire: while any timer is pending, every loop turn reads the clock
+            # for its select() timeout (the loop drops cancelled timers at the heap's top).
+            conn.handshake_timer.cancel()
+            conn.handshake_timer = None
         if hs.ok:
             del self._pending[conn]
             readonly = hs.key_index == 1
@@ -1151,7 +1192,15 @@ class Server:
             self._close(conn)
 
     def _reply(self, conn: _Conn, kind: str, value: Any) -> None:
-        if type(value) in _SLICEABLE and _larger_than(value, _SLICE_ITEMS):
+        if type(value) in PLAIN:  # the usual reply (a str, None): no hooks, nothing to check
+            try:
+                plain = conn.codec.pack_plain([kind, value])
+            except (ValueError, OverflowError):
+                pass  # a lone surrogate in a str, say: pack() below says what failed
+            else:
+                self._send(conn, plain)
+                return
+        elif type(value) in _SLICEABLE and _larger_than(value, _SLICE_ITEMS):
             conn.busy = True
             parts = [b"\x92", conn.codec.pack(kind)]
             self._next_slice(conn, _encode_in_slices(conn.codec, value, parts), parts)
@@ -1198,9 +1247,9 @@ class Server:
             return
         reply = self.engine.handle(conn, message, payload)
         if reply is not None:
-            self._reply(conn, reply[0], reply[1])
             if reply[0] == ERROR:
                 self.counters.error(reply[1])
+            self._reply(conn, reply[0], reply[1])
 
     def _on_request_timed(self, conn: _Conn, payload: bytes | memoryview) -> None:
         """:meth:`_on_request`, timed and counted by kind and operation (metrics, slow log).

@@ -28,6 +28,7 @@ import heapq
 import itertools
 import logging
 import math
+import select
 import selectors
 import socket
 import ssl
@@ -91,6 +92,8 @@ _ACCEPT_BACKOFF: tuple[float, float] = (0.05, 1.0)
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Replies up to this size are sent with one send() of header + payload when nothing is queued
 # (the same size below which frame_parts joins them).
+_EPOLLIN: Final = getattr(select, "EPOLLIN", 1)
+_EPOLLOUT: Final = getattr(select, "EPOLLOUT", 4)
 _DIRECT_SEND: Final = 64 * 1024
 # --busy-poll-us: at most 10 ms; after polls that found nothing twice or more in a row, the
 # loop skips polling for 1, 2, 4, ... up to this many turns (reset by a poll that finds one).
@@ -406,6 +409,13 @@ class Server:
                 raise
             self.metrics_address = self._metrics.address
         self._selector = selectors.DefaultSelector()
+        # epoll's poll and the selector's table, for _select (selectors' own select() is
+        # ~80 bytecodes a call, a tenth of a GET's); None on another selector.
+        self._epoll_poll: Callable[[float, int], list[tuple[int, int]]] | None = None
+        self._fd_to_key: dict[int, selectors.SelectorKey] = {}
+        if isinstance(self._selector, selectors.EpollSelector):
+            self._epoll_poll = getattr(self._selector, "_selector").poll  # noqa: B009
+            self._fd_to_key = getattr(self._selector, "_fd_to_key")  # noqa: B009
         self._recv_view = memoryview(bytearray(_RECV_SIZE))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -508,25 +518,25 @@ class Server:
                     elif timeout > _MAX_SLEEP:
                         timeout = _MAX_SLEEP
                 if not busy:
-                    self._handle(sel.select(timeout))
+                    self._handle(self._select(timeout))
                 elif skip or (timeout is not None and timeout < busy):
                     skip = max(0, skip - 1)
-                    self._handle(sel.select(timeout))
+                    self._handle(self._select(timeout))
                 else:
                     # Busy polling: the next request of a client that comes straight back
                     # finds this thread running instead of asleep in epoll_wait.
-                    events = sel.select(0)
+                    events = self._select(0)
                     if not events:
                         end = time.monotonic() + busy
                         while not events and time.monotonic() < end:
-                            events = sel.select(0)
+                            events = self._select(0)
                     if events:
                         backoff = 0
                     else:
                         skip, backoff = backoff, min(2 * backoff or 1, _BUSY_POLL_BACKOFF)
                         if timeout is not None:
                             timeout = max(0.0, timeout - busy)
-                        events = sel.select(timeout)
+                        events = self._select(timeout)
                     self._handle(events)
                 if timers.heap and timers.heap[0].at <= time.monotonic():
                     timers.run_due()
@@ -560,8 +570,37 @@ class Server:
         if accept:
             self._accept()
 
+    def _select(self, timeout: float | None) -> list[tuple[selectors.SelectorKey, int]]:
+        """``self._selector.select(timeout)``, for epoll with less work per call and event.
+
+        The same result: a key per ready fd still registered, with its events as selectors
+        maps them (anything but EPOLLOUT reads, anything but EPOLLIN writes) masked by what
+        the key waits for.
+        """
+        poll = self._epoll_poll
+        if poll is None:
+            return self._selector.select(timeout)
+        keys = self._fd_to_key
+        try:
+            # epoll rounds a timeout up to whole milliseconds itself, as selectors does.
+            fd_events = poll(-1.0 if timeout is None else timeout, len(keys) or 1)
+        except InterruptedError:
+            return []
+        ready = []
+        for fd, event in fd_events:
+            key = keys.get(fd)
+            if key is not None:
+                if event == _EPOLLIN:
+                    ready.append((key, key.events & selectors.EVENT_READ))
+                else:
+                    mask = selectors.EVENT_READ if event & ~_EPOLLOUT else 0
+                    if event & ~_EPOLLIN:
+                        mask |= selectors.EVENT_WRITE
+                    ready.append((key, mask & key.events))
+        return ready
+
     def _poll(self, timeout: float) -> None:
-        self._handle(self._selector.select(timeout))
+        self._handle(self._select(timeout))
 
     def stop(self) -> None:
         """Ask the loop to stop; safe from any thread and from signal handlers."""

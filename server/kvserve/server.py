@@ -1021,11 +1021,6 @@ class Server:
             return  # the client's hello; its response comes next
         self._send_now(conn, reply)
         conn.handshake = None
-        if conn.handshake_timer is not None:
-            # Not left to expire: while any timer is pending, every loop turn reads the clock
-            # for its select() timeout (the loop drops cancelled timers at the heap's top).
-            conn.handshake_timer.cancel()
-            conn.handshake_timer = None
         if hs.ok:
             del self._pending[conn]
             readonly = hs.key_index == 1
@@ -1051,6 +1046,11 @@ class Server:
             self._readonly_authed += readonly
             conn.last_active = time.monotonic()
             conn.authed = True
+            if conn.handshake_timer is not None:
+                # Not left to expire: while any timer is pending, every loop turn reads the
+                # clock for its select() timeout (the loop drops cancelled timers at the top).
+                conn.handshake_timer.cancel()
+                conn.handshake_timer = None
             conn.key_index = hs.key_index
             conn.readonly = hs.key_index == 1
         else:

@@ -1074,32 +1074,6 @@ class Server:
         self.stop()
 
     def _send(self, conn: _Conn, payload: bytes) -> None:
-        if (
-            self._held is None
-            and not conn.wqueue
-            and len(payload) <= _DIRECT_SEND
-            and not conn.paused
-            and not conn.closed
-        ):
-            # The common reply: nothing waits before it, so it goes out in one send() with
-            # no queueing or accounting (a small reply cannot reach the budgets below).
-            # Only what the kernel does not take is queued, as _send_now would.
-            data = HEADER.pack(len(payload)) + payload
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                sent = 0
-            except OSError:
-                self._close(conn)
-                return
-            self.counters.bytes_out += sent
-            if sent < len(data):
-                rest = memoryview(data)[sent:]
-                conn.wbytes += len(rest)
-                self._unsent += len(rest)
-                conn.wqueue.append(rest)
-                self._set_events(conn)
-            return
         if len(payload) > MAX_REPLY_FRAME:
             # No client accepts it (and beyond 4 GiB no frame can say its length).
             payload = conn.codec.pack(
@@ -1231,23 +1205,49 @@ class Server:
             self._close(conn)
 
     def _reply(self, conn: _Conn, kind: str, value: Any) -> None:
+        """Encode a reply and send it (queued behind earlier output, or held for the log)."""
+        payload = None
         if type(value) in PLAIN:  # the usual reply (a str, None): no hooks, nothing to check
             try:
-                plain = conn.codec.pack_plain([kind, value])
+                payload = conn.codec.pack_plain([kind, value])
             except (ValueError, OverflowError):
                 pass  # a lone surrogate in a str, say: pack() below says what failed
-            else:
-                self._send(conn, plain)
-                return
         elif type(value) in _SLICEABLE and _larger_than(value, _SLICE_ITEMS):
             conn.busy = True
             parts = [b"\x92", conn.codec.pack(kind)]
             self._next_slice(conn, _encode_in_slices(conn.codec, value, parts), parts)
             return
-        try:
-            payload = conn.codec.pack([kind, value])
-        except TypeError as exc:
-            payload = conn.codec.pack([ERROR, RemoteError("TypeError", str(exc))])
+        if payload is None:
+            try:
+                payload = conn.codec.pack([kind, value])
+            except TypeError as exc:
+                payload = conn.codec.pack([ERROR, RemoteError("TypeError", str(exc))])
+        if (
+            self._held is None
+            and not conn.wqueue
+            and len(payload) <= _DIRECT_SEND
+            and not conn.paused
+            and not conn.closed
+        ):
+            # The common reply: nothing waits before it, so it goes out in one send() with
+            # no queueing or accounting (a small reply cannot reach the budgets in _send).
+            # Only what the kernel does not take is queued, as _send_now would.
+            data = HEADER.pack(len(payload)) + payload
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            self.counters.bytes_out += sent
+            if sent < len(data):
+                rest = memoryview(data)[sent:]
+                conn.wbytes += len(rest)
+                self._unsent += len(rest)
+                conn.wqueue.append(rest)
+                self._set_events(conn)
+            return
         self._send(conn, payload)
 
     def _next_slice(self, conn: _Conn, slices: Iterator[None], parts: list[bytes]) -> None:

@@ -28,6 +28,7 @@ import heapq
 import itertools
 import logging
 import math
+import select
 import selectors
 import socket
 import ssl
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from kvproto.codec import EXT_TUPLE, MAX_DEPTH, Codec
+from kvproto.codec import EXT_TUPLE, MAX_DEPTH, PLAIN, Codec
 from kvproto.errors import KVConnectionError, KVError, ProtocolError, RemoteError
 from kvproto.handshake import ServerHandshake
 from kvproto.limits import MAX_REQUEST_VALUES
@@ -91,6 +92,8 @@ _ACCEPT_BACKOFF: tuple[float, float] = (0.05, 1.0)
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Replies up to this size are sent with one send() of header + payload when nothing is queued
 # (the same size below which frame_parts joins them).
+_EPOLLIN: Final = getattr(select, "EPOLLIN", 1)
+_EPOLLOUT: Final = getattr(select, "EPOLLOUT", 4)
 _DIRECT_SEND: Final = 64 * 1024
 # --busy-poll-us: at most 10 ms; after polls that found nothing twice or more in a row, the
 # loop skips polling for 1, 2, 4, ... up to this many turns (reset by a poll that finds one).
@@ -150,6 +153,11 @@ class _Timers:
             heapq.heapify(self.heap)
             self._cancelled = 0
 
+    def discard_first(self) -> None:
+        """Drop the earliest timer, a cancelled one (the loop calls this)."""
+        heapq.heappop(self.heap)
+        self._cancelled = max(0, self._cancelled - 1)
+
     def run_due(self) -> None:
         """Run every timer that is due."""
         now = time.monotonic()
@@ -183,6 +191,7 @@ class _Conn:
         "codec",
         "final",
         "handshake",
+        "handshake_timer",
         "hello",
         "key_index",
         "last_active",
@@ -217,6 +226,7 @@ class _Conn:
         self.hello = False  # sent its first handshake frame (a real client does at once)
         self.authed = False
         self.handshake: ServerHandshake | None = ServerHandshake(keys)
+        self.handshake_timer: _Timer | None = None
         self.key_index = -1
         self.codec = Codec(
             encode_exceptions=True,
@@ -358,7 +368,8 @@ class Server:
         # What serves a decoded frame, chosen once. An attribute, not a method reassigned on
         # the instance: a class compiled by mypyc (the optional build) refuses that.
         self._serve: Callable[[_Conn, bytes | memoryview], None] = self._on_request
-        if metrics is not None or slow_ms is not None:
+        self._timed = metrics is not None or slow_ms is not None
+        if self._timed:
             self._serve = self._on_request_timed
             self.counters.timing = True
         # Opens (loads) the persistence.
@@ -398,6 +409,13 @@ class Server:
                 raise
             self.metrics_address = self._metrics.address
         self._selector = selectors.DefaultSelector()
+        # epoll's poll and the selector's table, for _select (selectors' own select() is
+        # ~80 bytecodes a call, a tenth of a GET's); None on another selector.
+        self._epoll_poll: Callable[[float, int], list[tuple[int, int]]] | None = None
+        self._fd_to_key: dict[int, selectors.SelectorKey] = {}
+        if isinstance(self._selector, selectors.EpollSelector):
+            self._epoll_poll = getattr(self._selector, "_selector").poll  # noqa: B009
+            self._fd_to_key = getattr(self._selector, "_fd_to_key")  # noqa: B009
         self._recv_view = memoryview(bytearray(_RECV_SIZE))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -489,28 +507,36 @@ class Server:
             while not self._stop.is_set():
                 # Inline, not a method of _Timers: this runs once per request served.
                 timeout = None
-                if timers.heap:
-                    timeout = min(_MAX_SLEEP, max(0.0, timers.heap[0].at - time.monotonic()))
+                heap = timers.heap
+                while heap and heap[0].callback is None:
+                    timers.discard_first()  # cancelled: nothing to wake up for
+                if heap:
+                    # Comparisons, not min(max()): two builtin calls per turn.
+                    timeout = heap[0].at - time.monotonic()
+                    if timeout < 0.0:
+                        timeout = 0.0
+                    elif timeout > _MAX_SLEEP:
+                        timeout = _MAX_SLEEP
                 if not busy:
-                    self._handle(sel.select(timeout))
+                    self._handle(self._select(timeout))
                 elif skip or (timeout is not None and timeout < busy):
                     skip = max(0, skip - 1)
-                    self._handle(sel.select(timeout))
+                    self._handle(self._select(timeout))
                 else:
                     # Busy polling: the next request of a client that comes straight back
                     # finds this thread running instead of asleep in epoll_wait.
-                    events = sel.select(0)
+                    events = self._select(0)
                     if not events:
                         end = time.monotonic() + busy
                         while not events and time.monotonic() < end:
-                            events = sel.select(0)
+                            events = self._select(0)
                     if events:
                         backoff = 0
                     else:
                         skip, backoff = backoff, min(2 * backoff or 1, _BUSY_POLL_BACKOFF)
                         if timeout is not None:
                             timeout = max(0.0, timeout - busy)
-                        events = sel.select(timeout)
+                        events = self._select(timeout)
                     self._handle(events)
                 if timers.heap and timers.heap[0].at <= time.monotonic():
                     timers.run_due()
@@ -544,8 +570,37 @@ class Server:
         if accept:
             self._accept()
 
+    def _select(self, timeout: float | None) -> list[tuple[selectors.SelectorKey, int]]:
+        """``self._selector.select(timeout)``, for epoll with less work per call and event.
+
+        The same result: a key per ready fd still registered, with its events as selectors
+        maps them (anything but EPOLLOUT reads, anything but EPOLLIN writes) masked by what
+        the key waits for.
+        """
+        poll = self._epoll_poll
+        if poll is None:
+            return self._selector.select(timeout)
+        keys = self._fd_to_key
+        try:
+            # epoll rounds a timeout up to whole milliseconds itself, as selectors does.
+            fd_events = poll(-1.0 if timeout is None else timeout, len(keys) or 1)
+        except InterruptedError:
+            return []
+        ready = []
+        for fd, event in fd_events:
+            key = keys.get(fd)
+            if key is not None:
+                if event == _EPOLLIN:
+                    ready.append((key, key.events & selectors.EVENT_READ))
+                else:
+                    mask = selectors.EVENT_READ if event & ~_EPOLLOUT else 0
+                    if event & ~_EPOLLIN:
+                        mask |= selectors.EVENT_WRITE
+                    ready.append((key, mask & key.events))
+        return ready
+
     def _poll(self, timeout: float) -> None:
-        self._handle(self._selector.select(timeout))
+        self._handle(self._select(timeout))
 
     def stop(self) -> None:
         """Ask the loop to stop; safe from any thread and from signal handlers."""
@@ -679,7 +734,7 @@ class Server:
             self._conns.add(conn)
             self._pending[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
-            self._call_later(
+            conn.handshake_timer = self._call_later(
                 self.handshake_timeout, functools.partial(self._handshake_expired, conn)
             )
             if self.tls is not None:
@@ -814,12 +869,27 @@ class Server:
                 # Exactly one whole request, the common case (a client waiting for each
                 # reply): the same checks as _frames, without buffering or the frame loop.
                 try:
-                    self._serve(conn, view[4:n])
+                    if self._timed:
+                        self._serve(conn, view[4:n])
+                    else:
+                        # _on_request, inline (a Python call per request less).
+                        payload = view[4:n]
+                        try:
+                            message = conn.codec.unpack(payload)
+                        except ProtocolError as exc:
+                            self._undecodable(conn, exc)
+                        else:
+                            reply = self.engine.handle(conn, message, payload)
+                            if reply is not None:
+                                if reply[0] == ERROR:
+                                    self.counters.error(reply[1])
+                                self._reply(conn, reply[0], reply[1])
                 except Exception:
                     log.exception("internal error serving %s; closing that connection", conn.peer)
                     self._close(conn)
                     return
-                conn.last_active = time.monotonic()
+                if self.idle_timeout:  # only the idle sweep reads it
+                    conn.last_active = time.monotonic()
                 if conn.wbytes > _WRITE_HIGH and not conn.paused and not conn.closed:
                     conn.paused = True
                     self._set_events(conn)
@@ -827,7 +897,12 @@ class Server:
                 self._process(conn, view[:n])
             # TLS may hold decrypted bytes that select() cannot see; plain sockets are
             # level-triggered, so one recv per event is enough.
-            if conn.closed or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+            if (
+                conn.closed
+                or self.tls is None
+                or not isinstance(sock, ssl.SSLSocket)
+                or not sock.pending()
+            ):
                 return
 
     def _process(self, conn: _Conn, chunk: memoryview | None = None) -> None:
@@ -926,7 +1001,7 @@ class Server:
             log.exception("internal error serving %s; closing that connection", conn.peer)
             self._close(conn)
             return pos
-        if pos and conn.authed:
+        if pos and conn.authed and self.idle_timeout:
             conn.last_active = time.monotonic()  # idle means no complete request, not no byte
         if conn.wbytes > _WRITE_HIGH and not conn.paused and not conn.closed:
             conn.paused = True
@@ -971,6 +1046,11 @@ class Server:
             self._readonly_authed += readonly
             conn.last_active = time.monotonic()
             conn.authed = True
+            if conn.handshake_timer is not None:
+                # Not left to expire: while any timer is pending, every loop turn reads the
+                # clock for its select() timeout (the loop drops cancelled timers at the top).
+                conn.handshake_timer.cancel()
+                conn.handshake_timer = None
             conn.key_index = hs.key_index
             conn.readonly = hs.key_index == 1
         else:
@@ -994,32 +1074,6 @@ class Server:
         self.stop()
 
     def _send(self, conn: _Conn, payload: bytes) -> None:
-        if (
-            self._held is None
-            and not conn.wqueue
-            and len(payload) <= _DIRECT_SEND
-            and not conn.paused
-            and not conn.closed
-        ):
-            # The common reply: nothing waits before it, so it goes out in one send() with
-            # no queueing or accounting (a small reply cannot reach the budgets below).
-            # Only what the kernel does not take is queued, as _send_now would.
-            data = HEADER.pack(len(payload)) + payload
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                sent = 0
-            except OSError:
-                self._close(conn)
-                return
-            self.counters.bytes_out += sent
-            if sent < len(data):
-                rest = memoryview(data)[sent:]
-                conn.wbytes += len(rest)
-                self._unsent += len(rest)
-                conn.wqueue.append(rest)
-                self._set_events(conn)
-            return
         if len(payload) > MAX_REPLY_FRAME:
             # No client accepts it (and beyond 4 GiB no frame can say its length).
             payload = conn.codec.pack(
@@ -1151,15 +1205,49 @@ class Server:
             self._close(conn)
 
     def _reply(self, conn: _Conn, kind: str, value: Any) -> None:
-        if type(value) in _SLICEABLE and _larger_than(value, _SLICE_ITEMS):
+        """Encode a reply and send it (queued behind earlier output, or held for the log)."""
+        payload = None
+        if type(value) in PLAIN:  # the usual reply (a str, None): no hooks, nothing to check
+            try:
+                payload = conn.codec.pack_plain([kind, value])
+            except (ValueError, OverflowError):
+                pass  # a lone surrogate in a str, say: pack() below says what failed
+        elif type(value) in _SLICEABLE and _larger_than(value, _SLICE_ITEMS):
             conn.busy = True
             parts = [b"\x92", conn.codec.pack(kind)]
             self._next_slice(conn, _encode_in_slices(conn.codec, value, parts), parts)
             return
-        try:
-            payload = conn.codec.pack([kind, value])
-        except TypeError as exc:
-            payload = conn.codec.pack([ERROR, RemoteError("TypeError", str(exc))])
+        if payload is None:
+            try:
+                payload = conn.codec.pack([kind, value])
+            except TypeError as exc:
+                payload = conn.codec.pack([ERROR, RemoteError("TypeError", str(exc))])
+        if (
+            self._held is None
+            and not conn.wqueue
+            and len(payload) <= _DIRECT_SEND
+            and not conn.paused
+            and not conn.closed
+        ):
+            # The common reply: nothing waits before it, so it goes out in one send() with
+            # no queueing or accounting (a small reply cannot reach the budgets in _send).
+            # Only what the kernel does not take is queued, as _send_now would.
+            data = HEADER.pack(len(payload)) + payload
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            self.counters.bytes_out += sent
+            if sent < len(data):
+                rest = memoryview(data)[sent:]
+                conn.wbytes += len(rest)
+                self._unsent += len(rest)
+                conn.wqueue.append(rest)
+                self._set_events(conn)
+            return
         self._send(conn, payload)
 
     def _next_slice(self, conn: _Conn, slices: Iterator[None], parts: list[bytes]) -> None:
@@ -1198,9 +1286,9 @@ class Server:
             return
         reply = self.engine.handle(conn, message, payload)
         if reply is not None:
-            self._reply(conn, reply[0], reply[1])
             if reply[0] == ERROR:
                 self.counters.error(reply[1])
+            self._reply(conn, reply[0], reply[1])
 
     def _on_request_timed(self, conn: _Conn, payload: bytes | memoryview) -> None:
         """:meth:`_on_request`, timed and counted by kind and operation (metrics, slow log).

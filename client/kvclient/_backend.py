@@ -76,7 +76,10 @@ class SocketBackend:
         self.address = address
         self.authkey = authkey
         self.timeout = timeout
-        self.call_timeout = call_timeout
+        self._call_timeout = call_timeout
+        # Held while a new call timeout is handed to the open connections, and while a new
+        # connection joins them: none keeps the old one.
+        self._timeout_lock = threading.Lock()
         self.retry = retry
         self.tls = tls
         self._make_ref = make_ref
@@ -90,6 +93,19 @@ class SocketBackend:
             _fork_hook_registered = True
             os.register_at_fork(after_in_child=_after_fork_in_child)
 
+    @property
+    def call_timeout(self) -> float | None:
+        """Seconds for each reply (blocking calls: their wait on top); None: for ever."""
+        return self._call_timeout
+
+    @call_timeout.setter
+    def call_timeout(self, value: float | None) -> None:
+        # Every open connection too, in all threads: each applies it at its next call.
+        with self._timeout_lock:
+            self._call_timeout = value
+            for conn in list(self._conns):
+                conn.timeout = value
+
     def close(self) -> None:
         """Close every connection this backend opened, in all threads."""
         self.closed = True
@@ -102,6 +118,7 @@ class SocketBackend:
         # (closing is harmless to the parent, but shutdown() would not be).
         self._local = threading.local()
         self._conns = weakref.WeakSet()
+        self._timeout_lock = threading.Lock()  # a parent's thread may have held it
 
     def connection(self) -> Connection:
         """Return this thread's connection, opening it if it has none or it was closed.
@@ -125,9 +142,10 @@ class SocketBackend:
                 to_ref=self._to_ref,
                 tls=self.tls,
             )
-            conn.timeout = self.call_timeout
+            with self._timeout_lock:
+                conn.timeout = self._call_timeout
+                self._conns.add(conn)
             session.conn = conn
-            self._conns.add(conn)
         return conn
 
     def call(
@@ -171,7 +189,7 @@ class SocketBackend:
         else:
             if timeout is DERIVED:
                 # reply_timeout() is False for an op that cannot block: skip the call.
-                timeout = reply_timeout(op, args, self.call_timeout) if op.blocks else False
+                timeout = reply_timeout(op, args, self._call_timeout) if op.blocks else False
             if op.mutates and not op.idempotent:  # op.needs_id, without the property's call
                 # A request id makes the call safe to retry: the server answers a repeated
                 # id with the first answer instead of applying the call again.

@@ -65,6 +65,10 @@ _VALUE_AT: Final = 4 + len(RETURN_HEAD)  # where a [RETURN, value] frame's value
 # short to be [RETURN, value] (it goes the long way, as one split over several recvs does).
 _REPLY_HEAD: Final = struct.Struct(f">I{len(RETURN_HEAD)}s")
 _SHORT: Final = (-5, b"")  # a size no first recv matches: n - 4 >= -4
+# The whole frame of [RETURN, None], what every SET, delete and clear answers: compared, not
+# decoded (a frame of _NIL_SIZE payload bytes, within any max_frame a server could answer).
+_NIL_SIZE: Final = len(RETURN_HEAD) + 1
+_NIL_REPLY: Final = HEADER.pack(_NIL_SIZE) + RETURN_HEAD + b"\xc0"
 # Bound once: `HEADER.pack(size)` in a call's argument list binds a new method object per call.
 _pack_header: Final = HEADER.pack
 
@@ -320,6 +324,8 @@ class Connection:
                 self._send_frame(payload)
             # The common small reply, whole in the first recv, inline; else _recv_frame.
             data = sock.recv(_RECV_CHUNK)
+            if data == _NIL_REPLY and self.max_frame >= _NIL_SIZE:
+                return None
             n = len(data)
             size, head = _REPLY_HEAD.unpack_from(data) if n > _VALUE_AT else _SHORT
             if size == n - 4 and size <= self.max_frame:

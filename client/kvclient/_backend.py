@@ -19,14 +19,15 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-from kvclient._runner import DERIVED, PLANS, RequestIds, plan, reply_timeout
+from kvclient._runner import DERIVED, RequestIds, plan, reply_timeout
 from kvclient.connection import Connection
 from kvclient.retry import Retry, call_with_retry
 from kvproto.codec import Ref
 from kvproto.errors import KVConnectionError, KVError
 from kvproto.net import format_address
+from kvproto.schema import Op
 
 if TYPE_CHECKING:
     import ssl
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 __all__ = ["SocketBackend"]
 
 _BACKENDS: weakref.WeakSet[SocketBackend] = weakref.WeakSet()
+_WITH_ID: Final = True
+"""A :data:`_PATHS` entry: the call needs a request id and cannot block (a SET, an incr)."""
+# kind -> method -> how SocketBackend.call makes it, from plan() on first use: None for a plain
+# read, _WITH_ID, else the Op (it may block). The SET path then reads no Op field.
+_PATHS: dict[str | None, dict[str, Op | bool | None]] = {}
 _fork_hook_registered = False
 
 
@@ -76,7 +82,10 @@ class SocketBackend:
         self.address = address
         self.authkey = authkey
         self.timeout = timeout
-        self.call_timeout = call_timeout
+        self._call_timeout = call_timeout
+        # Held while a new call timeout is handed to the open connections, and while a new
+        # connection joins them: none keeps the old one.
+        self._timeout_lock = threading.Lock()
         self.retry = retry
         self.tls = tls
         self._make_ref = make_ref
@@ -90,6 +99,19 @@ class SocketBackend:
             _fork_hook_registered = True
             os.register_at_fork(after_in_child=_after_fork_in_child)
 
+    @property
+    def call_timeout(self) -> float | None:
+        """Seconds for each reply (blocking calls: their wait on top); None: for ever."""
+        return self._call_timeout
+
+    @call_timeout.setter
+    def call_timeout(self, value: float | None) -> None:
+        # Every open connection too, in all threads: each applies it at its next call.
+        with self._timeout_lock:
+            self._call_timeout = value
+            for conn in list(self._conns):
+                conn.timeout = value
+
     def close(self) -> None:
         """Close every connection this backend opened, in all threads."""
         self.closed = True
@@ -102,6 +124,7 @@ class SocketBackend:
         # (closing is harmless to the parent, but shutdown() would not be).
         self._local = threading.local()
         self._conns = weakref.WeakSet()
+        self._timeout_lock = threading.Lock()  # a parent's thread may have held it
 
     def connection(self) -> Connection:
         """Return this thread's connection, opening it if it has none or it was closed.
@@ -125,9 +148,10 @@ class SocketBackend:
                 to_ref=self._to_ref,
                 tls=self.tls,
             )
-            conn.timeout = self.call_timeout
+            with self._timeout_lock:
+                conn.timeout = self._call_timeout
+                self._conns.add(conn)
             session.conn = conn
-            self._conns.add(conn)
         return conn
 
     def call(
@@ -157,9 +181,9 @@ class SocketBackend:
         """
         # The hot path: two dict lookups, this thread's session, a list and Connection.call.
         try:
-            op = PLANS[kind][method]
+            op = _PATHS[kind][method]
         except KeyError:
-            op = plan(kind, method)
+            op = _path(kind, method)
         try:
             session: _Session = self._local.session
         except AttributeError:  # this thread's first call
@@ -168,13 +192,20 @@ class SocketBackend:
             message = [ident, method, args, kwds]
             if timeout is DERIVED:
                 timeout = False
+        elif op is _WITH_ID:
+            # A request id makes the call safe to retry: the server answers a repeated id
+            # with the first answer instead of applying the call again. RequestIds.next_id(),
+            # inline (one Python call less on every SET).
+            seq = session.seq = session.seq + 1
+            message = [ident, method, args, kwds, [session.token, seq]]
+            if timeout is DERIVED:
+                timeout = False
         else:
+            assert type(op) is Op
             if timeout is DERIVED:
                 # reply_timeout() is False for an op that cannot block: skip the call.
-                timeout = reply_timeout(op, args, self.call_timeout) if op.blocks else False
+                timeout = reply_timeout(op, args, self._call_timeout) if op.blocks else False
             if op.mutates and not op.idempotent:  # op.needs_id, without the property's call
-                # A request id makes the call safe to retry: the server answers a repeated
-                # id with the first answer instead of applying the call again.
                 message = [ident, method, args, kwds, session.next_id()]
             else:
                 message = [ident, method, args, kwds]
@@ -195,6 +226,14 @@ class SocketBackend:
         return call_with_retry(
             self.retry, self.endpoint, lambda: self.connection().call(message, timeout), error
         )
+
+
+def _path(kind: str | None, method: str) -> Op | bool | None:
+    """Return (and cache in :data:`_PATHS`) how ``method`` on ``kind`` is called."""
+    op = plan(kind, method)  # None, or an Op that needs a request id or may block
+    found = op if op is None or op.blocks else _WITH_ID
+    _PATHS.setdefault(kind, {})[method] = found
+    return found
 
 
 def _after_fork_in_child() -> None:

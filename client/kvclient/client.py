@@ -272,7 +272,7 @@ class Client:
 
     @property
     def call_timeout(self) -> float | None:
-        """Seconds allowed for each call's reply (connections opened from now on)."""
+        """Seconds allowed for each call's reply (open connections too, from their next call)."""
         return self._backend.call_timeout
 
     @call_timeout.setter

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from msgpack import Packer
 from msgpack import unpackb as _unpackb
 
 from kvclient.errors import needs_tls_probe, translate_handshake_error
@@ -65,8 +66,15 @@ _VALUE_AT: Final = 4 + len(RETURN_HEAD)  # where a [RETURN, value] frame's value
 # short to be [RETURN, value] (it goes the long way, as one split over several recvs does).
 _REPLY_HEAD: Final = struct.Struct(f">I{len(RETURN_HEAD)}s")
 _SHORT: Final = (-5, b"")  # a size no first recv matches: n - 4 >= -4
+# The whole frame of [RETURN, None], what every SET, delete and clear answers: compared, not
+# decoded (a frame of _NIL_SIZE payload bytes, within any max_frame a server could answer).
+_NIL_SIZE: Final = len(RETURN_HEAD) + 1
+_NIL_REPLY: Final = HEADER.pack(_NIL_SIZE) + RETURN_HEAD + b"\xc0"
 # Bound once: `HEADER.pack(size)` in a call's argument list binds a new method object per call.
 _pack_header: Final = HEADER.pack
+
+# What a request's args must all be for its depth check to be skipped (as Codec.pack_request).
+_SCALARS: Final = frozenset({str, bytes, int, float, bool, type(None)})
 
 _MAX_SOCKET_TIMEOUT: Final = 400 * 86400.0  # beyond the server's longest wait (a year)
 
@@ -97,6 +105,7 @@ class Connection:
         "__weakref__",
         "_applied_timeout",
         "_big",
+        "_pack",
         "_sock",
         "_tls",
         "closed",
@@ -128,6 +137,13 @@ class Connection:
         self.timeout = timeout
         self.max_frame = max_frame
         self.codec = Codec(make_ref, to_ref, encode_depth=MAX_DEPTH, decode_depth=None)
+        # The fast encoder of a request: msgpack with no ``default`` hook, so whatever the wire
+        # encodes specially (a tuple, a proxy, an int beyond 64 bits, a subclass of str) or
+        # refuses raises in it, and the request goes through Codec.pack_request, the reference,
+        # instead; what it encodes is the reference's bytes, byte for byte (msgpack's own
+        # encoding of native values, tests/test_client_call_path.py). It saves the
+        # reference's Python call and flags on every request.
+        self._pack = Packer(use_bin_type=True, strict_types=True, autoreset=True).pack
         try:
             self._sock = socket.create_connection(address, timeout)
         except OSError as exc:
@@ -267,7 +283,21 @@ class Connection:
             ProtocolError: the reply was not understood; the connection is now closed.
         """
         codec = self.codec
-        payload = codec.pack_request(message)
+        try:
+            payload: bytes = self._pack(message)
+        except Exception:  # see _pack: the reference encodes it, or raises its TypeError
+            payload = codec.pack_request(message)
+        else:
+            # The depth check of Codec.pack_request: a payload this short cannot nest deeper
+            # than MAX_DEPTH, nor can scalar args (a request id is [bytes, int]).
+            if len(payload) > MAX_DEPTH:
+                if message[3] is not None:
+                    payload = codec.pack_request(message)
+                else:
+                    for arg in message[2]:
+                        if type(arg) not in _SCALARS:
+                            payload = codec.pack_request(message)
+                            break
         sock = self._sock
         if sock is None:
             raise ProtocolError(f"connection to {self.endpoint} is closed")
@@ -284,6 +314,8 @@ class Connection:
                 self._send_frame(payload)
             # The common small reply, whole in the first recv, inline; else _recv_frame.
             data = sock.recv(_RECV_CHUNK)
+            if data == _NIL_REPLY and self.max_frame >= _NIL_SIZE:
+                return None
             n = len(data)
             size, head = _REPLY_HEAD.unpack_from(data) if n > _VALUE_AT else _SHORT
             if size == n - 4 and size <= self.max_frame:

@@ -353,20 +353,6 @@ def test_a_consumer_whose_wait_starts_late_and_then_dies_loses_no_item(
         assert q.qsize() == 0 and _items(kv, "late") == {}
 
 
-def test_a_dropped_queue_leaves_no_key(url: str) -> None:
-    """Its list, its bell (rung by the puts), its meta and request ids: all deleted."""
-    with kvclient.connect(url) as kv:
-        q = kv.queue("gone")
-        q.put(1)
-        q.put(2)
-        assert q.get() == 1
-        with _node(kv, "gone") as node:
-            prefix = container_keys("gone")[0][:-1]
-            assert node.exists(container_keys("gone", "k")[3]) == 1  # the bell
-            assert kv.drop("gone")
-            assert node.keys(prefix + b"*") == []
-
-
 # -- request ids ---------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from typing import Any, Final
 from redis import exceptions as rx
 
 from kvclient._redis._nodes import Nodes
-from kvclient._redis._retention import windows
+from kvclient._redis._retention import Windows, windows
 from kvclient._redis.scripts import Script, raw_script, scripts
 from kvclient._runner import DERIVED, PLANS, plan
 from kvclient.retry import Retry, call_with_retry
@@ -171,6 +171,11 @@ class Call:
     def call_timeout(self) -> float | None:
         """The client's call timeout (seconds, None for ever)."""
         return self._backend.call_timeout
+
+    @property
+    def windows(self) -> Windows:
+        """How long the server keeps what this client may still retry (milliseconds)."""
+        return self._backend.windows
 
     def pack(self, value: Any) -> bytes:
         """Encode ``value`` as stored (kvclient's codec: tuples stay tuples, bytes bytes)."""

@@ -9,9 +9,7 @@ lease of its in-flight queue items and the life of its request ids derive from t
 from __future__ import annotations
 
 import json
-import os
 import queue
-import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -34,41 +32,17 @@ def _say(value: Any) -> None:
     print(json.dumps(value), flush=True)
 
 
-def consume(url: str, name: str, idle: str, short: str = "0", most: str = "0") -> None:
-    """Get items (at most ``most``, if not 0) until none came for ``idle`` seconds; print each."""
+def consume(url: str, name: str, idle: str, short: str = "0") -> None:
+    """Get items until none came for ``idle`` seconds; print each."""
     options = {**SHORT, "retry": short_retry()} if short == "1" else {}
     with kvclient.connect(url, **options) as kv:
         q = kv.queue(name)
         _say("ready")
-        for _ in range(int(most) or sys.maxsize):
+        while True:
             try:
                 _say(q.get(timeout=float(idle)))
             except queue.Empty:
                 return
-
-
-def consume_pausing(url: str, name: str, idle: str) -> None:
-    """As :func:`consume` (short windows), but stop this process just before its first wait.
-
-    Right before its first ``get`` sends the command that waits on the server (what a client
-    descheduled, paused or slow between its ``get`` script and that command does), it
-    prints ``"pausing"`` and stops itself (SIGSTOP); the test decides when it goes on.
-    """
-    from kvclient._redis._backend import Call
-
-    send = Call.execute
-    paused = False
-
-    def execute(self: Call, *command: Any) -> Any:
-        nonlocal paused
-        if not paused and str(command[0]).upper().startswith("BL"):
-            paused = True
-            _say("pausing")
-            os.kill(os.getpid(), signal.SIGSTOP)
-        return send(self, *command)
-
-    Call.execute = execute  # type: ignore[method-assign]
-    consume(url, name, idle, "1")
 
 
 def produce(url: str, name: str, tag: str, count: str) -> None:
@@ -94,7 +68,6 @@ def write_once(url: str, name: str, threads: str) -> None:
 
 ROLES: dict[str, Callable[..., None]] = {
     "consume": consume,
-    "consume_pausing": consume_pausing,
     "produce": produce,
     "write_once": write_once,
 }

@@ -1,10 +1,10 @@
 """What the Valkey/Redis backend keeps for retries, and how long (kvclient/_redis/_retention.py).
 
-- A queue item leaves the queue only as a ``get``'s recorded answer; a waiting consumer waits
-  on the queue's bell, not on its items. A consumer killed as it was woken (here: stopped
-  while blocked, the item put, then killed: what a host that froze or died does), or one
-  whose wait started long after its ``get`` script (stopped in between), holds no item: the
-  next consumer gets it. An item answered is never put back.
+- A queue item a consumer's ``BLMOVE`` took is in that consumer's in-flight list until its
+  ``get`` script answers with it. A consumer killed in between (here: stopped while blocked
+  in ``BLMOVE``, the item put, then killed: what a host that froze or died does) leaves it
+  there; once the lease ends, the next queue script puts it back at the head for another
+  consumer. An item answered is never put back.
 - The request-id table of a container forgets a client thread's answer once that client's
   retry window has passed, so short-lived writers do not grow it for ever; a retry within
   the window still gets the recorded answer.
@@ -15,7 +15,6 @@ real client processes (tests/redis_retention_workers.py).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import queue
@@ -119,156 +118,96 @@ def workers() -> Iterator[list[Worker]]:
         w.kill()
 
 
-def _node(kv: kvclient.Client, name: str) -> Any:
-    """A plain redis-py client of the node that serves container ``name``."""
-    import redis
-
-    host, port = kv._backend.nodes.node_for(container_keys(name)[0])  # type: ignore[attr-defined]
-    return redis.Redis(host=host, port=port)
+def _in_flight(r: Any, name: str) -> dict[bytes, int]:
+    """The queue's in-flight lists, each with its length."""
+    (_m, _r, _d, lists, _o) = container_keys(name, "k", "o")
+    return {key: r.llen(key) for key in r.zrange(lists, 0, -1)}
 
 
-def _blocked(kv: kvclient.Client, name: str) -> list[dict[str, Any]]:
-    """The connections blocked in a command on the node that serves queue ``name``."""
-    with _node(kv, name) as node:
-        return [c for c in node.client_list() if "b" in c["flags"]]
+def strand(url: str, r: Any, q: Any, name: str, item: Any, workers: list[Worker]) -> bytes:
+    """Leave ``item`` in the in-flight list of a consumer that is then killed; return the list.
 
-
-def _items(kv: kvclient.Client, name: str) -> dict[bytes, int]:
-    """Every list among the keys of queue ``name`` but its bell, with its length: what holds
-    items (the queue's own list, and any other a design would park items in)."""
-    (_m, _r, _d, bell) = container_keys(name, "k")
-    with _node(kv, name) as node:
-        keys = node.keys(container_keys(name)[0][:-1] + b"*")
-        return {k: node.llen(k) for k in keys if k != bell and node.type(k) == b"list"}
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
-
-
-def stop(worker: Worker) -> None:
-    """SIGSTOP ``worker`` and wait (bounded) until it is stopped: delivery is not at once."""
-    os.kill(worker.proc.pid, signal.SIGSTOP)
-    assert _until(lambda: _stopped(worker.proc.pid), 10)
-
-
-def _until(condition: Any, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while not condition() and time.monotonic() < end:
-        time.sleep(0.005)
-    return bool(condition())
-
-
-def first_in_line(
-    url: str, kv: kvclient.Client, name: str, workers: list[Worker], behind: int, most: int = 0
-) -> tuple[Worker, list[Worker]]:
-    """A consumer stopped while first in line on queue ``name``, ``behind`` waiting after it.
-
-    All with default settings (waits of 5 s); those behind get at most ``most`` items (0: no
-    limit). The stopped one's wait is still on the server when this returns (it is taken
-    again, at most 5 times, if the others took too long to line up).
+    The consumer (short windows) blocks in ``get``; it is stopped (SIGSTOP) while its
+    ``BLMOVE`` waits on the server, ``item`` is put (the server moves it into the stopped
+    consumer's list, as it would for a consumer whose host froze), and it is killed.
+    Stopped elsewhere (between two ``BLMOVE`` waits of 1 s), the item stays queued: it is taken
+    back and a new consumer tried, at most 5 times.
     """
-    for _attempt in range(5):
-        victim = Worker("consume", url, name, "60")
+    for _ in range(5):
+        before = set(_in_flight(r, name))
+        victim = Worker("consume", url, name, "60", "1")
         workers.append(victim)
         victim.wait_lines(1, 60)
-        assert _until(lambda: _blocked(kv, name), 30)
-        first = time.monotonic()  # its wait ends by first + 5 s
-        stop(victim)
-        others = [Worker("consume", url, name, "30", "0", str(most)) for _ in range(behind)]
-        workers.extend(others)
-        for w in others:
-            w.wait_lines(1, 60)
-        assert _until(lambda: len(_blocked(kv, name)) == 1 + behind, 30)
-        if time.monotonic() < first + 4.0:
-            return victim, others
-        for w in [victim, *others]:
-            w.kill()
-    raise AssertionError(f"{behind} waiters were not in line within 4 s, 5 tries")
+        end = time.monotonic() + 30
+        while not set(_in_flight(r, name)) - before and time.monotonic() < end:
+            time.sleep(0.02)
+        (mine,) = set(_in_flight(r, name)) - before
+        time.sleep(0.2)  # into its BLMOVE
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        q.put(item)
+        landed = r.llen(mine) == 1
+        victim.kill()
+        if landed:
+            assert victim.lines == ["ready"]  # it never received it
+            return bytes(mine)
+        assert q.get_nowait() == item
+    raise AssertionError("no consumer was stopped in its BLMOVE in 5 tries")
 
 
-def test_an_item_a_killed_consumer_was_woken_for_goes_to_the_next_waiter(
-    url: str, workers: list[Worker]
+def test_an_item_a_killed_consumer_took_goes_to_the_next_consumer(
+    url: str, r: Any, workers: list[Worker]
 ) -> None:
-    """The first waiter in line is woken for the item and dies; the second still gets it.
-
-    The item never leaves the queue for a consumer that is not answered: what the dead one
-    took is the queue's bell, so the next waiter takes the item when its own wait (5 s by
-    default) ends, and a new consumer at once.
-    """
     with kvclient.connect(url) as kv:
         q = kv.queue("jobs")
-        victim, (waiter,) = first_in_line(url, kv, "jobs", workers, 1)
-        put = time.monotonic()
-        q.put(["job", 1])
-        assert q.qsize() == 1 and _items(kv, "jobs") == {container_keys("jobs")[2]: 1}
-        victim.kill()
-        assert waiter.wait_lines(2, 30) == ["ready", ["job", 1]]
-        waited = time.monotonic() - put
-        assert waited < 5 + 3, waited  # within the waiter's 5 s wait (and a loaded machine)
-        assert victim.lines == ["ready"]
-        assert q.qsize() == 0 and _items(kv, "jobs") == {}
+        stranded = strand(url, r, q, "jobs", ["job", 1], workers)
+        taken = time.monotonic()
+        # Off the queue, in the dead consumer's list: within its lease, queue calls leave it.
+        assert q.qsize() == 0 and _in_flight(r, "jobs")[stranded] == 1
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.5)
+        assert _in_flight(r, "jobs")[stranded] == 1
+        taker = Worker("consume", url, "jobs", "30")  # default settings
+        workers.append(taker)
+        assert taker.wait_lines(2, LEASE + 30) == ["ready", ["job", 1]]
+        waited = time.monotonic() - taken
+        # After the lease, within one BLMOVE wait (5 s) of the taker, which then reclaims it.
+        assert LEASE - 1.5 < waited < LEASE + 5 + 10, waited
+        taker.kill()
+        assert stranded not in _in_flight(r, "jobs")
+        assert q.qsize() == 0
+        assert r.exists(stranded) == 0
 
 
-def test_the_next_waiters_are_woken_at_once_after_a_dead_ones_bell(
-    url: str, workers: list[Worker]
-) -> None:
-    """The first in line is woken for A and dies; B is put: both others answer in 2 s, not 5.
-
-    B's put wakes the second waiter, which takes A and, as B is left, rings for the third
-    (each of the two takes one item only, so the second cannot take B itself).
-    """
-    with kvclient.connect(url) as kv:
-        q = kv.queue("jobs")
-        victim, waiters = first_in_line(url, kv, "jobs", workers, 2, most=1)
-        put = time.monotonic()
-        q.put("A")
-        q.put("B")
-        got = sorted(w.wait_lines(2, 30)[1] for w in waiters)
-        waited = time.monotonic() - put
-        assert got == ["A", "B"]
-        assert waited < 2.0, waited
-        victim.kill()
-        assert victim.lines == ["ready"]
-        assert q.qsize() == 0 and _items(kv, "jobs") == {}
-
-
-def test_an_item_answered_is_not_put_back(url: str, workers: list[Worker]) -> None:
+def test_an_item_answered_is_not_put_back(url: str, r: Any, workers: list[Worker]) -> None:
     with kvclient.connect(url) as kv:
         q = kv.queue("once")
         consumer = Worker("consume", url, "once", "60", "1")
         workers.append(consumer)
         consumer.wait_lines(1, 60)
-        assert _until(lambda: _blocked(kv, "once"), 30)
+        end = time.monotonic() + 30
+        while not _in_flight(r, "once") and time.monotonic() < end:
+            time.sleep(0.02)
         q.put("only")
         assert consumer.wait_lines(2, 30)[1] == "only"
-        assert _until(lambda: _blocked(kv, "once"), 30)  # in its next get
-        consumer.kill()
-        time.sleep(1.5)  # past its wait
+        end = time.monotonic() + 30  # taking it ended its list's lease; its next get renews it
+        while not _in_flight(r, "once") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert list(_in_flight(r, "once").values()) == [0]
+        consumer.kill()  # blocked in its next get, with an empty in-flight list
+        time.sleep(LEASE + 1.5)
         with pytest.raises(queue.Empty):
-            q.get_nowait()
-        assert q.qsize() == 0 and _items(kv, "once") == {}
+            q.get_nowait()  # finds the queue empty: reclaims, which drops the empty list
+        assert _in_flight(r, "once") == {} and q.qsize() == 0
 
 
-def test_exact_totals_with_consumers_killed_as_they_were_woken(
-    url: str, workers: list[Worker]
+def test_exact_totals_with_consumers_killed_holding_items(
+    url: str, r: Any, workers: list[Worker]
 ) -> None:
-    """Two consumers die woken for an item each; 3 producers, 3 consumers: each item once."""
+    """Two consumers die holding an item each; 3 producers, 3 consumers: each item once."""
     with kvclient.connect(url) as kv:
         q = kv.queue("work")
-        first, (second,) = first_in_line(url, kv, "work", workers, 1)
-        stop(second)
-        assert len(_blocked(kv, "work")) == 2
-        for i in range(2):
-            q.put(["woken", i])
-        with _node(kv, "work") as node:
-            assert node.llen(container_keys("work", "k")[3]) == 0  # each took a bell's token
-        for victim in (first, second):
-            victim.kill()
-            assert victim.lines == ["ready"]
-        assert q.qsize() == 2
-        consumers = [Worker("consume", url, "work", "10") for _ in range(3)]
+        stranded = [strand(url, r, q, "work", ["stranded", i], workers) for i in range(2)]
+        consumers = [Worker("consume", url, "work", str(LEASE + 10)) for _ in range(3)]
         producers = [Worker("produce", url, "work", f"p{i}", "150") for i in range(3)]
         workers.extend(consumers + producers)
         for p in producers:
@@ -278,79 +217,40 @@ def test_exact_totals_with_consumers_killed_as_they_were_woken(
             lines = c.finish(120)
             assert lines[0] == "ready"
             got.update(json.dumps(item) for item in lines[1:])
-        expected = [["woken", i] for i in range(2)]
+        expected = [["stranded", i] for i in range(2)]
         expected += [[f"p{p}", i] for p in range(3) for i in range(150)]
         assert got == Counter(json.dumps(item) for item in expected)  # none lost, none twice
-        assert q.qsize() == 0 and _items(kv, "work") == {}
+        assert q.qsize() == 0
+        assert sum(_in_flight(r, "work").values()) == 0
+        assert all(key not in _in_flight(r, "work") for key in stranded)
 
 
-def test_waiters_are_woken_at_once_each_for_its_item(url: str) -> None:
-    """Four waiters, four puts: every get answers within 2 s, not after its 5 s wait."""
-    with kvclient.connect(url) as kv:
-        q = kv.queue("many")
-        got: list[tuple[Any, float]] = []
-
-        def get() -> None:
-            with kvclient.connect(url) as own:
-                item = own.queue("many").get(timeout=30)
-                got.append((item, time.monotonic()))
-
-        for round_ in range(2):
-            threads = [threading.Thread(target=get) for _ in range(4)]
-            for t in threads:
-                t.start()
-            assert _until(lambda: len(_blocked(kv, "many")) == 4, 30)
-            got.clear()
-            began = time.monotonic()
-            for i in range(4):
-                q.put(i)
-            for t in threads:
-                t.join(30)
-            assert sorted(item for item, _at in got) == [0, 1, 2, 3]
-            assert max(at for _item, at in got) - began < 2.0, (round_, got, began)
-        assert q.qsize() == 0 and _items(kv, "many") == {}
-
-
-def test_a_consumer_whose_wait_starts_late_and_then_dies_loses_no_item(
-    url: str, workers: list[Worker]
+def test_a_worker_loop_with_a_backlog_reclaims_a_dead_consumers_item(
+    url: str, r: Any, workers: list[Worker]
 ) -> None:
-    """A consumer paused between its ``get`` script and its wait, for long, then killed.
+    """``get(); task_done()`` on a queue never empty still puts an ended lease's item back.
 
-    Its ``get`` script answered "wait"; the process stopped before it sent its blocking
-    command (tests/redis_retention_workers.py stops itself there) for 1 s longer than the wait
-    and the lease the earlier design gave it (the item then went into its in-flight list
-    after that lease had ended, and was never reclaimed: stranded for ever); meanwhile
-    another client's ``get`` ran. It goes on, blocks on the server, is stopped there, an item
-    is put, and it is killed. Another consumer must get the item, once.
+    Such a loop never finds the queue empty, so only the reclaim a get makes with items
+    queued can reach the stranded item (it alternated request ids with task_done, so a
+    reclaim keyed on every 16th sequence number never ran).
     """
-    hold = 1.0 + LEASE  # a short-windows consumer's first wait (1 s), then its old lease
     with kvclient.connect(url) as kv:
-        q = kv.queue("late")
-        for _attempt in range(3):
-            victim = Worker("consume_pausing", url, "late", "60")
-            workers.append(victim)
-            assert victim.wait_lines(2, 60) == ["ready", "pausing"]
-            assert _until(functools.partial(_stopped, victim.proc.pid), 10)  # it stopped itself
-            time.sleep(hold + 1.0)
-            with pytest.raises(queue.Empty):
-                q.get_nowait()  # any consumer's get, after that lease
-            os.kill(victim.proc.pid, signal.SIGCONT)
-            _until(lambda: _blocked(kv, "late"), 10)
-            stop(victim)
-            if _blocked(kv, "late"):  # still within its first wait (1 s) on the server
-                break
-            victim.kill()  # its first wait ended before it was stopped: again
-        else:
-            raise AssertionError("the consumer was not stopped within its first wait, 3 tries")
-        q.put(["late", 1])
-        time.sleep(0.2)
-        victim.kill()
-        assert victim.lines == ["ready", "pausing"]  # it never received the item
-        taker = Worker("consume", url, "late", "10")
-        workers.append(taker)
-        got = taker.finish(60)
-        assert got == ["ready", ["late", 1]], _items(kv, "late")  # once, not lost
-        assert q.qsize() == 0 and _items(kv, "late") == {}
+        q = kv.queue("backlog")
+        stranded = strand(url, r, q, "backlog", "stranded", workers)
+        for i in range(100):
+            q.put(i)
+        time.sleep(LEASE + 1.5)
+    with kvclient.connect(url) as kv:
+        q = kv.queue("backlog")
+        backend: Any = kv._backend  # a RedisBackend
+        if backend.session().seq % 2:  # the gets' sequence numbers all odd (worst case)
+            q.put(100)
+        got = []
+        for _ in range(40):
+            got.append(q.get_nowait())
+            q.task_done()
+        assert "stranded" in got
+        assert stranded not in _in_flight(r, "backlog")
 
 
 # -- request ids ---------------------------------------------------------------------------------

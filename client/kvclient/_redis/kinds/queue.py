@@ -1,17 +1,15 @@
 """Queue on Valkey/Redis: handlers over ``scripts/queue.lua``.
 
-``put`` and ``get`` are one script each, exactly-once under their request id. An item leaves
-the queue's list only inside a ``get`` script, which records it as that get's answer in the
-same step: it is always in the queue or in one recorded answer, so a retry after a lost reply
-gets it, and no consumer can die holding an item it was not answered with.
-
-A ``get`` on an empty queue waits in ``BLPOP`` on the queue's *bell* (a list holding at most one
-token, never an item), on its own connection only; the server wakes waiters in arrival
-order. ``put`` rings it; the woken get runs its script again, with the same request id, to
-take the item, and rings again for any left. A waiter that stalls or dies once woken holds
-only the token: another waiter then takes the item after at most one wait (below) or the next
-``put``. Waits are chunks of at most 5 s (and half the call timeout), each followed by the
-script, so a bell lost so is never waited for longer.
+``put`` and ``get`` are one script each, exactly-once under their request id. A ``get`` on
+an empty queue waits in ``BLMOVE`` on its own connection only (the server wakes waiters in
+arrival order), moving the item into this client thread's in-flight list, and then runs the
+``get`` script again with the same request id, which takes it from there and records the
+answer: if the reply of either is lost, the retry finds the item (in flight, or recorded)
+rather than dropping it. The in-flight list has a lease (the wait, then the client's
+retry window: :mod:`kvclient._redis._retention`): once it ends, because its consumer died or was cut
+off between the ``BLMOVE`` and the ``get``, the next ``get`` (any consumer's, the queue empty
+or not) puts the item back at the head of the queue and takes it, as kvserve hands a dead
+getter's item on.
 
 A ``put`` on a full queue, and ``join``, poll (5 ms doubling to 50 ms): Redis has no blocking
 wait on a count.
@@ -32,10 +30,14 @@ __all__ = ["QUEUE", "unget"]
 _S: Final = kind_scripts("queue")
 _POLL_FIRST: Final = 0.005
 _POLL_MOST: Final = 0.05
-# Longest single wait: a longer one is several, each well under the reply timeout, and each
-# followed by the get script (so an item whose bell another waiter took waits no longer).
+# Longest single BLMOVE: a wait longer than this is several, each well under the reply timeout.
 _CHUNK: Final = 5.0
-_SHORTEST: Final = 0.001  # BLPOP's timeout 0 would wait for ever
+
+
+def _inflight(ctx: Call) -> None:
+    """Point the in-flight key (``KEYS[5]``) at this client thread's own list."""
+    assert ctx.token, "get carries a request id (kvproto.schema: it mutates)"
+    ctx.keys[4] = ctx.keys[0][:-1] + f"f:{ctx.token}".encode()
 
 
 def _deadline(block: Any, timeout: Any, ctx: Call) -> tuple[bool, float | None]:
@@ -62,29 +64,34 @@ def _put(ctx: Call, args: list[Any]) -> None:
 
 def _get(ctx: Call, args: list[Any]) -> Any:
     block, deadline = _deadline(args[0] if args else True, args[1] if len(args) > 1 else None, ctx)
-    waited = "0"
+    _inflight(ctx)
     while True:
         left = _CHUNK if deadline is None else deadline - time.monotonic()
-        found = ctx.run(_S["get"], "1" if block else "0", waited)
-        if found is not None:  # not waiting: answers an item or raises queue.Empty
-            return ctx.unpack(found[0])
-        if left <= 0:
-            raise queue.Empty
         wait = min(left, _CHUNK)
         if ctx.call_timeout is not None:
             wait = min(wait, max(0.01, ctx.call_timeout / 2))
-        ctx.execute("BLPOP", ctx.keys[3], f"{max(wait, _SHORTEST):.3f}")
-        waited = "1"  # woken or not, take what is there now; then wait again if need be
+        if block:  # the in-flight list is kept for the wait that may fill it, then the lease
+            hold = int(max(wait, 0.0) * 1000) + ctx.windows.in_flight
+            found = ctx.run(_S["get"], "1", str(hold))
+        else:  # answers an item or raises queue.Empty
+            found = ctx.run(_S["get"], "0")
+        if found is not None:
+            return ctx.unpack(found[0])
+        if left <= 0:
+            raise queue.Empty
+        moved = ctx.execute("BLMOVE", ctx.keys[2], ctx.keys[4], "LEFT", "RIGHT", f"{wait:.3f}")
+        if moved is None and deadline is not None and time.monotonic() >= deadline:
+            raise queue.Empty
 
 
 def unget(ctx: Call) -> int:
     """Put back what the cancelled get ``ctx`` took (asyncio's fence); return how many.
 
-    Run once its ``BLPOP`` can take nothing more. Only that get's item (recorded under its
-    request id) goes back, at the queue's tail, in one script: never one taken from the
-    queue itself, no maxsize check, the unfinished count unchanged. The bell is rung if the
-    queue holds items (the cancelled wait may have taken its token).
+    Run once its ``BLMOVE`` can move nothing more. Only that get's item (recorded under its
+    request id, or in its in-flight list) goes back, at the queue's tail, in one script:
+    never one taken from the queue itself, no maxsize check, the unfinished count unchanged.
     """
+    _inflight(ctx)
     return int(ctx.read(_S["unget"], ctx.token, ctx.seq)[0])
 
 

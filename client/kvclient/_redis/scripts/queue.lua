@@ -1,19 +1,22 @@
--- queue: KEYS[3] D a Redis list of encoded items; KEYS[4] K2 its bell: a list of at most one
--- token that a blocked get waits on (BLPOP), never an item. Meta 'check' is maxsize, 'unf'
--- the unfinished tasks.
---
--- An item leaves D only inside a get script, which records the answer under the get's
--- request id in the same atomic step: the item is always in exactly one place, D or that
--- answer, never with a consumer that has not been answered (a retry after a lost reply gets
--- the recorded answer). Waiting is on the bell, not on D, so a consumer that stalls or dies
--- while it waits, or after it is woken, holds no item: the worst it can do is take the bell,
--- which delays another waiter until that one's wait times out (one wait: at most 5 s) or the
--- next put or woken get rings again.
+-- queue: KEYS[3] D a Redis list of encoded items; KEYS[4] K2 a sorted set of this queue's
+-- in-flight lists, each by the time (server ms) its lease ends; KEYS[5] K3 this client
+-- thread's in-flight list: where a blocked get's BLMOVE puts the item it takes, so that an
+-- item whose reply is lost stays there for the retry (same request id) to answer with,
+-- instead of being dropped. Meta 'check' is maxsize, 'unf' the unfinished tasks.
 
 --- @common
--- Leave one token in the bell (waking the first waiter in line) unless one is there.
-local function ring()
-  if redis.call('LLEN', K2) == 0 then redis.call('RPUSH', K2, '1') end
+-- Put back at the head of D, in the order their leases ended, the items of in-flight lists
+-- whose lease has ended (their consumer died, or was cut off longer than its lease, between
+-- its BLMOVE and its get): at most 8 lists per script, so that a queue script stays short.
+-- A consumer that comes back later finds its list empty and takes from D like any other.
+local function reclaim()
+  local first = redis.call('ZRANGE', K2, 0, 0, 'WITHSCORES')
+  if #first == 0 or tonumber(first[2]) > now_ms() then return end
+  local ended = redis.call('ZRANGEBYSCORE', K2, '-inf', now_ms(), 'LIMIT', 0, 8)
+  for i = #ended, 1, -1 do
+    while redis.call('LMOVE', ended[i], D, 'RIGHT', 'LEFT') do end
+  end
+  redis.call('ZREM', K2, unpack(ended))
 end
 
 --- @op put
@@ -25,46 +28,49 @@ if max > 0 and redis.call('LLEN', D) >= max then
 end
 redis.call('RPUSH', D, A[1])
 redis.call('HINCRBY', M, 'unf', 1)
-ring()
 return {'ok'}
 
 --- @op get
--- A: '1' if it may wait, then '1' if it has waited (this call's BLPOP on the bell returned:
--- woken, or its wait ended). Answer: {'ok', item}, Empty, or 'again' (empty: the client waits
--- in BLPOP on K2, then calls this again with the same request id).
--- A get that has waited may have taken the bell a put rang for several items, or have been
--- woken for an item another consumer took: once it takes one, it rings again for what is
--- left. A get about to wait clears the bell: with D empty, no token there is for anyone.
-local v = redis.call('LPOP', D)
+-- A: '1' if it may wait, then the ms to keep K3 in flight (the BLMOVE's wait plus the lease).
+-- Answer: {'ok', item}, Empty, or 'again' (empty: the client waits in BLMOVE D -> K3, then
+-- calls this again with the same request id to take what it moved). Taking the item from K3
+-- ends its lease in the same step as recording the answer: an item answered is never put back.
+-- Every get that does not answer from K3 reclaims ended leases first (one ZRANGE when none
+-- has ended, and TIME only if some list is in flight), so a reclaimed item is the next one
+-- taken, whether or not the queue ever runs empty.
+local v = redis.call('LPOP', K3)
 if v then
-  if A[2] == '1' and redis.call('LLEN', D) > 0 then ring() end
+  if redis.call('LLEN', K3) == 0 then redis.call('ZREM', K2, K3) end
   return {'ok', v}
 end
+reclaim()
+v = redis.call('LPOP', D)
+if v then return {'ok', v} end
 if A[1] == '1' then
-  redis.call('DEL', K2)
+  redis.call('ZADD', K2, now_ms() + tonumber(A[2]), K3)
   return {'again'}
 end
 return fail('Empty')
 
 --- @op unget
--- The fence of a cancelled get (kvclient._redis.aio), run without a request id once its
--- BLPOP can take nothing more. A: the get's token and sequence number. Puts back, at the tail
--- of D, what that get took: its recorded answer (the record becomes Empty, so a retry of this
--- puts back nothing); never takes from D. No maxsize check and no change to 'unf': the item
--- was never done. Rings when D holds items (the cancelled BLPOP may have taken the bell).
--- Answer: {'ok', n put back}.
+-- The fence of a cancelled get (kvclient._redis.aio), run without a request id once nothing
+-- can reach K3 any more. A: the get's token and sequence number. Puts back, at the tail of
+-- D, only what that get took: its recorded answer (the record becomes Empty, so a retry of
+-- this puts back nothing), else what is in its in-flight list K3; never takes from D. No
+-- maxsize check and no change to 'unf': the item was never done. Answer: {'ok', n put back}.
 local tok, seq = A[1], A[2]
 local rec, where = recorded(tok)
-local n = 0
 if rec then
   local p = cmsgpack.unpack(rec)
   if p[1] == seq and p[2][1] == 'ok' then
     redis.call('RPUSH', D, p[2][2])
     redis.call('HSET', where, tok, cmsgpack.pack({seq, {'err', 'Empty', ''}}))
-    n = 1
+    return {'ok', 1}
   end
 end
-if redis.call('LLEN', D) > 0 then ring() end
+local n = 0
+while redis.call('LMOVE', K3, D, 'LEFT', 'RIGHT') do n = n + 1 end
+redis.call('ZREM', K2, K3)
 return {'ok', n}
 
 --- @op qsize

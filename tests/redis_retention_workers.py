@@ -9,7 +9,9 @@ lease of its in-flight queue items and the life of its request ids derive from t
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -45,6 +47,30 @@ def consume(url: str, name: str, idle: str, short: str = "0") -> None:
                 return
 
 
+def consume_pausing(url: str, name: str, idle: str) -> None:
+    """As :func:`consume` (short windows), but stop this process just before its first wait.
+
+    Right before its first ``get`` sends the command that waits on the server (what a client
+    descheduled, paused or slow between its ``get`` script and that command does), it
+    prints ``"pausing"`` and stops itself (SIGSTOP); the test decides when it goes on.
+    """
+    from kvclient._redis._backend import Call
+
+    send = Call.execute
+    paused = False
+
+    def execute(self: Call, *command: Any) -> Any:
+        nonlocal paused
+        if not paused and str(command[0]).upper().startswith("BL"):
+            paused = True
+            _say("pausing")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return send(self, *command)
+
+    Call.execute = execute  # type: ignore[method-assign]
+    consume(url, name, idle, "1")
+
+
 def produce(url: str, name: str, tag: str, count: str) -> None:
     """Put ``count`` items ``[tag, i]``."""
     with kvclient.connect(url) as kv:
@@ -68,6 +94,7 @@ def write_once(url: str, name: str, threads: str) -> None:
 
 ROLES: dict[str, Callable[..., None]] = {
     "consume": consume,
+    "consume_pausing": consume_pausing,
     "produce": produce,
     "write_once": write_once,
 }

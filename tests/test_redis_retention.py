@@ -15,6 +15,7 @@ real client processes (tests/redis_retention_workers.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -251,6 +252,74 @@ def test_a_worker_loop_with_a_backlog_reclaims_a_dead_consumers_item(
             q.task_done()
         assert "stranded" in got
         assert stranded not in _in_flight(r, "backlog")
+
+
+def _blocked(kv: kvclient.Client, name: str) -> list[dict[str, Any]]:
+    """The connections blocked in a command on the node that serves queue ``name``."""
+    import redis
+
+    host, port = kv._backend.nodes.node_for(container_keys(name)[0])  # type: ignore[attr-defined]
+    with redis.Redis(host=host, port=port) as node:
+        return [c for c in node.client_list() if "b" in c["flags"]]
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _until(condition: Any, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.005)
+    return bool(condition())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known hole, not fixed: a BLMOVE that completes after its consumer's lease ended "
+    "leaves the item in an in-flight list with no lease if the consumer then dies",
+)
+def test_a_consumer_whose_wait_starts_after_its_lease_and_then_dies_loses_no_item(
+    url: str, r: Any, workers: list[Worker]
+) -> None:
+    """A consumer paused between its ``get`` script and its ``BLMOVE`` past its lease, then killed.
+
+    Its ``get`` script answered "wait" and started its lease; the process stopped itself
+    right before sending ``BLMOVE`` (tests/redis_retention_workers.py) for 1 s longer than
+    the wait and the lease; meanwhile another client's ``get`` ran (and dropped the ended
+    lease). It goes on, blocks on the server, is stopped there, an item is put (moved into its
+    in-flight list, which no lease names any more), and it is killed. Another consumer must
+    get the item: today it does not (README).
+    """
+    hold = 1.0 + LEASE  # a short-windows consumer's first wait (1 s), then its lease
+    with kvclient.connect(url) as kv:
+        q = kv.queue("late")
+        for _attempt in range(3):
+            victim = Worker("consume_pausing", url, "late", "60")
+            workers.append(victim)
+            assert victim.wait_lines(2, 60) == ["ready", "pausing"]
+            assert _until(functools.partial(_stopped, victim.proc.pid), 10)
+            time.sleep(hold + 1.0)
+            with pytest.raises(queue.Empty):
+                q.get_nowait()  # any consumer's get, after the lease
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            _until(lambda: _blocked(kv, "late"), 10)
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            assert _until(functools.partial(_stopped, victim.proc.pid), 10)
+            if _blocked(kv, "late"):  # still within its first wait (1 s) on the server
+                break
+            victim.kill()  # its first wait ended before it was stopped: again
+        else:
+            raise AssertionError("the consumer was not stopped within its first wait, 3 tries")
+        q.put(["late", 1])
+        time.sleep(0.2)
+        victim.kill()
+        assert victim.lines == ["ready", "pausing"]  # it never received the item
+        taker = Worker("consume", url, "late", str(LEASE + 10))
+        workers.append(taker)
+        got = taker.finish(LEASE + 60)
+        assert got == ["ready", ["late", 1]], _in_flight(r, "late")  # once, not lost
 
 
 # -- request ids ---------------------------------------------------------------------------------

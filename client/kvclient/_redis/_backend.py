@@ -338,8 +338,8 @@ class RedisBackend:
         """Run ``script`` on the node of ``keys[0]`` (loading it there if it is missing).
 
         ``confirm`` (a call that changes state, with ``durability="replica"``): follow it
-        with ``WAIT 1`` on the same connection (``WAITAOF 1 1`` where the node has it and
-        its AOF on: :meth:`~kvclient._redis._nodes.Nodes.execute`).
+        with ``WAIT 1`` on the same connection (``WAITAOF`` where the node has it and a
+        replica keeps an AOF: :meth:`~kvclient._redis._nodes.Nodes._confirmation`).
 
         Raises:
             KVConnectionError: ``confirm``, and no replica confirmed the write within the
@@ -367,21 +367,12 @@ class RedisBackend:
         if then is None:
             return reply
         result, confirmed = reply
-        if isinstance(confirmed, list):  # WAITAOF: [local fsyncs, replica fsyncs]
-            if int(confirmed[0]) >= 1 and int(confirmed[1]) >= 1:
-                return result
-            raise KVConnectionError(
-                f"{self.endpoint}: {script.name} was applied on the master of its slot but no "
-                f"replica confirmed it fsynced to its AOF within {then[2]} ms (WAITAOF answered "
-                f"{confirmed[0]} local, {confirmed[1]} replicas; replicas need appendonly yes; "
-                "durability='replica')"
-            )
-        if int(confirmed) < 1:
-            raise KVConnectionError(
-                f"{self.endpoint}: {script.name} was applied on the master of its slot but no "
-                f"replica confirmed it within {then[2]} ms (durability='replica')"
-            )
-        return result
+        if confirmed.enough:
+            return result
+        raise KVConnectionError(
+            f"{self.endpoint}: {script.name} was applied on the master of its slot but "
+            f"{confirmed.shortfall} (durability='replica')"
+        )
 
     def call(
         self,

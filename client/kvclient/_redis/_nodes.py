@@ -23,7 +23,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import redis
 from redis import exceptions as rx
@@ -34,13 +34,38 @@ from redis.retry import Retry as RedisRetry
 from kvproto.errors import AuthError, KVConnectionError, KVTimeoutError, TLSError
 from kvproto.net import format_address
 
-__all__ = ["SLOTS", "Nodes", "translate"]
+__all__ = ["SLOTS", "Confirmed", "Nodes", "translate", "waitaof_counts"]
 
 SLOTS: Final = 16384
 # Redirections followed for one call before giving up (a map in flux resettles in a few).
 _MAX_REDIRECTS: Final = 16
 # A master with min-replicas-to-write refusing writes: no replica in sync (yet), retryable.
 _NOREPLICAS: Final = "NOREPLICAS "
+# Seconds to reach a replica when learning whether it keeps an AOF (it may be unreachable
+# from the client's network: it then counts as keeping none).
+_PROBE_TIMEOUT: Final = 2.0
+
+
+class Confirmed(NamedTuple):
+    """How a write was confirmed (``durability="replica"``): enough or not, and if not, why."""
+
+    enough: bool
+    shortfall: str
+
+
+def waitaof_counts(master_aof: bool, replica_aofs: int, wanted: int) -> tuple[int, int] | None:
+    """Return ``(numlocal, numreplicas)`` for ``WAITAOF``, or None to confirm with ``WAIT``.
+
+    For a master of Redis 7.2+ (or Valkey) with ``master_aof`` and ``replica_aofs`` of its
+    replicas keeping an AOF, asked for ``wanted`` replicas. ``WAITAOF`` counts only replicas
+    that fsync an AOF: one without never acknowledges, so asking for more replicas than keep
+    one would time out on every write that ``WAIT`` confirms (a replica has it, in memory):
+    then ``WAIT``. ``numlocal`` is 1 only where the master keeps an AOF (it refuses 1
+    otherwise): so a master without one and replicas with one is confirmed by their fsyncs.
+    """
+    if replica_aofs < wanted:
+        return None
+    return (1 if master_aof else 0), wanted
 
 
 class _Redirect(Exception):
@@ -99,8 +124,9 @@ class Nodes:
         # slot -> master (host, port); empty until the first refresh.
         self._slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._stale = cluster
-        # node -> whether it confirms with WAITAOF (see _confirmation); learnt on first use.
-        self._waitaof: dict[tuple[str, int], bool] = {}
+        # master -> (its AOF on, how many of its replicas keep one), None if it has no
+        # WAITAOF (see _confirmation); learnt on first use, forgotten when WAITAOF fails.
+        self._aof: dict[tuple[str, int], tuple[bool, int] | None] = {}
 
     def client(self, node: tuple[str, int]) -> redis.Redis:
         """Return the client (connection pool) of ``node``, making it on first use."""
@@ -200,11 +226,11 @@ class Nodes:
     ) -> Any:
         """Send ``command`` to the master of ``key``'s slot (or to ``node``); return its reply.
 
-        ``then``: a second command sent right after it on the same connection (``WAIT``,
-        which counts the replicas that have the writes of *this* connection); the reply is
-        then ``(first reply, second reply)``. ``("WAIT", 1, ms)`` is sent as
-        ``WAITAOF 1 1 ms`` to a node that has it and its AOF on (see :meth:`_confirmation`):
-        its reply is then ``[local fsyncs, replica fsyncs]``.
+        ``then``: a second command sent right after it on the same connection; the reply is
+        then ``(first reply, second reply)``. ``("WAIT", n, ms)`` confirms the writes of
+        *this* connection (``durability="replica"``): it is sent as ``WAIT`` or, where the
+        master and its replicas can answer it, ``WAITAOF`` (see :meth:`_confirmation`), and
+        the second reply is then a :class:`Confirmed`.
 
         Raises:
             KVConnectionError, KVTimeoutError, AuthError, TLSError: see :func:`translate`;
@@ -228,8 +254,9 @@ class Nodes:
         then: tuple[Any, ...] | None = None,
     ) -> Any:
         client = self.client(target)
+        confirm = then is not None and then[0] == "WAIT"
         try:
-            if then is not None and then[0] == "WAIT":
+            if then is not None and confirm:
                 then = self._confirmation(target, then)
             if asking or then is not None:
                 # A pipeline holds one connection for its commands: ASKING applies to the
@@ -241,7 +268,11 @@ class Nodes:
                 if then is not None:
                     pipe.execute_command(*then)  # type: ignore[no-untyped-call]
                 replies = pipe.execute()[1 if asking else 0 :]
-                return replies[0] if then is None else (replies[0], replies[1])
+                if then is None:
+                    return replies[0]
+                return replies[0], self._confirmed(
+                    target, then, replies[1]
+                ) if confirm else replies[1]
             return client.execute_command(*command)  # type: ignore[no-untyped-call]
         except rx.MovedError as exc:
             slot, host, port = _redirect_target(exc)
@@ -263,7 +294,7 @@ class Nodes:
             if then is not None and then[0] == "WAITAOF" and "(WAITAOF" in str(exc):
                 # Its AOF was turned off, or it was downgraded: learn anew on the retry (the
                 # script ran; its request id makes the retry apply nothing twice).
-                self._waitaof.pop(target, None)
+                self._aof.pop(target, None)
                 raise KVConnectionError(
                     f"{format_address(*target)} refused WAITAOF ({exc}); retrying helps"
                 ) from exc
@@ -275,28 +306,72 @@ class Nodes:
             raise translate(exc, format_address(*target)) from exc
 
     def _confirmation(self, target: tuple[str, int], wait: tuple[Any, ...]) -> tuple[Any, ...]:
-        """Return ``WAIT n ms`` as ``WAITAOF 1 n ms`` where ``target`` can answer it.
+        """Return ``WAIT n ms`` as ``WAITAOF local n ms`` where ``target`` can answer it.
 
-        ``WAITAOF`` (Redis 7.2, so every Valkey) confirms that the write is fsynced to the
-        AOF of the master and of ``n`` replicas: what ``WAIT`` confirms (a replica has it)
-        and that it survives a restart of those nodes. It needs the master's AOF on (else the
-        server refuses ``numlocal`` 1), so a node without it is confirmed with ``WAIT``. Learnt
-        once per node from ``INFO`` (``COMMAND INFO`` of an unknown command breaks redis-py's
-        reply parser); Valkey reports the Redis version it is compatible with there.
+        ``WAITAOF`` (Redis 7.2, so every Valkey) confirms that the write is fsynced to the AOF
+        of ``n`` replicas (and of the master where it keeps one): what ``WAIT`` confirms (a
+        replica has it) and that it survives a restart of those nodes. It is asked for only
+        where at least ``n`` replicas keep an AOF (:func:`waitaof_counts`); else ``WAIT``.
+        Learnt once per master from ``INFO`` (``COMMAND INFO`` of an unknown command breaks
+        redis-py's reply parser; Valkey reports the Redis version it is compatible with), and
+        its replicas' from their own ``INFO``: the master does not know whether they keep one.
         """
-        found = self._waitaof.get(target)
-        if found is None:
+        if target not in self._aof:
             node = self.client(target)
             # One section per INFO: Redis before 7.0 refuses several (and has no WAITAOF).
             server = node.info("server")
             version = tuple(
                 int(part) for part in str(server.get("redis_version", "0")).split(".")[:2]
             )
-            found = (
-                version >= (7, 2) and str(node.info("persistence").get("aof_enabled", "0")) == "1"
+            learnt = None
+            if version >= (7, 2):
+                master_aof = str(node.info("persistence").get("aof_enabled", "0")) == "1"
+                learnt = master_aof, sum(self.replica_aofs(target))
+            self._aof[target] = learnt
+        learnt = self._aof[target]
+        counts = None if learnt is None else waitaof_counts(*learnt, int(wait[1]))
+        return wait if counts is None else ("WAITAOF", *counts, *wait[2:])
+
+    def replica_aofs(self, master: tuple[str, int]) -> list[bool]:
+        """Whether each replica in sync with ``master`` keeps an AOF (``appendonly yes``).
+
+        Asked of each replica at the address its master lists, with the client's credentials
+        and TLS; one that does not answer within 2 s counts as keeping none.
+        """
+        found = []
+        for name, entry in self.client(master).info("replication").items():
+            if not (name.startswith("slave") and isinstance(entry, dict)):
+                continue
+            if entry.get("state") != "online":
+                continue
+            options = dict(
+                self._options, socket_timeout=_PROBE_TIMEOUT, socket_connect_timeout=_PROBE_TIMEOUT
             )
-            self._waitaof[target] = found
-        return ("WAITAOF", 1, *wait[1:]) if found else wait
+            try:
+                with redis.Redis(host=str(entry["ip"]), port=int(entry["port"]), **options) as r:
+                    aof = str(r.info("persistence").get("aof_enabled", "0")) == "1"
+            except rx.RedisError:
+                aof = False
+            found.append(aof)
+        return found
+
+    def _confirmed(self, target: tuple[str, int], sent: tuple[Any, ...], reply: Any) -> Confirmed:
+        """Whether the reply of the ``WAIT`` or ``WAITAOF`` ``sent`` confirms enough."""
+        if sent[0] == "WAITAOF":
+            local, replicas = int(reply[0]), int(reply[1])
+            if local >= sent[1] and replicas >= sent[2]:
+                return Confirmed(True, "")
+            # A replica keeping an AOF may be gone, or an AOF turned off: learn anew on the
+            # retry (the script ran; its request id makes the retry apply nothing twice).
+            self._aof.pop(target, None)
+            return Confirmed(
+                False,
+                f"no replica confirmed it fsynced to its AOF within {sent[3]} ms (WAITAOF "
+                f"{sent[1]} {sent[2]} answered {local} local, {replicas} replicas)",
+            )
+        if int(reply) >= sent[1]:
+            return Confirmed(True, "")
+        return Confirmed(False, f"no replica confirmed it within {sent[2]} ms")
 
 
 def _redirect_target(exc: rx.ResponseError) -> tuple[int, str, int]:

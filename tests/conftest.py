@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -67,79 +66,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("implementation", ids, indirect=True)
 
 
-# -- Scheduling over pytest-xdist's workers (`--dist loadscope` in pyproject.toml) -----------
-
-# A test's scope, the unit handed to one worker, is the test itself, except in these files:
-# their tests share a module-scoped fixture (a Redis cluster, a server and its data), so each
-# file runs in one worker, in order, on one instance of it. Checked at collection below.
-SHARED_FIXTURE_FILES = frozenset(
-    f"tests/{name}.py"
-    for name in (
-        "test_deploy",
-        "test_faults_wire",
-        "test_multihost",
-        "test_redis_cluster_harness",
-        "test_redis_routing",
-        "test_redis_sync",
-        "test_redis_tls",
-        "test_security",
-        "test_startup_progress",
-        "test_stdlib_parity",
-    )
-)
-
-# Started first, in this order (a stable sort of the collection): each runs for minutes,
-# longer than most files, so one begun near the end would leave the other workers idle until
-# it finishes. Only an order: a test missing from here runs all the same, in its place.
-LONG_TESTS = (
-    "tests/test_faults_disk.py::TestModelSurvivesRestartsAndDamage",
-    "tests/test_deploy.py::test_build_context_builds_a_wheel_with_both_commands",
-    "tests/test_cli_redis.py::test_the_commands_run_unchanged_on_redis",
-    "tests/test_client_runner.py::test_the_lease_keeper_starts_afresh_in_a_forked_child",
-    "tests/test_api.py::test_proxy_handed_to_a_child_process_keeps_working",
-    "tests/test_faults_long.py::",
-    "tests/test_redis_retention.py::test_short_lived_writers_are_forgotten_after_their_window",
-    "tests/test_redis_retention.py::test_exact_totals_with_consumers_killed_holding_items",
-    "tests/test_kvctl_fast.py::test_fast_incr_is_exact_across_processes",
-    "tests/test_conformance_meta.py::",
-)
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """For ``--dist loadscope``: the scopes above (xdist's own are whole files)."""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
-
-    class ByTest(LoadScopeScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            file = nodeid.split("::", 1)[0]
-            return file if file in SHARED_FIXTURE_FILES else nodeid
-
-    return ByTest(config, log)
-
-
-def _shares_a_module_fixture(item: pytest.Item) -> bool:
-    defs = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]
-    return any(d.scope == "module" for fixturedefs in defs.values() for d in fixturedefs)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    unlisted = sorted(
-        {item.nodeid.split("::", 1)[0] for item in items if _shares_a_module_fixture(item)}
-        - SHARED_FIXTURE_FILES
-    )
-    if unlisted:
-        raise pytest.UsageError(
-            f"{', '.join(unlisted)}: a module-scoped fixture; add to SHARED_FIXTURE_FILES"
-            " in tests/conftest.py, or its tests may run in several workers"
-        )
-    items.sort(
-        key=lambda item: next(
-            (i for i, long in enumerate(LONG_TESTS) if item.nodeid.startswith(long)),
-            len(LONG_TESTS),
-        )
-    )
     registry = backends.by_id()
     for item in items:
         callspec = getattr(item, "callspec", None)

@@ -259,6 +259,10 @@ class Cluster:
                 "",
                 "--appendonly",
                 "no",
+                # A replica's full sync starts at once, not after the default 5 s wait for
+                # more replicas to share it: a start-up and a restarted node wait on it.
+                "--repl-diskless-sync-delay",
+                "0",
                 "--logfile",
                 "redis.log",
                 "--daemonize",

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import kvclient
+from kvclient._redis._nodes import _Learnt
 from kvclient.retry import Retry
 from tests.redis_cluster import Cluster, Node, require, running_cluster
 
@@ -172,11 +173,13 @@ def test_durability_replica_confirms_with_wait_where_waitaof_cannot_serve(
         master = next(n for n in redis_cluster_session.nodes if n.port == target[1])
         waits = _calls(master, "wait")
         d["k"] = 1
-        assert nodes._aof[target] is None  # 7.0: no WAITAOF
+        assert nodes._aof[target].aof is None  # 7.0: no WAITAOF
         waited = _calls(master, "wait")
         assert waited > waits and _calls(master, "waitaof") == 0
-        nodes._aof[target] = (True, 1)  # as if it had WAITAOF, its AOF and a replica's on
+        nodes._aof[target] = _Learnt(
+            (True, 1), time.monotonic()
+        )  # as if it had WAITAOF, its AOF and a replica's on
         assert d.incr("n") == 1  # WAITAOF refused, retried with WAIT, applied once
-        assert nodes._aof[target] is None
+        assert nodes._aof[target].aof is None
         assert d.copy() == {"k": 1, "n": 1}
         assert _calls(master, "wait") == waited + 1

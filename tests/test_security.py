@@ -203,6 +203,73 @@ def test_a_plain_server_that_closes_at_once_is_not_taken_for_tls(
         proc.communicate(timeout=10)
 
 
+def test_a_tls_server_at_its_limit_is_retryable(
+    connect: Connect, clean_env: dict[str, str], authkey: bytes, pki: dict[str, Path]
+) -> None:
+    """At its --max-connections limit kvserve closes a new connection at accept, before TLS:
+    a TLS client gets the retryable KVConnectionError naming both likely causes (not a
+    TLSError, which no retry would get past), and a plain client keeps the TLS hint.
+    """
+    env = dict(clean_env, KV_AUTHKEY=authkey.decode())
+    proc = start_kvserve(env, "--tls-cert", str(pki["server"]), "--max-connections", "1")
+    try:
+        address = read_listening_line(proc)
+        with connect(address, authkey, ca=pki["ca"]) as first:
+            first.ping()
+            with pytest.raises(kvclient.KVConnectionError) as told:
+                connect(address, authkey, ca=pki["ca"], retry=None)
+            assert not isinstance(told.value, kvclient.TLSError), repr(told.value)
+            message = str(told.value)
+            assert message.startswith(f"server at {address} closed the connection during the TLS")
+            assert "--max-connections limit, or not serving TLS (--tls-cert)?" in message
+            assert "handshake ()" not in message  # a reason, even for a bare reset
+            start = time.monotonic()
+            with pytest.raises(kvclient.KVConnectionError) as told:
+                connect(address, authkey, retry=None, timeout=20)
+            assert time.monotonic() - start < 10
+            assert not isinstance(told.value, kvclient.TLSError), repr(told.value)
+            assert "max-connections" in str(told.value)
+            assert "if it serves TLS, connect with tls=True" in str(told.value)
+        with connect(address, authkey, ca=pki["ca"]) as again:  # a retry then gets in
+            again.ping()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def test_the_tls_probe_waits_no_longer_than_the_connect_timeout(
+    connect: Connect, authkey: bytes
+) -> None:
+    """A port that closes a plain client at once is asked whether it answers TLS: that probe
+    waits the connect timeout (5 s at most), not 5 s whatever it is (in a thread, for the
+    asyncio client). Here a listener closes the first connection and holds the probe's."""
+    held: list[float] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+
+        def serve() -> None:
+            first, _ = listener.accept()
+            first.close()
+            probe, _ = listener.accept()
+            with probe:
+                began = time.monotonic()
+                probe.settimeout(10)
+                try:
+                    while probe.recv(4096):
+                        pass
+                except OSError:
+                    return
+                held.append(time.monotonic() - began)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        with pytest.raises(kvclient.KVError):
+            connect(f"127.0.0.1:{port}", authkey, retry=None, timeout=1.0)
+        thread.join(15)
+    assert held and held[0] < 3, held  # closed at the 1 s timeout, not after 5 s
+
+
 def test_unknown_ca_is_refused(
     connect: Connect, tls_server: Server, authkey: bytes, tmp_path: Path
 ) -> None:

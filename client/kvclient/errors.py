@@ -90,7 +90,8 @@ def translate_handshake_error(
 
     Returns:
         A :class:`TLSError` where TLS is the cause (the server expects TLS, or did not answer
-        it, or refused a certificate), else a :class:`KVConnectionError` (retryable).
+        it, or refused a certificate), else a :class:`KVConnectionError` (retryable): also
+        for a close during the TLS handshake, as kvserve at its --max-connections limit does.
     """
     ssl = sys.modules.get("ssl")  # loaded if an ssl error could be raised (see connection.py)
     closed = isinstance(exc, _CLOSED) or (
@@ -109,10 +110,12 @@ def translate_handshake_error(
                 "with --tls-cert?"
             )
         if closed:
-            return TLSError(
+            # Retryable: kvserve at its --max-connections limit closes at accept, before TLS.
+            # A server answering in TLS but refusing it says so (an alert, a certificate).
+            return KVConnectionError(
                 f"server at {endpoint} closed the connection during the TLS handshake "
-                f"({_reason(exc)}); is it started with --tls-cert, and not at its "
-                "--max-connections limit?"
+                f"({_reason(exc)}); is it at its --max-connections limit, or not serving TLS "
+                "(--tls-cert)?"
             )
         if failed:
             return TLSError(
@@ -146,10 +149,11 @@ def translate_handshake_error(
             "(or set KV_TLS_CA; kvctl: --tls-ca)"
         )
     if closed:
-        # Retryable: a server at its --max-connections limit does this too.
+        # Retryable: a server at its --max-connections limit does this too (a TLS one
+        # then closes the probe as well, so it may still be a TLS server).
         return KVConnectionError(
             f"{endpoint} closed the connection during the handshake (is it kvserve? at its "
-            "--max-connections limit?)"
+            "--max-connections limit?); if it serves TLS, connect with tls=True (or KV_TLS_CA)"
         )
     return translate_os_error(exc, endpoint, "connect to")
 
@@ -165,4 +169,6 @@ def needs_tls_probe(exc: BaseException, tls: bool) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
-    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+    # asyncio raises a bare ConnectionResetError() for a reset during its TLS handshake.
+    reason = str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+    return reason or type(exc).__name__

@@ -20,8 +20,10 @@ redis-py's ``RedisCluster`` is not used: its per-call cost was measured at about
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
@@ -44,6 +46,11 @@ _NOREPLICAS: Final = "NOREPLICAS "
 # Seconds to reach a replica when learning whether it keeps an AOF (it may be unreachable
 # from the client's network: it then counts as keeping none).
 _PROBE_TIMEOUT: Final = 2.0
+# Seconds before a master confirmed with WAIT is asked again whether WAITAOF can confirm it
+# (an AOF replica that was starting, resyncing or added since), instead of at every write.
+_RELEARN_AFTER: Final = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class Confirmed(NamedTuple):
@@ -66,6 +73,18 @@ def waitaof_counts(master_aof: bool, replica_aofs: int, wanted: int) -> tuple[in
     if replica_aofs < wanted:
         return None
     return (1 if master_aof else 0), wanted
+
+
+class _Learnt(NamedTuple):
+    """What :meth:`Nodes._confirmation` learnt of a master, and when (``time.monotonic()``)."""
+
+    # (the master keeps an AOF, how many of its replicas keep one); None: no WAITAOF (< 7.2).
+    aof: tuple[bool, int] | None
+    at: float
+
+    def counts(self, wanted: int) -> tuple[int, int] | None:
+        """:func:`waitaof_counts` for ``wanted`` replicas, None also where no ``WAITAOF``."""
+        return None if self.aof is None else waitaof_counts(*self.aof, wanted)
 
 
 class _Redirect(Exception):
@@ -124,9 +143,12 @@ class Nodes:
         # slot -> master (host, port); empty until the first refresh.
         self._slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._stale = cluster
-        # master -> (its AOF on, how many of its replicas keep one), None if it has no
-        # WAITAOF (see _confirmation); learnt on first use, forgotten when WAITAOF fails.
-        self._aof: dict[tuple[str, int], tuple[bool, int] | None] = {}
+        # master -> what it and its replicas keep (see _confirmation): learnt on first use,
+        # again while it is confirmed with WAIT (at most every _RELEARN_AFTER s), forgotten
+        # when a WAIT or WAITAOF falls short.
+        self._aof: dict[tuple[str, int], _Learnt] = {}
+        # Replicas that could not be asked whether they keep an AOF, warned of once each.
+        self._unreached: set[tuple[str, int]] = set()
 
     def client(self, node: tuple[str, int]) -> redis.Redis:
         """Return the client (connection pool) of ``node``, making it on first use."""
@@ -312,31 +334,38 @@ class Nodes:
         of ``n`` replicas (and of the master where it keeps one): what ``WAIT`` confirms (a
         replica has it) and that it survives a restart of those nodes. It is asked for only
         where at least ``n`` replicas keep an AOF (:func:`waitaof_counts`); else ``WAIT``.
-        Learnt once per master from ``INFO`` (``COMMAND INFO`` of an unknown command breaks
+        Learnt per master from ``INFO`` (``COMMAND INFO`` of an unknown command breaks
         redis-py's reply parser; Valkey reports the Redis version it is compatible with), and
         its replicas' from their own ``INFO``: the master does not know whether they keep one.
+        Learnt again while it gives ``WAIT``, at most every ``_RELEARN_AFTER`` seconds: a
+        replica keeping an AOF may not have been online yet (starting, resyncing), or be new.
         """
-        if target not in self._aof:
-            node = self.client(target)
-            # One section per INFO: Redis before 7.0 refuses several (and has no WAITAOF).
-            server = node.info("server")
-            version = tuple(
-                int(part) for part in str(server.get("redis_version", "0")).split(".")[:2]
-            )
-            learnt = None
-            if version >= (7, 2):
-                master_aof = str(node.info("persistence").get("aof_enabled", "0")) == "1"
-                learnt = master_aof, sum(self.replica_aofs(target))
-            self._aof[target] = learnt
-        learnt = self._aof[target]
-        counts = None if learnt is None else waitaof_counts(*learnt, int(wait[1]))
+        wanted = int(wait[1])
+        learnt = self._aof.get(target)
+        if learnt is None or (
+            learnt.counts(wanted) is None and time.monotonic() - learnt.at >= _RELEARN_AFTER
+        ):
+            learnt = self._aof[target] = self._learn(target)
+        counts = learnt.counts(wanted)
         return wait if counts is None else ("WAITAOF", *counts, *wait[2:])
+
+    def _learn(self, target: tuple[str, int]) -> _Learnt:
+        """Ask ``target`` (a master) and its replicas what :meth:`_confirmation` needs."""
+        node = self.client(target)
+        # One section per INFO: Redis before 7.0 refuses several (and has no WAITAOF).
+        server = node.info("server")
+        version = tuple(int(part) for part in str(server.get("redis_version", "0")).split(".")[:2])
+        aof = None
+        if version >= (7, 2):
+            master_aof = str(node.info("persistence").get("aof_enabled", "0")) == "1"
+            aof = master_aof, sum(self.replica_aofs(target))
+        return _Learnt(aof, time.monotonic())
 
     def replica_aofs(self, master: tuple[str, int]) -> list[bool]:
         """Whether each replica in sync with ``master`` keeps an AOF (``appendonly yes``).
 
         Asked of each replica at the address its master lists, with the client's credentials
-        and TLS; one that does not answer within 2 s counts as keeping none.
+        and TLS; one that does not answer within 2 s counts as keeping none (warned of once).
         """
         found = []
         for name, entry in self.client(master).info("replication").items():
@@ -347,11 +376,22 @@ class Nodes:
             options = dict(
                 self._options, socket_timeout=_PROBE_TIMEOUT, socket_connect_timeout=_PROBE_TIMEOUT
             )
+            replica = str(entry["ip"]), int(entry["port"])
             try:
-                with redis.Redis(host=str(entry["ip"]), port=int(entry["port"]), **options) as r:
+                with redis.Redis(host=replica[0], port=replica[1], **options) as r:
                     aof = str(r.info("persistence").get("aof_enabled", "0")) == "1"
-            except rx.RedisError:
+            except rx.RedisError as exc:
                 aof = False
+                if replica not in self._unreached:
+                    self._unreached.add(replica)
+                    log.warning(
+                        "kvclient: cannot ask replica %s of %s whether it keeps an AOF (%s): "
+                        "counted as keeping none; durability='replica' writes there are "
+                        "confirmed with WAIT (in memory) unless enough others keep one",
+                        format_address(*replica),
+                        format_address(*master),
+                        exc,
+                    )
             found.append(aof)
         return found
 
@@ -371,6 +411,7 @@ class Nodes:
             )
         if int(reply) >= sent[1]:
             return Confirmed(True, "")
+        self._aof.pop(target, None)  # replicas may have changed: learn anew on the retry
         return Confirmed(False, f"no replica confirmed it within {sent[2]} ms")
 
 

@@ -73,7 +73,7 @@ async def open_connection(
     endpoint = format_address(*address)
     try:
         async with asyncio.timeout(timeout):
-            return await _open(address, endpoint, authkey, codec, tls)
+            return await _open(address, endpoint, authkey, codec, tls, timeout)
     except TimeoutError as exc:
         if isinstance(exc, KVConnectionError):
             raise
@@ -86,6 +86,7 @@ async def _open(
     authkey: bytes,
     codec: Codec,
     tls: ssl.SSLContext | None,
+    timeout: float | None,
 ) -> AsyncConnection:
     try:
         transport, protocol = await asyncio.get_running_loop().create_connection(
@@ -104,7 +105,7 @@ async def _open(
     if sock is not None:
         tune_socket(sock)
     try:
-        await conn._handshake(authkey, address)
+        await conn._handshake(authkey, address, timeout)
     except BaseException:
         conn.close()
         raise
@@ -215,7 +216,9 @@ class AsyncConnection:
         # call it parked for it).
         self._transport.abort()
 
-    async def _handshake(self, authkey: bytes, address: tuple[str, int]) -> None:
+    async def _handshake(
+        self, authkey: bytes, address: tuple[str, int], timeout: float | None
+    ) -> None:
         handshake = ClientHandshake(authkey)
         try:
             self._send(handshake.hello)
@@ -231,9 +234,9 @@ class AsyncConnection:
                 "kvserve server?"
             ) from None
         except (EOFError, OSError) as exc:  # OSError: ssl.SSLError too
-            # In a thread (a few ms; 5 s at most), under connect's own timeout.
+            # In a thread (a few ms; the connect timeout, 5 s at most, per step).
             probe = needs_tls_probe(exc, self._tls) and await asyncio.to_thread(
-                speaks_tls, address, None
+                speaks_tls, address, timeout
             )
             raise translate_handshake_error(
                 exc, self.endpoint, stage="hello", tls=self._tls, expects_tls=probe

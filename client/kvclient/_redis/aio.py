@@ -112,6 +112,20 @@ class _NodeClient:
     def close(self) -> None:
         _bridge.wait(self._client.aclose())
 
+    def orphan(self) -> None:
+        """In a forked child: cut this process's descriptors of the parent's connections."""
+        pool = self._client.connection_pool
+        # redis.asyncio has no public list of a pool's connections; both of these hold them.
+        held = [
+            *getattr(pool, "_available_connections", ()),
+            *getattr(pool, "_in_use_connections", ()),
+        ]
+        for conn in held:
+            writer = getattr(conn, "_writer", None)
+            sock = None if writer is None else writer.transport.get_extra_info("socket")
+            if sock is not None and sock.fileno() >= 0:
+                _orphan(sock.fileno())
+
     async def _blocking(self, task: _bridge.Task, command: tuple[Any, ...]) -> Any:
         """Send a blocking command on a connection of its own, noting its client id first."""
         pool = self._client.connection_pool
@@ -129,6 +143,15 @@ class _NodeClient:
         return reply
 
 
+def _orphan(fd: int) -> None:
+    """Point descriptor ``fd`` at /dev/null, in this process only (the parent's is its own)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
 class AsyncNodes(Nodes):
     """:class:`~kvclient._redis._nodes.Nodes` whose node clients are ``redis.asyncio`` ones."""
 
@@ -142,6 +165,23 @@ class AsyncNodes(Nodes):
             made = aioredis.Redis(host=node[0], port=node[1], **self._options)
             found = self._clients[node] = _NodeClient(node, made)  # type: ignore[assignment]
         return found
+
+    def reset_after_fork(self) -> None:
+        """Forget the parent's connections, first making them unreachable from this process.
+
+        Forgotten, they are garbage, collected whenever the collector runs here, maybe inside
+        an event loop of the child's own; redis.asyncio then closes each one's transport on
+        the parent's loop, whose epoll instance the child shares with the parent
+        (``fork`` copies the descriptor, not the instance): ``EPOLL_CTL_DEL`` there takes the
+        parent's socket out of the parent's own loop, and the parent's next call on it waits
+        out its whole timeout. So each inherited socket descriptor first points at /dev/null
+        here: whatever later closes, unregisters or writes it meets that, never the parent's
+        socket, which stays open and registered in the parent.
+        """
+        inherited: list[_NodeClient] = list(self._clients.values())  # type: ignore[arg-type]
+        super().reset_after_fork()
+        for node_client in inherited:
+            node_client.orphan()
 
 
 class AsyncRedisBackend(RedisBackend):

@@ -76,3 +76,33 @@ def test_an_authenticated_connection_leaves_no_timer_pending() -> None:
         server.stop()
         assert server.wait_stopped(10)
         thread.join(10)
+
+
+def test_a_parked_call_answered_late_starts_its_idle_time_at_the_answer() -> None:
+    # last_active was set when the call came in: the sweep closed the connection right
+    # after the parked get was answered, though it had been waiting, not idle.
+    import msgpack
+
+    from tests.wire import authed_connection, closed_by_peer, recv_frame, send_frame
+
+    authkey = b"k" * 32
+    server = KVManager(("127.0.0.1", 0), authkey=authkey, idle_timeout=1.0).get_server()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with kvclient.connect(server.endpoint, authkey) as kv:
+            q = kv.queue("q")
+            sock = authed_connection(server.endpoint, authkey)
+            with sock:
+                send_frame(sock, msgpack.packb(["q", "get", [True, 10.0], None]))
+                time.sleep(2.0)  # parked past the idle timeout: waiting, not idle
+                q.put(1)
+                reply = msgpack.unpackb(recv_frame(sock), strict_map_key=False)
+                assert reply[1] == 1, reply
+                time.sleep(0.4)  # well under the idle timeout since the answer
+                assert not closed_by_peer(sock, 0.3)
+                assert closed_by_peer(sock, 5)  # and idle from then on
+    finally:
+        server.stop()
+        assert server.wait_stopped(10)
+        thread.join(10)

@@ -338,6 +338,15 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     proc.communicate(timeout=30)
 
 
+def _compacted(kv: kvclient.Client) -> None:
+    """Compact the log into a snapshot and wait (up to 30 s) until it is written."""
+    assert kv.compact()
+    deadline = time.monotonic() + 30
+    while kv.stats()["persistence"]["compactions"] < 1:
+        assert time.monotonic() < deadline, "the compaction did not finish in 30 s"
+        time.sleep(0.05)
+
+
 def test_history_older_than_the_count_raises_compacted_with_the_oldest(
     clean_env: dict[str, str], authkey: bytes
 ) -> None:
@@ -406,11 +415,7 @@ def test_a_history_longer_than_the_default_survives_a_restart_from_a_snapshot(
                 long = batch.dict("long")
                 for i in range(2500):  # more than the default history of 1,000
                     long.set("k", i)
-            assert kv.compact()
-            deadline = time.monotonic() + 30
-            while kv.stats()["persistence"]["compactions"] < 1:  # a snapshot holds it all
-                assert time.monotonic() < deadline, "the compaction did not finish in 30 s"
-                time.sleep(0.05)
+            _compacted(kv)  # a snapshot holds it all
     finally:
         _stop(proc)
     proc, address = _start(env, *args)
@@ -438,11 +443,7 @@ def test_a_restart_from_a_snapshot_keeps_what_the_running_server_kept(
             for i in range(30):
                 d[f"s{i}"] = i
             assert len(list(d.watch(since=1, timeout=0))) == 130
-            assert kv.compact()
-            deadline = time.monotonic() + 30
-            while kv.stats()["persistence"]["compactions"] < 1:
-                assert time.monotonic() < deadline, "the compaction did not finish in 30 s"
-                time.sleep(0.05)
+            _compacted(kv)
     finally:
         _stop(proc)
     proc, address = _start(env, *args)

@@ -285,3 +285,5 @@ def test_pack_plain_matches_pack_for_plain_values_and_refuses_a_lone_surrogate()
     assert int not in PLAIN  # one beyond 64 bits needs the bigint ext: pack's default
     with pytest.raises(ValueError):  # UnicodeEncodeError: the fallback's case
         codec.pack_plain(["#RETURN", "\ud800"])
+    with pytest.raises(TypeError, match="cannot encode"):  # what _reply turns into an error
+        codec.pack(["#RETURN", "\ud800"])

@@ -269,3 +269,21 @@ def test_bigint_keys_are_refused_both_ways() -> None:
     with pytest.raises(ProtocolError, match="64 bits"):
         Codec().unpack(raw)
     assert Codec().unpack(Codec().pack({"k": big})) == {"k": big}  # fine as a value
+
+
+def test_pack_plain_matches_pack_for_plain_values_and_refuses_a_lone_surrogate() -> None:
+    # The server's reply fast path (Server._reply) packs PLAIN values with pack_plain and
+    # falls back to pack on ValueError; both must give the same bytes where both work.
+    from kvproto.codec import PLAIN, Codec
+
+    codec = Codec(encode_exceptions=True)
+    for value in ["", "x" * 100, "é", b"\x00\xff", 1.5, True, False, None]:
+        assert type(value) in PLAIN
+        message = ["#RETURN", value]
+        assert codec.pack_plain(message) == codec.pack(message)
+        assert msgpack.unpackb(codec.pack_plain(message)) == message
+    assert int not in PLAIN  # one beyond 64 bits needs the bigint ext: pack's default
+    with pytest.raises(ValueError):  # UnicodeEncodeError: the fallback's case
+        codec.pack_plain(["#RETURN", "\ud800"])
+    with pytest.raises(TypeError, match="cannot encode"):  # what _reply turns into an error
+        codec.pack(["#RETURN", "\ud800"])

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import kvclient
 from kvserve.manager import KVManager
+from kvserve.server import Server
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="epoll is Linux's")
 
@@ -58,21 +62,55 @@ def test_select_matches_selectors_for_read_write_and_hangup() -> None:
         server.close()
 
 
-def test_an_authenticated_connection_leaves_no_timer_pending() -> None:
-    # A pending timer makes every loop turn read the clock for select()'s timeout: the
-    # handshake's is cancelled once the client is in, and the loop drops cancelled timers.
-    authkey = b"k" * 32
-    server = KVManager(("127.0.0.1", 0), authkey=authkey, handshake_timeout=60.0).get_server()
+@contextlib.contextmanager
+def _serving(authkey: bytes, **options: Any) -> Iterator[Server]:
+    """Run an in-process server with ``options`` in a thread; stop it on leaving."""
+    server = KVManager(("127.0.0.1", 0), authkey=authkey, **options).get_server()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        with kvclient.connect(server.endpoint, authkey) as kv:
-            d = kv.dict("d")
-            d["k"] = 1
-            assert d["k"] == 1  # a loop turn after the handshake's
-            assert [t for t in server._timers.heap if t.callback is not None] == []
-            assert server._timers.heap == []
+        yield server
     finally:
         server.stop()
         assert server.wait_stopped(10)
         thread.join(10)
+
+
+def test_an_authenticated_connection_leaves_no_timer_pending() -> None:
+    # A pending timer makes every loop turn read the clock for select()'s timeout: the
+    # handshake's is cancelled once the client is in, and the loop drops cancelled timers.
+    authkey = b"k" * 32
+    with (
+        _serving(authkey, handshake_timeout=60.0) as server,
+        kvclient.connect(server.endpoint, authkey) as kv,
+    ):
+        d = kv.dict("d")
+        d["k"] = 1
+        assert d["k"] == 1  # a loop turn after the handshake's
+        assert [t for t in server._timers.heap if t.callback is not None] == []
+        assert server._timers.heap == []
+
+
+def test_a_parked_call_answered_late_starts_its_idle_time_at_the_answer() -> None:
+    # last_active was set when the call came in: the sweep closed the connection right
+    # after the parked get was answered, though it had been waiting, not idle.
+    import msgpack
+
+    from tests.wire import authed_connection, closed_by_peer, recv_frame, send_frame
+
+    authkey = b"k" * 32
+    with (
+        _serving(authkey, idle_timeout=1.0) as server,
+        kvclient.connect(server.endpoint, authkey) as kv,
+    ):
+        q = kv.queue("q")
+        sock = authed_connection(server.endpoint, authkey)
+        with sock:
+            send_frame(sock, msgpack.packb(["q", "get", [True, 10.0], None]))
+            time.sleep(2.0)  # parked past the idle timeout: waiting, not idle
+            q.put(1)
+            reply = msgpack.unpackb(recv_frame(sock), strict_map_key=False)
+            assert reply[1] == 1, reply
+            time.sleep(0.4)  # well under the idle timeout since the answer
+            assert not closed_by_peer(sock, 0.3)
+            assert closed_by_peer(sock, 5)  # and idle from then on

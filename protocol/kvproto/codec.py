@@ -104,7 +104,7 @@ _NESTING: Final = frozenset({list, tuple, dict})
 # Values msgpack writes with no nesting (an int beyond 64 bits goes through `default`, which
 # Codec.pack_request sees): args of only these make a request two levels deep.
 _SCALARS: Final = frozenset({str, bytes, int, float, bool, type(None)})
-PLAIN: Final = frozenset({str, bytes, float, bool, type(None)})
+PLAIN: Final = _SCALARS - {int}
 """Types msgpack encodes natively with no hook (not int: one beyond 64 bits needs the ext)."""
 _GC_PAUSE_BYTES: Final = 256 * 1024  # above this, decoding pauses the garbage collector
 # Above this, a decoder with a value limit counts what it builds (a Python call per array and

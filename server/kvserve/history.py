@@ -97,6 +97,8 @@ class History:
     def configure(self, count: int, age: float) -> None:
         """Apply the server's retention (keeps the newest ``count`` changes)."""
         if self.entries.maxlen != count:
+            # The same bound as record's (maxlen, then _evict's), so a restart from a
+            # snapshot keeps what the running server kept: up to 2 * count changes.
             self.entries = collections.deque(self.entries, maxlen=count)
             self._reweigh()
             self._evict()
@@ -109,14 +111,21 @@ class History:
         self.revision = rev = self.revision + 1
         self.entries.append((rev, method, args, kwds, result))
         if method in MANY:
-            extra = _weight(args) - 1
+            extra = _weight(args, kwds) - 1
+            # self.entries is empty only with maxlen 0 (--watch-history 0): nothing to count.
             if extra > 0 and self.entries:
                 self.heavy.append((rev, extra))
                 self.extra += extra
                 self._evict()
 
     def _evict(self) -> None:
-        """Drop the oldest entries until at most ``maxlen`` changes are kept (or one entry)."""
+        """Drop the oldest entries while those up to the newest MANY one exceed ``maxlen``.
+
+        Counted as changes, down to that entry alone. That is the bound record applies when
+        it records a MANY call (then the newest entry); the single writes after it are
+        bounded by ``maxlen`` alone. Applying the same rule on load (configure) keeps what
+        the running server kept, no less.
+        """
         entries, heavy = self.entries, self.heavy
         if not entries:
             heavy.clear()
@@ -125,16 +134,25 @@ class History:
         first = entries[0][0]
         while heavy and heavy[0][0] < first:  # gone already (maxlen, age)
             self.extra -= heavy.popleft()[1]
+        if not heavy:
+            return
+        last = heavy[-1][0]
+        counted = len(entries)  # entries up to the newest MANY one
+        for entry in reversed(entries):
+            if entry[0] <= last:
+                break
+            counted -= 1
         limit = entries.maxlen or 0
-        while len(entries) > 1 and len(entries) + self.extra > limit:
+        while counted > 1 and counted + self.extra > limit:
             rev = entries.popleft()[0]
-            if heavy and heavy[0][0] == rev:
+            counted -= 1
+            if heavy[0][0] == rev:
                 self.extra -= heavy.popleft()[1]
 
     def _reweigh(self) -> None:
         """Rebuild :attr:`heavy` and :attr:`extra` from the entries (loaded or copied)."""
         self.heavy = collections.deque(
-            (e[0], w - 1) for e in self.entries if e[1] in MANY and (w := _weight(e[2])) > 1
+            (e[0], w - 1) for e in self.entries if e[1] in MANY and (w := _weight(e[2], e[3])) > 1
         )
         self.extra = sum(w for _, w in self.heavy)
 
@@ -241,9 +259,18 @@ class History:
         return other
 
 
-def _weight(args: list[Any]) -> int:
-    """Return how many changes a :data:`MANY` call with ``args`` made (1 when malformed)."""
-    items = args[0] if args else None
+def _weight(args: list[Any], kwds: dict[str, Any] | None = None) -> int:
+    """Return how many changes a :data:`MANY` call with ``args`` made (1 when malformed).
+
+    Every MANY method takes one argument (tests/test_watch.py checks it), so a call that was
+    applied passed it either first in ``args`` or as the one keyword besides the server's own.
+    """
+    items: Any = None
+    if args:
+        items = args[0]
+    elif kwds:
+        given = [v for k, v in kwds.items() if k not in {"caller", "now"}]
+        items = given[0] if len(given) == 1 else None
     return len(items) if isinstance(items, (dict, list, tuple)) else 1
 
 

@@ -90,10 +90,10 @@ _ACCEPTS_PER_TURN: Final = 64
 # build) loses a Final tuple whose first item is a float (mypyc/mypyc#1183: NameError).
 _ACCEPT_BACKOFF: tuple[float, float] = (0.05, 1.0)
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# Replies up to this size are sent with one send() of header + payload when nothing is queued
-# (the same size below which frame_parts joins them).
 _EPOLLIN: Final = getattr(select, "EPOLLIN", 1)
 _EPOLLOUT: Final = getattr(select, "EPOLLOUT", 4)
+# Replies up to this size are sent with one send() of header + payload when nothing is queued
+# (the same size below which frame_parts joins them).
 _DIRECT_SEND: Final = 64 * 1024
 # --busy-poll-us: at most 10 ms; after polls that found nothing twice or more in a row, the
 # loop skips polling for 1, 2, 4, ... up to this many turns (reset by a poll that finds one).
@@ -243,9 +243,12 @@ class _Conn:
 
     def late_reply(self, kind: str, value: Any) -> None:
         """Send the answer to this connection's parked call."""
+        server = self.server
         if kind == ERROR:
-            self.server.counters.error(value)
-        self.server._reply(self, kind, value)
+            server.counters.error(value)
+        server._reply(self, kind, value)
+        if server.idle_timeout:  # idle from the answer on, not from when the call came
+            self.last_active = time.monotonic()
 
     def resume(self) -> None:
         """Handle the frames that waited behind the parked call, from the next loop turn.

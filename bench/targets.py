@@ -225,12 +225,12 @@ def _busy_poll_targets(
             f"1-client GET/s, cross vCPU, `{bp}` vs floor and stdlib",
             ">=",
             2.0,
-            [(base, _speed(cpu_phases, bp, base, "get", "cross")) for base in ("raw", "stdlib")]
-            + [
+            [(base, _speed(cpu_phases, bp, base, "get", "cross")) for base in ("raw", "stdlib")],
+            ISSUE,
+            context=[
                 (f"{base} (no busy poll)", _speed(cpu_phases, "kvserve", base, "get", "cross"))
                 for base in ("raw", "stdlib")
             ],
-            ISSUE,
         )
     ]
     idle = [r["idle_cores"] for r in paced if r["system"] == bp]
@@ -331,7 +331,10 @@ def readme_table(data: dict[str, Any], source: str) -> str:
     for t in targets:
         unit = t.get("unit", "x")
         required = f"{t['threshold']:g}x" if unit == "x" else f"{t['threshold']:g} {unit}"
-        pairs = ", ".join(f"{label} {num(v, unit)}" for label, v in t["details"])
+        pairs = ", ".join(
+            [f"{label} {num(v, unit)}" for label, v in t["details"]]
+            + [f"{label} {num(v, unit)} (for comparison)" for label, v in t.get("context", [])]
+        )
         verdict = {"PASS": "met", "MISS": "missed", "n/a": "not measured"}[t["verdict"]]
         lines.append(f"| {t['name']} | {t['op']} {required} | {pairs} | {verdict} |")
     lines.append(MARK)

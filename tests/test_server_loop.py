@@ -114,3 +114,16 @@ def test_a_parked_call_answered_late_starts_its_idle_time_at_the_answer() -> Non
             time.sleep(0.4)  # well under the idle timeout since the answer
             assert not closed_by_peer(sock, 0.3)
             assert closed_by_peer(sock, 5)  # and idle from then on
+
+
+def test_the_loop_polls_epoll_itself_where_the_selector_is_epoll() -> None:
+    # _select falls back to selectors' select() when EpollSelector lacks the private
+    # attributes it reads; on this Python it has them, so a silent fallback is a regression.
+    import selectors
+
+    with _serving(b"k" * 32) as server:
+        if isinstance(server._selector, selectors.EpollSelector):
+            assert server._epoll_poll is not None
+            assert server._fd_to_key  # the listener and the wake-up socket are registered
+        else:
+            assert server._epoll_poll is None

@@ -413,12 +413,17 @@ class Server:
             self.metrics_address = self._metrics.address
         self._selector = selectors.DefaultSelector()
         # epoll's poll and the selector's table, for _select (selectors' own select() is
-        # ~80 bytecodes a call, a tenth of a GET's); None on another selector.
+        # ~80 bytecodes a call, a tenth of a GET's); None on another selector, or on a Python
+        # whose EpollSelector no longer has these private attributes (3.11-3.13 do): then
+        # select() serves, as on any other selector.
         self._epoll_poll: Callable[[float, int], list[tuple[int, int]]] | None = None
         self._fd_to_key: dict[int, selectors.SelectorKey] = {}
         if isinstance(self._selector, selectors.EpollSelector):
-            self._epoll_poll = getattr(self._selector, "_selector").poll  # noqa: B009
-            self._fd_to_key = getattr(self._selector, "_fd_to_key")  # noqa: B009
+            epoll = getattr(self._selector, "_selector", None)
+            table = getattr(self._selector, "_fd_to_key", None)
+            if isinstance(epoll, select.epoll) and isinstance(table, dict):
+                self._epoll_poll = epoll.poll
+                self._fd_to_key = table
         self._recv_view = memoryview(bytearray(_RECV_SIZE))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
